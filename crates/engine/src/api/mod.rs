@@ -1,0 +1,374 @@
+//! The engine's HTTP surface, as `vllm serve`'s: OpenAI chat and completions (streaming
+//! and not), models, tokenize/detokenize, health, version and metrics, with vLLM's error
+//! bodies and status codes.
+//!
+//! Handlers validate and tokenize, then talk to the engine loop only through its
+//! [`EngineHandle`]; a request's abort guard frees its KV blocks however the response
+//! ends (finished, stop string, client gone).
+
+mod generate;
+mod validate;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
+use protocol::openai::{
+    unix_now, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
+    TokenizeResponse,
+};
+use protocol::ApiError;
+
+use crate::backend::sim::{Latency, SimBackend};
+use crate::config::{BackendKind, EngineArgs};
+use crate::core::engine_loop::CoreConfig;
+use crate::core::scheduler::SchedulerConfig;
+use crate::core::{spawn_engine, EngineCommand, EngineHandle};
+use crate::metrics::EngineMetrics;
+use crate::tokenizer::{SimTokenizer, Tokenizer};
+
+/// The version string `/version` reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything a handler needs; cloned per request (cheap: `Arc`s).
+#[derive(Clone)]
+pub struct Engine {
+    pub handle: EngineHandle,
+    pub tokenizer: Arc<dyn Tokenizer>,
+    pub served: Arc<[String]>,
+    pub max_model_len: usize,
+    pub body_limit: usize,
+    pub created: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid flag: {0}")]
+    Flag(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Build the engine (core loop, backend, tokenizer) from its flags.
+pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
+    if args.block_size == 0 || args.num_gpu_blocks == 0 || args.max_num_seqs == 0 {
+        return Err(StartError::Flag(
+            "--block-size, --num-gpu-blocks and --max-num-seqs must be positive".into(),
+        ));
+    }
+    if args.max_model_len < 2 || args.max_num_batched_tokens == 0 {
+        return Err(StartError::Flag(
+            "--max-model-len must be at least 2 and --max-num-batched-tokens positive".into(),
+        ));
+    }
+    if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
+        return Err(StartError::Flag(
+            "--time-scale must be a non-negative number".into(),
+        ));
+    }
+    let tokenizer: Arc<dyn Tokenizer> = Arc::new(SimTokenizer::new());
+    let backend = match args.backend {
+        BackendKind::Sim => {
+            let names: Vec<&str> = crate::backend::sim::PRESETS
+                .iter()
+                .map(|(n, _)| *n)
+                .collect();
+            let latency = Latency::preset(&args.sim_preset)
+                .ok_or_else(|| {
+                    StartError::Flag(format!(
+                        "unknown --sim-preset {:?}; known: {}",
+                        args.sim_preset,
+                        names.join(", ")
+                    ))
+                })?
+                .with_overrides(&args.sim_latency);
+            Box::new(SimBackend::new(
+                latency,
+                args.time_scale,
+                args.sim_eos_prob.clamp(0.0, 1.0),
+            ))
+        }
+    };
+    let served: Arc<[String]> = args.served_names().into();
+    let metrics = Arc::new(EngineMetrics::new(
+        &served[0],
+        args.block_size,
+        args.num_gpu_blocks,
+        args.prefix_caching(),
+    ));
+    let config = CoreConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_model_len: args.max_model_len,
+        },
+        num_blocks: args.num_gpu_blocks,
+        block_size: args.block_size,
+        prefix_caching: args.prefix_caching(),
+        eos_token_ids: tokenizer.eos_token_ids().to_vec(),
+    };
+    let handle = spawn_engine(config, backend, metrics)?;
+    Ok(Engine {
+        handle,
+        tokenizer,
+        served,
+        max_model_len: args.max_model_len,
+        body_limit: args.max_request_body_bytes,
+        created: unix_now(),
+    })
+}
+
+/// The HTTP routes.
+pub fn router(engine: Engine) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(health))
+        .route("/ping", get(health))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(engine)
+}
+
+/// Serve until `shutdown` resolves. Sets TCP_NODELAY on every connection.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(engine))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// An [`ApiError`] as an HTTP response.
+pub struct ErrorResponse(pub ApiError);
+
+impl From<ApiError> for ErrorResponse {
+    fn from(e: ApiError) -> Self {
+        ErrorResponse(e)
+    }
+}
+
+impl IntoResponse for ErrorResponse {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(status, self.0.to_json())
+    }
+}
+
+pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub(crate) fn json_ok<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_string(v) {
+        Ok(s) => json_response(StatusCode::OK, s),
+        Err(e) => ErrorResponse(ApiError::internal(e.to_string())).into_response(),
+    }
+}
+
+/// Read a JSON body: JSON content type required, size limited (413), parsed with
+/// vLLM-style validation errors (400).
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    engine: &Engine,
+    req: Request,
+) -> Result<T, ApiError> {
+    read_json_probed::<T, T>(engine, req).await
+}
+
+/// [`read_json`] for bodies with flattened sampling fields (`P` names the bad field).
+pub(crate) async fn read_json_probed<T, P>(engine: &Engine, req: Request) -> Result<T, ApiError>
+where
+    T: serde::de::DeserializeOwned,
+    P: serde::de::DeserializeOwned,
+{
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return Err(ApiError::validation(
+            "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+            None,
+        ));
+    }
+    let limit = engine.body_limit;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), limit);
+    let bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::payload_too_large(limit))
+        }
+        Err(e) => {
+            return Err(ApiError::validation(
+                format!("could not read the request body: {e}"),
+                None,
+            ))
+        }
+    };
+    protocol::error::parse_json_body_probed::<T, P>(&bytes)
+}
+
+impl Engine {
+    /// 404 unless `model` is absent or one of the served names.
+    pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if !self.served.iter().any(|s| s == m) => {
+                Err(ApiError::model_not_found(m, &self.served))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn model_name(&self) -> &str {
+        &self.served[0]
+    }
+}
+
+async fn models(State(engine): State<Engine>) -> Response {
+    let data = engine
+        .served
+        .iter()
+        .map(|name| ModelCard {
+            id: name.clone(),
+            object: "model".into(),
+            created: engine.created,
+            owned_by: "vllm".into(),
+            root: Some(engine.served[0].clone()),
+            parent: None,
+            max_model_len: Some(engine.max_model_len as u32),
+        })
+        .collect();
+    json_ok(&ModelList {
+        object: "list".into(),
+        data,
+    })
+}
+
+async fn tokenize(State(engine): State<Engine>, req: Request) -> Result<Response, ErrorResponse> {
+    let body: TokenizeRequest = read_json(&engine, req).await?;
+    engine.check_model(body.model.as_deref())?;
+    let tokens = match (&body.messages, &body.prompt) {
+        (Some(messages), _) => {
+            let text = engine
+                .tokenizer
+                .apply_chat_template(messages, body.add_generation_prompt.unwrap_or(true));
+            engine.tokenizer.encode(&text)
+        }
+        (None, Some(prompt)) => engine.tokenizer.encode(prompt),
+        (None, None) => {
+            return Err(ApiError::validation(
+                "Either `prompt` or `messages` is required",
+                Some("body.prompt"),
+            )
+            .into())
+        }
+    };
+    let token_strs = body.return_token_strs.unwrap_or(false).then(|| {
+        tokens
+            .iter()
+            .map(|t| engine.tokenizer.decode(&[*t], false))
+            .collect()
+    });
+    Ok(json_ok(&TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: engine.max_model_len as u32,
+        tokens,
+        token_strs,
+    }))
+}
+
+async fn detokenize(State(engine): State<Engine>, req: Request) -> Result<Response, ErrorResponse> {
+    let body: DetokenizeRequest = read_json(&engine, req).await?;
+    engine.check_model(body.model.as_deref())?;
+    Ok(json_ok(&DetokenizeResponse {
+        prompt: engine.tokenizer.decode(&body.tokens, false),
+    }))
+}
+
+async fn health() -> Response {
+    Response::new(Body::empty())
+}
+
+async fn version() -> Response {
+    json_ok(&serde_json::json!({ "version": VERSION }))
+}
+
+async fn metrics(State(engine): State<Engine>) -> Response {
+    let mut r = Response::new(Body::from(engine.handle.metrics.render()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(protocol::prom::CONTENT_TYPE),
+    );
+    r
+}
+
+async fn reset_prefix_cache(State(engine): State<Engine>) -> Response {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if !engine.handle.send(EngineCommand::ResetPrefixCache(tx)) {
+        return ErrorResponse(ApiError::service_unavailable("engine stopped")).into_response();
+    }
+    let done = tokio::task::spawn_blocking(move || rx.recv().unwrap_or(false))
+        .await
+        .unwrap_or(false);
+    if done {
+        Response::new(Body::empty())
+    } else {
+        ErrorResponse(ApiError::bad_request(
+            "Cannot reset the prefix cache while requests are running.",
+            None,
+        ))
+        .into_response()
+    }
+}
+
+async fn not_found() -> Response {
+    json_response(StatusCode::NOT_FOUND, r#"{"detail":"Not Found"}"#.into())
+}
+
+async fn method_not_allowed() -> Response {
+    json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        r#"{"detail":"Method Not Allowed"}"#.into(),
+    )
+}

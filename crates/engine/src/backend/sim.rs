@@ -1,0 +1,228 @@
+//! The simulated backend: a latency model on the real scheduler and block manager.
+//!
+//! A step lasts `overhead + prefill_per_token × new prefill tokens (cached ones are free)
+//! + decode_per_seq × decodes + decode_per_ctx_token × their context length`, times an
+//! optional seeded jitter, times `time_scale`. Tokens are a pure function of the
+//! request's sampling seed and the output position, so outputs are reproducible and do
+//! not depend on batching.
+
+use std::time::{Duration, Instant};
+
+use super::{Backend, BackendError, SeqStep};
+use crate::hash::{mix64, unit_f64};
+use crate::tokenizer::SimTokenizer;
+
+/// Latency-model parameters (microseconds unless named otherwise).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct LatencyModel {
+    /// Fixed cost of every step (µs).
+    #[arg(long = "sim-step-overhead-us")]
+    pub overhead_us: Option<f64>,
+    /// Cost per computed prefill token (µs); prefix-cache hits cost nothing.
+    #[arg(long = "sim-prefill-us-per-token")]
+    pub prefill_us_per_token: Option<f64>,
+    /// Cost per decoding sequence in the batch (µs).
+    #[arg(long = "sim-decode-us-per-seq")]
+    pub decode_us_per_seq: Option<f64>,
+    /// Cost per context token of each decoding sequence (µs), the KV read.
+    #[arg(long = "sim-decode-us-per-ctx-token")]
+    pub decode_us_per_ctx_token: Option<f64>,
+    /// Relative jitter of a step's duration (0.1 = ±10%), seeded.
+    #[arg(long = "sim-jitter")]
+    pub jitter: Option<f64>,
+}
+
+/// Resolved latency parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latency {
+    pub overhead_us: f64,
+    pub prefill_us_per_token: f64,
+    pub decode_us_per_seq: f64,
+    pub decode_us_per_ctx_token: f64,
+    pub jitter: f64,
+}
+
+/// Named latency presets. See ARCHITECTURE.md for where the figures come from.
+pub const PRESETS: &[(&str, Latency)] = &[
+    (
+        // Llama-3.1-8B, bf16, one H100 SXM (3.35 TB/s, 989 TFLOP/s dense bf16), roofline:
+        // weights 16 GB read per step ≈ 4.8 ms + ~0.7 ms launch overhead; prefill 16 GFLOP
+        // per token at ~50% MFU ≈ 32 µs; KV 128 KiB per context token ≈ 0.04 µs to read.
+        "llama-3.1-8b-h100",
+        Latency {
+            overhead_us: 5500.0,
+            prefill_us_per_token: 32.0,
+            decode_us_per_seq: 30.0,
+            decode_us_per_ctx_token: 0.04,
+            jitter: 0.0,
+        },
+    ),
+    (
+        // SmolLM2-135M under real vLLM on this project's 2-core CPU machine
+        // (shared/vllm-reference/bench.txt): 87.7 tok/s for one stream (11.4 ms/step),
+        // 51.5 tok/s per stream at 8 (19.4 ms/step), TTFT 35 ms for a ~30-token prompt.
+        "smollm2-135m-cpu",
+        Latency {
+            overhead_us: 11400.0,
+            prefill_us_per_token: 800.0,
+            decode_us_per_seq: 1150.0,
+            decode_us_per_ctx_token: 0.0,
+            jitter: 0.0,
+        },
+    ),
+    (
+        "zero",
+        Latency {
+            overhead_us: 0.0,
+            prefill_us_per_token: 0.0,
+            decode_us_per_seq: 0.0,
+            decode_us_per_ctx_token: 0.0,
+            jitter: 0.0,
+        },
+    ),
+];
+
+impl Latency {
+    pub fn preset(name: &str) -> Option<Latency> {
+        PRESETS.iter().find(|(n, _)| *n == name).map(|(_, l)| *l)
+    }
+
+    /// Apply explicit overrides on top of a preset.
+    pub fn with_overrides(mut self, m: &LatencyModel) -> Latency {
+        if let Some(v) = m.overhead_us {
+            self.overhead_us = v;
+        }
+        if let Some(v) = m.prefill_us_per_token {
+            self.prefill_us_per_token = v;
+        }
+        if let Some(v) = m.decode_us_per_seq {
+            self.decode_us_per_seq = v;
+        }
+        if let Some(v) = m.decode_us_per_ctx_token {
+            self.decode_us_per_ctx_token = v;
+        }
+        if let Some(v) = m.jitter {
+            self.jitter = v;
+        }
+        self
+    }
+
+    /// Model step duration in microseconds, before jitter and time scale.
+    pub fn step_us(
+        &self,
+        prefill_tokens: usize,
+        decode_seqs: usize,
+        decode_ctx_tokens: usize,
+    ) -> f64 {
+        if prefill_tokens == 0 && decode_seqs == 0 {
+            return 0.0;
+        }
+        self.overhead_us
+            + self.prefill_us_per_token * prefill_tokens as f64
+            + self.decode_us_per_seq * decode_seqs as f64
+            + self.decode_us_per_ctx_token * decode_ctx_tokens as f64
+    }
+}
+
+/// Word pieces (≤ 4 bytes each, so each is one sim token) the sim backend writes.
+const WORDS: &[&str] = &[
+    " the", " of", " and", " to", " a", " in", " is", " it", " you", " was", " for", " on", " are",
+    " as", " be", " at", " one", " by", " hot", " but", " we", " can", " out", " all", " up",
+    " use", " how", " an", " she", " do", " if", " way", " so", " no", " see", " two", " day",
+    " go", " my", " who", " oil", " now", " sun", " sea", " sky", " red", " big", " new", " old",
+    " end", " man", " run", " far", " sat", " ask", " own", " yes", " dog", " cat", ".", ",", " I",
+    " me", " air", " few", " eat", " top",
+];
+
+pub struct SimBackend {
+    latency: Latency,
+    time_scale: f64,
+    eos_prob: f64,
+    eos_token: u32,
+    steps: u64,
+    words: Vec<u32>,
+}
+
+impl SimBackend {
+    pub fn new(latency: Latency, time_scale: f64, eos_prob: f64) -> Self {
+        SimBackend {
+            latency,
+            time_scale,
+            eos_prob,
+            eos_token: crate::tokenizer::sim::IM_END,
+            steps: 0,
+            words: WORDS.iter().map(|w| SimTokenizer::piece_id(w)).collect(),
+        }
+    }
+
+    /// The token at output position `pos` for a sequence with this seed.
+    pub fn token_at(&self, rng_seed: u64, pos: usize, ignore_eos: bool) -> u32 {
+        let x = mix64(rng_seed ^ mix64(pos as u64 + 1));
+        if !ignore_eos && pos > 0 && unit_f64(mix64(x)) < self.eos_prob {
+            return self.eos_token;
+        }
+        self.words[(x % self.words.len() as u64) as usize]
+    }
+}
+
+impl Backend for SimBackend {
+    fn execute(
+        &mut self,
+        seqs: &[SeqStep<'_>],
+        sampled: &mut Vec<u32>,
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let (mut prefill, mut decodes, mut ctx) = (0usize, 0usize, 0usize);
+        for s in seqs {
+            if s.is_decode() {
+                decodes += 1;
+                ctx += s.num_computed;
+            } else {
+                prefill += s.num_new;
+            }
+        }
+        let mut us = self.latency.step_us(prefill, decodes, ctx);
+        self.steps += 1;
+        if self.latency.jitter > 0.0 {
+            let u = unit_f64(mix64(self.steps)) * 2.0 - 1.0;
+            us *= (1.0 + self.latency.jitter * u).max(0.0);
+        }
+        us *= self.time_scale;
+        for s in seqs.iter().filter(|s| s.sample) {
+            let pos = s.tokens.len() - s.num_prompt;
+            sampled.push(self.token_at(s.rng_seed, pos, s.params.ignore_eos));
+        }
+        if us > 0.0 {
+            let deadline = started + Duration::from_secs_f64(us / 1e6);
+            let now = Instant::now();
+            if deadline > now {
+                std::thread::sleep(deadline - now);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_single_sim_tokens() {
+        use crate::tokenizer::Tokenizer;
+        let t = SimTokenizer::new();
+        for w in WORDS {
+            assert_eq!(t.encode(w).len(), 1, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn step_time_follows_the_model() {
+        let l = Latency::preset("llama-3.1-8b-h100").expect("preset");
+        let us = l.step_us(1000, 0, 0);
+        assert!((us - (5500.0 + 32_000.0)).abs() < 1e-6);
+        assert_eq!(l.step_us(0, 0, 0), 0.0);
+        let decode = l.step_us(0, 10, 10_000);
+        assert!((decode - (5500.0 + 300.0 + 400.0)).abs() < 1e-6);
+    }
+}

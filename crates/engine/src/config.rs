@@ -1,0 +1,91 @@
+//! `switchyard engine` flags, named as `vllm serve`'s where they apply so scripts and
+//! Helm values written for vLLM carry over.
+
+use clap::{Args, ValueEnum};
+
+use crate::backend::sim::LatencyModel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// A latency model on the real scheduler and block manager.
+    Sim,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the chosen port is logged).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model: a name for the sim backend.
+    #[arg(long, default_value = "switchyard-sim")]
+    pub model: String,
+    /// Names the model is served under (the first is reported); defaults to --model.
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
+    pub backend: BackendKind,
+    /// Context length: prompt plus output tokens.
+    #[arg(long, default_value_t = 8192)]
+    pub max_model_len: usize,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (prefill chunks plus decodes).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV blocks in the pool (vLLM: --num-gpu-blocks-override).
+    #[arg(long, alias = "num-gpu-blocks-override", default_value_t = 16384)]
+    pub num_gpu_blocks: usize,
+    /// Automatic prefix caching (on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    /// Sim latency preset: llama-3.1-8b-h100, smollm2-135m-cpu or zero.
+    #[arg(long, default_value = "llama-3.1-8b-h100")]
+    pub sim_preset: String,
+    #[command(flatten)]
+    pub sim_latency: LatencyModel,
+    /// Multiply every simulated duration (0.1 runs ten times faster than real time).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Probability that the sim backend ends a sequence at each token (unless ignore_eos).
+    #[arg(long, default_value_t = 0.0)]
+    pub sim_eos_prob: f64,
+    /// Largest accepted request body, in bytes (larger: 413).
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+    /// Accepted for vLLM compatibility; no effect here.
+    #[arg(long, hide = true)]
+    pub dtype: Option<String>,
+    #[arg(long, hide = true)]
+    pub tensor_parallel_size: Option<usize>,
+    #[arg(long, hide = true)]
+    pub gpu_memory_utilization: Option<f64>,
+    #[arg(long, hide = true)]
+    pub trust_remote_code: bool,
+    #[arg(long, hide = true)]
+    pub enable_chunked_prefill: bool,
+    #[arg(long, hide = true)]
+    pub disable_log_requests: bool,
+}
+
+impl EngineArgs {
+    pub fn served_names(&self) -> Vec<String> {
+        if self.served_model_name.is_empty() {
+            vec![self.model.clone()]
+        } else {
+            self.served_model_name.clone()
+        }
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+}

@@ -1,0 +1,262 @@
+//! The engine loop: one thread that owns the scheduler, block manager and backend, and
+//! the [`EngineHandle`] through which everything else talks to it.
+//!
+//! Commands arrive on a channel; the loop blocks on it when idle, drains it between
+//! steps when busy, runs `schedule → backend.execute → update`, streams each new token to
+//! its request's channel, and updates the metrics. Dropping every handle stops the loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::block_manager::BlockManager;
+use super::request::{EngineEvent, FinishReason, NewRequest, Request};
+use super::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
+use crate::backend::{Backend, SeqStep};
+use crate::metrics::EngineMetrics;
+
+pub enum EngineCommand {
+    Add(NewRequest),
+    /// Remove a request (client gone, or a stop string matched) and free its blocks.
+    Abort {
+        id: u64,
+        reason: FinishReason,
+    },
+    /// Drop all cached prefixes (answered with whether it happened).
+    ResetPrefixCache(Sender<bool>),
+}
+
+/// Cheap, cloneable handle to the engine loop.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<EngineCommand>,
+    next_id: Arc<AtomicU64>,
+    pub metrics: Arc<EngineMetrics>,
+}
+
+impl EngineHandle {
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Submit a command; false when the loop has stopped.
+    pub fn send(&self, cmd: EngineCommand) -> bool {
+        self.tx.send(cmd).is_ok()
+    }
+}
+
+pub struct CoreConfig {
+    pub scheduler: SchedulerConfig,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub prefix_caching: bool,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Start the engine loop on its own thread.
+pub fn spawn_engine(
+    config: CoreConfig,
+    backend: Box<dyn Backend>,
+    metrics: Arc<EngineMetrics>,
+) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = mpsc::channel();
+    let bm = BlockManager::new(config.num_blocks, config.block_size, config.prefix_caching);
+    let sched = Scheduler::new(config.scheduler, bm);
+    let m = metrics.clone();
+    let eos = config.eos_token_ids;
+    std::thread::Builder::new()
+        .name("engine-core".into())
+        .spawn(move || EngineLoop::new(sched, backend, m, eos).run(rx))?;
+    Ok(EngineHandle {
+        tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        metrics,
+    })
+}
+
+pub struct EngineLoop {
+    pub sched: Scheduler,
+    backend: Box<dyn Backend>,
+    metrics: Arc<EngineMetrics>,
+    eos: Vec<u32>,
+    scheduled: Vec<Scheduled>,
+    sampled: Vec<u32>,
+    finished: Vec<Finished>,
+    stats: StepStats,
+    /// Nanoseconds spent in `schedule` + `update` (the core's own work), for benchmarks.
+    pub sched_nanos: u64,
+    pub steps: u64,
+}
+
+impl EngineLoop {
+    pub fn new(
+        sched: Scheduler,
+        backend: Box<dyn Backend>,
+        metrics: Arc<EngineMetrics>,
+        eos: Vec<u32>,
+    ) -> Self {
+        EngineLoop {
+            sched,
+            backend,
+            metrics,
+            eos,
+            scheduled: Vec::new(),
+            sampled: Vec::new(),
+            finished: Vec::new(),
+            stats: StepStats::default(),
+            sched_nanos: 0,
+            steps: 0,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<EngineCommand>) {
+        loop {
+            if self.sched.is_idle() {
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            if !self.step() {
+                // Nothing could be scheduled: wait for a command rather than spin.
+                match rx.recv_timeout(Duration::from_millis(5)) {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        }
+    }
+
+    pub fn handle(&mut self, cmd: EngineCommand) {
+        match cmd {
+            EngineCommand::Add(r) => {
+                if !self.sched.fits_ever(r.prompt.len() + 1) {
+                    let _ = r.events.send(EngineEvent::Rejected(format!(
+                        "The prompt ({} tokens) does not fit the KV cache ({} blocks of {} tokens).",
+                        r.prompt.len(),
+                        self.sched.bm.num_blocks(),
+                        self.sched.bm.block_size()
+                    )));
+                    return;
+                }
+                self.sched.add(Request::new(r));
+            }
+            EngineCommand::Abort { id, reason } => {
+                if let Some(req) = self.sched.abort(id) {
+                    self.record_finish(&req, reason);
+                }
+            }
+            EngineCommand::ResetPrefixCache(reply) => {
+                let _ = reply.send(self.sched.bm.reset_prefix_cache());
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Run one step; false when nothing was scheduled.
+    pub fn step(&mut self) -> bool {
+        let t0 = Instant::now();
+        self.stats.clear();
+        self.sched.schedule(&mut self.scheduled, &mut self.stats);
+        if self.scheduled.is_empty() {
+            self.update_gauges();
+            return false;
+        }
+        let steps: Vec<SeqStep<'_>> = self
+            .scheduled
+            .iter()
+            .map(|s| {
+                let r = &self.sched.running[s.idx];
+                SeqStep {
+                    req_id: r.id,
+                    tokens: &r.tokens,
+                    num_prompt: r.num_prompt,
+                    num_computed: r.num_computed,
+                    num_new: s.num_new,
+                    block_ids: &r.blocks.ids,
+                    sample: r.num_computed + s.num_new == r.tokens.len(),
+                    params: &r.params,
+                    rng_seed: r.rng_seed,
+                }
+            })
+            .collect();
+        let t1 = Instant::now();
+        self.sampled.clear();
+        let result = self.backend.execute(&steps, &mut self.sampled);
+        drop(steps);
+        let t2 = Instant::now();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "backend step failed; failing its requests");
+            let ids: Vec<u64> = self
+                .scheduled
+                .iter()
+                .map(|s| self.sched.running[s.idx].id)
+                .collect();
+            for id in ids {
+                if let Some(req) = self.sched.abort(id) {
+                    self.record_finish(&req, FinishReason::Error);
+                    let _ = req.events.send(EngineEvent::Rejected(e.to_string()));
+                }
+            }
+            self.update_gauges();
+            return true;
+        }
+        self.finished.clear();
+        self.sched.update(
+            &self.scheduled,
+            &self.sampled,
+            &self.eos,
+            &mut self.stats,
+            &mut self.finished,
+        );
+        let finished = std::mem::take(&mut self.finished);
+        for f in &finished {
+            self.record_finish(&f.request, f.reason);
+        }
+        self.finished = finished;
+        let m = &self.metrics;
+        m.prefix_queries.add(self.stats.prefix_queries);
+        m.prefix_hits.add(self.stats.prefix_hits);
+        m.prompt_tokens.add(self.stats.prefix_queries);
+        m.generation_tokens.add(self.stats.generated);
+        m.preemptions.add(self.stats.preemptions);
+        for &v in &self.stats.ttft {
+            m.ttft.observe(v);
+        }
+        for &v in &self.stats.itl {
+            m.itl.observe(v);
+        }
+        self.update_gauges();
+        self.steps += 1;
+        self.sched_nanos += (t1 - t0).as_nanos() as u64 + t2.elapsed().as_nanos() as u64;
+        true
+    }
+
+    fn record_finish(&self, req: &Request, reason: FinishReason) {
+        let now = Instant::now();
+        self.metrics.finished(reason);
+        self.metrics
+            .e2e
+            .observe(now.duration_since(req.arrival).as_secs_f64());
+        let queued = req
+            .first_scheduled
+            .unwrap_or(now)
+            .duration_since(req.arrival);
+        self.metrics.queue_time.observe(queued.as_secs_f64());
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.running.set(self.sched.running.len() as f64);
+        self.metrics.waiting.set(self.sched.waiting.len() as f64);
+        self.metrics.kv_usage.set(self.sched.bm.usage());
+    }
+}

@@ -1,0 +1,11 @@
+//! The engine core, modelled on vLLM v1: one loop ([`engine_loop`]) owns the
+//! [`scheduler::Scheduler`] and its [`block_manager::BlockManager`]; HTTP handlers talk to
+//! it only through channels ([`EngineHandle`]).
+
+pub mod block_manager;
+pub mod engine_loop;
+pub mod request;
+pub mod scheduler;
+
+pub use engine_loop::{spawn_engine, EngineCommand, EngineHandle};
+pub use request::{EngineEvent, Finish, FinishReason, NewRequest, SamplingParams};

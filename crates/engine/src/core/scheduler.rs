@@ -1,0 +1,279 @@
+//! The continuous-batching scheduler, as in vLLM v1: FCFS waiting and running queues,
+//! a per-step token budget (`max_num_batched_tokens`), chunked prefill, a cap on running
+//! sequences (`max_num_seqs`), preemption by recompute when KV blocks run out, and abort.
+//!
+//! Each step: running requests first (decodes and unfinished prefill chunks), in arrival
+//! order; when one cannot get a block, the last running request is preempted (its blocks
+//! freed, its progress reset) until it can. Then, if nothing was preempted, waiting
+//! requests are admitted in order while budget, sequence slots and blocks last, starting
+//! from their longest cached prefix.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::block_manager::{BlockId, BlockManager};
+use super::request::{EngineEvent, Finish, FinishReason, Request};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: usize,
+}
+
+/// One request's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scheduled {
+    /// Index into `Scheduler::running` (valid until `update`).
+    pub idx: usize,
+    /// Tokens to compute this step, starting at the request's `num_computed`.
+    pub num_new: usize,
+}
+
+/// Counters a step produced, for metrics.
+#[derive(Debug, Default, Clone)]
+pub struct StepStats {
+    pub preemptions: u64,
+    /// Prompt tokens looked up in / found in the prefix cache by newly admitted requests.
+    pub prefix_queries: u64,
+    pub prefix_hits: u64,
+    pub prefill_tokens: u64,
+    pub decode_seqs: u64,
+    pub generated: u64,
+    /// Time to first token and inter-token gaps (seconds) of tokens sampled this step.
+    pub ttft: Vec<f64>,
+    pub itl: Vec<f64>,
+}
+
+impl StepStats {
+    pub fn clear(&mut self) {
+        let (mut ttft, mut itl) = (
+            std::mem::take(&mut self.ttft),
+            std::mem::take(&mut self.itl),
+        );
+        ttft.clear();
+        itl.clear();
+        *self = StepStats {
+            ttft,
+            itl,
+            ..Default::default()
+        };
+    }
+}
+
+/// A request that left the scheduler this step.
+#[derive(Debug)]
+pub struct Finished {
+    pub request: Request,
+    pub reason: FinishReason,
+    pub stop_token: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    pub config: SchedulerConfig,
+    pub bm: BlockManager,
+    pub waiting: VecDeque<Request>,
+    pub running: Vec<Request>,
+    hits: Vec<BlockId>,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig, bm: BlockManager) -> Self {
+        Scheduler {
+            config,
+            bm,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            hits: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, mut req: Request) {
+        self.bm.update_hashes(&mut req.blocks, &req.tokens);
+        self.waiting.push_back(req);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Could this many tokens ever fit the KV cache on their own?
+    pub fn fits_ever(&self, num_tokens: usize) -> bool {
+        self.bm.blocks_for(num_tokens) <= self.bm.num_blocks()
+    }
+
+    /// Remove a request wherever it is, freeing its blocks.
+    pub fn abort(&mut self, id: u64) -> Option<Request> {
+        let mut req = if let Some(pos) = self.running.iter().position(|r| r.id == id) {
+            self.running.remove(pos)
+        } else if let Some(pos) = self.waiting.iter().position(|r| r.id == id) {
+            self.waiting.remove(pos)?
+        } else {
+            return None;
+        };
+        self.bm.free(&mut req.blocks);
+        Some(req)
+    }
+
+    /// Plan one step into `out`.
+    pub fn schedule(&mut self, out: &mut Vec<Scheduled>, stats: &mut StepStats) {
+        out.clear();
+        let now = Instant::now();
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut preempted = false;
+
+        let mut i = 0;
+        'running: while i < self.running.len() && budget > 0 {
+            let num_new = self.running[i].num_pending().min(budget);
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            loop {
+                let req = &mut self.running[i];
+                let target = req.num_computed + num_new;
+                if self.bm.allocate(&mut req.blocks, &[], target) {
+                    break;
+                }
+                // Out of blocks: preempt the lowest-priority (last) running request.
+                let Some(mut victim) = self.running.pop() else {
+                    break 'running;
+                };
+                self.bm.free(&mut victim.blocks);
+                victim.num_computed = 0;
+                victim.num_preemptions += 1;
+                stats.preemptions += 1;
+                preempted = true;
+                let was_self = self.running.len() == i;
+                self.waiting.push_front(victim);
+                if was_self {
+                    break 'running;
+                }
+            }
+            out.push(Scheduled { idx: i, num_new });
+            budget -= num_new;
+            i += 1;
+        }
+
+        if preempted {
+            return;
+        }
+        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(req) = self.waiting.front_mut() else {
+                break;
+            };
+            let mut num_computed = 0;
+            if req.num_computed == 0 {
+                self.bm
+                    .find_cached_prefix(&req.blocks.hashes, req.tokens.len(), &mut self.hits);
+                num_computed = self.hits.len() * self.bm.block_size();
+            } else {
+                self.hits.clear();
+            }
+            let num_new = (req.tokens.len() - num_computed).min(budget);
+            if !self
+                .bm
+                .allocate(&mut req.blocks, &self.hits, num_computed + num_new)
+            {
+                break;
+            }
+            let Some(mut req) = self.waiting.pop_front() else {
+                break;
+            };
+            req.num_computed = num_computed;
+            if req.first_scheduled.is_none() {
+                req.first_scheduled = Some(now);
+                req.cached_tokens = num_computed;
+                stats.prefix_queries += req.tokens.len() as u64;
+                stats.prefix_hits += num_computed as u64;
+            }
+            self.running.push(req);
+            out.push(Scheduled {
+                idx: self.running.len() - 1,
+                num_new,
+            });
+            budget -= num_new;
+        }
+    }
+
+    /// Apply a step's results: advance each scheduled request, append and send sampled
+    /// tokens (`sampled[k]` for the k-th scheduled request that reached its end), record
+    /// token timings in `stats`, and move finished requests into `finished`. A request
+    /// whose receiver is gone is finished as aborted. `eos` are the tokenizer's end tokens.
+    pub fn update(
+        &mut self,
+        scheduled: &[Scheduled],
+        sampled: &[u32],
+        eos: &[u32],
+        stats: &mut StepStats,
+        finished: &mut Vec<Finished>,
+    ) {
+        let now = Instant::now();
+        let mut k = 0;
+        let mut done: Vec<(usize, FinishReason, Option<u32>)> = Vec::new();
+        for s in scheduled {
+            let req = &mut self.running[s.idx];
+            let was_decode = req.num_computed >= req.num_prompt && s.num_new == 1;
+            if was_decode {
+                stats.decode_seqs += 1;
+            } else {
+                stats.prefill_tokens += s.num_new as u64;
+            }
+            req.num_computed += s.num_new;
+            self.bm
+                .cache_full_blocks(&mut req.blocks, &req.tokens, req.num_computed);
+            if req.num_computed < req.tokens.len() {
+                continue;
+            }
+            let Some(&tok) = sampled.get(k) else { continue };
+            k += 1;
+            req.tokens.push(tok);
+            match req.last_token_at {
+                None => stats
+                    .ttft
+                    .push(now.duration_since(req.arrival).as_secs_f64()),
+                Some(t) => stats.itl.push(now.duration_since(t).as_secs_f64()),
+            }
+            req.last_token_at = Some(now);
+            stats.generated += 1;
+            let n_out = req.num_output();
+            let p = &req.params;
+            let reason = if n_out >= p.min_tokens && !p.ignore_eos && eos.contains(&tok) {
+                Some((FinishReason::Stop, None))
+            } else if n_out >= p.min_tokens && p.stop_token_ids.contains(&tok) {
+                Some((FinishReason::Stop, Some(tok)))
+            } else if n_out >= p.max_tokens || req.tokens.len() >= self.config.max_model_len {
+                Some((FinishReason::Length, None))
+            } else {
+                None
+            };
+            let finish = reason.map(|(reason, stop_token)| Finish {
+                reason,
+                stop_token,
+                cached_tokens: req.cached_tokens as u32,
+            });
+            if req
+                .events
+                .send(EngineEvent::Token { id: tok, finish })
+                .is_err()
+            {
+                // The receiver is gone: the client left.
+                done.push((s.idx, FinishReason::Abort, None));
+            } else if let Some((r, stop_tok)) = reason {
+                done.push((s.idx, r, stop_tok));
+            }
+        }
+        // Remove from the back so indices stay valid; the rest keep their FCFS order.
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        for (idx, reason, stop_token) in done {
+            let mut request = self.running.remove(idx);
+            self.bm.free(&mut request.blocks);
+            finished.push(Finished {
+                request,
+                reason,
+                stop_token,
+            });
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The Switchyard engine: a vLLM-compatible serving engine.
+//!
+//! - [`core`]: the engine loop, scheduler and KV block manager (vLLM v1's design).
+//! - [`backend`]: what runs a step (`sim` now).
+//! - [`tokenizer`]: tokenizers, chat templates, incremental detokenization.
+//! - [`api`]: the OpenAI/vLLM HTTP surface.
+//! - [`metrics`]: `vllm:*` Prometheus metrics.
+//! - [`config`]: the `switchyard engine` flags.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod core;
+pub mod hash;
+pub mod metrics;
+pub mod tokenizer;
+
+pub use api::{build_engine, serve, Engine};
+pub use config::EngineArgs;
