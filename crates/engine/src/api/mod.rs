@@ -224,28 +224,36 @@ where
         ));
     }
     let limit = engine.body_limit;
-    if let Some(len) = req
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-    {
-        if len > limit {
-            return Err(ApiError::payload_too_large(limit));
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut body = req.into_body();
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::validation(format!("could not read the request body: {e}"), None)
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else {
+            // Over the limit: keep nothing, but read on (up to a bound) so the client
+            // finishes sending and sees the 413 instead of a reset connection.
+            buf = Vec::new();
+            if seen > limit.saturating_mul(8).max(64 << 20) {
+                break;
+            }
         }
     }
-    let limited = http_body_util::Limited::new(req.into_body(), limit);
-    let bytes = match limited.collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::payload_too_large(limit))
-        }
-        Err(e) => {
-            return Err(ApiError::validation(
-                format!("could not read the request body: {e}"),
-                None,
-            ))
-        }
-    };
+    if seen > limit {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let bytes = buf;
     protocol::error::parse_json_body_probed::<T, P>(&bytes)
 }
 

@@ -1,8 +1,8 @@
 //! The simulated backend: a latency model on the real scheduler and block manager.
 //!
-//! A step lasts `overhead + prefill_per_token × new prefill tokens (cached ones are free)
-//! + decode_per_seq × decodes + decode_per_ctx_token × their context length`, times an
-//! optional seeded jitter, times `time_scale`. Tokens are a pure function of the
+//! A step lasts `overhead + prefill_per_token × new prefill tokens (cached ones are
+//! free) + decode_per_seq × decodes + decode_per_ctx_token × their context length`,
+//! times an optional seeded jitter, times `time_scale`. Tokens are a pure function of the
 //! request's sampling seed and the output position, so outputs are reproducible and do
 //! not depend on batching.
 

@@ -1,0 +1,5 @@
+//! End-to-end tests: real `switchyard` processes on loopback with OS-chosen ports.
+//! One test binary for the crate; each module covers one area.
+
+mod common;
+mod engine_http;
