@@ -50,25 +50,7 @@ async fn run_engine(args: engine::EngineArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, model = %args.served_names()[0], backend = ?args.backend, "engine listening");
     // A machine-readable readiness line for supervisors and tests.
     println!("READY http://{addr}");
-    engine::serve(listener, engine, shutdown_signal()).await?;
+    engine::serve(listener, engine, httpx::shutdown_signal()).await?;
     tracing::info!("engine stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

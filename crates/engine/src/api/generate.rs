@@ -35,13 +35,20 @@ struct AbortGuard {
 }
 
 impl AbortGuard {
-    fn finish(&mut self, reason: Option<FinishReason>) {
+    /// Disarm; with a reason, tell the engine to stop the request, handing it the
+    /// receiver so the request is counted with that reason.
+    fn finish(
+        &mut self,
+        reason: Option<FinishReason>,
+        events: Option<UnboundedReceiver<EngineEvent>>,
+    ) {
         if self.armed {
             self.armed = false;
             if let Some(reason) = reason {
                 self.handle.send(EngineCommand::Abort {
                     id: self.id,
                     reason,
+                    events,
                 });
             }
         }
@@ -50,7 +57,7 @@ impl AbortGuard {
 
 impl Drop for AbortGuard {
     fn drop(&mut self) {
-        self.finish(Some(FinishReason::Abort));
+        self.finish(Some(FinishReason::Abort), None);
     }
 }
 
@@ -142,7 +149,7 @@ impl Generation {
                 Some(e) => e,
                 None => {
                     self.done = true;
-                    self.guard.finish(None);
+                    self.guard.finish(None, None);
                     return Some(Err(ApiError::internal(
                         "The engine stopped before the request finished.",
                     )));
@@ -152,18 +159,21 @@ impl Generation {
                 EngineEvent::Token { id, finish } => (id, finish),
                 EngineEvent::Rejected(msg) => {
                     self.done = true;
-                    self.guard.finish(None);
+                    self.guard.finish(None, None);
                     return Some(Err(ApiError::bad_request(msg, None)));
                 }
             };
             self.completion_tokens += 1;
+            self.engine.handle.metrics.generation_tokens.inc();
             let delta = self.decoder.push(self.engine.tokenizer.as_ref(), id);
             self.pending.push_str(&delta);
             if let Some((pos, stop)) = self.find_stop() {
                 self.pending.truncate(pos);
                 self.done = true;
                 // The engine would go on: stop it, counting the request as stopped.
-                self.guard.finish(Some(FinishReason::Stop));
+                let (_, closed) = tokio::sync::mpsc::unbounded_channel();
+                let rx = std::mem::replace(&mut self.rx, closed);
+                self.guard.finish(Some(FinishReason::Stop), Some(rx));
                 let text = std::mem::take(&mut self.pending);
                 return Some(Ok(Piece {
                     text,
@@ -172,7 +182,7 @@ impl Generation {
             }
             if let Some(f) = finish {
                 self.done = true;
-                self.guard.finish(None);
+                self.guard.finish(None, None);
                 let text = std::mem::take(&mut self.pending);
                 return Some(Ok(Piece {
                     text,

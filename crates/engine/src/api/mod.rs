@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use http_body_util::BodyExt;
+pub(crate) use httpx::{json_ok, ErrorResponse};
 use protocol::openai::{
     unix_now, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
     TokenizeResponse,
@@ -136,58 +136,18 @@ pub fn router(engine: Engine) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(httpx::not_found)
+        .method_not_allowed_fallback(httpx::method_not_allowed)
         .with_state(engine)
 }
 
-/// Serve until `shutdown` resolves. Sets TCP_NODELAY on every connection.
+/// Serve until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Engine,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// An [`ApiError`] as an HTTP response.
-pub struct ErrorResponse(pub ApiError);
-
-impl From<ApiError> for ErrorResponse {
-    fn from(e: ApiError) -> Self {
-        ErrorResponse(e)
-    }
-}
-
-impl IntoResponse for ErrorResponse {
-    fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        json_response(status, self.0.to_json())
-    }
-}
-
-pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
-    let mut r = Response::new(Body::from(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-pub(crate) fn json_ok<T: serde::Serialize>(v: &T) -> Response {
-    match serde_json::to_string(v) {
-        Ok(s) => json_response(StatusCode::OK, s),
-        Err(e) => ErrorResponse(ApiError::internal(e.to_string())).into_response(),
-    }
+    httpx::serve(listener, router(engine), shutdown).await
 }
 
 /// Read a JSON body: JSON content type required, size limited (413), parsed with
@@ -205,55 +165,14 @@ where
     T: serde::de::DeserializeOwned,
     P: serde::de::DeserializeOwned,
 {
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/json")
-        })
-        .unwrap_or(false);
-    if !is_json {
+    if !httpx::is_json(req.headers()) {
         return Err(ApiError::validation(
             "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
             None,
         ));
     }
-    let limit = engine.body_limit;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    let mut body = req.into_body();
-    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit));
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::validation(format!("could not read the request body: {e}"), None)
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        seen = seen.saturating_add(data.len());
-        if seen <= limit {
-            buf.extend_from_slice(&data);
-        } else {
-            // Over the limit: keep nothing, but read on (up to a bound) so the client
-            // finishes sending and sees the 413 instead of a reset connection.
-            buf = Vec::new();
-            if seen > limit.saturating_mul(8).max(64 << 20) {
-                break;
-            }
-        }
-    }
-    if seen > limit {
-        return Err(ApiError::payload_too_large(limit));
-    }
-    let bytes = buf;
+    let (parts, body) = req.into_parts();
+    let bytes = httpx::read_body(&parts.headers, body, engine.body_limit).await?;
     protocol::error::parse_json_body_probed::<T, P>(&bytes)
 }
 
@@ -368,15 +287,4 @@ async fn reset_prefix_cache(State(engine): State<Engine>) -> Response {
         ))
         .into_response()
     }
-}
-
-async fn not_found() -> Response {
-    json_response(StatusCode::NOT_FOUND, r#"{"detail":"Not Found"}"#.into())
-}
-
-async fn method_not_allowed() -> Response {
-    json_response(
-        StatusCode::METHOD_NOT_ALLOWED,
-        r#"{"detail":"Method Not Allowed"}"#.into(),
-    )
 }

@@ -19,9 +19,13 @@ use crate::metrics::EngineMetrics;
 pub enum EngineCommand {
     Add(NewRequest),
     /// Remove a request (client gone, or a stop string matched) and free its blocks.
+    /// `events` is the request's receiver, handed over so that tokens the loop sends
+    /// before it sees this command do not fail (a failed send counts the request as
+    /// aborted rather than `reason`).
     Abort {
         id: u64,
         reason: FinishReason,
+        events: Option<tokio::sync::mpsc::UnboundedReceiver<EngineEvent>>,
     },
     /// Drop all cached prefixes (answered with whether it happened).
     ResetPrefixCache(Sender<bool>),
@@ -150,7 +154,11 @@ impl EngineLoop {
                 }
                 self.sched.add(Request::new(r));
             }
-            EngineCommand::Abort { id, reason } => {
+            EngineCommand::Abort {
+                id,
+                reason,
+                events: _keep_open_until_removed,
+            } => {
                 if let Some(req) = self.sched.abort(id) {
                     self.record_finish(&req, reason);
                 }
@@ -227,7 +235,6 @@ impl EngineLoop {
         m.prefix_queries.add(self.stats.prefix_queries);
         m.prefix_hits.add(self.stats.prefix_hits);
         m.prompt_tokens.add(self.stats.prefix_queries);
-        m.generation_tokens.add(self.stats.generated);
         m.preemptions.add(self.stats.preemptions);
         for &v in &self.stats.ttft {
             m.ttft.observe(v);

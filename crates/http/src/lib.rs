@@ -1,0 +1,142 @@
+//! HTTP plumbing shared by the engine and the router: OpenAI error responses, JSON
+//! responses, size-limited body reading, FastAPI-style 404/405 bodies, serving with
+//! TCP_NODELAY and graceful shutdown on SIGINT/SIGTERM.
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use protocol::ApiError;
+
+/// An [`ApiError`] as an HTTP response (`{"error":{...}}` with its status).
+pub struct ErrorResponse(pub ApiError);
+
+impl From<ApiError> for ErrorResponse {
+    fn from(e: ApiError) -> Self {
+        ErrorResponse(e)
+    }
+}
+
+impl IntoResponse for ErrorResponse {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(status, self.0.to_json())
+    }
+}
+
+pub fn json_response(status: StatusCode, body: String) -> Response {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn json_ok<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_string(v) {
+        Ok(s) => json_response(StatusCode::OK, s),
+        Err(e) => ErrorResponse(ApiError::internal(e.to_string())).into_response(),
+    }
+}
+
+/// Whether the request declares a JSON body.
+pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+        .unwrap_or(false)
+}
+
+/// Read a whole body of at most `limit` bytes. Over the limit: 413, after reading on
+/// (discarding, up to a bound) so the client finishes sending and sees the answer
+/// instead of a reset connection. Memory stays at most `limit`.
+pub async fn read_body(
+    headers: &axum::http::HeaderMap,
+    mut body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::validation(format!("could not read the request body: {e}"), None)
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else {
+            buf = Vec::new();
+            if seen > limit.saturating_mul(8).max(64 << 20) {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// FastAPI's body for an unknown route (vLLM and the Production Stack router are FastAPI).
+pub async fn not_found() -> Response {
+    json_response(StatusCode::NOT_FOUND, r#"{"detail":"Not Found"}"#.into())
+}
+
+pub async fn method_not_allowed() -> Response {
+    json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        r#"{"detail":"Method Not Allowed"}"#.into(),
+    )
+}
+
+/// Serve `app` until `shutdown` resolves, with TCP_NODELAY on every connection (small
+/// streamed chunks must not wait for Nagle).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
