@@ -1,6 +1,8 @@
 //! `switchyard`: one binary whose subcommands are the roles of the stack.
 //! Thin by design: it parses flags, sets up logging, and calls the crates.
 
+mod up;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -21,15 +23,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// A vLLM-compatible serving engine.
-    Engine(Box<engine::EngineArgs>),
+    Engine(Box<EngineCmd>),
+    /// One OpenAI endpoint in front of many engines and models.
+    Router(Box<router::RouterArgs>),
+    /// The whole stack on this machine: a router and N engines, in one command.
+    Up(Box<up::UpArgs>),
+}
+
+#[derive(clap::Args)]
+struct EngineCmd {
+    #[command(flatten)]
+    engine: engine::EngineArgs,
+    /// Exit when standard input closes (for supervisors such as `switchyard up`).
+    #[arg(long, hide = true)]
+    exit_on_stdin_close: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let level = match cli.log_level.as_str() {
+        "warning" => "warn",
+        "critical" => "error",
+        other => other,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -37,11 +56,21 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Engine(args) => rt.block_on(run_engine(*args)),
+        Command::Engine(cmd) => rt.block_on(run_engine(*cmd)),
+        Command::Router(args) => rt.block_on(run_router(*args)),
+        Command::Up(args) => rt.block_on(up::run(*args)),
     }
 }
 
-async fn run_engine(args: engine::EngineArgs) -> anyhow::Result<()> {
+async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
+    let args = cmd.engine;
+    if cmd.exit_on_stdin_close {
+        std::thread::spawn(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            std::process::exit(0);
+        });
+    }
     let engine = engine::build_engine(&args)?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -52,5 +81,15 @@ async fn run_engine(args: engine::EngineArgs) -> anyhow::Result<()> {
     println!("READY http://{addr}");
     engine::serve(listener, engine, httpx::shutdown_signal()).await?;
     tracing::info!("engine stopped");
+    Ok(())
+}
+
+async fn run_router(args: router::RouterArgs) -> anyhow::Result<()> {
+    let bound = router::bind(args).await?;
+    let addr = bound.addr;
+    tracing::info!(%addr, engines = bound.state.registry.snapshot().endpoints.len(), "router listening");
+    println!("READY http://{addr}");
+    bound.serve(httpx::shutdown_signal()).await?;
+    tracing::info!("router stopped");
     Ok(())
 }

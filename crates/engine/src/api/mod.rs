@@ -66,6 +66,18 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             "--max-model-len must be at least 2 and --max-num-batched-tokens positive".into(),
         ));
     }
+    if args.num_gpu_blocks.saturating_mul(args.block_size) < args.max_model_len {
+        // As vLLM: a request of the full context must fit the KV cache on its own, or it
+        // could never finish (it would preempt itself forever).
+        return Err(StartError::Flag(format!(
+            "the KV cache ({} blocks of {} tokens = {} tokens) cannot hold one request of --max-model-len {}; \
+             raise --num-gpu-blocks or lower --max-model-len",
+            args.num_gpu_blocks,
+            args.block_size,
+            args.num_gpu_blocks * args.block_size,
+            args.max_model_len
+        )));
+    }
     if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
         return Err(StartError::Flag(
             "--time-scale must be a non-negative number".into(),

@@ -52,6 +52,8 @@ pub enum CacheEvent {
     Removed {
         hash: u64,
     },
+    /// The whole prefix cache was dropped.
+    AllCleared,
 }
 
 #[derive(Debug)]
@@ -242,6 +244,9 @@ impl BlockManager {
         self.cached.clear();
         for b in &mut self.blocks {
             b.hash = None;
+        }
+        if let Some(ev) = self.events.as_mut() {
+            ev.push(CacheEvent::AllCleared);
         }
         true
     }

@@ -72,9 +72,16 @@ pub fn spawn_engine(
     std::thread::Builder::new()
         .name("engine-core".into())
         .spawn(move || EngineLoop::new(sched, backend, m, eos).run(rx))?;
+    // Ids start at a per-process random point, so two engines never hand out the same
+    // response ids, and unseeded sampling differs between engines.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let start = crate::hash::mix64(nanos ^ u64::from(std::process::id()).rotate_left(32)) >> 2;
     Ok(EngineHandle {
         tx,
-        next_id: Arc::new(AtomicU64::new(1)),
+        next_id: Arc::new(AtomicU64::new(start)),
         metrics,
     })
 }
@@ -176,6 +183,7 @@ impl EngineLoop {
         self.stats.clear();
         self.sched.schedule(&mut self.scheduled, &mut self.stats);
         if self.scheduled.is_empty() {
+            self.metrics.preemptions.add(self.stats.preemptions);
             self.update_gauges();
             return false;
         }

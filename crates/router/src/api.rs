@@ -1,0 +1,279 @@
+//! The router's HTTP surface: the proxied OpenAI/vLLM paths (routed by the body's
+//! `model`), and what it answers itself: `/v1/models` (merged), `/engines`, `/health`,
+//! `/version`, `/metrics`. Errors are OpenAI-format JSON.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Response, StatusCode};
+use axum::routing::{get, post};
+use protocol::ApiError;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::engines::{mix64, Endpoint};
+use crate::policy::RouteCtx;
+use crate::proxy::{error, Forward, REQUEST_ID};
+use crate::RouterState;
+
+/// Paths proxied to engines, routed by the body's `model`.
+pub const PROXIED: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/tokenize",
+    "/detokenize",
+    "/v1/rerank",
+    "/rerank",
+    "/v1/score",
+    "/score",
+];
+
+pub fn router(state: Arc<RouterState>) -> axum::Router {
+    let mut r = axum::Router::new();
+    for p in PROXIED {
+        r = r.route(p, post(proxy));
+    }
+    r.route("/v1/models", get(models))
+        .route("/engines", get(engines))
+        .route("/health", get(health))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .fallback(httpx::not_found)
+        .method_not_allowed_fallback(httpx::method_not_allowed)
+        .with_state(state)
+}
+
+/// The few body fields routing needs; everything else is skipped unparsed.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn new_request_id(seed: u64) -> HeaderValue {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = format!(
+        "{:016x}{:016x}",
+        mix64(seed ^ n),
+        mix64(n.rotate_left(29) ^ seed)
+    );
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// A string field of the top-level JSON object (for `--session-key` given as a field).
+fn body_field<'a>(body: &'a [u8], key: &str) -> Option<Cow<'a, str>> {
+    #[derive(Deserialize)]
+    struct Fields<'a>(
+        #[serde(borrow)] std::collections::HashMap<Cow<'a, str>, &'a serde_json::value::RawValue>,
+    );
+    let Fields(map) = serde_json::from_slice(body).ok()?;
+    let raw = map.get(key)?;
+    match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+        Ok(Cow::Borrowed(s)) => Some(Cow::Owned(s.to_string())),
+        Ok(Cow::Owned(s)) => Some(Cow::Owned(s)),
+        Err(_) => Some(Cow::Owned(raw.get().to_string())),
+    }
+}
+
+async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let bytes = match httpx::read_body(&parts.headers, body, st.settings.body_limit).await {
+        Ok(b) => b,
+        Err(e) => return error(e),
+    };
+    let head: Head<'_> = match serde_json::from_slice(&bytes) {
+        Ok(h) => h,
+        Err(e) => {
+            return error(ApiError::bad_request(
+                format!("The request body is not a valid JSON object: {e}"),
+                None,
+            ))
+        }
+    };
+    let Some(requested) = head.model.as_deref() else {
+        return error(ApiError::bad_request(
+            "The request body has no `model` field.",
+            Some("model"),
+        ));
+    };
+    let model = st.registry.resolve(requested);
+    let model: &str = &model;
+    if !st.registry.is_known(model) {
+        return error(ApiError::new(
+            404,
+            "NotFoundError",
+            format!("The model `{requested}` does not exist."),
+            Some("model"),
+        ));
+    }
+    st.metrics.incoming(model);
+
+    let snap = st.registry.snapshot();
+    let pinned = query_param(parts.uri.query(), "id");
+    let candidates: Vec<Arc<Endpoint>> = snap
+        .endpoints
+        .iter()
+        .filter(|e| e.is_healthy() && e.serves(model) && pinned.is_none_or(|id| e.matches_id(id)))
+        .cloned()
+        .collect();
+    if candidates.is_empty() {
+        st.metrics.error("", model, "no_healthy_engine");
+        let what = match pinned {
+            Some(id) => format!("Engine `{id}` is not available for model `{model}`."),
+            None => format!("No healthy engine serves model `{model}` right now; retry later."),
+        };
+        let mut r = error(ApiError::service_unavailable(what));
+        if let Ok(v) = HeaderValue::from_str(&st.settings.retry_after.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+
+    let request_id = parts
+        .headers
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .cloned()
+        .unwrap_or_else(|| new_request_id(st.seed));
+    let dynamic = st.dynamic();
+    let session_owned: Option<Cow<'_, str>> = dynamic.session_key.as_deref().and_then(|k| {
+        parts
+            .headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(Cow::Borrowed)
+            .or_else(|| body_field(&bytes, k))
+    });
+    let nonce = mix64(st.seed ^ NEXT_ID.fetch_add(1, Ordering::Relaxed));
+    let ctx = RouteCtx {
+        model,
+        session: session_owned.as_deref(),
+        nonce,
+    };
+    let mut order = Vec::with_capacity(candidates.len());
+    dynamic.policy.rank(&ctx, &candidates, &mut order);
+    let ranked: Vec<Arc<Endpoint>> = order.iter().map(|&i| candidates[i].clone()).collect();
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or(parts.uri.path());
+    let f = Forward {
+        method: parts.method.clone(),
+        path_and_query,
+        headers: &parts.headers,
+        body: bytes.clone(),
+        request_id,
+        model,
+        stream: head.stream.unwrap_or(false),
+    };
+    st.proxy.forward(&f, &ranked).await
+}
+
+async fn models(State(st): State<Arc<RouterState>>) -> Response<Body> {
+    let snap = st.registry.snapshot();
+    let mut seen = HashSet::new();
+    let mut data = Vec::new();
+    for e in snap.endpoints.iter().filter(|e| e.is_healthy()) {
+        let cards = e.cards.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if cards.is_empty() {
+            for m in e.models().iter() {
+                if seen.insert(m.clone()) {
+                    data.push(json!({"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m, "parent": null}));
+                }
+            }
+        } else {
+            for c in cards.iter() {
+                if let Some(id) = c.get("id").and_then(|v| v.as_str()) {
+                    if seen.insert(id.to_string()) {
+                        data.push(c.clone());
+                    }
+                }
+            }
+        }
+    }
+    httpx::json_ok(&json!({"object": "list", "data": data}))
+}
+
+async fn engines(State(st): State<Arc<RouterState>>) -> Response<Body> {
+    let snap = st.registry.snapshot();
+    let list: Vec<_> = snap
+        .endpoints
+        .iter()
+        .map(|e| {
+            let w = e.stats.summary();
+            json!({
+                "id": e.host_port,
+                "url": e.url,
+                "models": &*e.models(),
+                "healthy": e.is_healthy(),
+                "in_flight": e.in_flight.load(Ordering::Relaxed),
+                "engine_running": e.load.running.get(),
+                "engine_waiting": e.load.waiting.get(),
+                "kv_cache_usage": e.load.kv_usage.get(),
+                "qps": w.qps,
+                "avg_ttft": w.avg_ttft,
+                "avg_itl": w.avg_itl,
+                "avg_latency": w.avg_latency,
+            })
+        })
+        .collect();
+    httpx::json_ok(&json!({"object": "list", "data": list}))
+}
+
+async fn health(State(st): State<Arc<RouterState>>) -> Response<Body> {
+    let snap = st.registry.snapshot();
+    let healthy = snap.endpoints.iter().filter(|e| e.is_healthy()).count();
+    httpx::json_ok(
+        &json!({"status": "healthy", "engines": snap.endpoints.len(), "healthy_engines": healthy}),
+    )
+}
+
+async fn version() -> Response<Body> {
+    httpx::json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
+    let mut r = Response::new(Body::from(st.metrics.render(&st.registry)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(protocol::prom::CONTENT_TYPE),
+    );
+    *r.status_mut() = StatusCode::OK;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_query_and_body_fields() {
+        assert_eq!(query_param(Some("a=1&id=h:2"), "id"), Some("h:2"));
+        assert_eq!(query_param(None, "id"), None);
+        assert_eq!(
+            body_field(br#"{"user":"u-1","messages":[]}"#, "user").as_deref(),
+            Some("u-1")
+        );
+        assert_eq!(body_field(br#"{"user":7}"#, "user").as_deref(), Some("7"));
+        assert_eq!(body_field(b"not json", "user"), None);
+    }
+}

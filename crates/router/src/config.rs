@@ -1,0 +1,416 @@
+//! `switchyard router` flags (the Production Stack router's names and meanings) and the
+//! dynamic config file (JSON, same keys with underscores), re-read when it changes.
+//!
+//! [`Settings`] is the merged, validated view every other module reads. Flags given on
+//! the command line win over the file's values at start; a later change of the file
+//! replaces the backends, models, aliases, routing logic and session key.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingLogic {
+    /// Rotate over the model's engines.
+    Roundrobin,
+    /// Consistent hashing of the session id (header or body field); least load without.
+    Session,
+    /// Fewest requests in flight, ties broken by the engines' queue.
+    #[value(alias = "least-load")]
+    Leastload,
+    /// Power of two choices: the less loaded of two engines picked at random.
+    #[value(name = "p2c", alias = "power-of-two")]
+    #[serde(rename = "p2c")]
+    P2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    Static,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouterArgs {
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    #[arg(long, default_value_t = 8001)]
+    pub port: u16,
+    #[arg(long, value_enum)]
+    pub service_discovery: Option<DiscoveryKind>,
+    /// Engine base URLs, comma separated.
+    #[arg(long)]
+    pub static_backends: Option<String>,
+    /// The model of each backend, in the same order (comma separated); discovered from
+    /// each backend's /v1/models when omitted.
+    #[arg(long)]
+    pub static_models: Option<String>,
+    /// `alias:model` pairs, comma separated.
+    #[arg(long)]
+    pub static_aliases: Option<String>,
+    #[arg(long, value_enum)]
+    pub routing_logic: Option<RoutingLogic>,
+    /// The header (or JSON body field) holding the session id for `session` routing.
+    #[arg(long)]
+    pub session_key: Option<String>,
+    /// Seconds between scrapes of each engine's /metrics (and model refreshes).
+    #[arg(long, default_value_t = 30)]
+    pub engine_stats_interval: u64,
+    /// Sliding window, in seconds, of the per-engine request statistics.
+    #[arg(long, default_value_t = 60)]
+    pub request_stats_window: u64,
+    /// Seconds between health checks of each engine.
+    #[arg(long, default_value_t = 5.0)]
+    pub health_check_interval: f64,
+    /// Consecutive failed checks (or failed connects) before an engine is ejected.
+    #[arg(long, default_value_t = 3)]
+    pub health_failure_threshold: u32,
+    /// Consecutive good checks before an ejected engine is readmitted.
+    #[arg(long, default_value_t = 2)]
+    pub health_success_threshold: u32,
+    /// Seconds to wait for an upstream TCP connection.
+    #[arg(long, default_value_t = 3.0)]
+    pub connect_timeout: f64,
+    /// Seconds to wait for an upstream's response headers.
+    #[arg(long, default_value_t = 600.0)]
+    pub first_byte_timeout: f64,
+    /// Upstream attempts per request (the first try plus failovers).
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: usize,
+    /// Largest accepted request body, in bytes (larger: 413).
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+    /// `Retry-After` seconds on a 503 for a known model with no healthy engine.
+    #[arg(long, default_value_t = 5)]
+    pub retry_after: u64,
+    /// JSON file with the same settings (underscored keys), re-read when it changes.
+    #[arg(long)]
+    pub dynamic_config_json: Option<PathBuf>,
+    /// Seconds between checks of the dynamic config file.
+    #[arg(long, default_value_t = 10.0)]
+    pub dynamic_config_interval: f64,
+}
+
+/// The dynamic config file. Lists may be JSON arrays or comma-separated strings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub service_discovery: Option<DiscoveryKind>,
+    #[serde(default)]
+    pub routing_logic: Option<RoutingLogic>,
+    #[serde(default)]
+    pub session_key: Option<String>,
+    #[serde(default)]
+    pub static_backends: Option<StrList>,
+    #[serde(default)]
+    pub static_models: Option<StrList>,
+    #[serde(default)]
+    pub static_aliases: Option<StrList>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StrList {
+    Csv(String),
+    List(Vec<String>),
+}
+
+impl StrList {
+    fn items(&self) -> Vec<String> {
+        match self {
+            StrList::Csv(s) => split_csv(s),
+            StrList::List(v) => v
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
+    }
+}
+
+fn split_csv(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// One configured engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    pub url: String,
+    /// Its model when configured; discovered from /v1/models otherwise.
+    pub model: Option<String>,
+}
+
+/// The settings that can change at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dynamic {
+    pub routing_logic: RoutingLogic,
+    pub session_key: Option<String>,
+    pub backends: Vec<BackendSpec>,
+    pub aliases: HashMap<String, String>,
+}
+
+/// Everything the router runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub dynamic: Dynamic,
+    pub engine_stats_interval: Duration,
+    pub request_stats_window: u64,
+    pub health_interval: Duration,
+    pub health_failures: u32,
+    pub health_successes: u32,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub max_attempts: usize,
+    pub body_limit: usize,
+    pub retry_after: u64,
+    pub config_file: Option<PathBuf>,
+    pub config_interval: Duration,
+}
+
+fn secs(v: f64, name: &str) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "--{name} must be a positive number of seconds"
+        )))
+    }
+}
+
+pub fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Build the dynamic part from flags (which win) and a file.
+pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, ConfigError> {
+    let discovery = args
+        .service_discovery
+        .or(file.service_discovery)
+        .unwrap_or(DiscoveryKind::Static);
+    let DiscoveryKind::Static = discovery;
+    let backends = match &args.static_backends {
+        Some(s) => split_csv(s),
+        None => file
+            .static_backends
+            .as_ref()
+            .map(StrList::items)
+            .unwrap_or_default(),
+    };
+    let models = match &args.static_models {
+        Some(s) => split_csv(s),
+        None => file
+            .static_models
+            .as_ref()
+            .map(StrList::items)
+            .unwrap_or_default(),
+    };
+    if !models.is_empty() && models.len() != backends.len() {
+        return Err(ConfigError::Invalid(format!(
+            "--static-models lists {} models for {} backends: give one model per backend, in order",
+            models.len(),
+            backends.len()
+        )));
+    }
+    let mut specs = Vec::with_capacity(backends.len());
+    for (i, b) in backends.iter().enumerate() {
+        let url = normalize_url(b)?;
+        specs.push(BackendSpec {
+            url,
+            model: models.get(i).cloned(),
+        });
+    }
+    let alias_items = match &args.static_aliases {
+        Some(s) => split_csv(s),
+        None => file
+            .static_aliases
+            .as_ref()
+            .map(StrList::items)
+            .unwrap_or_default(),
+    };
+    let mut aliases = HashMap::new();
+    for a in alias_items {
+        let (alias, model) = a
+            .split_once(':')
+            .ok_or_else(|| ConfigError::Invalid(format!("alias {a:?} is not alias:model")))?;
+        aliases.insert(alias.trim().to_string(), model.trim().to_string());
+    }
+    Ok(Dynamic {
+        routing_logic: args
+            .routing_logic
+            .or(file.routing_logic)
+            .unwrap_or(RoutingLogic::Roundrobin),
+        session_key: args
+            .session_key
+            .clone()
+            .or_else(|| file.session_key.clone()),
+        backends: specs,
+        aliases,
+    })
+}
+
+/// `http://host:port` with no trailing slash; only plain HTTP upstreams are supported.
+pub fn normalize_url(s: &str) -> Result<String, ConfigError> {
+    let s = s.trim().trim_end_matches('/');
+    let rest = s.strip_prefix("http://").ok_or_else(|| {
+        ConfigError::Invalid(format!("backend {s:?}: only http:// URLs are supported"))
+    })?;
+    if rest.is_empty() || rest.contains('/') {
+        return Err(ConfigError::Invalid(format!(
+            "backend {s:?}: expected http://host:port"
+        )));
+    }
+    Ok(s.to_string())
+}
+
+impl Settings {
+    pub fn from_args(args: &RouterArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.dynamic_config_json {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let dynamic = dynamic_from(args, &file)?;
+        if dynamic.backends.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no backends: give --static-backends or static_backends in --dynamic-config-json"
+                    .into(),
+            ));
+        }
+        if args.max_attempts == 0
+            || args.request_stats_window == 0
+            || args.engine_stats_interval == 0
+        {
+            return Err(ConfigError::Invalid(
+                "--max-attempts, --request-stats-window and --engine-stats-interval must be positive".into(),
+            ));
+        }
+        Ok(Settings {
+            host: args.host.clone(),
+            port: args.port,
+            dynamic,
+            engine_stats_interval: Duration::from_secs(args.engine_stats_interval),
+            request_stats_window: args.request_stats_window,
+            health_interval: secs(args.health_check_interval, "health-check-interval")?,
+            health_failures: args.health_failure_threshold.max(1),
+            health_successes: args.health_success_threshold.max(1),
+            connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
+            first_byte_timeout: secs(args.first_byte_timeout, "first-byte-timeout")?,
+            max_attempts: args.max_attempts,
+            body_limit: args.max_request_body_bytes,
+            retry_after: args.retry_after,
+            config_file: args.dynamic_config_json.clone(),
+            config_interval: secs(args.dynamic_config_interval, "dynamic-config-interval")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: RouterArgs,
+    }
+
+    fn args(v: &[&str]) -> RouterArgs {
+        T::parse_from(std::iter::once("router").chain(v.iter().copied())).a
+    }
+
+    #[test]
+    fn production_stack_flags_parse_with_their_meaning() {
+        let a = args(&[
+            "--service-discovery",
+            "static",
+            "--static-backends",
+            "http://a:1,http://b:2/",
+            "--static-models",
+            "m1,m2",
+            "--static-aliases",
+            "gpt-4:m1",
+            "--routing-logic",
+            "session",
+            "--session-key",
+            "x-user-id",
+            "--engine-stats-interval",
+            "15",
+            "--request-stats-window",
+            "30",
+        ]);
+        let s = Settings::from_args(&a).expect("valid");
+        assert_eq!(
+            s.dynamic.backends[1],
+            BackendSpec {
+                url: "http://b:2".into(),
+                model: Some("m2".into())
+            }
+        );
+        assert_eq!(
+            s.dynamic.aliases.get("gpt-4").map(String::as_str),
+            Some("m1")
+        );
+        assert_eq!(s.dynamic.routing_logic, RoutingLogic::Session);
+        assert_eq!(s.dynamic.session_key.as_deref(), Some("x-user-id"));
+        assert_eq!(s.engine_stats_interval, Duration::from_secs(15));
+        assert_eq!(s.request_stats_window, 30);
+    }
+
+    #[test]
+    fn mismatched_models_and_bad_urls_are_rejected() {
+        assert!(Settings::from_args(&args(&[
+            "--static-backends",
+            "http://a:1",
+            "--static-models",
+            "m1,m2"
+        ]))
+        .is_err());
+        assert!(Settings::from_args(&args(&["--static-backends", "https://a:1"])).is_err());
+        assert!(Settings::from_args(&args(&[])).is_err());
+    }
+
+    #[test]
+    fn file_values_apply_unless_flags_override() {
+        let file: FileConfig = serde_json::from_str(
+            r#"{"routing_logic":"leastload","static_backends":["http://x:1"],"static_aliases":"a:b"}"#,
+        )
+        .expect("json");
+        let d = dynamic_from(&args(&["--routing-logic", "roundrobin"]), &file).expect("valid");
+        assert_eq!(d.routing_logic, RoutingLogic::Roundrobin);
+        assert_eq!(d.backends.len(), 1);
+        assert_eq!(d.aliases.get("a").map(String::as_str), Some("b"));
+    }
+}

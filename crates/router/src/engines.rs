@@ -1,0 +1,268 @@
+//! The engine set: each engine's identity, models, health, load and statistics, and the
+//! registry that holds the current set as an immutable snapshot.
+//!
+//! A request takes the snapshot (one `Arc` clone), so discovery and reloads never block
+//! or disturb requests in flight; an engine kept across a change keeps its counters.
+//! Memory is O(engines + models): nothing here is keyed by request.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use protocol::prom::{Gauge, Histogram, ITL_BUCKETS, TTFT_BUCKETS};
+
+use crate::config::BackendSpec;
+use crate::stats::RequestStats;
+
+/// Load figures scraped from an engine's `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineLoad {
+    pub running: Gauge,
+    pub waiting: Gauge,
+    pub kv_usage: Gauge,
+    pub prefix_hits: Gauge,
+    pub prefix_queries: Gauge,
+    pub scraped: AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Base URL, `http://host:port`; also the engine's id (`?id=` accepts it or host:port).
+    pub url: String,
+    pub host_port: String,
+    /// Hash of the URL, for consistent hashing.
+    pub key: u64,
+    /// Models configured for this engine (if any); otherwise discovered.
+    pub configured_model: Option<String>,
+    models: RwLock<Arc<[String]>>,
+    /// Model cards from the engine's /v1/models (kept for the merged listing).
+    pub cards: RwLock<Arc<[serde_json::Value]>>,
+    healthy: AtomicBool,
+    fails: AtomicU32,
+    oks: AtomicU32,
+    pub in_flight: AtomicU64,
+    pub in_prefill: AtomicU64,
+    pub in_decode: AtomicU64,
+    pub load: EngineLoad,
+    pub stats: RequestStats,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub latency: Histogram,
+}
+
+pub fn hash_str(s: &str) -> u64 {
+    // FNV-1a, then a strong mix: stable across processes and builds.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix64(h)
+}
+
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Endpoint {
+    pub fn new(spec: &BackendSpec, window: u64, epoch: Instant) -> Self {
+        let host_port = spec.url.trim_start_matches("http://").to_string();
+        let models: Arc<[String]> = spec.model.iter().cloned().collect();
+        Endpoint {
+            key: hash_str(&spec.url),
+            url: spec.url.clone(),
+            host_port,
+            configured_model: spec.model.clone(),
+            models: RwLock::new(models),
+            cards: RwLock::new(Arc::from(Vec::new())),
+            // Admitted until health checks say otherwise (a configured engine is
+            // presumed up; a failed connect fails over and counts against it).
+            healthy: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            oks: AtomicU32::new(0),
+            in_flight: AtomicU64::new(0),
+            in_prefill: AtomicU64::new(0),
+            in_decode: AtomicU64::new(0),
+            load: EngineLoad::default(),
+            stats: RequestStats::new(window, epoch),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+            latency: Histogram::new(protocol::prom::REQUEST_LATENCY_BUCKETS),
+        }
+    }
+
+    pub fn models(&self) -> Arc<[String]> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|m| m == model)
+    }
+
+    pub fn set_models(&self, models: Vec<String>, cards: Vec<serde_json::Value>) {
+        *self.models.write().unwrap_or_else(|p| p.into_inner()) = models.into();
+        *self.cards.write().unwrap_or_else(|p| p.into_inner()) = cards.into();
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Record a failed check or connect; true when it ejected the engine.
+    pub fn record_failure(&self, threshold: u32) -> bool {
+        self.oks.store(0, Ordering::Relaxed);
+        let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        n >= threshold && self.healthy.swap(false, Ordering::Relaxed)
+    }
+
+    /// Record a good check; true when it readmitted the engine.
+    pub fn record_success(&self, threshold: u32) -> bool {
+        self.fails.store(0, Ordering::Relaxed);
+        let n = self.oks.fetch_add(1, Ordering::Relaxed) + 1;
+        n >= threshold && !self.healthy.swap(true, Ordering::Relaxed)
+    }
+
+    /// The engine's queue as scraped: waiting plus running.
+    pub fn scraped_queue(&self) -> f64 {
+        self.load.waiting.get() + self.load.running.get()
+    }
+
+    pub fn matches_id(&self, id: &str) -> bool {
+        id == self.url || id == self.host_port
+    }
+}
+
+/// The current engines, replaced whole on every change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    snapshot: RwLock<Arc<Snapshot>>,
+    aliases: RwLock<Arc<HashMap<String, String>>>,
+    /// Every model ever served or configured: a request for one of these with no healthy
+    /// engine is a 503 (scale from zero), not a 404. Bounded by the models that exist.
+    known: Mutex<HashSet<String>>,
+    window: u64,
+    pub epoch: Instant,
+}
+
+impl Registry {
+    pub fn new(window: u64) -> Self {
+        Registry {
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            aliases: RwLock::new(Arc::new(HashMap::new())),
+            known: Mutex::new(HashSet::new()),
+            window,
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replace the engine set with `specs`, keeping the state of engines that stay.
+    pub fn apply(&self, specs: &[BackendSpec]) {
+        let old = self.snapshot();
+        let mut endpoints = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let kept = old
+                .endpoints
+                .iter()
+                .find(|e| e.url == spec.url && e.configured_model == spec.model);
+            let ep = match kept {
+                Some(e) => e.clone(),
+                None => Arc::new(Endpoint::new(spec, self.window, self.epoch)),
+            };
+            if let Some(m) = &spec.model {
+                self.remember(m);
+            }
+            endpoints.push(ep);
+        }
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Snapshot { endpoints });
+    }
+
+    pub fn set_aliases(&self, aliases: HashMap<String, String>) {
+        for m in aliases.values() {
+            self.remember(m);
+        }
+        *self.aliases.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(aliases);
+    }
+
+    pub fn remember(&self, model: &str) {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if !k.contains(model) {
+            k.insert(model.to_string());
+        }
+    }
+
+    pub fn is_known(&self, model: &str) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(model)
+    }
+
+    /// The model a requested name refers to (aliases resolved).
+    pub fn resolve<'a>(&self, requested: &'a str) -> std::borrow::Cow<'a, str> {
+        let aliases = self.aliases.read().unwrap_or_else(|p| p.into_inner());
+        match aliases.get(requested) {
+            Some(m) => std::borrow::Cow::Owned(m.clone()),
+            None => std::borrow::Cow::Borrowed(requested),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str, model: Option<&str>) -> BackendSpec {
+        BackendSpec {
+            url: url.into(),
+            model: model.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn apply_keeps_state_of_engines_that_stay() {
+        let r = Registry::new(10);
+        r.apply(&[spec("http://a:1", Some("m")), spec("http://b:2", Some("m"))]);
+        let a = r.snapshot().endpoints[0].clone();
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        r.apply(&[spec("http://a:1", Some("m")), spec("http://c:3", Some("n"))]);
+        let snap = r.snapshot();
+        assert!(Arc::ptr_eq(&snap.endpoints[0], &a));
+        assert_eq!(snap.endpoints[1].url, "http://c:3");
+        assert!(r.is_known("m") && r.is_known("n") && !r.is_known("x"));
+    }
+
+    #[test]
+    fn health_thresholds_eject_and_readmit() {
+        let e = Endpoint::new(&spec("http://a:1", None), 10, Instant::now());
+        assert!(!e.record_failure(2));
+        assert!(e.record_failure(2));
+        assert!(!e.is_healthy());
+        assert!(!e.record_success(2));
+        assert!(e.record_success(2));
+        assert!(e.is_healthy());
+    }
+}

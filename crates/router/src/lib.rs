@@ -1,0 +1,148 @@
+//! The Switchyard router: one OpenAI endpoint in front of many engines and models.
+//!
+//! - [`config`]: flags (the Production Stack router's) and the dynamic config file.
+//! - [`engines`]: the engine set (identity, models, health, load, stats) as snapshots.
+//! - [`discovery`]: where engines come from (static lists), model discovery, health
+//!   checks, engine-stats scraping and config reloads: the background tasks.
+//! - [`policy`]: routing policies ranking engines per request.
+//! - [`proxy`]: the per-request forwarding path with failover and observation.
+//! - [`stats`]: constant-memory sliding-window request statistics.
+//! - [`metrics`]: the router's `/metrics`.
+//! - [`api`]: the HTTP surface.
+
+pub mod api;
+pub mod config;
+pub mod discovery;
+pub mod engines;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+pub use config::RouterArgs;
+use config::{Dynamic, Settings};
+use engines::Registry;
+use metrics::RouterMetrics;
+use policy::Policy;
+use proxy::Proxy;
+
+/// The settings that can change while running, swapped whole on a reload.
+pub struct DynState {
+    pub config: Dynamic,
+    pub policy: Box<dyn Policy>,
+    pub session_key: Option<String>,
+}
+
+impl DynState {
+    fn new(config: Dynamic) -> Self {
+        DynState {
+            policy: policy::build(config.routing_logic),
+            session_key: config.session_key.clone(),
+            config,
+        }
+    }
+}
+
+pub struct RouterState {
+    pub args: RouterArgs,
+    pub settings: Settings,
+    pub registry: Registry,
+    pub metrics: Arc<RouterMetrics>,
+    pub proxy: Proxy,
+    dynamic: RwLock<Arc<DynState>>,
+    /// Per-process random seed (request ids, randomized policies).
+    pub seed: u64,
+}
+
+impl RouterState {
+    pub fn dynamic(&self) -> Arc<DynState> {
+        self.dynamic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Apply new dynamic settings: engines kept keep their state; requests in flight
+    /// hold the old snapshot and finish undisturbed.
+    pub fn apply(&self, config: Dynamic) {
+        self.registry.apply(&config.backends);
+        self.registry.set_aliases(config.aliases.clone());
+        *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(DynState::new(config));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A router bound to its port, engines discovered, ready to serve.
+pub struct Bound {
+    pub addr: SocketAddr,
+    pub state: Arc<RouterState>,
+    listener: tokio::net::TcpListener,
+}
+
+/// Validate flags, bind, discover the engines' models, and start background tasks.
+pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
+    let settings = Settings::from_args(&args)?;
+    let addr = format!("{}:{}", settings.host, settings.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| RouterError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let metrics = Arc::new(RouterMetrics::default());
+    let proxy = Proxy {
+        client: proxy::http_client(settings.connect_timeout),
+        first_byte_timeout: settings.first_byte_timeout,
+        max_attempts: settings.max_attempts,
+        failure_threshold: settings.health_failures,
+        metrics: metrics.clone(),
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    let dynamic = settings.dynamic.clone();
+    let state = Arc::new(RouterState {
+        registry: Registry::new(settings.request_stats_window),
+        dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone()))),
+        args,
+        settings,
+        metrics,
+        proxy,
+        seed,
+    });
+    state.apply(dynamic);
+    discovery::refresh_models(&state).await;
+    discovery::spawn_tasks(state.clone());
+    Ok(Bound {
+        addr: listener.local_addr()?,
+        state,
+        listener,
+    })
+}
+
+impl Bound {
+    /// Serve until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        httpx::serve(self.listener, api::router(self.state), shutdown).await
+    }
+}

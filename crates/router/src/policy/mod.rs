@@ -1,0 +1,78 @@
+//! Routing policies. A policy ranks the engines that can serve a request, most preferred
+//! first; the proxy tries them in that order, so failover is just walking the ranking
+//! (pingora's `BackendSelection` idea). A policy is a function of the request, the
+//! engines' current state and its own small state: unit-testable without sockets.
+
+mod leastload;
+mod p2c;
+mod roundrobin;
+mod session;
+
+use std::sync::Arc;
+
+pub use leastload::LeastLoad;
+pub use p2c::PowerOfTwo;
+pub use roundrobin::RoundRobin;
+pub use session::Session;
+
+use crate::config::RoutingLogic;
+use crate::engines::Endpoint;
+
+/// What a policy may look at in a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteCtx<'a> {
+    pub model: &'a str,
+    /// The session id (from the `--session-key` header or body field), if any.
+    pub session: Option<&'a str>,
+    /// A per-request random value (for randomized policies).
+    pub nonce: u64,
+}
+
+pub trait Policy: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Fill `order` with indices into `candidates`, best first (every index once).
+    fn rank(&self, ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>);
+}
+
+pub fn build(logic: RoutingLogic) -> Box<dyn Policy> {
+    match logic {
+        RoutingLogic::Roundrobin => Box::new(RoundRobin::default()),
+        RoutingLogic::Session => Box::new(Session),
+        RoutingLogic::Leastload => Box::new(LeastLoad),
+        RoutingLogic::P2c => Box::new(PowerOfTwo),
+    }
+}
+
+/// Load as the router sees it: requests in flight here, then the engine's own queue.
+pub(crate) fn load_key(e: &Endpoint) -> (u64, u64) {
+    let inflight = e.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    (inflight, e.scraped_queue().max(0.0) as u64)
+}
+
+/// All indices, least loaded first (stable: ties keep their order).
+pub(crate) fn by_load(candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
+    order.clear();
+    order.extend(0..candidates.len());
+    order.sort_by_key(|&i| load_key(&candidates[i]));
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use crate::config::BackendSpec;
+    use crate::engines::Endpoint;
+
+    pub fn engines(n: usize) -> Vec<Arc<Endpoint>> {
+        (0..n)
+            .map(|i| {
+                let spec = BackendSpec {
+                    url: format!("http://10.0.0.{i}:8000"),
+                    model: Some("m".into()),
+                };
+                Arc::new(Endpoint::new(&spec, 10, Instant::now()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,365 @@
+//! The per-request path: send the request to the first usable engine of the policy's
+//! ranking, fail over on errors before response headers, and stream the response back
+//! untouched while a small observer records first-token time, inter-token gaps and the
+//! end. The observer's drop releases the engine's in-flight count however the response
+//! ends (finished, error, client gone), and nothing per request outlives the request.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use memchr::memmem;
+use protocol::ApiError;
+
+use crate::engines::Endpoint;
+use crate::metrics::RouterMetrics;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.set_connect_timeout(Some(connect_timeout));
+    conn.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(conn)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those we set ourselves.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+    )
+}
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What the proxy needs to know about one request.
+pub struct Forward<'a> {
+    pub method: Method,
+    pub path_and_query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+    pub request_id: HeaderValue,
+    pub model: &'a str,
+    pub stream: bool,
+}
+
+pub struct Proxy {
+    pub client: HttpClient,
+    pub first_byte_timeout: Duration,
+    pub max_attempts: usize,
+    pub failure_threshold: u32,
+    pub metrics: Arc<RouterMetrics>,
+}
+
+enum AttemptError {
+    /// Nothing reached the client: the next engine may be tried.
+    Retryable(String),
+    /// The engine took the request but did not answer in time.
+    Timeout,
+}
+
+impl Proxy {
+    /// Try `ranked` engines in order; return the first response with headers.
+    pub async fn forward(&self, f: &Forward<'_>, ranked: &[Arc<Endpoint>]) -> Response<Body> {
+        let mut last_err = String::from("no engine was tried");
+        for ep in ranked.iter().take(self.max_attempts) {
+            let obs = Observer::start(ep.clone(), f.stream);
+            match self.attempt(f, ep).await {
+                Ok(resp) => {
+                    let (mut parts, incoming) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    parts
+                        .headers
+                        .insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
+                    let body = ObservedBody {
+                        inner: incoming,
+                        obs,
+                    };
+                    return Response::from_parts(parts, Body::new(body));
+                }
+                Err(AttemptError::Timeout) => {
+                    obs.failed();
+                    self.metrics.error(&ep.url, f.model, "timeout");
+                    return error(ApiError::new(
+                        504,
+                        "GatewayTimeoutError",
+                        format!(
+                            "The engine did not answer within {:?}.",
+                            self.first_byte_timeout
+                        ),
+                        None,
+                    ));
+                }
+                Err(AttemptError::Retryable(e)) => {
+                    obs.failed();
+                    self.metrics.error(&ep.url, f.model, "upstream_unavailable");
+                    if ep.record_failure(self.failure_threshold) {
+                        tracing::warn!(engine = %ep.url, "engine ejected after failed requests");
+                    }
+                    tracing::debug!(engine = %ep.url, error = %e, "attempt failed; trying the next engine");
+                    last_err = e;
+                }
+            }
+        }
+        error(ApiError::new(
+            502,
+            "BadGatewayError",
+            format!("No engine could take the request: {last_err}"),
+            None,
+        ))
+    }
+
+    async fn attempt(
+        &self,
+        f: &Forward<'_>,
+        ep: &Endpoint,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let uri: Uri = format!("{}{}", ep.url, f.path_and_query)
+            .parse()
+            .map_err(|e| AttemptError::Retryable(format!("bad upstream URI: {e}")))?;
+        let mut req = Request::new(Full::new(f.body.clone()));
+        *req.method_mut() = f.method.clone();
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        for (name, value) in f.headers {
+            if !is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
+                h.append(name.clone(), value.clone());
+            }
+        }
+        h.insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
+        let resp =
+            match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+                Err(_) => return Err(AttemptError::Timeout),
+                Ok(Err(e)) => return Err(AttemptError::Retryable(e.to_string())),
+                Ok(Ok(r)) => r,
+            };
+        if matches!(
+            resp.status(),
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            return Err(AttemptError::Retryable(format!(
+                "engine answered {}",
+                resp.status()
+            )));
+        }
+        Ok(resp)
+    }
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let drop: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for n in drop {
+        h.remove(n);
+    }
+}
+
+pub fn error(e: ApiError) -> Response<Body> {
+    axum::response::IntoResponse::into_response(httpx::ErrorResponse(e))
+}
+
+/// Watches one response: in-flight accounting and timing. Created per attempt.
+pub struct Observer {
+    ep: Arc<Endpoint>,
+    stream: bool,
+    start: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    itl_sum: f64,
+    itl_n: u64,
+    tokens: u64,
+    usage_tokens: Option<u64>,
+    completed: bool,
+    failed: bool,
+}
+
+impl Observer {
+    fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
+        ep.in_flight.fetch_add(1, Ordering::Relaxed);
+        ep.in_prefill.fetch_add(1, Ordering::Relaxed);
+        ep.stats.on_arrival();
+        Observer {
+            ep,
+            stream,
+            start: Instant::now(),
+            first: None,
+            last: None,
+            itl_sum: 0.0,
+            itl_n: 0,
+            tokens: 0,
+            usage_tokens: None,
+            completed: false,
+            failed: false,
+        }
+    }
+
+    fn failed(mut self) {
+        self.failed = true;
+    }
+
+    fn on_data(&mut self, d: &[u8]) {
+        let now = Instant::now();
+        let n = if self.stream {
+            count_token_events(d)
+        } else {
+            u64::from(!d.is_empty())
+        };
+        if let Some(u) = find_completion_tokens(d) {
+            self.usage_tokens = Some(u);
+        }
+        if n == 0 {
+            return;
+        }
+        match self.last {
+            None => {
+                self.first = Some(now);
+                let ttft = now.duration_since(self.start).as_secs_f64();
+                self.ep.ttft.observe(ttft);
+                self.ep.in_prefill.fetch_sub(1, Ordering::Relaxed);
+                self.ep.in_decode.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(last) => {
+                let gap = now.duration_since(last).as_secs_f64();
+                self.ep.itl.observe(gap);
+                self.itl_sum += gap;
+                self.itl_n += 1;
+            }
+        }
+        self.last = Some(now);
+        self.tokens += n;
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let ep = &self.ep;
+        ep.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.first.is_some() {
+            ep.in_decode.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            ep.in_prefill.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.failed {
+            return;
+        }
+        let latency = self.start.elapsed().as_secs_f64();
+        if self.completed {
+            ep.latency.observe(latency);
+        }
+        let ttft = self
+            .first
+            .map(|f| f.duration_since(self.start).as_secs_f64());
+        let decoded = self
+            .usage_tokens
+            .unwrap_or(if self.stream { self.tokens } else { 0 });
+        ep.stats
+            .on_complete(latency, ttft, self.itl_sum, self.itl_n, decoded);
+    }
+}
+
+/// SSE events in `d` that carry a token: a non-empty `"content":"…"` (chat) or
+/// `"text":"…"` (completions).
+fn count_token_events(d: &[u8]) -> u64 {
+    let mut n = 0;
+    for pat in [&b"\"content\":\""[..], &b"\"text\":\""[..]] {
+        for i in memmem::find_iter(d, pat) {
+            if d.get(i + pat.len()).is_some_and(|&c| c != b'"') {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+fn find_completion_tokens(d: &[u8]) -> Option<u64> {
+    const PAT: &[u8] = b"\"completion_tokens\":";
+    let i = memmem::rfind(d, PAT)? + PAT.len();
+    let digits: Vec<u8> = d[i..]
+        .iter()
+        .skip_while(|c| **c == b' ')
+        .take_while(|c| c.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+/// The upstream body, passed through frame by frame (never buffered) under observation.
+struct ObservedBody {
+    inner: Incoming,
+    obs: Observer,
+}
+
+impl HttpBody for ObservedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.obs.on_data(d);
+                }
+            }
+            Poll::Ready(None) => this.obs.completed = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_events_are_counted_and_empty_deltas_are_not() {
+        let role = br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#;
+        assert_eq!(count_token_events(role), 0);
+        let two = b"data: {\"choices\":[{\"delta\":{\"content\":\" a\"}}]}\n\ndata: {\"choices\":[{\"text\":\"b\"}]}\n\n";
+        assert_eq!(count_token_events(two), 2);
+        assert_eq!(
+            find_completion_tokens(br#"{"usage":{"prompt_tokens":3,"completion_tokens": 17}}"#),
+            Some(17)
+        );
+        assert_eq!(find_completion_tokens(b"nothing"), None);
+    }
+}

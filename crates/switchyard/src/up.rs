@@ -1,0 +1,141 @@
+//! `switchyard up`: the whole stack on one machine. Starts N engines as child processes
+//! of this binary (each on a free loopback port, waiting for its READY line), then the
+//! router in this process over them, and prints the endpoint. Ctrl-C (or SIGTERM) stops
+//! the router and every engine; engines also exit if this process dies (their stdin
+//! closes).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Engines to start.
+    #[arg(long, default_value_t = 2)]
+    pub engines: usize,
+    /// The router's port (the stack's one endpoint).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The model name the engines serve.
+    #[arg(long, default_value = "switchyard-sim")]
+    pub model: String,
+    /// Routing logic for the router.
+    #[arg(long, value_enum, default_value_t = router::config::RoutingLogic::Roundrobin)]
+    pub routing_logic: router::config::RoutingLogic,
+    /// Session header for `--routing-logic session`.
+    #[arg(long, default_value = "x-user-id")]
+    pub session_key: String,
+    /// Extra flags passed to every engine (e.g. `--engine-arg=--time-scale=0.1`).
+    #[arg(long = "engine-arg", allow_hyphen_values = true)]
+    pub engine_args: Vec<String>,
+}
+
+/// Child engines, killed on drop.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_engine(exe: &std::path::Path, args: &UpArgs) -> anyhow::Result<(Child, String)> {
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "engine",
+        "--backend",
+        "sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--exit-on-stdin-close",
+    ])
+    .args(["--served-model-name", &args.model])
+    .args(&args.engine_args)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().context("starting an engine")?;
+    let stdout = child.stdout.take().context("engine stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("READY ") {
+                let _ = tx.send(url.trim().to_string());
+                break;
+            }
+        }
+        // Keep draining so the engine never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(url) => Ok((child, url)),
+        Err(_) => {
+            let _ = child.kill();
+            bail!("an engine did not become ready")
+        }
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if args.engines == 0 {
+        bail!("--engines must be at least 1");
+    }
+    let exe = std::env::current_exe().context("locating the switchyard binary")?;
+    let mut children = Children(Vec::new());
+    let mut urls = Vec::new();
+    for _ in 0..args.engines {
+        let (child, url) = start_engine(&exe, &args)?;
+        children.0.push(child);
+        urls.push(url);
+    }
+    let router_args = router::RouterArgs {
+        host: args.host.clone(),
+        port: args.port,
+        service_discovery: Some(router::config::DiscoveryKind::Static),
+        static_backends: Some(urls.join(",")),
+        static_models: None,
+        static_aliases: None,
+        routing_logic: Some(args.routing_logic),
+        session_key: Some(args.session_key.clone()),
+        engine_stats_interval: 5,
+        request_stats_window: 60,
+        health_check_interval: 2.0,
+        health_failure_threshold: 2,
+        health_success_threshold: 1,
+        connect_timeout: 2.0,
+        first_byte_timeout: 600.0,
+        max_attempts: 3,
+        max_request_body_bytes: 32 * 1024 * 1024,
+        retry_after: 5,
+        dynamic_config_json: None,
+        dynamic_config_interval: 10.0,
+    };
+    let bound = router::bind(router_args).await?;
+    let addr = bound.addr;
+    eprintln!(
+        "switchyard up: {} engine(s) serving `{}` behind http://{addr}/v1",
+        urls.len(),
+        args.model
+    );
+    for u in &urls {
+        eprintln!("  engine {u}");
+    }
+    println!("READY http://{addr}");
+    bound.serve(httpx::shutdown_signal()).await?;
+    drop(children);
+    eprintln!("switchyard up: stopped");
+    Ok(())
+}
