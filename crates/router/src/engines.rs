@@ -31,6 +31,8 @@ pub struct Endpoint {
     /// Base URL, `http://host:port`; also the engine's id (`?id=` accepts it or host:port).
     pub url: String,
     pub host_port: String,
+    /// `host:port` as a header value, sent back as `x-switchyard-engine`.
+    pub header: axum::http::HeaderValue,
     /// Hash of the URL, for consistent hashing.
     pub key: u64,
     /// Models configured for this engine (if any); otherwise discovered.
@@ -73,6 +75,8 @@ impl Endpoint {
         let host_port = spec.url.trim_start_matches("http://").to_string();
         let models: Arc<[String]> = spec.model.iter().cloned().collect();
         Endpoint {
+            header: axum::http::HeaderValue::from_str(&host_port)
+                .unwrap_or_else(|_| axum::http::HeaderValue::from_static("invalid")),
             key: hash_str(&spec.url),
             url: spec.url.clone(),
             host_port,

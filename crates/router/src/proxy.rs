@@ -58,6 +58,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// Response header naming the engine (`host:port`) that served the request.
+pub const ENGINE_HEADER: &str = "x-switchyard-engine";
 
 /// What the proxy needs to know about one request.
 pub struct Forward<'a> {
@@ -98,6 +100,9 @@ impl Proxy {
                     parts
                         .headers
                         .insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
+                    parts
+                        .headers
+                        .insert(HeaderName::from_static(ENGINE_HEADER), ep.header.clone());
                     let body = ObservedBody {
                         inner: incoming,
                         obs,
@@ -329,6 +334,10 @@ impl HttpBody for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.obs.on_data(d);
+                }
+                // A body of known length ends without a final poll.
+                if this.inner.is_end_stream() {
+                    this.obs.completed = true;
                 }
             }
             Poll::Ready(None) => this.obs.completed = true,

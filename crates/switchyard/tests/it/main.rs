@@ -3,3 +3,4 @@
 
 mod common;
 mod engine_http;
+mod router;

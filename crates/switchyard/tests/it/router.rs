@@ -1,0 +1,568 @@
+//! The router end to end: real sim engines and a real router as processes on loopback.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::common::{client, metric, Proc};
+
+const ENGINE_HEADER: &str = "x-switchyard-engine";
+
+fn host_port(p: &Proc) -> String {
+    p.url.trim_start_matches("http://").to_string()
+}
+
+fn router(engines: &[&Proc], extra: &[&str]) -> Proc {
+    let backends: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
+    let joined = backends.join(",");
+    let mut args = vec![
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--static-backends",
+        &joined,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args)
+}
+
+async fn chat(
+    c: &reqwest::Client,
+    r: &Proc,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> reqwest::Response {
+    let mut req = c.post(r.url("/v1/chat/completions")).json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("send")
+}
+
+fn small_chat() -> Value {
+    json!({"model":"switchyard-sim","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"ignore_eos":true})
+}
+
+fn served_by(r: &reqwest::Response) -> String {
+    r.headers()
+        .get(ENGINE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn engine_metric(
+    c: &reqwest::Client,
+    e: &Proc,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let page = c
+        .get(e.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    metric(&page, name, labels)
+}
+
+#[tokio::test]
+async fn proxies_every_endpoint_and_answers_its_own() {
+    let e1 = Proc::engine(&["--sim-preset", "zero"]);
+    let e2 = Proc::engine(&["--sim-preset", "zero", "--served-model-name", "other"]);
+    let r = router(&[&e1, &e2], &[]);
+    let c = client();
+
+    // Chat and completions, streaming and not; the request id is echoed and forwarded.
+    let resp = chat(
+        &c,
+        &r,
+        &[("x-request-id", "abc-123"), ("authorization", "Bearer t")],
+        small_chat(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("abc-123")
+    );
+    assert_eq!(served_by(&resp), host_port(&e1));
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let resp = c
+        .post(r.url("/v1/completions"))
+        .json(&json!({"model":"other","prompt":"x","max_tokens":2,"stream":true,"ignore_eos":true}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(served_by(&resp), host_port(&e2));
+    assert!(
+        resp.headers().get("x-request-id").is_some(),
+        "a request id is generated"
+    );
+    let body = resp.text().await.expect("body");
+    assert!(
+        body.ends_with("data: [DONE]\n\n") && body.matches("data: {").count() == 2,
+        "{body}"
+    );
+    for (path, body) in [
+        ("/tokenize", json!({"model":"other","prompt":"hello there"})),
+        (
+            "/detokenize",
+            json!({"model":"other","tokens":[1819043176]}),
+        ),
+    ] {
+        let resp = c.post(r.url(path)).json(&body).send().await.expect("send");
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(served_by(&resp), host_port(&e2), "{path}");
+    }
+    // Paths the sim engine does not implement still reach it: its FastAPI-style 404.
+    for path in [
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/rerank",
+        "/rerank",
+        "/v1/score",
+        "/score",
+    ] {
+        let resp = c
+            .post(r.url(path))
+            .json(&json!({"model":"other","input":"x"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(served_by(&resp), host_port(&e2), "{path} was proxied");
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(
+            resp.text().await.expect("body"),
+            r#"{"detail":"Not Found"}"#
+        );
+    }
+    // Answered by the router itself.
+    let models: Value = c
+        .get(r.url("/v1/models"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let mut ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["other", "switchyard-sim"]);
+    let engines: Value = c
+        .get(r.url("/engines"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(engines["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        c.get(r.url("/health")).send().await.expect("send").status(),
+        200
+    );
+    let v: Value = c
+        .get(r.url("/version"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert!(v["version"].is_string());
+    let page = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        metric(
+            &page,
+            "vllm:num_incoming_requests_total",
+            &[("model", "switchyard-sim")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&page, "vllm:healthy_pods_total", &[("server", &e1.url)]),
+        Some(1.0)
+    );
+    for name in [
+        "vllm:current_qps",
+        "vllm:avg_latency",
+        "vllm:avg_itl",
+        "vllm:avg_decoding_length",
+        "vllm:num_prefill_requests",
+        "vllm:num_decoding_requests",
+        "vllm:num_requests_running",
+    ] {
+        assert!(
+            metric(&page, name, &[("server", &e1.url)]).is_some(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &page,
+            "vllm:request_latency_seconds_count",
+            &[("server", &e1.url)]
+        ),
+        Some(1.0)
+    );
+    // `?id=` pins an engine.
+    let resp = c
+        .post(r.url(&format!("/v1/completions?id={}", host_port(&e2))))
+        .json(&json!({"model":"other","prompt":"x","max_tokens":1}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(served_by(&resp), host_port(&e2));
+}
+
+#[tokio::test]
+async fn roundrobin_spreads_evenly() {
+    let engines: Vec<Proc> = (0..3)
+        .map(|_| Proc::engine(&["--sim-preset", "zero"]))
+        .collect();
+    let refs: Vec<&Proc> = engines.iter().collect();
+    let r = router(&refs, &["--routing-logic", "roundrobin"]);
+    let c = client();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let resp = chat(&c, &r, &[], small_chat()).await;
+        assert_eq!(resp.status(), 200);
+        *counts.entry(served_by(&resp)).or_default() += 1;
+    }
+    for e in &engines {
+        assert_eq!(counts.get(&host_port(e)), Some(&10), "{counts:?}");
+        let done = engine_metric(
+            &c,
+            e,
+            "vllm:request_success_total",
+            &[("finished_reason", "length")],
+        )
+        .await;
+        assert_eq!(done, Some(10.0), "the engine itself served 10");
+    }
+}
+
+#[tokio::test]
+async fn session_affinity_survives_losing_an_engine() {
+    let mut engines: Vec<Option<Proc>> = (0..3)
+        .map(|_| Some(Proc::engine(&["--sim-preset", "zero"])))
+        .collect();
+    let refs: Vec<&Proc> = engines.iter().flatten().collect();
+    let r = router(
+        &refs,
+        &[
+            "--routing-logic",
+            "session",
+            "--session-key",
+            "x-user-id",
+            "--health-check-interval",
+            "0.2",
+        ],
+    );
+    let c = client();
+    let mut owner: HashMap<String, String> = HashMap::new();
+    for i in 0..60 {
+        let user = format!("user-{i}");
+        for _ in 0..2 {
+            let resp = chat(&c, &r, &[("x-user-id", &user)], small_chat()).await;
+            assert_eq!(resp.status(), 200);
+            let e = served_by(&resp);
+            let prev = owner.entry(user.clone()).or_insert_with(|| e.clone());
+            assert_eq!(*prev, e, "{user} moved between requests");
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owner.values().collect();
+    assert_eq!(distinct.len(), 3, "sessions spread over all engines");
+    // A body field of the same name works too.
+    let mut body = small_chat();
+    body["x-user-id"] = json!("user-7");
+    let resp = chat(&c, &r, &[], body).await;
+    assert_eq!(served_by(&resp), owner["user-7"]);
+
+    let gone = host_port(engines[1].as_ref().expect("engine"));
+    engines[1] = None; // killed
+    let mut moved = 0;
+    for i in 0..60 {
+        let user = format!("user-{i}");
+        let resp = chat(&c, &r, &[("x-user-id", &user)], small_chat()).await;
+        assert_eq!(resp.status(), 200, "{user} failed over");
+        let now = served_by(&resp);
+        if owner[&user] == gone {
+            moved += 1;
+            assert_ne!(now, gone);
+        } else {
+            assert_eq!(now, owner[&user], "{user} moved though its engine stayed");
+        }
+    }
+    assert!(
+        moved > 0 && moved < 40,
+        "only the dead engine's sessions move: {moved}"
+    );
+}
+
+#[tokio::test]
+async fn errors_are_openai_json_with_the_right_status() {
+    let e = Proc::engine(&["--sim-preset", "zero"]);
+    let r = router(&[&e], &["--max-request-body-bytes", "10000"]);
+    let c = client();
+    let send = |body: Vec<u8>| {
+        c.post(r.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let check = |status: u16, text: &str, want: u16| {
+        assert_eq!(status, want, "{text}");
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert_eq!(v["error"]["code"], want, "{text}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    };
+    for (body, want) in [
+        (b"{not json".to_vec(), 400),
+        (br#"{"messages":[]}"#.to_vec(), 400),
+        (br#"{"model":"nope","messages":[]}"#.to_vec(), 404),
+        (
+            format!(
+                r#"{{"model":"switchyard-sim","p":"{}"}}"#,
+                "x".repeat(20_000)
+            )
+            .into_bytes(),
+            413,
+        ),
+    ] {
+        let resp = send(body).await.expect("send");
+        let s = resp.status().as_u16();
+        check(s, &resp.text().await.expect("body"), want);
+    }
+    // A model seen before with no healthy engine: 503 with Retry-After.
+    drop(e);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = send(serde_json::to_vec(&small_chat()).expect("json"))
+            .await
+            .expect("send");
+        let s = resp.status().as_u16();
+        if s == 503 {
+            assert_eq!(
+                resp.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()),
+                Some("5")
+            );
+            check(s, &resp.text().await.expect("body"), 503);
+            break;
+        }
+        assert_eq!(s, 502, "before ejection the dead engine is a bad gateway");
+        assert!(Instant::now() < deadline, "never ejected");
+    }
+}
+
+#[tokio::test]
+async fn killing_an_engine_under_load_loses_no_unstarted_request() {
+    let slow = ["--sim-preset", "zero", "--sim-step-overhead-us", "20000"];
+    let e1 = Proc::engine(&slow);
+    let mut e2 = Some(Proc::engine(&slow));
+    let e3 = Proc::engine(&slow);
+    let r = router(
+        &[&e1, e2.as_ref().expect("e2"), &e3],
+        &["--routing-logic", "roundrobin"],
+    );
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..90 {
+        let c = c.clone();
+        let url = r.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(i * 10)).await;
+            let body = json!({"model":"switchyard-sim","messages":[{"role":"user","content":"x"}],"max_tokens":10,"ignore_eos":true});
+            let resp = c.post(url).json(&body).send().await.expect("send");
+            (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    e2 = None; // killed while it holds requests and more keep coming
+    assert!(e2.is_none());
+    for t in tasks {
+        let (status, body) = t.await.expect("task");
+        assert_eq!(status, 200, "a non-streamed request was lost: {body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["usage"]["completion_tokens"], 10);
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_frees_the_engine_slot() {
+    let e = Proc::engine(&["--sim-preset", "zero", "--sim-step-overhead-us", "20000"]);
+    let r = router(&[&e], &[]);
+    let c = client();
+    let resp = c
+        .post(r.url("/v1/completions"))
+        .json(&json!({"model":"switchyard-sim","prompt":"long","max_tokens":2000,"stream":true,"ignore_eos":true}))
+        .send()
+        .await
+        .expect("send");
+    let mut s = resp.bytes_stream();
+    s.next().await.expect("first chunk").expect("ok");
+    assert_eq!(
+        engine_metric(&c, &e, "vllm:num_requests_running", &[]).await,
+        Some(1.0)
+    );
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine_metric(&c, &e, "vllm:num_requests_running", &[]).await != Some(0.0) {
+        assert!(Instant::now() < deadline, "the engine kept the request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        engine_metric(
+            &c,
+            &e,
+            "vllm:request_success_total",
+            &[("finished_reason", "abort")]
+        )
+        .await,
+        Some(1.0)
+    );
+    let page = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        metric(
+            &page,
+            "vllm:router_in_flight_requests",
+            &[("server", &e.url)]
+        ),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn streams_pass_through_incrementally() {
+    let e = Proc::engine(&["--sim-preset", "zero", "--sim-step-overhead-us", "10000"]);
+    let r = router(&[&e], &[]);
+    let c = client();
+    let t0 = Instant::now();
+    let resp = c
+        .post(r.url("/v1/completions"))
+        .json(&json!({"model":"switchyard-sim","prompt":"x","max_tokens":20,"stream":true,"ignore_eos":true}))
+        .send()
+        .await
+        .expect("send");
+    let mut s = resp.bytes_stream();
+    let mut times = Vec::new();
+    while let Some(chunk) = s.next().await {
+        chunk.expect("chunk");
+        times.push(t0.elapsed());
+    }
+    assert!(times.len() >= 10, "{} chunks: buffered?", times.len());
+    assert!(
+        times[times.len() - 1] >= times[0] + Duration::from_millis(100),
+        "{times:?}"
+    );
+}
+
+#[tokio::test]
+async fn config_change_adds_an_engine_without_failing_requests_in_flight() {
+    let slow = ["--sim-preset", "zero", "--sim-step-overhead-us", "10000"];
+    let a = Proc::engine(&slow);
+    let b = Proc::engine(&slow);
+    let dir = std::env::temp_dir().join(format!("switchyard-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("router.json");
+    std::fs::write(
+        &path,
+        json!({"static_backends": [a.url], "routing_logic": "roundrobin"}).to_string(),
+    )
+    .expect("write");
+    let path_s = path.to_string_lossy().to_string();
+    let r = Proc::start(&[
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--dynamic-config-json",
+        &path_s,
+        "--dynamic-config-interval",
+        "0.1",
+    ]);
+    let c = client();
+    // Streams in flight on A while the config changes.
+    let mut inflight = Vec::new();
+    for _ in 0..4 {
+        let c = c.clone();
+        let url = r.url("/v1/completions");
+        inflight.push(tokio::spawn(async move {
+            let body = json!({"model":"switchyard-sim","prompt":"x","max_tokens":50,"stream":true,"ignore_eos":true});
+            c.post(url).json(&body).send().await.expect("send").text().await.expect("body")
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(
+        &path,
+        json!({"static_backends": [a.url, b.url], "routing_logic": "roundrobin"}).to_string(),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = c
+            .get(r.url("/engines"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        if v["data"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "config change not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen_b = false;
+    for _ in 0..4 {
+        let resp = chat(&c, &r, &[], small_chat()).await;
+        assert_eq!(resp.status(), 200);
+        seen_b |= served_by(&resp) == host_port(&b);
+    }
+    assert!(seen_b, "the new engine gets traffic");
+    for t in inflight {
+        let body = t.await.expect("task");
+        assert_eq!(
+            body.matches("data: {").count(),
+            50,
+            "an in-flight stream was cut: {body}"
+        );
+        assert!(body.ends_with("data: [DONE]\n\n"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
