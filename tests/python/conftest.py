@@ -80,11 +80,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def start_engine(extra_args: list[str], log_dir: Path) -> Engine:
+    return start_switchyard([*BASE_ARGS, *extra_args], log_dir)
+
+
+def start_switchyard(cli_args: list[str], log_dir: Path) -> Engine:
+    """Start `switchyard <cli_args>` and wait for its READY line."""
     binary = engine_binary()
     if not binary.is_file():
         pytest.fail(f"engine binary {binary} not found: run `cargo build` or set SWITCHYARD_BIN", pytrace=False)
 
-    args = [str(binary), *BASE_ARGS, *extra_args]
+    args = [str(binary), *cli_args]
     log_fd, log_name = tempfile.mkstemp(prefix="switchyard-", suffix=".log", dir=log_dir)
     log_path = Path(log_name)
     env = dict(os.environ)
