@@ -25,7 +25,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use switchyard_engine::backend::sim::{Latency, SimBackend};
-use switchyard_engine::backend::{Backend, SeqStep};
+use switchyard_engine::backend::Backend;
 use switchyard_engine::core::block_manager::{BlockId, BlockManager, CacheEvent, SeqBlocks};
 use switchyard_engine::core::engine_loop::{EngineCommand, EngineLoop};
 use switchyard_engine::core::request::Request;
@@ -949,23 +949,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         // --- execute ---
         sampled.clear();
         if !scheduled.is_empty() {
-            let steps: Vec<SeqStep<'_>> = scheduled
-                .iter()
-                .map(|s| {
-                    let r = &sched.running[s.idx];
-                    SeqStep {
-                        req_id: r.id,
-                        tokens: &r.tokens,
-                        num_prompt: r.num_prompt,
-                        num_computed: r.num_computed,
-                        num_new: s.num_new,
-                        block_ids: &r.blocks.ids,
-                        sample: r.num_computed + s.num_new == r.tokens.len(),
-                        params: &r.params,
-                        rng_seed: r.rng_seed,
-                    }
-                })
-                .collect();
+            let steps = sched.seq_steps(&scheduled);
             let n_sample = steps.iter().filter(|s| s.sample).count();
             backend.execute(&steps, &mut sampled).expect("sim step");
             assert_eq!(sampled.len(), n_sample);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::block_manager::BlockManager;
 use super::request::{EngineEvent, FinishReason, NewRequest, Request};
 use super::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
-use crate::backend::{Backend, SeqStep};
+use crate::backend::Backend;
 use crate::metrics::EngineMetrics;
 
 pub enum EngineCommand {
@@ -187,24 +187,7 @@ impl EngineLoop {
             self.update_gauges();
             return false;
         }
-        let steps: Vec<SeqStep<'_>> = self
-            .scheduled
-            .iter()
-            .map(|s| {
-                let r = &self.sched.running[s.idx];
-                SeqStep {
-                    req_id: r.id,
-                    tokens: &r.tokens,
-                    num_prompt: r.num_prompt,
-                    num_computed: r.num_computed,
-                    num_new: s.num_new,
-                    block_ids: &r.blocks.ids,
-                    sample: r.num_computed + s.num_new == r.tokens.len(),
-                    params: &r.params,
-                    rng_seed: r.rng_seed,
-                }
-            })
-            .collect();
+        let steps = self.sched.seq_steps(&self.scheduled);
         let t1 = Instant::now();
         self.sampled.clear();
         let result = self.backend.execute(&steps, &mut self.sampled);

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::block_manager::{BlockId, BlockManager};
+use crate::backend::SeqStep;
 use super::request::{EngineEvent, Finish, FinishReason, Request};
 
 #[derive(Debug, Clone)]
@@ -101,6 +102,27 @@ impl Scheduler {
     /// Could this many tokens ever fit the KV cache on their own?
     pub fn fits_ever(&self, num_tokens: usize) -> bool {
         self.bm.blocks_for(num_tokens) <= self.bm.num_blocks()
+    }
+
+    /// What the backend needs to run the step `scheduled` describes.
+    pub fn seq_steps(&self, scheduled: &[Scheduled]) -> Vec<SeqStep<'_>> {
+        scheduled
+            .iter()
+            .map(|s| {
+                let r = &self.running[s.idx];
+                SeqStep {
+                    req_id: r.id,
+                    tokens: &r.tokens,
+                    num_prompt: r.num_prompt,
+                    num_computed: r.num_computed,
+                    num_new: s.num_new,
+                    block_ids: &r.blocks.ids,
+                    sample: r.num_computed + s.num_new == r.tokens.len(),
+                    params: &r.params,
+                    rng_seed: r.rng_seed,
+                }
+            })
+            .collect()
     }
 
     /// Remove a request wherever it is, freeing its blocks.
