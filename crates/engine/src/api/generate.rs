@@ -83,6 +83,15 @@ struct Generation {
     created: u64,
 }
 
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            // The response ended before the request did: the client went away.
+            self.engine.handle.metrics.finished(FinishReason::Abort);
+        }
+    }
+}
+
 impl Generation {
     fn start(
         engine: &Engine,
@@ -170,6 +179,7 @@ impl Generation {
             if let Some((pos, stop)) = self.find_stop() {
                 self.pending.truncate(pos);
                 self.done = true;
+                self.engine.handle.metrics.finished(FinishReason::Stop);
                 // The engine would go on: stop it, counting the request as stopped.
                 let (_, closed) = tokio::sync::mpsc::unbounded_channel();
                 let rx = std::mem::replace(&mut self.rx, closed);
@@ -182,6 +192,7 @@ impl Generation {
             }
             if let Some(f) = finish {
                 self.done = true;
+                self.engine.handle.metrics.finished(f.reason);
                 self.guard.finish(None, None);
                 let text = std::mem::take(&mut self.pending);
                 return Some(Ok(Piece {

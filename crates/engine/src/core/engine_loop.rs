@@ -4,6 +4,11 @@
 //! Commands arrive on a channel; the loop blocks on it when idle, drains it between
 //! steps when busy, runs `schedule → backend.execute → update`, streams each new token to
 //! its request's channel, and updates the metrics. Dropping every handle stops the loop.
+//!
+//! Generated tokens and finish reasons are counted by the API layer as the client sees
+//! them (as vLLM's output processor does): tokens made after a stop string matched are
+//! not counted, and a stop string that matches after the core already ended the request
+//! by length still counts as a stop.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -239,9 +244,14 @@ impl EngineLoop {
         true
     }
 
+    /// Latency histograms of a request leaving the core. Finish reasons are counted by
+    /// the API layer, which sees what the client saw (a stop string can match after the
+    /// core already finished the request by length), except engine errors.
     fn record_finish(&self, req: &Request, reason: FinishReason) {
         let now = Instant::now();
-        self.metrics.finished(reason);
+        if reason == FinishReason::Error {
+            self.metrics.finished(reason);
+        }
         self.metrics
             .e2e
             .observe(now.duration_since(req.arrival).as_secs_f64());

@@ -12,8 +12,8 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::block_manager::{BlockId, BlockManager};
-use crate::backend::SeqStep;
 use super::request::{EngineEvent, Finish, FinishReason, Request};
+use crate::backend::SeqStep;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
