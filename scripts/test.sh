@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The project's one test command: builds the engine, runs the Rust tests, then
+# The project's one test command: builds the binary, runs the Rust tests, then
 # the Python suite (official openai client + Prometheus parser) against the
-# built binary. Exits non-zero on any failure.
+# built binary, and the router in front of two real vLLM engines on CPU.
+# Exits non-zero on any failure.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +16,10 @@ cargo test --workspace
 
 echo "==> python test environment"
 venv="$("$root/scripts/setup-test-env.sh")"
+
+echo "==> real vLLM (cached under ~/.cache/switchyard/vllm; minutes on the first run)"
+vllm_env="$("$root/scripts/setup-vllm.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR)=')"
+export $vllm_env
 
 echo "==> pytest tests/python"
 bin="${SWITCHYARD_BIN:-$root/target/debug/switchyard}"
