@@ -165,9 +165,16 @@ impl Proxy {
                 Ok(Err(e)) => return Err(AttemptError::Retryable(e.to_string())),
                 Ok(Ok(r)) => r,
             };
+        // A server error before any of the response reached the client: the engine failed
+        // (vLLM answers 500 "EngineCore encountered an issue" to the requests it holds when
+        // it shuts down), so another engine may serve it. A stream that already started
+        // (200 and SSE headers) is never retried.
         if matches!(
             resp.status(),
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+            StatusCode::INTERNAL_SERVER_ERROR
+                | StatusCode::BAD_GATEWAY
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT
         ) {
             return Err(AttemptError::Retryable(format!(
                 "engine answered {}",
