@@ -103,10 +103,7 @@ impl Proxy {
                     parts
                         .headers
                         .insert(HeaderName::from_static(ENGINE_HEADER), ep.header.clone());
-                    let body = ObservedBody {
-                        inner: incoming,
-                        obs,
-                    };
+                    let body = ObservedBody::new(incoming, obs);
                     return Response::from_parts(parts, Body::new(body));
                 }
                 Err(AttemptError::Timeout) => {
@@ -325,6 +322,38 @@ fn find_completion_tokens(d: &[u8]) -> Option<u64> {
 struct ObservedBody {
     inner: Incoming,
     obs: Observer,
+    /// What the inner body yielded after the frames merged into the last one.
+    stashed: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
+}
+
+/// Frames already read from the engine are merged up to this size, so a burst of SSE
+/// chunks goes out in one write instead of one write per chunk.
+const MERGE_LIMIT: usize = 64 * 1024;
+
+impl ObservedBody {
+    fn new(inner: Incoming, obs: Observer) -> Self {
+        ObservedBody {
+            inner,
+            obs,
+            stashed: None,
+        }
+    }
+
+    fn observe(&mut self, polled: &Option<Result<Frame<Bytes>, hyper::Error>>) {
+        match polled {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    self.obs.on_data(d);
+                }
+                // A body of known length ends without a final poll.
+                if self.inner.is_end_stream() {
+                    self.obs.completed = true;
+                }
+            }
+            None => self.obs.completed = true,
+            Some(Err(_)) => {}
+        }
+    }
 }
 
 impl HttpBody for ObservedBody {
@@ -336,29 +365,58 @@ impl HttpBody for ObservedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.obs.on_data(d);
+        if let Some(stashed) = this.stashed.take() {
+            return Poll::Ready(stashed);
+        }
+        let first = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(p) => p,
+            Poll::Pending => return Poll::Pending,
+        };
+        this.observe(&first);
+        let Some(Ok(frame)) = first else {
+            return Poll::Ready(first);
+        };
+        let data = match frame.into_data() {
+            Ok(d) => d,
+            Err(other) => return Poll::Ready(Some(Ok(other))),
+        };
+        // Merge data frames that are already here (no waiting for more).
+        let mut merged: Option<bytes::BytesMut> = None;
+        while !this.inner.is_end_stream()
+            && merged.as_ref().map_or(data.len(), |m| m.len()) < MERGE_LIMIT
+        {
+            let next = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(p) => p,
+                Poll::Pending => break,
+            };
+            this.observe(&next);
+            match next {
+                Some(Ok(f)) if f.is_data() => {
+                    let Ok(more) = f.into_data() else { break };
+                    merged
+                        .get_or_insert_with(|| bytes::BytesMut::from(&data[..]))
+                        .extend_from_slice(&more);
                 }
-                // A body of known length ends without a final poll.
-                if this.inner.is_end_stream() {
-                    this.obs.completed = true;
+                other => {
+                    this.stashed = Some(other);
+                    break;
                 }
             }
-            Poll::Ready(None) => this.obs.completed = true,
-            _ => {}
         }
-        polled
+        let out = merged.map_or(data, bytes::BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(out))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.stashed.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.stashed.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
