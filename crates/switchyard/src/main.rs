@@ -28,6 +28,8 @@ enum Command {
     Router(Box<router::RouterArgs>),
     /// The whole stack on this machine: a router and N engines, in one command.
     Up(Box<up::UpArgs>),
+    /// Load generator: multi-round QA, shared-prefix and random workloads; compare runs.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Engine(cmd) => rt.block_on(run_engine(*cmd)),
         Command::Router(args) => rt.block_on(run_router(*args)),
         Command::Up(args) => rt.block_on(up::run(*args)),
+        Command::Bench(args) => rt.block_on(bench::run(*args)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: real `switchyard` processes on loopback with OS-chosen ports.
 //! One test binary for the crate; each module covers one area.
 
+mod bench;
 mod common;
 mod engine_http;
 mod router;

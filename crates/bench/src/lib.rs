@@ -1,0 +1,214 @@
+//! `switchyard bench`: the load generator.
+//!
+//! Workloads (`multi-round`, `shared-prefix`, `random`) drive any OpenAI-compatible
+//! server with streaming requests and measure each one (TTFT, ITL, end-to-end, tokens,
+//! errors by kind); the run ends as a table on stdout and, with `--output`, a JSON
+//! report that `switchyard bench compare` reads back.
+
+pub mod client;
+pub mod compare;
+pub mod report;
+pub mod stats;
+pub mod text;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+pub use report::Report;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Production Stack multi-round QA: users hold conversations that grow each round.
+    MultiRound(MultiRoundArgs),
+    /// Groups of requests sharing a long prefix, each with its own suffix.
+    SharedPrefix(SharedPrefixArgs),
+    /// Random prompts and output lengths at a Poisson rate or a fixed concurrency.
+    Random(RandomArgs),
+    /// Compare JSON reports: ratios against the first, and an SVG chart.
+    Compare(compare::CompareArgs),
+}
+
+/// Flags every workload takes.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CommonArgs {
+    /// The server's base URL (with or without `/v1`).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Model name; default: the first id `GET /v1/models` lists.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// A name for this run in reports and charts (default: the workload and its load).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Seed for every random choice (prompts, lengths, arrivals).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Give up on one request after this many seconds (counted as `timeout`).
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// After `--time`, how long requests in flight may still finish (seconds); those
+    /// still running then are cancelled and reported as `unfinished`.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain_timeout: f64,
+    /// Bearer token, if the server wants one.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    #[serde(skip)]
+    pub api_key: Option<String>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// How requests arrive in the open-loop workloads.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct LoadArgs {
+    /// Requests to send in all.
+    #[arg(long)]
+    pub num_requests: Option<usize>,
+    /// Poisson arrival rate in requests/s; `inf` sends them all at once.
+    #[arg(long, default_value_t = f64::INFINITY)]
+    pub request_rate: f64,
+    /// At most this many requests in flight (a closed loop when the rate is `inf`).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Stop sending after this many seconds.
+    #[arg(long)]
+    pub time: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `POST /v1/chat/completions`, one user message.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LengthDist {
+    /// Uniform in [len·(1−r), len·(1+r)] with r = `--range-ratio`.
+    Uniform,
+    /// Exponential with mean len (at least 1).
+    Exponential,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct MultiRoundArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Users in the system at once.
+    #[arg(long, default_value_t = 10)]
+    pub num_users: usize,
+    /// Questions per user.
+    #[arg(long, default_value_t = 5)]
+    pub num_rounds: usize,
+    /// Overall request rate; each user asks every num_users/qps seconds (or as soon as
+    /// its previous answer is in, if that is later).
+    #[arg(long, default_value_t = 0.5)]
+    pub qps: f64,
+    /// Tokens of the system prompt every user shares.
+    #[arg(long, default_value_t = 1000)]
+    pub shared_system_prompt: usize,
+    /// Tokens of user-specific context at the start of each conversation.
+    #[arg(long, default_value_t = 2000)]
+    pub user_history_prompt: usize,
+    /// Tokens of each answer (`max_tokens` with `ignore_eos`).
+    #[arg(long, default_value_t = 100)]
+    pub answer_len: usize,
+    /// Tokens of each question.
+    #[arg(long, default_value_t = 16)]
+    pub question_len: usize,
+    /// Run for this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub time: f64,
+    /// Start empty and let users join one by one, instead of starting with a full
+    /// cohort part-way through their sessions (the Production Stack's ramp-up).
+    #[arg(long)]
+    pub no_ramp_up: bool,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SharedPrefixArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Groups (distinct shared prefixes).
+    #[arg(long, default_value_t = 64)]
+    pub num_groups: usize,
+    /// Requests per group.
+    #[arg(long, default_value_t = 16)]
+    pub prompts_per_group: usize,
+    /// Tokens of each group's shared prefix.
+    #[arg(long, default_value_t = 2048)]
+    pub prefix_len: usize,
+    /// Tokens of each request's own suffix.
+    #[arg(long, default_value_t = 128)]
+    pub suffix_len: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 256)]
+    pub output_len: usize,
+    #[arg(long, value_enum, default_value_t = Api::Chat)]
+    pub api: Api,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RandomArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Prompt tokens (mean).
+    #[arg(long, default_value_t = 256)]
+    pub input_len: usize,
+    /// Output tokens (mean).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Spread of the uniform distribution (0: every request the same lengths).
+    #[arg(long, default_value_t = 0.0)]
+    pub range_ratio: f64,
+    #[arg(long, value_enum, default_value_t = LengthDist::Uniform)]
+    pub length_dist: LengthDist,
+    #[arg(long, value_enum, default_value_t = Api::Chat)]
+    pub api: Api,
+}
+
+/// Run `switchyard bench ...`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (report, common) = match args.command {
+        BenchCommand::Compare(c) => return compare::run(&c),
+        BenchCommand::MultiRound(a) => (workload::multi_round(&a).await?, a.common),
+        BenchCommand::SharedPrefix(a) => (workload::shared_prefix(&a).await?, a.common),
+        BenchCommand::Random(a) => (workload::random(&a).await?, a.common),
+    };
+    print!("{}", report.table());
+    if let Some(path) = &common.output {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    if report.requests.completed == 0 && report.requests.launched > 0 {
+        anyhow::bail!("no request completed ({} failed)", report.requests.failed);
+    }
+    Ok(())
+}
+
+pub(crate) fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 1e9))
+}
