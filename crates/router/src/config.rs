@@ -87,6 +87,10 @@ pub struct RouterArgs {
     /// `Retry-After` seconds on a 503 for a known model with no healthy engine.
     #[arg(long, default_value_t = 5)]
     pub retry_after: u64,
+    /// Worker threads serving requests, each with its own listener and upstream pool
+    /// (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
     /// JSON file with the same settings (underscored keys), re-read when it changes.
     #[arg(long)]
     pub dynamic_config_json: Option<PathBuf>,

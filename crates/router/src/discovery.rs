@@ -58,7 +58,7 @@ pub async fn refresh_models(state: &Arc<RouterState>) {
 
 async fn discover_models(state: &RouterState, e: &Endpoint) {
     let url = format!("{}/v1/models", e.url);
-    match http_get(&state.proxy.client, &url, Duration::from_secs(5)).await {
+    match http_get(&state.proxy.client(), &url, Duration::from_secs(5)).await {
         Ok((s, body)) if s.is_success() => match serde_json::from_slice::<serde_json::Value>(&body)
         {
             Ok(v) => {
@@ -99,7 +99,7 @@ async fn health_loop(state: Arc<RouterState>) {
             let (state, e) = (state.clone(), e.clone());
             tokio::spawn(async move {
                 let ok = matches!(
-                    http_get(&state.proxy.client, &format!("{}/health", e.url), timeout).await,
+                    http_get(&state.proxy.client(), &format!("{}/health", e.url), timeout).await,
                     Ok((s, _)) if s.is_success()
                 );
                 if ok {
@@ -127,7 +127,7 @@ async fn scrape_loop(state: Arc<RouterState>) {
             let (state, e) = (state.clone(), e.clone());
             tokio::spawn(async move {
                 if let Ok((s, body)) = http_get(
-                    &state.proxy.client,
+                    &state.proxy.client(),
                     &format!("{}/metrics", e.url),
                     Duration::from_secs(5),
                 )

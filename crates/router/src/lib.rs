@@ -98,15 +98,24 @@ pub struct Bound {
 pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     let settings = Settings::from_args(&args)?;
     let addr = format!("{}:{}", settings.host, settings.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let resolved = tokio::net::lookup_host(&addr)
         .await
         .map_err(|source| RouterError::Bind {
             addr: addr.clone(),
             source,
+        })?
+        .next()
+        .ok_or_else(|| RouterError::Bind {
+            addr: addr.clone(),
+            source: std::io::ErrorKind::AddrNotAvailable.into(),
         })?;
+    let listener = reuseport_listener(resolved).map_err(|source| RouterError::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
     let metrics = Arc::new(RouterMetrics::default());
     let proxy = Proxy {
-        client: proxy::http_client(settings.connect_timeout),
+        connect_timeout: settings.connect_timeout,
         first_byte_timeout: settings.first_byte_timeout,
         max_attempts: settings.max_attempts,
         failure_threshold: settings.health_failures,
@@ -137,8 +146,72 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     })
 }
 
+/// A listening socket with SO_REUSEPORT, so each worker thread can have its own.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 impl Bound {
-    /// Serve until `shutdown` resolves.
+    /// Serve on `workers` threads, each a single-threaded runtime with its own listener
+    /// (SO_REUSEPORT: the kernel spreads connections) and its own upstream pool, so a
+    /// request never hops between threads. This thread serves too; call it from a
+    /// current-thread runtime. `workers == 0` means one per core.
+    pub async fn serve_workers(
+        self,
+        workers: usize,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let workers = if workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            workers
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut threads = Vec::new();
+        for i in 1..workers {
+            let listener = reuseport_listener(self.addr)?.into_std()?;
+            let state = self.state.clone();
+            let mut stop = stop_rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("router-{i}"))
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?;
+                        rt.block_on(async move {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            let until = async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            };
+                            httpx::serve(listener, api::router(state), until).await
+                        })
+                    })?,
+            );
+        }
+        let result = httpx::serve(self.listener, api::router(self.state), async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+        for t in threads {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// Serve on the current runtime until `shutdown` resolves.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,

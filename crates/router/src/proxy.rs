@@ -72,8 +72,14 @@ pub struct Forward<'a> {
     pub stream: bool,
 }
 
+thread_local! {
+    /// One upstream connection pool per thread: a connection is driven by the runtime
+    /// that opened it, so a per-core router never hands a socket to another thread.
+    static CLIENT: std::cell::RefCell<Option<HttpClient>> = const { std::cell::RefCell::new(None) };
+}
+
 pub struct Proxy {
-    pub client: HttpClient,
+    pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub max_attempts: usize,
     pub failure_threshold: u32,
@@ -88,6 +94,15 @@ enum AttemptError {
 }
 
 impl Proxy {
+    /// This thread's upstream client.
+    pub fn client(&self) -> HttpClient {
+        CLIENT.with(|c| {
+            c.borrow_mut()
+                .get_or_insert_with(|| http_client(self.connect_timeout))
+                .clone()
+        })
+    }
+
     /// Try `ranked` engines in order; return the first response with headers.
     pub async fn forward(&self, f: &Forward<'_>, ranked: &[Arc<Endpoint>]) -> Response<Body> {
         let mut last_err = String::from("no engine was tried");
@@ -157,7 +172,7 @@ impl Proxy {
         }
         h.insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
         let resp =
-            match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+            match tokio::time::timeout(self.first_byte_timeout, self.client().request(req)).await {
                 Err(_) => return Err(AttemptError::Timeout),
                 Ok(Err(e)) => return Err(AttemptError::Retryable(e.to_string())),
                 Ok(Ok(r)) => r,

@@ -54,15 +54,25 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
-        Command::Engine(cmd) => rt.block_on(run_engine(*cmd)),
-        Command::Router(args) => rt.block_on(run_router(*args)),
-        Command::Up(args) => rt.block_on(up::run(*args)),
-        Command::Bench(args) => rt.block_on(bench::run(*args)),
+        // The router runs per core: single-threaded runtimes, one per worker thread.
+        Command::Router(args) => current_thread()?.block_on(run_router(*args)),
+        Command::Engine(cmd) => multi_thread()?.block_on(run_engine(*cmd)),
+        Command::Up(args) => multi_thread()?.block_on(up::run(*args)),
+        Command::Bench(args) => multi_thread()?.block_on(bench::run(*args)),
     }
+}
+
+fn multi_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
@@ -88,11 +98,14 @@ async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
 }
 
 async fn run_router(args: router::RouterArgs) -> anyhow::Result<()> {
+    let workers = args.workers;
     let bound = router::bind(args).await?;
     let addr = bound.addr;
     tracing::info!(%addr, engines = bound.state.registry.snapshot().endpoints.len(), "router listening");
     println!("READY http://{addr}");
-    bound.serve(httpx::shutdown_signal()).await?;
+    bound
+        .serve_workers(workers, httpx::shutdown_signal())
+        .await?;
     tracing::info!("router stopped");
     Ok(())
 }

@@ -122,6 +122,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         retry_after: 5,
         dynamic_config_json: None,
         dynamic_config_interval: 10.0,
+        workers: 1,
     };
     let bound = router::bind(router_args).await?;
     let addr = bound.addr;
