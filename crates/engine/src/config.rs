@@ -4,6 +4,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::backend::sim::LatencyModel;
+use crate::kv_events::KvEventsConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -58,6 +59,11 @@ pub struct EngineArgs {
     /// Probability that the sim backend ends a sequence at each token (unless ignore_eos).
     #[arg(long, default_value_t = 0.0)]
     pub sim_eos_prob: f64,
+    /// KV-cache events, as vLLM's JSON: e.g. '{"enable_kv_cache_events":true,
+    /// "publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558",
+    /// "buffer_steps":10000,"hwm":100000,"topic":"kv"}'.
+    #[arg(long, value_parser = KvEventsConfig::parse)]
+    pub kv_events_config: Option<KvEventsConfig>,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_request_body_bytes: usize,

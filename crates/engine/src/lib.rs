@@ -6,12 +6,14 @@
 //! - [`api`]: the OpenAI/vLLM HTTP surface.
 //! - [`metrics`]: `vllm:*` Prometheus metrics.
 //! - [`config`]: the `switchyard engine` flags.
+//! - [`kv_events`]: KV-cache events published as vLLM publishes them (ZMQ + msgpack).
 
 pub mod api;
 pub mod backend;
 pub mod config;
 pub mod core;
 pub mod hash;
+pub mod kv_events;
 pub mod metrics;
 pub mod tokenizer;
 

@@ -44,6 +44,8 @@ pub struct Engine {
     pub max_model_len: usize,
     pub body_limit: usize,
     pub created: u64,
+    /// Where KV-cache events are published, when `--kv-events-config` enables them.
+    pub kv_events: Option<crate::kv_events::PublisherInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,14 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         args.num_gpu_blocks,
         args.prefix_caching(),
     ));
+    let (kv_sink, kv_events) = match &args.kv_events_config {
+        Some(c) if c.enabled() => {
+            let (sink, info) = crate::kv_events::start_publisher(c, args.block_size)?;
+            tracing::info!(endpoint = %info.endpoint, replay = ?info.replay_endpoint, "publishing KV-cache events");
+            (Some(sink), Some(info))
+        }
+        _ => (None, None),
+    };
     let config = CoreConfig {
         scheduler: SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
@@ -123,6 +133,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         block_size: args.block_size,
         prefix_caching: args.prefix_caching(),
         eos_token_ids: tokenizer.eos_token_ids().to_vec(),
+        kv_events: kv_sink,
     };
     let handle = spawn_engine(config, backend, metrics)?;
     Ok(Engine {
@@ -132,6 +143,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         max_model_len: args.max_model_len,
         body_limit: args.max_request_body_bytes,
         created: unix_now(),
+        kv_events,
     })
 }
 

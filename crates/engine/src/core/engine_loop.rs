@@ -19,6 +19,7 @@ use super::block_manager::BlockManager;
 use super::request::{EngineEvent, FinishReason, NewRequest, Request};
 use super::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
 use crate::backend::Backend;
+use crate::kv_events::KvEventSink;
 use crate::metrics::EngineMetrics;
 
 pub enum EngineCommand {
@@ -61,6 +62,8 @@ pub struct CoreConfig {
     pub block_size: usize,
     pub prefix_caching: bool,
     pub eos_token_ids: Vec<u32>,
+    /// Where KV-cache events go (`--kv-events-config`); `None`: not recorded at all.
+    pub kv_events: Option<KvEventSink>,
 }
 
 /// Start the engine loop on its own thread.
@@ -70,13 +73,23 @@ pub fn spawn_engine(
     metrics: Arc<EngineMetrics>,
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
-    let bm = BlockManager::new(config.num_blocks, config.block_size, config.prefix_caching);
+    let mut bm = BlockManager::new(config.num_blocks, config.block_size, config.prefix_caching);
+    if config.kv_events.is_some() {
+        bm.enable_events();
+    }
     let sched = Scheduler::new(config.scheduler, bm);
     let m = metrics.clone();
     let eos = config.eos_token_ids;
+    let kv_events = config.kv_events;
     std::thread::Builder::new()
         .name("engine-core".into())
-        .spawn(move || EngineLoop::new(sched, backend, m, eos).run(rx))?;
+        .spawn(move || {
+            let mut lp = EngineLoop::new(sched, backend, m, eos);
+            if let Some(sink) = kv_events {
+                lp.set_kv_events(sink);
+            }
+            lp.run(rx)
+        })?;
     // Ids start at a per-process random point, so two engines never hand out the same
     // response ids, and unseeded sampling differs between engines.
     let nanos = std::time::SystemTime::now()
@@ -100,6 +113,7 @@ pub struct EngineLoop {
     sampled: Vec<u32>,
     finished: Vec<Finished>,
     stats: StepStats,
+    kv_events: Option<KvEventSink>,
     /// Nanoseconds spent in `schedule` + `update` (the core's own work), for benchmarks.
     pub sched_nanos: u64,
     pub steps: u64,
@@ -121,8 +135,23 @@ impl EngineLoop {
             sampled: Vec::new(),
             finished: Vec::new(),
             stats: StepStats::default(),
+            kv_events: None,
             sched_nanos: 0,
             steps: 0,
+        }
+    }
+
+    /// Publish KV-cache events through `sink` (also turns on the block manager's events).
+    pub fn set_kv_events(&mut self, sink: KvEventSink) {
+        self.sched.bm.enable_events();
+        self.kv_events = Some(sink);
+    }
+
+    /// Hand the block manager's events since the last call to the publisher as one batch
+    /// (a channel send: never blocks on I/O).
+    fn publish_kv_events(&mut self) {
+        if let Some(sink) = self.kv_events.as_mut() {
+            sink.publish(self.sched.bm.drain_events());
         }
     }
 
@@ -176,7 +205,11 @@ impl EngineLoop {
                 }
             }
             EngineCommand::ResetPrefixCache(reply) => {
-                let _ = reply.send(self.sched.bm.reset_prefix_cache());
+                let done = self.sched.bm.reset_prefix_cache();
+                // vLLM sends the clear with the next step's batch; sent now (before the
+                // answer), a consumer need not wait for traffic to learn the cache is gone.
+                self.publish_kv_events();
+                let _ = reply.send(done);
             }
         }
         self.update_gauges();
@@ -184,6 +217,12 @@ impl EngineLoop {
 
     /// Run one step; false when nothing was scheduled.
     pub fn step(&mut self) -> bool {
+        let stepped = self.step_inner();
+        self.publish_kv_events();
+        stepped
+    }
+
+    fn step_inner(&mut self) -> bool {
         let t0 = Instant::now();
         self.stats.clear();
         self.sched.schedule(&mut self.scheduled, &mut self.stats);

@@ -1,0 +1,798 @@
+//! KV-cache events, published exactly as vLLM publishes them (`vllm/distributed/kv_events.py`),
+//! so that any consumer of vLLM's events (llm-d, Dynamo, our router) can follow this engine.
+//!
+//! Wire format (checked against real vLLM 0.32.0 captures in
+//! `tests/fixtures/vllm-reference/kv_events_raw.bin`):
+//! - a ZMQ PUB socket sends one 3-frame message per batch: `[topic, seq, payload]`, where
+//!   `seq` is an 8-byte big-endian counter starting at 0 and `payload` is msgpack;
+//! - the payload is the `EventBatch` as a positional array `[ts, events, data_parallel_rank]`
+//!   (`ts` a float64 of Unix seconds);
+//! - each event is a msgpack map tagged by `"type"` (msgspec's `tag=True`, `omit_defaults`):
+//!   `BlockStored {type, block_hashes, parent_block_hash, token_ids, block_size, lora_id,
+//!   medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind}`, `BlockRemoved {type,
+//!   block_hashes, medium, group_idx}`, `AllBlocksCleared {type}`. Hashes are uint64.
+//! - an optional ROUTER socket (`replay_endpoint`) answers a request `[identity, "", seq as 8
+//!   bytes big-endian]` with every buffered batch whose sequence number is at least `seq`,
+//!   each as `[identity, "", seq, payload]`, then the end marker `[identity, "", -1 as 8
+//!   bytes, ""]`. The last `buffer_steps` batches (default 10,000) are kept.
+//!
+//! The decoder also reads the older positional encoding of events (arrays whose first
+//! element is the tag), and ignores fields it does not know.
+//!
+//! The engine loop never does I/O here: [`KvEventSink::publish`] is a non-blocking channel
+//! send; encoding and sockets live on the publisher's own thread.
+
+use std::collections::VecDeque;
+use std::io;
+
+use bytes::Bytes;
+use rmpv::Value;
+use serde::Deserialize;
+
+use crate::core::block_manager::CacheEvent;
+
+/// vLLM's `MEDIUM_GPU`.
+pub const MEDIUM_GPU: &str = "GPU";
+/// The end-of-replay marker: -1 as an 8-byte big-endian signed integer.
+pub const END_SEQ: [u8; 8] = [0xff; 8];
+
+// ---------------------------------------------------------------------------------------
+// Config
+
+/// vLLM's `KVEventsConfig`, parsed from `--kv-events-config` (same JSON keys and defaults).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct KvEventsConfig {
+    pub enable_kv_cache_events: bool,
+    /// `"zmq"` or `"null"`; when absent, `"zmq"` if events are enabled, else `"null"`.
+    pub publisher: Option<String>,
+    /// PUB address: bound when it has a wildcard (`tcp://*:5557`), else connected to.
+    pub endpoint: String,
+    /// ROUTER address for replay requests (always bound).
+    pub replay_endpoint: Option<String>,
+    /// Batches kept for replay.
+    pub buffer_steps: usize,
+    /// Accepted for compatibility: the PUB queue per subscriber holds 100,000 messages.
+    pub hwm: usize,
+    /// Batches waiting to be published at most; past it a batch is dropped and the next one
+    /// starts with `AllBlocksCleared`, so consumers never believe in blocks they missed.
+    pub max_queue_size: usize,
+    pub topic: String,
+}
+
+impl Default for KvEventsConfig {
+    fn default() -> Self {
+        KvEventsConfig {
+            enable_kv_cache_events: false,
+            publisher: None,
+            endpoint: "tcp://*:5557".into(),
+            replay_endpoint: None,
+            buffer_steps: 10_000,
+            hwm: 100_000,
+            max_queue_size: 100_000,
+            topic: String::new(),
+        }
+    }
+}
+
+impl KvEventsConfig {
+    /// Parse the flag's JSON (a clap value parser).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let c: KvEventsConfig =
+            serde_json::from_str(s).map_err(|e| format!("invalid --kv-events-config: {e}"))?;
+        match c.publisher.as_deref() {
+            None | Some("zmq") | Some("null") => {}
+            Some(other) => return Err(format!("Unknown event publisher '{other}'")),
+        }
+        if c.enabled() && c.buffer_steps == 0 {
+            return Err("invalid --kv-events-config: buffer_steps must be positive".into());
+        }
+        Ok(c)
+    }
+
+    /// Whether events are published (vLLM's `EventPublisherFactory.create`).
+    pub fn enabled(&self) -> bool {
+        let publisher = self
+            .publisher
+            .as_deref()
+            .unwrap_or(if self.enable_kv_cache_events {
+                "zmq"
+            } else {
+                "null"
+            });
+        self.enable_kv_cache_events && publisher == "zmq"
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Events
+
+/// vLLM's `BlockStored`: consecutive blocks of one sequence, newly cached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockStored {
+    pub block_hashes: Vec<u64>,
+    /// Hash of the block before the first one (`None` when the first starts the sequence).
+    pub parent_block_hash: Option<u64>,
+    /// The tokens of all the blocks, concatenated.
+    pub token_ids: Vec<u32>,
+    pub block_size: u32,
+    pub lora_id: Option<i64>,
+    pub medium: Option<String>,
+    pub lora_name: Option<String>,
+    /// One entry per block (vLLM: multimodal ids, LoRA name, cache salt...); `nil` here.
+    pub extra_keys: Option<Vec<Value>>,
+    pub group_idx: Option<i64>,
+    pub kv_cache_spec_kind: Option<String>,
+    pub kv_cache_spec_sliding_window: Option<i64>,
+}
+
+/// vLLM's `BlockRemoved`: blocks evicted from the prefix cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockRemoved {
+    pub block_hashes: Vec<u64>,
+    pub medium: Option<String>,
+    pub group_idx: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvEvent {
+    BlockStored(BlockStored),
+    BlockRemoved(BlockRemoved),
+    /// The whole prefix cache was dropped.
+    AllBlocksCleared,
+}
+
+/// vLLM's `KVEventBatch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventBatch {
+    pub ts: f64,
+    pub events: Vec<KvEvent>,
+    pub data_parallel_rank: Option<i64>,
+}
+
+impl BlockStored {
+    /// A store event as this engine emits it (the fields vLLM 0.32 sets for a full-attention
+    /// model without LoRA).
+    pub fn new(
+        block_hashes: Vec<u64>,
+        parent: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: usize,
+    ) -> Self {
+        let n = block_hashes.len();
+        BlockStored {
+            block_hashes,
+            parent_block_hash: parent,
+            token_ids,
+            block_size: block_size as u32,
+            lora_id: None,
+            medium: Some(MEDIUM_GPU.into()),
+            lora_name: None,
+            extra_keys: Some(vec![Value::Nil; n]),
+            group_idx: Some(0),
+            kv_cache_spec_kind: Some("full_attention".into()),
+            kv_cache_spec_sliding_window: None,
+        }
+    }
+}
+
+/// Turn the block manager's events into vLLM's: consecutive stores that chain (each block's
+/// parent is the block before) become one `BlockStored`; each eviction is one
+/// `BlockRemoved` with one hash, as vLLM sends them.
+pub fn from_cache_events(
+    events: impl IntoIterator<Item = CacheEvent>,
+    block_size: usize,
+) -> Vec<KvEvent> {
+    let mut out: Vec<KvEvent> = Vec::new();
+    for ev in events {
+        match ev {
+            CacheEvent::Stored {
+                hash,
+                parent,
+                tokens,
+            } => {
+                if let Some(KvEvent::BlockStored(s)) = out.last_mut() {
+                    if parent.is_some() && s.block_hashes.last().copied() == parent {
+                        s.block_hashes.push(hash);
+                        s.token_ids.extend_from_slice(&tokens);
+                        if let Some(k) = s.extra_keys.as_mut() {
+                            k.push(Value::Nil);
+                        }
+                        continue;
+                    }
+                }
+                out.push(KvEvent::BlockStored(BlockStored::new(
+                    vec![hash],
+                    parent,
+                    tokens,
+                    block_size,
+                )));
+            }
+            CacheEvent::Removed { hash } => out.push(KvEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![hash],
+                medium: Some(MEDIUM_GPU.into()),
+                group_idx: Some(0),
+            })),
+            CacheEvent::AllCleared => out.push(KvEvent::AllBlocksCleared),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding (what msgspec writes for these structs: smallest int forms, float64, fixmap
+// keys in field order, defaults omitted)
+
+fn w_str(buf: &mut Vec<u8>, s: &str) {
+    rmp::encode::write_str(buf, s).expect("write to Vec");
+}
+
+fn w_uint(buf: &mut Vec<u8>, v: u64) {
+    rmp::encode::write_uint(buf, v).expect("write to Vec");
+}
+
+fn w_int(buf: &mut Vec<u8>, v: i64) {
+    // msgspec writes non-negative ints in the unsigned forms.
+    if v >= 0 {
+        w_uint(buf, v as u64);
+    } else {
+        rmp::encode::write_sint(buf, v).expect("write to Vec");
+    }
+}
+
+fn w_nil(buf: &mut Vec<u8>) {
+    rmp::encode::write_nil(buf).expect("write to Vec");
+}
+
+fn w_opt_int(buf: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(v) => w_int(buf, v),
+        None => w_nil(buf),
+    }
+}
+
+fn w_opt_str(buf: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        Some(s) => w_str(buf, s),
+        None => w_nil(buf),
+    }
+}
+
+fn w_hashes(buf: &mut Vec<u8>, hashes: &[u64]) {
+    rmp::encode::write_array_len(buf, hashes.len() as u32).expect("write to Vec");
+    for &h in hashes {
+        w_uint(buf, h);
+    }
+}
+
+fn encode_event(buf: &mut Vec<u8>, ev: &KvEvent) {
+    match ev {
+        KvEvent::BlockStored(s) => {
+            let n = 8
+                + usize::from(s.extra_keys.is_some())
+                + usize::from(s.group_idx.is_some())
+                + usize::from(s.kv_cache_spec_kind.is_some())
+                + usize::from(s.kv_cache_spec_sliding_window.is_some());
+            rmp::encode::write_map_len(buf, n as u32).expect("write to Vec");
+            w_str(buf, "type");
+            w_str(buf, "BlockStored");
+            w_str(buf, "block_hashes");
+            w_hashes(buf, &s.block_hashes);
+            w_str(buf, "parent_block_hash");
+            match s.parent_block_hash {
+                Some(h) => w_uint(buf, h),
+                None => w_nil(buf),
+            }
+            w_str(buf, "token_ids");
+            rmp::encode::write_array_len(buf, s.token_ids.len() as u32).expect("write to Vec");
+            for &t in &s.token_ids {
+                w_uint(buf, u64::from(t));
+            }
+            w_str(buf, "block_size");
+            w_uint(buf, u64::from(s.block_size));
+            w_str(buf, "lora_id");
+            w_opt_int(buf, s.lora_id);
+            w_str(buf, "medium");
+            w_opt_str(buf, s.medium.as_deref());
+            w_str(buf, "lora_name");
+            w_opt_str(buf, s.lora_name.as_deref());
+            if let Some(keys) = &s.extra_keys {
+                w_str(buf, "extra_keys");
+                rmp::encode::write_array_len(buf, keys.len() as u32).expect("write to Vec");
+                for k in keys {
+                    rmpv::encode::write_value(buf, k).expect("write to Vec");
+                }
+            }
+            if let Some(g) = s.group_idx {
+                w_str(buf, "group_idx");
+                w_int(buf, g);
+            }
+            if let Some(k) = &s.kv_cache_spec_kind {
+                w_str(buf, "kv_cache_spec_kind");
+                w_str(buf, k);
+            }
+            if let Some(w) = s.kv_cache_spec_sliding_window {
+                w_str(buf, "kv_cache_spec_sliding_window");
+                w_int(buf, w);
+            }
+        }
+        KvEvent::BlockRemoved(r) => {
+            let n = 3 + usize::from(r.group_idx.is_some());
+            rmp::encode::write_map_len(buf, n as u32).expect("write to Vec");
+            w_str(buf, "type");
+            w_str(buf, "BlockRemoved");
+            w_str(buf, "block_hashes");
+            w_hashes(buf, &r.block_hashes);
+            w_str(buf, "medium");
+            w_opt_str(buf, r.medium.as_deref());
+            if let Some(g) = r.group_idx {
+                w_str(buf, "group_idx");
+                w_int(buf, g);
+            }
+        }
+        KvEvent::AllBlocksCleared => {
+            rmp::encode::write_map_len(buf, 1).expect("write to Vec");
+            w_str(buf, "type");
+            w_str(buf, "AllBlocksCleared");
+        }
+    }
+}
+
+/// The msgpack payload of a batch, byte for byte as vLLM 0.32 writes it.
+pub fn encode_batch(batch: &EventBatch) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64);
+    // msgspec's array_like + omit_defaults drops a trailing `None` rank.
+    let len = if batch.data_parallel_rank.is_some() {
+        3
+    } else {
+        2
+    };
+    rmp::encode::write_array_len(&mut buf, len).expect("write to Vec");
+    rmp::encode::write_f64(&mut buf, batch.ts).expect("write to Vec");
+    rmp::encode::write_array_len(&mut buf, batch.events.len() as u32).expect("write to Vec");
+    for ev in &batch.events {
+        encode_event(&mut buf, ev);
+    }
+    if let Some(r) = batch.data_parallel_rank {
+        w_int(&mut buf, r);
+    }
+    buf
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding (both of vLLM's encodings: tagged maps, and older tagged positional arrays)
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("invalid msgpack: {0}")]
+    Msgpack(String),
+    #[error("unexpected shape: {0}")]
+    Shape(String),
+}
+
+fn shape(msg: impl Into<String>) -> DecodeError {
+    DecodeError::Shape(msg.into())
+}
+
+/// A block hash: an integer (vLLM ≥ 0.9: uint64; negative int64 taken as its bits), or
+/// bytes (older vLLM sent the digest: its last 8 bytes, big-endian).
+fn hash_of(v: &Value) -> Result<u64, DecodeError> {
+    match v {
+        Value::Integer(i) => i
+            .as_u64()
+            .or_else(|| i.as_i64().map(|x| x as u64))
+            .ok_or_else(|| shape("hash out of range")),
+        Value::Binary(b) => {
+            let mut x = [0u8; 8];
+            let tail = &b[b.len().saturating_sub(8)..];
+            x[8 - tail.len()..].copy_from_slice(tail);
+            Ok(u64::from_be_bytes(x))
+        }
+        other => Err(shape(format!("hash is {other}"))),
+    }
+}
+
+fn hashes_of(v: &Value) -> Result<Vec<u64>, DecodeError> {
+    v.as_array()
+        .ok_or_else(|| shape("block_hashes is not an array"))?
+        .iter()
+        .map(hash_of)
+        .collect()
+}
+
+fn opt_hash(v: Option<&Value>) -> Result<Option<u64>, DecodeError> {
+    match v {
+        None | Some(Value::Nil) => Ok(None),
+        Some(v) => hash_of(v).map(Some),
+    }
+}
+
+fn opt_int(v: Option<&Value>) -> Option<i64> {
+    v.and_then(|v| v.as_i64())
+}
+
+fn opt_string(v: Option<&Value>) -> Option<String> {
+    v.and_then(|v| v.as_str()).map(str::to_owned)
+}
+
+fn tokens_of(v: Option<&Value>) -> Result<Vec<u32>, DecodeError> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    v.as_array()
+        .ok_or_else(|| shape("token_ids is not an array"))?
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .ok_or_else(|| shape("token id is not a u32"))
+        })
+        .collect()
+}
+
+/// Field access by name (map form) or by position (array form, position 0 is the tag).
+struct Fields<'a> {
+    map: Option<&'a [(Value, Value)]>,
+    arr: Option<&'a [Value]>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str, pos: usize) -> Option<&'a Value> {
+        if let Some(m) = self.map {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some(name))
+                .map(|(_, v)| v)
+        } else {
+            self.arr.and_then(|a| a.get(pos))
+        }
+    }
+}
+
+fn decode_event(v: &Value) -> Result<Option<KvEvent>, DecodeError> {
+    let (tag, fields) = match v {
+        Value::Map(m) => {
+            let tag = m
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("type"))
+                .and_then(|(_, v)| v.as_str())
+                .ok_or_else(|| shape("event map without a \"type\""))?;
+            (
+                tag,
+                Fields {
+                    map: Some(m),
+                    arr: None,
+                },
+            )
+        }
+        Value::Array(a) => {
+            let tag = a
+                .first()
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| shape("event array without a tag"))?;
+            (
+                tag,
+                Fields {
+                    map: None,
+                    arr: Some(a),
+                },
+            )
+        }
+        other => return Err(shape(format!("event is {other}"))),
+    };
+    let ev = match tag {
+        "BlockStored" => {
+            let block_hashes = hashes_of(
+                fields
+                    .get("block_hashes", 1)
+                    .ok_or_else(|| shape("BlockStored without block_hashes"))?,
+            )?;
+            KvEvent::BlockStored(BlockStored {
+                block_hashes,
+                parent_block_hash: opt_hash(fields.get("parent_block_hash", 2))?,
+                token_ids: tokens_of(fields.get("token_ids", 3))?,
+                block_size: opt_int(fields.get("block_size", 4)).unwrap_or(0) as u32,
+                lora_id: opt_int(fields.get("lora_id", 5)),
+                medium: opt_string(fields.get("medium", 6)),
+                lora_name: opt_string(fields.get("lora_name", 7)),
+                extra_keys: fields
+                    .get("extra_keys", 8)
+                    .and_then(|v| v.as_array())
+                    .cloned(),
+                group_idx: opt_int(fields.get("group_idx", 9)),
+                kv_cache_spec_kind: opt_string(fields.get("kv_cache_spec_kind", 10)),
+                kv_cache_spec_sliding_window: opt_int(
+                    fields.get("kv_cache_spec_sliding_window", 11),
+                ),
+            })
+        }
+        "BlockRemoved" => KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: hashes_of(
+                fields
+                    .get("block_hashes", 1)
+                    .ok_or_else(|| shape("BlockRemoved without block_hashes"))?,
+            )?,
+            medium: opt_string(fields.get("medium", 2)),
+            group_idx: opt_int(fields.get("group_idx", 3)),
+        }),
+        "AllBlocksCleared" => KvEvent::AllBlocksCleared,
+        // An event type this decoder does not know: skipped.
+        _ => return Ok(None),
+    };
+    Ok(Some(ev))
+}
+
+/// Decode a batch's msgpack payload (positional `[ts, events, rank]` or a map).
+pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
+    let mut rd = payload;
+    let v = rmpv::decode::read_value(&mut rd).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+    let (ts, events, rank) = match &v {
+        Value::Array(a) => (a.first(), a.get(1), a.get(2)),
+        Value::Map(m) => {
+            let get = |k: &str| {
+                m.iter()
+                    .find(|(key, _)| key.as_str() == Some(k))
+                    .map(|(_, v)| v)
+            };
+            (get("ts"), get("events"), get("data_parallel_rank"))
+        }
+        other => return Err(shape(format!("batch is {other}"))),
+    };
+    let ts = ts
+        .and_then(|t| t.as_f64().or_else(|| t.as_i64().map(|x| x as f64)))
+        .ok_or_else(|| shape("batch without a ts"))?;
+    let events = events
+        .and_then(|e| e.as_array())
+        .ok_or_else(|| shape("batch without events"))?;
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        if let Some(ev) = decode_event(e)? {
+            out.push(ev);
+        }
+    }
+    Ok(EventBatch {
+        ts,
+        events: out,
+        data_parallel_rank: opt_int(rank),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Publisher
+
+/// Where the publisher's sockets ended up (ports resolved when `:0` was asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublisherInfo {
+    /// The PUB endpoint, e.g. `tcp://0.0.0.0:5557` (as configured when connecting).
+    pub endpoint: String,
+    pub replay_endpoint: Option<String>,
+    pub topic: String,
+}
+
+/// The engine loop's end of the publisher: non-blocking.
+pub struct KvEventSink {
+    tx: tokio::sync::mpsc::Sender<EventBatch>,
+    block_size: usize,
+    /// A batch was dropped (queue full): the next one starts with `AllBlocksCleared`.
+    lost: bool,
+    pub dropped: u64,
+}
+
+impl KvEventSink {
+    /// Publish the block manager's events of one step (nothing when there are none).
+    pub fn publish(&mut self, events: Vec<CacheEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut evs = from_cache_events(events, self.block_size);
+        if self.lost {
+            evs.insert(0, KvEvent::AllBlocksCleared);
+        }
+        let batch = EventBatch {
+            ts: unix_ts(),
+            events: evs,
+            data_parallel_rank: Some(0),
+        };
+        match self.tx.try_send(batch) {
+            Ok(()) => self.lost = false,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                self.dropped += 1;
+                if !self.lost {
+                    tracing::warn!("KV event queue full: dropping batches until it drains");
+                }
+                self.lost = true;
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+fn unix_ts() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// vLLM binds when the endpoint has a wildcard (or is ipc/inproc), else connects.
+fn binds(endpoint: &str) -> bool {
+    endpoint.contains('*')
+        || endpoint.contains("::")
+        || endpoint.starts_with("ipc://")
+        || endpoint.starts_with("inproc://")
+}
+
+/// `tcp://*:P` → `tcp://0.0.0.0:P` (the zeromq crate has no `*` host).
+fn bind_address(endpoint: &str) -> String {
+    endpoint.replacen("://*:", "://0.0.0.0:", 1)
+}
+
+fn io_err(what: &str, endpoint: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("KV events: cannot {what} {endpoint}: {e}"))
+}
+
+/// Start the publisher thread for `config` (which must be [`KvEventsConfig::enabled`]):
+/// binds its sockets before returning, so a taken port is an error here.
+pub fn start_publisher(
+    config: &KvEventsConfig,
+    block_size: usize,
+) -> io::Result<(KvEventSink, PublisherInfo)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(config.max_queue_size.max(1));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<PublisherInfo>>();
+    let config = config.clone();
+    std::thread::Builder::new()
+        .name("kv-events".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(publisher_main(config, rx, ready_tx));
+        })?;
+    let info = ready_rx
+        .recv()
+        .map_err(|_| io::Error::other("KV events: publisher thread died"))??;
+    Ok((
+        KvEventSink {
+            tx,
+            block_size,
+            lost: false,
+            dropped: 0,
+        },
+        info,
+    ))
+}
+
+async fn publisher_main(
+    config: KvEventsConfig,
+    mut rx: tokio::sync::mpsc::Receiver<EventBatch>,
+    ready: std::sync::mpsc::Sender<io::Result<PublisherInfo>>,
+) {
+    use zeromq::{Socket, SocketSend};
+
+    let mut publisher = zeromq::PubSocket::new();
+    let connect_to = if binds(&config.endpoint) {
+        let addr = bind_address(&config.endpoint);
+        match publisher.bind(&addr).await {
+            Ok(_) => None,
+            Err(e) => {
+                let _ = ready.send(Err(io_err("bind", &config.endpoint, e)));
+                return;
+            }
+        }
+    } else {
+        Some(config.endpoint.clone())
+    };
+    let endpoint = match &connect_to {
+        Some(e) => e.clone(),
+        None => publisher
+            .binds()
+            .keys()
+            .next()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| config.endpoint.clone()),
+    };
+    let mut replay = None;
+    let mut replay_endpoint = None;
+    if let Some(ep) = &config.replay_endpoint {
+        let mut r = zeromq::RouterSocket::new();
+        match r.bind(&bind_address(ep)).await {
+            Ok(bound) => replay_endpoint = Some(bound.to_string()),
+            Err(e) => {
+                let _ = ready.send(Err(io_err("bind", ep, e)));
+                return;
+            }
+        }
+        replay = Some(r);
+    }
+    let _ = ready.send(Ok(PublisherInfo {
+        endpoint,
+        replay_endpoint,
+        topic: config.topic.clone(),
+    }));
+    drop(ready);
+    if let Some(ep) = connect_to {
+        if let Err(e) = publisher.connect(&ep).await {
+            tracing::error!(endpoint = %ep, error = %e, "KV events: cannot connect; not publishing");
+        }
+    }
+
+    let topic = Bytes::from(config.topic.clone().into_bytes());
+    let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::with_capacity(config.buffer_steps.min(1024));
+    let mut seq: u64 = 0;
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                let payload = Bytes::from(encode_batch(&batch));
+                let seq_bytes = Bytes::copy_from_slice(&seq.to_be_bytes());
+                let msg = zeromq::ZmqMessage::try_from(vec![topic.clone(), seq_bytes, payload.clone()])
+                    .expect("three frames");
+                if let Err(e) = publisher.send(msg).await {
+                    tracing::warn!(error = %e, "KV events: publish failed");
+                }
+                if buffer.len() == config.buffer_steps {
+                    buffer.pop_front();
+                }
+                buffer.push_back((seq, payload));
+                seq += 1;
+            }
+            req = recv_opt(&mut replay) => {
+                let (Some(sock), Ok(req)) = (replay.as_mut(), req) else { continue };
+                serve_replay(sock, req, &buffer).await;
+            }
+        }
+    }
+}
+
+async fn recv_opt(
+    sock: &mut Option<zeromq::RouterSocket>,
+) -> zeromq::ZmqResult<zeromq::ZmqMessage> {
+    use zeromq::SocketRecv;
+    match sock {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answer `[identity, "", start_seq]` with the buffered batches from `start_seq` on, then
+/// the end marker, as vLLM's `_service_replay`.
+async fn serve_replay(
+    sock: &mut zeromq::RouterSocket,
+    req: zeromq::ZmqMessage,
+    buffer: &VecDeque<(u64, Bytes)>,
+) {
+    use zeromq::SocketSend;
+    let frames = req.into_vec();
+    if frames.len() != 3 {
+        tracing::warn!(frames = frames.len(), "KV events: invalid replay request");
+        return;
+    }
+    let client = frames[0].clone();
+    // Python's int.from_bytes(b, "big"): any length (too large for u128: past the end).
+    let start = frames[2]
+        .iter()
+        .try_fold(0u128, |acc, &b| {
+            acc.checked_mul(256)?.checked_add(u128::from(b))
+        })
+        .unwrap_or(u128::MAX);
+    let send = |seq: Bytes, payload: Bytes| {
+        zeromq::ZmqMessage::try_from(vec![client.clone(), Bytes::new(), seq, payload])
+            .expect("four frames")
+    };
+    for (seq, payload) in buffer {
+        if u128::from(*seq) >= start {
+            let m = send(Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone());
+            if let Err(e) = sock.send(m).await {
+                tracing::warn!(error = %e, "KV events: replay send failed");
+                return;
+            }
+        }
+    }
+    let _ = sock
+        .send(send(Bytes::from_static(&END_SEQ), Bytes::new()))
+        .await;
+}
