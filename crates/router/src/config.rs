@@ -26,6 +26,36 @@ pub enum RoutingLogic {
     #[value(name = "p2c", alias = "power-of-two")]
     #[serde(rename = "p2c")]
     P2c,
+    /// Follow an approximate prefix tree of past prompts while the pool is balanced;
+    /// least load otherwise (SGLang's cache-aware manner).
+    #[value(name = "prefixaware", alias = "prefix-aware")]
+    #[serde(rename = "prefixaware")]
+    Prefixaware,
+}
+
+/// The `prefixaware` policy's knobs (see `policy::prefix`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixSettings {
+    /// Follow the cache when the longest match covers more than this fraction of the
+    /// prompt.
+    pub match_threshold: f64,
+    /// The pool is imbalanced (least load wins) when max - min in-flight exceeds this...
+    pub balance_abs: u64,
+    /// ...and max exceeds min times this.
+    pub balance_rel: f64,
+    /// Memory the prefix trees may hold (text bytes plus bookkeeping), all models.
+    pub max_chars: usize,
+}
+
+impl Default for PrefixSettings {
+    fn default() -> Self {
+        PrefixSettings {
+            match_threshold: 0.5,
+            balance_abs: 32,
+            balance_rel: 1.5,
+            max_chars: 16 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -57,6 +87,22 @@ pub struct RouterArgs {
     /// The header (or JSON body field) holding the session id for `session` routing.
     #[arg(long)]
     pub session_key: Option<String>,
+    /// `prefixaware`: follow the cache when the longest match covers more than this
+    /// fraction of the prompt's text (0..1).
+    #[arg(long, default_value_t = 0.5)]
+    pub prefix_match_threshold: f64,
+    /// `prefixaware`: the pool counts as imbalanced (least load wins over the cache) when
+    /// the most and least loaded engines differ by more than this many requests in
+    /// flight...
+    #[arg(long, default_value_t = 32)]
+    pub balance_abs_threshold: u64,
+    /// ...and the most loaded carries more than this many times the least loaded's.
+    #[arg(long, default_value_t = 1.5)]
+    pub balance_rel_threshold: f64,
+    /// `prefixaware`: memory the prefix trees may use, in bytes of prompt text plus
+    /// per-node bookkeeping (least recently used prompts are evicted beyond it).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub prefix_cache_max_chars: usize,
     /// Seconds between scrapes of each engine's /metrics (and model refreshes).
     #[arg(long, default_value_t = 30)]
     pub engine_stats_interval: u64,
@@ -175,6 +221,7 @@ pub struct Dynamic {
     pub session_key: Option<String>,
     pub backends: Vec<BackendSpec>,
     pub aliases: HashMap<String, String>,
+    pub prefix: PrefixSettings,
 }
 
 /// Everything the router runs with.
@@ -271,7 +318,25 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             .ok_or_else(|| ConfigError::Invalid(format!("alias {a:?} is not alias:model")))?;
         aliases.insert(alias.trim().to_string(), model.trim().to_string());
     }
+    let prefix = PrefixSettings {
+        match_threshold: args.prefix_match_threshold,
+        balance_abs: args.balance_abs_threshold,
+        balance_rel: args.balance_rel_threshold,
+        max_chars: args.prefix_cache_max_chars,
+    };
+    if !(0.0..=1.0).contains(&prefix.match_threshold)
+        || !prefix.balance_rel.is_finite()
+        || prefix.balance_rel < 1.0
+        || prefix.max_chars == 0
+    {
+        return Err(ConfigError::Invalid(
+            "--prefix-match-threshold must be within 0..1, --balance-rel-threshold at least 1 \
+             and --prefix-cache-max-chars positive"
+                .into(),
+        ));
+    }
     Ok(Dynamic {
+        prefix,
         routing_logic: args
             .routing_logic
             .or(file.routing_logic)
@@ -404,6 +469,48 @@ mod tests {
         .is_err());
         assert!(Settings::from_args(&args(&["--static-backends", "https://a:1"])).is_err());
         assert!(Settings::from_args(&args(&[])).is_err());
+    }
+
+    #[test]
+    fn prefixaware_and_its_knobs_parse() {
+        let s = Settings::from_args(&args(&[
+            "--static-backends",
+            "http://a:1",
+            "--routing-logic",
+            "prefixaware",
+            "--prefix-match-threshold",
+            "0.7",
+            "--balance-abs-threshold",
+            "8",
+            "--balance-rel-threshold",
+            "2",
+            "--prefix-cache-max-chars",
+            "1000",
+        ]))
+        .expect("valid");
+        assert_eq!(s.dynamic.routing_logic, RoutingLogic::Prefixaware);
+        assert_eq!(
+            s.dynamic.prefix,
+            PrefixSettings {
+                match_threshold: 0.7,
+                balance_abs: 8,
+                balance_rel: 2.0,
+                max_chars: 1000
+            }
+        );
+        let d = Settings::from_args(&args(&["--static-backends", "http://a:1"])).expect("valid");
+        assert_eq!(d.dynamic.prefix, PrefixSettings::default());
+        for bad in [
+            ["--prefix-match-threshold", "1.5"],
+            ["--balance-rel-threshold", "0.5"],
+            ["--prefix-cache-max-chars", "0"],
+        ] {
+            let a = args(&["--static-backends", "http://a:1", bad[0], bad[1]]);
+            assert!(Settings::from_args(&a).is_err(), "{bad:?}");
+        }
+        let file: FileConfig =
+            serde_json::from_str(r#"{"routing_logic":"prefixaware"}"#).expect("json");
+        assert_eq!(file.routing_logic, Some(RoutingLogic::Prefixaware));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`discovery`]: where engines come from (static lists), model discovery, health
 //!   checks, engine-stats scraping and config reloads: the background tasks.
 //! - [`policy`]: routing policies ranking engines per request.
+//! - [`prefix_tree`]: the approximate prefix tree behind `prefixaware` routing.
 //! - [`proxy`]: the per-request forwarding path with failover and observation.
 //! - [`stats`]: constant-memory sliding-window request statistics.
 //! - [`metrics`]: the router's `/metrics`.
@@ -16,6 +17,7 @@ pub mod discovery;
 pub mod engines;
 pub mod metrics;
 pub mod policy;
+pub mod prefix_tree;
 pub mod proxy;
 pub mod stats;
 
@@ -39,7 +41,7 @@ pub struct DynState {
 impl DynState {
     fn new(config: Dynamic) -> Self {
         DynState {
-            policy: policy::build(config.routing_logic),
+            policy: policy::build(config.routing_logic, config.prefix),
             session_key: config.session_key.clone(),
             config,
         }

@@ -123,6 +123,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         dynamic_config_json: None,
         dynamic_config_interval: 10.0,
         workers: 1,
+        prefix_match_threshold: 0.5,
+        balance_abs_threshold: 32,
+        balance_rel_threshold: 1.5,
+        prefix_cache_max_chars: 16 * 1024 * 1024,
     };
     let bound = router::bind(router_args).await?;
     let addr = bound.addr;

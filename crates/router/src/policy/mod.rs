@@ -5,6 +5,7 @@
 
 mod leastload;
 mod p2c;
+mod prefix;
 mod roundrobin;
 mod session;
 
@@ -12,10 +13,11 @@ use std::sync::Arc;
 
 pub use leastload::LeastLoad;
 pub use p2c::PowerOfTwo;
+pub use prefix::PrefixAware;
 pub use roundrobin::RoundRobin;
 pub use session::Session;
 
-use crate::config::RoutingLogic;
+use crate::config::{PrefixSettings, RoutingLogic};
 use crate::engines::Endpoint;
 
 /// What a policy may look at in a request.
@@ -26,20 +28,29 @@ pub struct RouteCtx<'a> {
     pub session: Option<&'a str>,
     /// A per-request random value (for randomized policies).
     pub nonce: u64,
+    /// The prompt as text (chat: role-marked message contents in order; completions: the
+    /// prompt), given only to policies whose [`Policy::needs_prompt`] is true.
+    pub prompt: Option<&'a str>,
 }
 
 pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
     /// Fill `order` with indices into `candidates`, best first (every index once).
     fn rank(&self, ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>);
+    /// Whether `rank` reads [`RouteCtx::prompt`] (the request body is parsed for it only
+    /// then).
+    fn needs_prompt(&self) -> bool {
+        false
+    }
 }
 
-pub fn build(logic: RoutingLogic) -> Box<dyn Policy> {
+pub fn build(logic: RoutingLogic, prefix: PrefixSettings) -> Box<dyn Policy> {
     match logic {
         RoutingLogic::Roundrobin => Box::new(RoundRobin::default()),
         RoutingLogic::Session => Box::new(Session),
         RoutingLogic::Leastload => Box::new(LeastLoad),
         RoutingLogic::P2c => Box::new(PowerOfTwo),
+        RoutingLogic::Prefixaware => Box::new(PrefixAware::new(prefix)),
     }
 }
 

@@ -56,6 +56,7 @@ mod tests {
                     model: "m",
                     session: None,
                     nonce,
+                    prompt: None,
                 },
                 &e,
                 &mut order,

@@ -39,6 +39,7 @@ mod tests {
                 model: "m",
                 session: Some(s),
                 nonce: 0,
+                prompt: None,
             },
             e,
             &mut order,

@@ -4,4 +4,5 @@
 mod bench;
 mod common;
 mod engine_http;
+mod prefix;
 mod router;
