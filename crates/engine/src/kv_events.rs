@@ -617,6 +617,9 @@ fn binds(endpoint: &str) -> bool {
         || endpoint.contains("::")
         || endpoint.starts_with("ipc://")
         || endpoint.starts_with("inproc://")
+        // Port 0 only makes sense for a socket that binds (the OS picks the port; the
+        // engine advertises the real one at `GET /kv_events`).
+        || endpoint.ends_with(":0")
 }
 
 /// `tcp://*:P` → `tcp://0.0.0.0:P` (the zeromq crate has no `*` host).

@@ -248,7 +248,9 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         prompt: prompt.as_deref(),
     };
     let mut order = Vec::with_capacity(candidates.len());
-    dynamic.policy.rank(&ctx, &candidates, &mut order);
+    dynamic
+        .policy
+        .rank_request(&ctx, &bytes, &candidates, &mut order);
     let ranked: Vec<Arc<Endpoint>> = order.iter().map(|&i| candidates[i].clone()).collect();
 
     let path_and_query = parts
@@ -332,7 +334,9 @@ async fn version() -> Response<Body> {
 }
 
 async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
-    let mut r = Response::new(Body::from(st.metrics.render(&st.registry)));
+    let mut page = st.metrics.render(&st.registry);
+    page.push_str(&st.kv.render(&st.registry));
+    let mut r = Response::new(Body::from(page));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(protocol::prom::CONTENT_TYPE),

@@ -83,6 +83,7 @@ async fn discover_models(state: &RouterState, e: &Endpoint) {
 pub fn spawn_tasks(state: Arc<RouterState>) {
     tokio::spawn(health_loop(state.clone()));
     tokio::spawn(scrape_loop(state.clone()));
+    crate::kv_subscriber::spawn(&state);
     if state.settings.config_file.is_some() {
         tokio::spawn(config_loop(state));
     }

@@ -5,6 +5,7 @@
 //! - [`discovery`]: where engines come from (static lists), model discovery, health
 //!   checks, engine-stats scraping and config reloads: the background tasks.
 //! - [`policy`]: routing policies ranking engines per request.
+//! - [`kv_index`], [`kv_subscriber`]: the engines' KV-cache events behind `kvaware`.
 //! - [`prefix_tree`]: the approximate prefix tree behind `prefixaware` routing.
 //! - [`proxy`]: the per-request forwarding path with failover and observation.
 //! - [`stats`]: constant-memory sliding-window request statistics.
@@ -15,6 +16,8 @@ pub mod api;
 pub mod config;
 pub mod discovery;
 pub mod engines;
+pub mod kv_index;
+pub mod kv_subscriber;
 pub mod metrics;
 pub mod policy;
 pub mod prefix_tree;
@@ -39,9 +42,14 @@ pub struct DynState {
 }
 
 impl DynState {
-    fn new(config: Dynamic) -> Self {
+    fn new(config: Dynamic, kv: &Arc<kv_subscriber::KvState>) -> Self {
         DynState {
-            policy: policy::build(config.routing_logic, config.prefix),
+            policy: policy::build(
+                config.routing_logic,
+                config.prefix,
+                kv,
+                config.kv_overlap_weight,
+            ),
             session_key: config.session_key.clone(),
             config,
         }
@@ -54,6 +62,8 @@ pub struct RouterState {
     pub registry: Registry,
     pub metrics: Arc<RouterMetrics>,
     pub proxy: Proxy,
+    /// The KV-cache index and `kvaware` metrics (kept across reloads).
+    pub kv: Arc<kv_subscriber::KvState>,
     dynamic: RwLock<Arc<DynState>>,
     /// Per-process random seed (request ids, randomized policies).
     pub seed: u64,
@@ -72,7 +82,8 @@ impl RouterState {
     pub fn apply(&self, config: Dynamic) {
         self.registry.apply(&config.backends);
         self.registry.set_aliases(config.aliases.clone());
-        *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(DynState::new(config));
+        *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(DynState::new(config, &self.kv));
     }
 }
 
@@ -129,9 +140,11 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
     let dynamic = settings.dynamic.clone();
+    let kv = Arc::new(kv_subscriber::KvState::new(args.kv_events_port));
     let state = Arc::new(RouterState {
         registry: Registry::new(settings.request_stats_window),
-        dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone()))),
+        dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone(), &kv))),
+        kv,
         args,
         settings,
         metrics,

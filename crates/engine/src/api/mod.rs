@@ -46,6 +46,8 @@ pub struct Engine {
     pub created: u64,
     /// Where KV-cache events are published, when `--kv-events-config` enables them.
     pub kv_events: Option<crate::kv_events::PublisherInfo>,
+    /// Tokens per KV block (advertised with the events endpoint).
+    pub block_size: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         body_limit: args.max_request_body_bytes,
         created: unix_now(),
         kv_events,
+        block_size: args.block_size,
     })
 }
 
@@ -160,6 +163,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/kv_events", get(kv_events))
         .fallback(httpx::not_found)
         .method_not_allowed_fallback(httpx::method_not_allowed)
         .with_state(engine)
@@ -292,6 +296,20 @@ async fn metrics(State(engine): State<Engine>) -> Response {
         HeaderValue::from_static(protocol::prom::CONTENT_TYPE),
     );
     r
+}
+
+/// Where this engine publishes its KV-cache events (the real bound ports), so a router
+/// finds them with no per-engine flags; 404 when events are off.
+async fn kv_events(State(engine): State<Engine>) -> Response {
+    match &engine.kv_events {
+        Some(info) => json_ok(&serde_json::json!({
+            "endpoint": info.endpoint,
+            "replay_endpoint": info.replay_endpoint,
+            "topic": info.topic,
+            "block_size": engine.block_size,
+        })),
+        None => httpx::not_found().await,
+    }
 }
 
 async fn reset_prefix_cache(State(engine): State<Engine>) -> Response {

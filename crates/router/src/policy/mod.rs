@@ -3,6 +3,7 @@
 //! (pingora's `BackendSelection` idea). A policy is a function of the request, the
 //! engines' current state and its own small state: unit-testable without sockets.
 
+mod kvaware;
 mod leastload;
 mod p2c;
 mod prefix;
@@ -11,6 +12,7 @@ mod session;
 
 use std::sync::Arc;
 
+pub use kvaware::KvAware;
 pub use leastload::LeastLoad;
 pub use p2c::PowerOfTwo;
 pub use prefix::PrefixAware;
@@ -19,6 +21,7 @@ pub use session::Session;
 
 use crate::config::{PrefixSettings, RoutingLogic};
 use crate::engines::Endpoint;
+use crate::kv_subscriber::KvState;
 
 /// What a policy may look at in a request.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,15 +45,32 @@ pub trait Policy: Send + Sync {
     fn needs_prompt(&self) -> bool {
         false
     }
+    /// [`Policy::rank`] with the request body at hand (for policies that read the prompt
+    /// as the engine will: `kvaware` tokenizes it).
+    fn rank_request(
+        &self,
+        ctx: &RouteCtx<'_>,
+        _body: &[u8],
+        candidates: &[Arc<Endpoint>],
+        order: &mut Vec<usize>,
+    ) {
+        self.rank(ctx, candidates, order)
+    }
 }
 
-pub fn build(logic: RoutingLogic, prefix: PrefixSettings) -> Box<dyn Policy> {
+pub fn build(
+    logic: RoutingLogic,
+    prefix: PrefixSettings,
+    kv: &Arc<KvState>,
+    kv_overlap_weight: f64,
+) -> Box<dyn Policy> {
     match logic {
         RoutingLogic::Roundrobin => Box::new(RoundRobin::default()),
         RoutingLogic::Session => Box::new(Session),
         RoutingLogic::Leastload => Box::new(LeastLoad),
         RoutingLogic::P2c => Box::new(PowerOfTwo),
         RoutingLogic::Prefixaware => Box::new(PrefixAware::new(prefix)),
+        RoutingLogic::Kvaware => Box::new(KvAware::new(kv.clone(), kv_overlap_weight)),
     }
 }
 

@@ -4,5 +4,6 @@
 mod bench;
 mod common;
 mod engine_http;
+mod kvaware;
 mod prefix;
 mod router;

@@ -1,0 +1,380 @@
+//! KV-aware routing in Dynamo's manner: the engines' KV-cache events (followed by
+//! `kv_subscriber` into one [`KvIndex`](crate::kv_index::KvIndex)) say which blocks each
+//! engine holds; each request goes to the engine where it costs least, weighing the
+//! prefill work its cache does not save against the work the engine already carries.
+//!
+//! Per request:
+//! 1. The prompt is rendered and tokenized exactly as a Switchyard engine does it (chat:
+//!    the ChatML template, `add_generation_prompt` defaulting to true; completions: the
+//!    text prompt or the token ids; a batch: its first prompt), with the sim tokenizer.
+//! 2. Its full blocks are hashed with each engine's block size (from the engine's
+//!    advertisement or its events), chained as the engine chains them; each candidate's
+//!    `matched` is the number of leading blocks it holds.
+//! 3. `cost = overlap_weight × (prompt_blocks − matched) + in_flight × avg_blocks`, where
+//!    `prompt_blocks` counts the prompt's blocks (the last one partial), `in_flight` is the
+//!    requests this router has in flight to the engine and `avg_blocks` a moving average
+//!    (1/8 per request) of the prompt blocks of the requests routed so far: the engine's
+//!    active blocks, approximately (`--kv-overlap-weight`, default 1).
+//! 4. Ranked by cost, then load (in flight, then the engine's scraped queue), then the
+//!    blocks the engine holds (fewer first, so new conversations spread), then URL:
+//!    nothing is random, so two routers that saw the same events and traffic agree.
+//!
+//! Without an event stream from any candidate, or without a prompt to hash: least load.
+//! An engine without a stream among others that have one counts as holding nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use engine::tokenizer::{SimTokenizer, Tokenizer};
+use protocol::openai::{ChatMessage, Prompt};
+use serde::Deserialize;
+
+use super::{by_load, load_key, Policy, RouteCtx};
+use crate::engines::Endpoint;
+use crate::kv_index::prompt_hashes;
+use crate::kv_subscriber::{KvState, Outcome};
+
+pub struct KvAware {
+    kv: Arc<KvState>,
+    overlap_weight: f64,
+    tokenizer: Box<dyn Tokenizer>,
+    /// Moving average of routed prompts' blocks, as f64 bits (0: none yet).
+    avg_blocks: AtomicU64,
+}
+
+impl std::fmt::Debug for KvAware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvAware")
+            .field("overlap_weight", &self.overlap_weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body fields the engine builds its prompt from.
+#[derive(Deserialize)]
+struct PromptBody {
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    prompt: Option<Prompt>,
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
+}
+
+/// The prompt's token ids as the engine computes them; `None` when the body has no prompt.
+pub fn prompt_tokens(tokenizer: &dyn Tokenizer, body: &[u8]) -> Option<Vec<u32>> {
+    let b: PromptBody = serde_json::from_slice(body).ok()?;
+    if let Some(messages) = b.messages {
+        let text =
+            tokenizer.apply_chat_template(&messages, b.add_generation_prompt.unwrap_or(true));
+        return Some(tokenizer.encode(&text));
+    }
+    Some(match b.prompt? {
+        Prompt::Text(t) => tokenizer.encode(&t),
+        Prompt::Tokens(t) => t,
+        Prompt::TextBatch(v) => tokenizer.encode(v.first()?),
+        Prompt::TokenBatch(mut v) => {
+            if v.is_empty() {
+                return None;
+            }
+            v.swap_remove(0)
+        }
+    })
+}
+
+impl KvAware {
+    pub fn new(kv: Arc<KvState>, overlap_weight: f64) -> Self {
+        KvAware {
+            kv,
+            overlap_weight,
+            tokenizer: Box::new(SimTokenizer::new()),
+            avg_blocks: AtomicU64::new(0),
+        }
+    }
+
+    /// Rank and say why (the `Policy` body); records the decision's metrics.
+    pub fn decide(
+        &self,
+        body: &[u8],
+        candidates: &[Arc<Endpoint>],
+        order: &mut Vec<usize>,
+    ) -> Outcome {
+        let outcome = self.decide_inner(body, candidates, order);
+        self.kv.record(outcome);
+        outcome
+    }
+
+    fn decide_inner(
+        &self,
+        body: &[u8],
+        candidates: &[Arc<Endpoint>],
+        order: &mut Vec<usize>,
+    ) -> Outcome {
+        let tokens = match prompt_tokens(&*self.tokenizer, body) {
+            Some(t) if !t.is_empty() && !candidates.is_empty() => t,
+            _ => {
+                by_load(candidates, order);
+                return Outcome::Fallback;
+            }
+        };
+        let n = candidates.len();
+        // Per candidate: its block size (None: no stream, or nothing learned yet).
+        let mut bs: Vec<Option<usize>> = Vec::with_capacity(n);
+        let mut matched = vec![0usize; n];
+        let held: Vec<usize>;
+        {
+            let idx = self.kv.index();
+            held = candidates
+                .iter()
+                .map(|e| idx.engine_blocks(e.key))
+                .collect();
+            bs.extend(candidates.iter().map(|e| {
+                if idx.has_engine(e.key) {
+                    idx.block_size(e.key)
+                } else {
+                    None
+                }
+            }));
+            let mut sizes: Vec<usize> = bs.iter().flatten().copied().collect();
+            sizes.sort_unstable();
+            sizes.dedup();
+            let mut keys = Vec::with_capacity(n);
+            let mut which = Vec::with_capacity(n);
+            let mut m = Vec::with_capacity(n);
+            for &size in &sizes {
+                keys.clear();
+                which.clear();
+                for (i, b) in bs.iter().enumerate() {
+                    if *b == Some(size) {
+                        keys.push(candidates[i].key);
+                        which.push(i);
+                    }
+                }
+                let hashes = prompt_hashes(&tokens, size);
+                idx.matched(&hashes, &keys, &mut m);
+                for (j, &i) in which.iter().enumerate() {
+                    matched[i] = m[j];
+                }
+            }
+        }
+        let Some(default_bs) = bs.iter().flatten().copied().min() else {
+            by_load(candidates, order);
+            return Outcome::Fallback;
+        };
+        let prompt_blocks: Vec<usize> = bs
+            .iter()
+            .map(|b| tokens.len().div_ceil(b.unwrap_or(default_bs)))
+            .collect();
+        let avg = match f64::from_bits(self.avg_blocks.load(Ordering::Relaxed)) {
+            a if a > 0.0 => a,
+            _ => prompt_blocks.iter().copied().min().unwrap_or(1) as f64,
+        };
+        let loads: Vec<(u64, u64)> = candidates.iter().map(|e| load_key(e)).collect();
+        let cost: Vec<f64> = (0..n)
+            .map(|i| {
+                self.overlap_weight * (prompt_blocks[i] - matched[i]) as f64
+                    + loads[i].0 as f64 * avg
+            })
+            .collect();
+        order.clear();
+        order.extend(0..n);
+        order.sort_by(|&a, &b| {
+            cost[a]
+                .total_cmp(&cost[b])
+                .then(loads[a].cmp(&loads[b]))
+                .then(held[a].cmp(&held[b]))
+                .then_with(|| candidates[a].url.cmp(&candidates[b].url))
+        });
+        let first = order[0];
+        let matched_tokens = |i: usize| matched[i] * bs[i].unwrap_or(default_bs);
+        let best = (0..n).map(matched_tokens).max().unwrap_or(0);
+        let outcome = if best == 0 {
+            Outcome::Miss
+        } else if matched_tokens(first) == best {
+            Outcome::CacheHit
+        } else {
+            Outcome::Balanced
+        };
+        self.kv
+            .matched_ratio
+            .observe(matched[first] as f64 / prompt_blocks[first].max(1) as f64);
+        let new_avg = avg + (prompt_blocks[first] as f64 - avg) / 8.0;
+        self.avg_blocks
+            .store(new_avg.max(f64::MIN_POSITIVE).to_bits(), Ordering::Relaxed);
+        outcome
+    }
+}
+
+impl Policy for KvAware {
+    fn name(&self) -> &'static str {
+        "kvaware"
+    }
+
+    fn rank(&self, _ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
+        self.decide(b"", candidates, order);
+    }
+
+    fn rank_request(
+        &self,
+        _ctx: &RouteCtx<'_>,
+        body: &[u8],
+        candidates: &[Arc<Endpoint>],
+        order: &mut Vec<usize>,
+    ) {
+        self.decide(body, candidates, order);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testutil::engines;
+    use engine::kv_events::{BlockStored, KvEvent};
+    use serde_json::json;
+
+    const BS: usize = 16;
+
+    fn setup(n: usize) -> (Vec<Arc<Endpoint>>, Arc<KvState>, KvAware) {
+        let e = engines(n);
+        let kv = Arc::new(KvState::new(5557));
+        for x in &e {
+            kv.index_mut().attach(x.key);
+            kv.index_mut().set_block_size(x.key, BS);
+        }
+        let p = KvAware::new(kv.clone(), 1.0);
+        (e, kv, p)
+    }
+
+    fn chat(system: &str, user: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({"model":"m","messages":[
+            {"role":"system","content":system},{"role":"user","content":user}]}))
+        .unwrap()
+    }
+
+    /// Make engine `e` hold the full blocks of `tokens` (as its events would say).
+    fn cache(kv: &KvState, e: &Endpoint, tokens: &[u32]) {
+        let hashes = prompt_hashes(tokens, BS);
+        let full = hashes.len() * BS;
+        kv.index_mut().apply(
+            e.key,
+            &KvEvent::BlockStored(BlockStored::new(hashes, None, tokens[..full].to_vec(), BS)),
+        );
+    }
+
+    fn route(p: &KvAware, e: &[Arc<Endpoint>], body: &[u8]) -> (usize, Outcome) {
+        let mut order = Vec::new();
+        let o = p.decide(body, e, &mut order);
+        let mut s = order.clone();
+        s.sort();
+        assert_eq!(s, (0..e.len()).collect::<Vec<_>>(), "every engine once");
+        (order[0], o)
+    }
+
+    #[test]
+    fn tokenizes_as_the_engine_does() {
+        let t = SimTokenizer::new();
+        let body = chat("be brief", "hi");
+        let msgs: Vec<ChatMessage> = serde_json::from_value(json!([
+            {"role":"system","content":"be brief"},{"role":"user","content":"hi"}]))
+        .unwrap();
+        let expect = t.encode(&engine::tokenizer::chatml(&msgs, true));
+        assert_eq!(prompt_tokens(&t, &body), Some(expect));
+        let no_gen =
+            br#"{"messages":[{"role":"user","content":"hi"}],"add_generation_prompt":false}"#;
+        assert_eq!(
+            prompt_tokens(&t, no_gen),
+            Some(t.encode("<|im_start|>user\nhi<|im_end|>\n"))
+        );
+        assert_eq!(
+            prompt_tokens(&t, br#"{"prompt":"once upon"}"#),
+            Some(t.encode("once upon"))
+        );
+        assert_eq!(
+            prompt_tokens(&t, br#"{"prompt":[5,6,7]}"#),
+            Some(vec![5, 6, 7])
+        );
+        assert_eq!(prompt_tokens(&t, br#"{"prompt":[[1],[2]]}"#), Some(vec![1]));
+        assert_eq!(prompt_tokens(&t, br#"{"input":"x"}"#), None);
+    }
+
+    #[test]
+    fn follows_the_engine_holding_the_prefix() {
+        let (e, kv, p) = setup(4);
+        let sys = "You are a careful assistant. ".repeat(40);
+        let body = chat(&sys, "first question");
+        let tokens = prompt_tokens(&SimTokenizer::new(), &body).unwrap();
+        cache(&kv, &e[2], &tokens[..tokens.len() / 2]);
+        let (first, o) = route(&p, &e, &chat(&sys, "another question"));
+        assert_eq!((first, o), (2, Outcome::CacheHit));
+        // A prompt nobody holds: the least loaded, ties by URL.
+        e[0].in_flight.store(1, Ordering::Relaxed);
+        let (first, o) = route(&p, &e, &chat("unrelated", "x"));
+        assert_eq!((first, o), (1, Outcome::Miss));
+        assert_eq!(kv.decisions(Outcome::CacheHit), 1);
+        assert_eq!(kv.decisions(Outcome::Miss), 1);
+    }
+
+    #[test]
+    fn load_outweighs_a_short_match_but_not_a_long_one() {
+        let (e, kv, p) = setup(2);
+        let long = "shared context words ".repeat(100);
+        let tokens = prompt_tokens(&SimTokenizer::new(), &chat(&long, "q")).unwrap();
+        let blocks = tokens.len().div_ceil(BS);
+        // Engine 0 holds almost all of it and has one request in flight (of about this
+        // size): cost ≈ 1 + blocks·1 vs blocks for the idle engine... a long match wins
+        // only while the saved prefill exceeds the extra active blocks.
+        cache(&kv, &e[0], &tokens);
+        e[0].in_flight.store(1, Ordering::Relaxed);
+        let (first, o) = route(&p, &e, &chat(&long, "q"));
+        // cost0 = 1 (the partial block) + 1×blocks, cost1 = blocks: the idle engine wins.
+        assert_eq!((first, o), (1, Outcome::Balanced), "{blocks} blocks");
+        // With more weight on the prefill saved, the cache wins.
+        let p2 = KvAware::new(kv.clone(), 2.0);
+        let (first, o) = route(&p2, &e, &chat(&long, "q"));
+        assert_eq!((first, o), (0, Outcome::CacheHit));
+        // Idle holder: the cache, trivially.
+        e[0].in_flight.store(0, Ordering::Relaxed);
+        assert_eq!(route(&p, &e, &chat(&long, "q")), (0, Outcome::CacheHit));
+    }
+
+    #[test]
+    fn no_stream_or_no_prompt_falls_back_to_least_load() {
+        let e = engines(3);
+        let kv = Arc::new(KvState::new(5557));
+        let p = KvAware::new(kv.clone(), 1.0);
+        e[0].in_flight.store(2, Ordering::Relaxed);
+        e[1].in_flight.store(1, Ordering::Relaxed);
+        e[2].in_flight.store(3, Ordering::Relaxed);
+        assert_eq!(route(&p, &e, &chat("a", "b")), (1, Outcome::Fallback));
+        let (_, kv2, p2) = setup(3);
+        let _ = kv2;
+        assert_eq!(route(&p2, &e, br#"{"model":"m"}"#).1, Outcome::Fallback);
+        assert_eq!(kv.decisions(Outcome::Fallback), 1);
+    }
+
+    #[test]
+    fn two_replicas_fed_the_same_events_agree() {
+        let e = engines(4);
+        let mk = || {
+            let kv = Arc::new(KvState::new(5557));
+            for x in &e {
+                kv.index_mut().attach(x.key);
+                kv.index_mut().set_block_size(x.key, BS);
+            }
+            (kv.clone(), KvAware::new(kv, 1.0))
+        };
+        let (kv_a, a) = mk();
+        let (kv_b, b) = mk();
+        let t = SimTokenizer::new();
+        for u in 0..20u64 {
+            let body = chat(&format!("user {u} notes ").repeat(30), &format!("q{u}"));
+            let tokens = prompt_tokens(&t, &body).unwrap();
+            if u % 3 == 0 {
+                for kv in [&kv_a, &kv_b] {
+                    cache(kv, &e[(u % 4) as usize], &tokens);
+                }
+            }
+            assert_eq!(route(&a, &e, &body), route(&b, &e, &body), "user {u}");
+        }
+    }
+}
