@@ -336,6 +336,9 @@ async fn version() -> Response<Body> {
 async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     let mut page = st.metrics.render(&st.registry);
     page.push_str(&st.kv.render(&st.registry));
+    let mut w = protocol::prom::TextWriter::new();
+    st.dynamic().policy.render_metrics(&mut w);
+    page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -45,6 +45,8 @@ pub trait Policy: Send + Sync {
     fn needs_prompt(&self) -> bool {
         false
     }
+    /// The policy's own `/metrics` families (decisions, state size), if it keeps any.
+    fn render_metrics(&self, _w: &mut protocol::prom::TextWriter) {}
     /// [`Policy::rank`] with the request body at hand (for policies that read the prompt
     /// as the engine will: `kvaware` tokenizes it).
     fn rank_request(

@@ -15,11 +15,18 @@
 //! SGLang does. Memory is bounded: beyond `max_chars` (text bytes plus bookkeeping, all
 //! models together) the least recently used leaves are evicted, from the model whose
 //! oldest leaf is oldest. Without a prompt (or an empty one): least load, nothing stored.
+//!
+//! Metrics (rendered by [`Policy::render_metrics`] while this is the routing logic):
+//! decisions per [`Outcome`], the share of the prompt the chosen engine held, and the
+//! trees' size. Updating them is a few relaxed atomics per request (fixed arrays, no
+//! labels taken from requests); the node count is summed only at `/metrics` time.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use protocol::prom::{Counter, Histogram, TextWriter};
 
 use super::{by_load, load_key, Policy, RouteCtx};
 use crate::config::PrefixSettings;
@@ -37,9 +44,16 @@ pub struct PrefixAware {
     total: AtomicUsize,
     /// Logical time for LRU order, shared by all trees so their leaves compare.
     clock: AtomicU64,
+    /// Decisions, indexed by `Outcome as usize`.
+    decisions: [Counter; 4],
+    /// Matched prefix of the first-ranked engine / prompt length (requests with a prompt).
+    matched_ratio: Histogram,
 }
 
-/// What the policy decided for one request (for tests and, later, metrics).
+/// Bucket bounds of `vllm:router_prefix_matched_prefix_ratio` (as kvaware's).
+pub const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// What the policy decided for one request (for tests and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Followed the engine(s) holding the longest prefix.
@@ -50,6 +64,25 @@ pub enum Outcome {
     Imbalanced,
     /// No prompt text: least load, nothing recorded.
     NoPrompt,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::CacheHit,
+        Outcome::Miss,
+        Outcome::Imbalanced,
+        Outcome::NoPrompt,
+    ];
+
+    /// The `outcome` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Miss => "miss",
+            Outcome::Imbalanced => "imbalanced",
+            Outcome::NoPrompt => "no_prompt",
+        }
+    }
 }
 
 fn lock(t: &Tree) -> std::sync::MutexGuard<'_, PrefixTree> {
@@ -63,7 +96,26 @@ impl PrefixAware {
             trees: RwLock::new(HashMap::new()),
             total: AtomicUsize::new(0),
             clock: AtomicU64::new(1),
+            decisions: Default::default(),
+            matched_ratio: Histogram::new(RATIO_BUCKETS),
         }
+    }
+
+    /// Decisions so far with this outcome.
+    pub fn decisions(&self, outcome: Outcome) -> u64 {
+        self.decisions[outcome as usize].get()
+    }
+
+    /// Live nodes in the trees of all models (locks each tree in turn).
+    pub fn stored_nodes(&self) -> usize {
+        let trees: Vec<Tree> = self
+            .trees
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        trees.iter().map(|t| lock(t).nodes()).sum()
     }
 
     /// Bytes held by the trees of all models.
@@ -88,8 +140,19 @@ impl PrefixAware {
             .clone()
     }
 
-    /// Rank and say why (the `Policy::rank` body).
+    /// Rank and say why (the `Policy::rank` body); counts the decision.
     pub fn decide(
+        &self,
+        ctx: &RouteCtx<'_>,
+        candidates: &[Arc<Endpoint>],
+        order: &mut Vec<usize>,
+    ) -> Outcome {
+        let outcome = self.decide_inner(ctx, candidates, order);
+        self.decisions[outcome as usize].inc();
+        outcome
+    }
+
+    fn decide_inner(
         &self,
         ctx: &RouteCtx<'_>,
         candidates: &[Arc<Endpoint>],
@@ -110,7 +173,7 @@ impl PrefixAware {
 
         let tree = self.tree(ctx.model);
         let mut held: Vec<(Tenant, usize)> = Vec::with_capacity(candidates.len());
-        let (outcome, over) = {
+        let (outcome, over, ratio) = {
             let mut t = lock(&tree);
             // Taken under the lock, so each tree sees its times in order.
             let now = self.clock.fetch_add(1, Ordering::Relaxed);
@@ -139,11 +202,13 @@ impl PrefixAware {
             } else {
                 order.sort_by_key(|&i| (loads[i], share[i], Reverse(matched[i])));
             }
+            let ratio = matched[order[0]] as f64 / text.len() as f64;
             let grew = t.insert(text, candidates[order[0]].key, now);
             // Counted before the lock is released, so no eviction can subtract it first.
             let total = self.total.fetch_add(grew, Ordering::Relaxed) + grew;
-            (outcome, total > self.cfg.max_chars)
+            (outcome, total > self.cfg.max_chars, ratio)
         };
+        self.matched_ratio.observe(ratio);
         if over {
             self.evict();
         }
@@ -195,6 +260,31 @@ impl Policy for PrefixAware {
 
     fn rank(&self, ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
         self.decide(ctx, candidates, order);
+    }
+
+    fn render_metrics(&self, w: &mut TextWriter) {
+        const D: &str = "vllm:router_prefix_decisions_total";
+        w.header(D, "counter", "prefixaware routing decisions by outcome");
+        for o in Outcome::ALL {
+            w.sample(D, &[("outcome", o.label())], self.decisions(o) as f64);
+        }
+        const R: &str = "vllm:router_prefix_matched_prefix_ratio";
+        w.header(
+            R,
+            "histogram",
+            "Fraction of the prompt the chosen engine was sent before (prefixaware)",
+        );
+        w.histogram(R, &[], &self.matched_ratio);
+        const B: &str = "vllm:router_prefix_tree_bytes";
+        w.header(
+            B,
+            "gauge",
+            "Memory charged to the prefix trees (text plus bookkeeping), all models",
+        );
+        w.sample(B, &[], self.stored_bytes() as f64);
+        const N: &str = "vllm:router_prefix_tree_nodes";
+        w.header(N, "gauge", "Nodes in the prefix trees, all models");
+        w.sample(N, &[], self.stored_nodes() as f64);
     }
 }
 
@@ -392,6 +482,56 @@ mod tests {
         let old = format!("<|user|>{} unique prompt 1 ", crate::engines::mix64(1));
         lock(&t).match_tenants(old.as_bytes(), &mut m);
         assert!(m.iter().all(|&(_, n)| n < old.len()));
+    }
+
+    #[test]
+    fn metrics_count_decisions_and_size() {
+        let e = engines(3);
+        let p = PrefixAware::new(PrefixSettings::default());
+        let page = |p: &PrefixAware| {
+            let mut w = TextWriter::new();
+            p.render_metrics(&mut w);
+            w.finish()
+        };
+        let empty = page(&p);
+        assert!(empty.contains("vllm:router_prefix_decisions_total{outcome=\"cache_hit\"} 0.0\n"));
+        assert!(empty.contains("vllm:router_prefix_tree_bytes 0.0\n"));
+        assert!(empty.contains("vllm:router_prefix_tree_nodes 0.0\n"));
+        for round in 1..=4 {
+            for user in 0..2 {
+                route(&p, &e, &conversation(user, round));
+            }
+        }
+        let mut order = Vec::new();
+        p.decide(&RouteCtx::default(), &e, &mut order);
+        set_load(&e, &[0, 0, 100]);
+        route(&p, &e, &conversation(0, 5));
+        assert_eq!(p.decisions(Outcome::Miss), 2);
+        assert_eq!(p.decisions(Outcome::CacheHit), 6);
+        assert_eq!(p.decisions(Outcome::NoPrompt), 1);
+        assert_eq!(p.decisions(Outcome::Imbalanced), 1);
+        // One observation per request with a prompt; hits see most of their prompt.
+        assert_eq!(p.matched_ratio.count(), 9);
+        assert!(
+            p.matched_ratio.sum() > 6.0 * 0.5,
+            "{}",
+            p.matched_ratio.sum()
+        );
+        assert!(p.stored_bytes() > 0 && p.stored_nodes() > 0);
+        let text = page(&p);
+        for line in [
+            "# TYPE vllm:router_prefix_decisions_total counter".to_string(),
+            "vllm:router_prefix_decisions_total{outcome=\"cache_hit\"} 6.0".to_string(),
+            "vllm:router_prefix_decisions_total{outcome=\"miss\"} 2.0".to_string(),
+            "vllm:router_prefix_decisions_total{outcome=\"imbalanced\"} 1.0".to_string(),
+            "vllm:router_prefix_decisions_total{outcome=\"no_prompt\"} 1.0".to_string(),
+            "vllm:router_prefix_matched_prefix_ratio_count 9".to_string(),
+            "vllm:router_prefix_matched_prefix_ratio_bucket{le=\"+Inf\"} 9".to_string(),
+            format!("vllm:router_prefix_tree_bytes {}.0", p.stored_bytes()),
+            format!("vllm:router_prefix_tree_nodes {}.0", p.stored_nodes()),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 
     #[test]

@@ -104,9 +104,17 @@ async fn send(c: &reqwest::Client, r: &Proc, u: usize, round: usize) -> String {
     by
 }
 
-/// Send `users` users' rounds, round by round (in user order, or all users at once), and
-/// return per user the engine of each round, the engines, and their prefix-cache hits.
-async fn run(logic: &str, users: usize, concurrent: bool) -> (Vec<Vec<String>>, Vec<String>, f64) {
+/// What [`run`] saw: per user the engine of each round, the engines, their prefix-cache
+/// hits, and the router's `/metrics` page at the end.
+struct Run {
+    served: Vec<Vec<String>>,
+    engines: Vec<String>,
+    hits: f64,
+    page: String,
+}
+
+/// Send `users` users' rounds, round by round (in user order, or all users at once).
+async fn run(logic: &str, users: usize, concurrent: bool) -> Run {
     let engines: Vec<Proc> = (0..3)
         .map(|_| Proc::engine(&["--sim-preset", "zero"]))
         .collect();
@@ -130,7 +138,44 @@ async fn run(logic: &str, users: usize, concurrent: bool) -> (Vec<Vec<String>>, 
         }
     }
     let hits = prefix_hits(&c, &engines).await;
-    (served, engines.iter().map(host_port).collect(), hits)
+    let page = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .expect("router metrics")
+        .text()
+        .await
+        .expect("page");
+    Run {
+        served,
+        engines: engines.iter().map(host_port).collect(),
+        hits,
+        page,
+    }
+}
+
+/// The router's prefixaware series after `users` users' `ROUNDS` rounds: every request
+/// counted, each user's first round a miss and its later rounds hits.
+fn assert_prefix_metrics(page: &str, users: usize) {
+    let m = |name: &str, labels: &[(&str, &str)]| {
+        metric(page, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} in\n{page}"))
+    };
+    let d = "vllm:router_prefix_decisions_total";
+    let hit = m(d, &[("outcome", "cache_hit")]);
+    let miss = m(d, &[("outcome", "miss")]);
+    let imbalanced = m(d, &[("outcome", "imbalanced")]);
+    assert_eq!(m(d, &[("outcome", "no_prompt")]), 0.0);
+    assert_eq!(hit + miss + imbalanced, (users * ROUNDS) as f64);
+    assert!(miss >= users as f64, "first rounds miss: {miss}");
+    assert!(
+        hit >= (users * (ROUNDS - 1)) as f64 - imbalanced,
+        "later rounds hit: {hit} (imbalanced {imbalanced})"
+    );
+    let ratio = "vllm:router_prefix_matched_prefix_ratio";
+    assert_eq!(m(&format!("{ratio}_count"), &[]), (users * ROUNDS) as f64);
+    assert!(m(&format!("{ratio}_sum"), &[]) > 0.5 * hit);
+    assert!(m("vllm:router_prefix_tree_bytes", &[]) > 0.0);
+    assert!(m("vllm:router_prefix_tree_nodes", &[]) >= users as f64);
 }
 
 fn assert_sticky_and_spread(served: &[Vec<String>], engines: &[String]) {
@@ -150,9 +195,24 @@ fn assert_sticky_and_spread(served: &[Vec<String>], engines: &[String]) {
 async fn prefixaware_keeps_conversations_on_their_engine() {
     // In order within a round, so round robin's placement is deterministic: five users
     // over three engines, so its rotation moves every conversation every round.
-    let (served, engines, hits) = run("prefixaware", USERS, false).await;
+    let Run {
+        served,
+        engines,
+        hits,
+        page,
+    } = run("prefixaware", USERS, false).await;
     assert_sticky_and_spread(&served, &engines);
-    let (rr_served, _, rr_hits) = run("roundrobin", USERS, false).await;
+    assert_prefix_metrics(&page, USERS);
+    let Run {
+        served: rr_served,
+        hits: rr_hits,
+        page: rr_page,
+        ..
+    } = run("roundrobin", USERS, false).await;
+    assert!(
+        metric(&rr_page, "vllm:router_prefix_decisions_total", &[]).is_none(),
+        "prefixaware series only under prefixaware"
+    );
     assert!(
         rr_served
             .iter()
@@ -169,6 +229,7 @@ async fn prefixaware_keeps_conversations_on_their_engine() {
 #[tokio::test]
 async fn prefixaware_sticks_under_concurrent_users() {
     // All users at once (the router's worker threads share the tree).
-    let (served, engines, _) = run("prefixaware", 9, true).await;
-    assert_sticky_and_spread(&served, &engines);
+    let r = run("prefixaware", 9, true).await;
+    assert_sticky_and_spread(&r.served, &r.engines);
+    assert_prefix_metrics(&r.page, 9);
 }
