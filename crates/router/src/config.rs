@@ -154,8 +154,11 @@ pub struct RouterArgs {
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
     /// JSON file with the same settings (underscored keys), re-read when it changes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dynamic_config_yaml")]
     pub dynamic_config_json: Option<PathBuf>,
+    /// The same as a YAML file.
+    #[arg(long)]
+    pub dynamic_config_yaml: Option<PathBuf>,
     /// Seconds between checks of the dynamic config file.
     #[arg(long, default_value_t = 10.0)]
     pub dynamic_config_interval: f64,
@@ -215,11 +218,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error("parsing {path}: {message}")]
+    Parse { path: PathBuf, message: String },
 }
 
 /// One configured engine.
@@ -277,9 +277,15 @@ pub fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
         path: path.clone(),
         source,
     })?;
-    serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+    let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    let parsed = if yaml {
+        serde_yaml::from_slice(&text).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|message| ConfigError::Parse {
         path: path.clone(),
-        source,
+        message,
     })
 }
 
@@ -390,7 +396,11 @@ pub fn normalize_url(s: &str) -> Result<String, ConfigError> {
 
 impl Settings {
     pub fn from_args(args: &RouterArgs) -> Result<Settings, ConfigError> {
-        let file = match &args.dynamic_config_json {
+        let file = match args
+            .dynamic_config_json
+            .as_ref()
+            .or(args.dynamic_config_yaml.as_ref())
+        {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
@@ -423,7 +433,10 @@ impl Settings {
             max_attempts: args.max_attempts,
             body_limit: args.max_request_body_bytes,
             retry_after: args.retry_after,
-            config_file: args.dynamic_config_json.clone(),
+            config_file: args
+                .dynamic_config_json
+                .clone()
+                .or_else(|| args.dynamic_config_yaml.clone()),
             config_interval: secs(args.dynamic_config_interval, "dynamic-config-interval")?,
         })
     }
@@ -560,6 +573,22 @@ mod tests {
         let file: FileConfig =
             serde_json::from_str(r#"{"routing_logic":"kvaware"}"#).expect("json");
         assert_eq!(file.routing_logic, Some(RoutingLogic::Kvaware));
+    }
+
+    #[test]
+    fn yaml_config_files_read_like_json() {
+        let dir = std::env::temp_dir().join(format!("sy-yaml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("router.yaml");
+        std::fs::write(&path, "routing_logic: session\nsession_key: x-user-id\nstatic_backends:\n  - http://a:1\n  - http://b:2\nstatic_models: m,m\n").expect("write");
+        let f = read_file(&path).expect("yaml parses");
+        let d = dynamic_from(&args(&[]), &f).expect("valid");
+        assert_eq!(d.routing_logic, RoutingLogic::Session);
+        assert_eq!(d.backends.len(), 2);
+        assert_eq!(d.backends[1].model.as_deref(), Some("m"));
+        std::fs::write(&path, "routing_logic: [nope").expect("write");
+        assert!(matches!(read_file(&path), Err(ConfigError::Parse { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

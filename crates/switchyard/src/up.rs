@@ -121,6 +121,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         max_request_body_bytes: 32 * 1024 * 1024,
         retry_after: 5,
         dynamic_config_json: None,
+        dynamic_config_yaml: None,
         dynamic_config_interval: 10.0,
         workers: 1,
         prefix_match_threshold: 0.5,
