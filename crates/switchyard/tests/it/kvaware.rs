@@ -119,6 +119,17 @@ async fn engines_advertise_their_event_sockets() {
     }
     assert_eq!(v["topic"], "kv");
     assert_eq!(v["block_size"], 16);
+    // A loopback endpoint with port 0 binds too (the OS picks the port), as the
+    // benchmark's engines are started.
+    let lo = Proc::engine(&[
+        "--sim-preset",
+        "zero",
+        "--kv-events-config",
+        r#"{"enable_kv_cache_events":true,"endpoint":"tcp://127.0.0.1:0"}"#,
+    ]);
+    let v: Value = c.get(lo.url("/kv_events")).send().await.expect("send").json().await.expect("json");
+    let ep = v["endpoint"].as_str().expect("endpoint");
+    assert!(ep.starts_with("tcp://127.0.0.1:") && !ep.ends_with(":0"), "{ep}");
     let plain = Proc::engine(&["--sim-preset", "zero"]);
     let r = c.get(plain.url("/kv_events")).send().await.expect("send");
     assert_eq!(r.status(), 404);
