@@ -115,6 +115,12 @@ pub struct RouterArgs {
     /// round robin's.
     #[arg(long, default_value_t = 4.0)]
     pub kv_overlap_weight: f64,
+    /// `kvaware`: when no engine holds more than this fraction of the prompt (say only a
+    /// system prompt every user shares), the request goes to the least loaded engine with
+    /// the emptiest cache instead of piling new conversations onto whichever engine
+    /// cached the common part first.
+    #[arg(long, default_value_t = 0.3)]
+    pub kv_min_match: f64,
     /// `kvaware`: the port engines that do not advertise their KV-event endpoint (real
     /// vLLM) publish on, at their own host.
     #[arg(long, default_value_t = 5557)]
@@ -240,6 +246,8 @@ pub struct Dynamic {
     pub prefix: PrefixSettings,
     /// `kvaware`'s `--kv-overlap-weight`.
     pub kv_overlap_weight: f64,
+    /// `kvaware`'s `--kv-min-match`.
+    pub kv_min_match: f64,
 }
 
 /// Everything the router runs with.
@@ -364,9 +372,15 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             "--kv-overlap-weight must be a non-negative number".into(),
         ));
     }
+    if !(0.0..=1.0).contains(&args.kv_min_match) {
+        return Err(ConfigError::Invalid(
+            "--kv-min-match must be between 0 and 1".into(),
+        ));
+    }
     Ok(Dynamic {
         prefix,
         kv_overlap_weight: args.kv_overlap_weight,
+        kv_min_match: args.kv_min_match,
         routing_logic: args
             .routing_logic
             .or(file.routing_logic)

@@ -49,6 +49,7 @@ impl DynState {
                 config.prefix,
                 kv,
                 config.kv_overlap_weight,
+                config.kv_min_match,
             ),
             session_key: config.session_key.clone(),
             config,

@@ -129,6 +129,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         balance_rel_threshold: 1.5,
         prefix_cache_max_chars: 16 * 1024 * 1024,
         kv_overlap_weight: 4.0,
+        kv_min_match: 0.3,
         kv_events_port: 5557,
     };
     let bound = router::bind(router_args).await?;

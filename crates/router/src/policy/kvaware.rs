@@ -37,6 +37,8 @@ use crate::kv_subscriber::{KvState, Outcome};
 pub struct KvAware {
     kv: Arc<KvState>,
     overlap_weight: f64,
+    /// `--kv-min-match`: matches of at most this fraction of the prompt are not followed.
+    min_match: f64,
     tokenizer: Box<dyn Tokenizer>,
     /// Moving average of routed prompts' blocks, as f64 bits (0: none yet).
     avg_blocks: AtomicU64,
@@ -87,9 +89,16 @@ impl KvAware {
         KvAware {
             kv,
             overlap_weight,
+            min_match: 0.0,
             tokenizer: Box::new(SimTokenizer::new()),
             avg_blocks: AtomicU64::new(0),
         }
+    }
+
+    /// Matches of at most this fraction of the prompt are not followed (`--kv-min-match`).
+    pub fn with_min_match(mut self, min_match: f64) -> Self {
+        self.min_match = min_match;
+        self
     }
 
     /// Rank and say why (the `Policy` body); records the decision's metrics.
@@ -178,6 +187,22 @@ impl KvAware {
             .collect();
         order.clear();
         order.extend(0..n);
+        let frac = |i: usize| matched[i] as f64 / prompt_blocks[i].max(1) as f64;
+        let shallow = (0..n).all(|i| frac(i) <= self.min_match);
+        if shallow {
+            // Nothing worth following (at most a prefix every conversation shares): spread
+            // new conversations by load, then over the emptiest caches.
+            order.sort_by(|&a, &b| {
+                loads[a]
+                    .cmp(&loads[b])
+                    .then(held[a].cmp(&held[b]))
+                    .then_with(|| candidates[a].url.cmp(&candidates[b].url))
+            });
+            let first = order[0];
+            self.kv.matched_ratio.observe(frac(first));
+            self.learn_size(avg, prompt_blocks[first]);
+            return Outcome::Miss;
+        }
         order.sort_by(|&a, &b| {
             cost[a]
                 .total_cmp(&cost[b])
@@ -198,10 +223,15 @@ impl KvAware {
         self.kv
             .matched_ratio
             .observe(matched[first] as f64 / prompt_blocks[first].max(1) as f64);
-        let new_avg = avg + (prompt_blocks[first] as f64 - avg) / 8.0;
+        self.learn_size(avg, prompt_blocks[first]);
+        outcome
+    }
+
+    /// Fold a routed prompt's size into the moving average of prompt blocks.
+    fn learn_size(&self, avg: f64, blocks: usize) {
+        let new_avg = avg + (blocks as f64 - avg) / 8.0;
         self.avg_blocks
             .store(new_avg.max(f64::MIN_POSITIVE).to_bits(), Ordering::Relaxed);
-        outcome
     }
 }
 
@@ -295,6 +325,32 @@ mod tests {
         );
         assert_eq!(prompt_tokens(&t, br#"{"prompt":[[1],[2]]}"#), Some(vec![1]));
         assert_eq!(prompt_tokens(&t, br#"{"input":"x"}"#), None);
+    }
+
+    #[test]
+    fn a_shared_system_prompt_alone_does_not_pull_new_conversations() {
+        let (e, kv, p) = setup(3);
+        let p = p.with_min_match(0.3);
+        let sys = "You are a careful assistant. ".repeat(10);
+        // Engine 0 holds the shared system prompt (and is otherwise the emptiest).
+        let sys_tokens = prompt_tokens(&SimTokenizer::new(), &chat(&sys, "")).unwrap();
+        cache(&kv, &e[0], &sys_tokens);
+        // Engine 1 holds more, but of something else.
+        cache(
+            &kv,
+            &e[1],
+            &(0..400).map(|i| 90_000 + i).collect::<Vec<u32>>(),
+        );
+        let long_q = "tell me about the sea and the sun and the sky ".repeat(40);
+        let (first, o) = route(&p, &e, &chat(&sys, &long_q));
+        assert_eq!(o, Outcome::Miss, "a match this shallow is not followed");
+        assert_eq!(
+            first, 2,
+            "the emptiest idle engine takes the new conversation"
+        );
+        // Without the rule, the system prompt wins.
+        let (first, _) = route(&KvAware::new(kv.clone(), 4.0), &e, &chat(&sys, &long_q));
+        assert_eq!(first, 0);
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub fn build(
     prefix: PrefixSettings,
     kv: &Arc<KvState>,
     kv_overlap_weight: f64,
+    kv_min_match: f64,
 ) -> Box<dyn Policy> {
     match logic {
         RoutingLogic::Roundrobin => Box::new(RoundRobin::default()),
@@ -72,7 +73,9 @@ pub fn build(
         RoutingLogic::Leastload => Box::new(LeastLoad),
         RoutingLogic::P2c => Box::new(PowerOfTwo),
         RoutingLogic::Prefixaware => Box::new(PrefixAware::new(prefix)),
-        RoutingLogic::Kvaware => Box::new(KvAware::new(kv.clone(), kv_overlap_weight)),
+        RoutingLogic::Kvaware => {
+            Box::new(KvAware::new(kv.clone(), kv_overlap_weight).with_min_match(kv_min_match))
+        }
     }
 }
 

@@ -127,9 +127,19 @@ async fn engines_advertise_their_event_sockets() {
         "--kv-events-config",
         r#"{"enable_kv_cache_events":true,"endpoint":"tcp://127.0.0.1:0"}"#,
     ]);
-    let v: Value = c.get(lo.url("/kv_events")).send().await.expect("send").json().await.expect("json");
+    let v: Value = c
+        .get(lo.url("/kv_events"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
     let ep = v["endpoint"].as_str().expect("endpoint");
-    assert!(ep.starts_with("tcp://127.0.0.1:") && !ep.ends_with(":0"), "{ep}");
+    assert!(
+        ep.starts_with("tcp://127.0.0.1:") && !ep.ends_with(":0"),
+        "{ep}"
+    );
     let plain = Proc::engine(&["--sim-preset", "zero"]);
     let r = c.get(plain.url("/kv_events")).send().await.expect("send");
     assert_eq!(r.status(), 404);
