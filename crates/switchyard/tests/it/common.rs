@@ -63,6 +63,27 @@ impl Proc {
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.url, path)
     }
+
+    /// `host:port`, as the router's `x-switchyard-engine` header names an engine.
+    pub fn host_port(&self) -> String {
+        self.url.trim_start_matches("http://").to_string()
+    }
+
+    /// A router on a free loopback port over `backends` (base URLs), with extra flags.
+    pub fn router(backends: &[&str], extra: &[&str]) -> Proc {
+        let joined = backends.join(",");
+        let mut args = vec![
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--static-backends",
+            &joined,
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(&args)
+    }
 }
 
 impl Drop for Proc {

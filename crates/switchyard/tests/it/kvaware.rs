@@ -19,27 +19,15 @@ fn kv_engine() -> Proc {
     Proc::engine(&["--sim-preset", "zero", "--kv-events-config", EVENTS])
 }
 
-fn host_port(p: &Proc) -> String {
-    p.url.trim_start_matches("http://").to_string()
-}
-
 fn router(backends: &[&str], extra: &[&str]) -> Proc {
-    let joined = backends.join(",");
     let mut args = vec![
-        "router",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--static-backends",
-        &joined,
         "--routing-logic",
         "kvaware",
         "--health-check-interval",
         "0.5",
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args)
+    Proc::router(backends, &args)
 }
 
 /// A long shared prefix (a system prompt of ~300 one-token words) and a question.
@@ -248,7 +236,7 @@ async fn an_engine_leaving_does_not_break_routing() {
     // health checks eject it), and the prefix settles on one of the others.
     let i = engines
         .iter()
-        .position(|e| host_port(e) == owner)
+        .position(|e| e.host_port() == owner)
         .expect("owner is ours");
     drop(engines.remove(i));
     let next = send(&c, &chat_url, &chat(7, "q1")).await;
@@ -290,7 +278,7 @@ async fn a_router_started_late_catches_up_through_replay() {
     })
     .await;
     let by = send(&c, &r.url("/v1/chat/completions"), &chat(11, "late")).await;
-    assert_eq!(by, host_port(target));
+    assert_eq!(by, target.host_port());
     let p = page(&c, &r).await;
     assert_eq!(
         metric(
@@ -325,7 +313,7 @@ async fn an_engine_restarting_is_followed_from_a_clean_slate() {
     // cache starts empty): the router follows the new stream and forgets the old blocks.
     let i = engines
         .iter()
-        .position(|e| host_port(e) == owner)
+        .position(|e| e.host_port() == owner)
         .expect("owner is ours");
     drop(engines.remove(i));
     let port = owner.rsplit(':').next().expect("port").to_string();

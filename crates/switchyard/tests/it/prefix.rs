@@ -11,27 +11,9 @@ use crate::common::{client, metric, Proc};
 const USERS: usize = 5;
 const ROUNDS: usize = 5;
 
-fn host_port(p: &Proc) -> String {
-    p.url.trim_start_matches("http://").to_string()
-}
-
 fn router(engines: &[Proc], logic: &str) -> Proc {
-    let joined = engines
-        .iter()
-        .map(|e| e.url.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    Proc::start(&[
-        "router",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--static-backends",
-        &joined,
-        "--routing-logic",
-        logic,
-    ])
+    let backends: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
+    Proc::router(&backends, &["--routing-logic", logic])
 }
 
 /// A few pseudo-random words (deterministic per seed).
@@ -148,7 +130,7 @@ async fn run(logic: &str, users: usize, concurrent: bool) -> Run {
         .expect("page");
     Run {
         served,
-        engines: engines.iter().map(host_port).collect(),
+        engines: engines.iter().map(Proc::host_port).collect(),
         hits,
         page,
     }

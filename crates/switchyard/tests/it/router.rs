@@ -10,24 +10,9 @@ use crate::common::{client, metric, Proc};
 
 const ENGINE_HEADER: &str = "x-switchyard-engine";
 
-fn host_port(p: &Proc) -> String {
-    p.url.trim_start_matches("http://").to_string()
-}
-
 fn router(engines: &[&Proc], extra: &[&str]) -> Proc {
     let backends: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
-    let joined = backends.join(",");
-    let mut args = vec![
-        "router",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--static-backends",
-        &joined,
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(&args)
+    Proc::router(&backends, extra)
 }
 
 async fn chat(
@@ -94,7 +79,7 @@ async fn proxies_every_endpoint_and_answers_its_own() {
             .and_then(|v| v.to_str().ok()),
         Some("abc-123")
     );
-    assert_eq!(served_by(&resp), host_port(&e1));
+    assert_eq!(served_by(&resp), e1.host_port());
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["usage"]["completion_tokens"], 3);
     let resp = c
@@ -103,7 +88,7 @@ async fn proxies_every_endpoint_and_answers_its_own() {
         .send()
         .await
         .expect("send");
-    assert_eq!(served_by(&resp), host_port(&e2));
+    assert_eq!(served_by(&resp), e2.host_port());
     assert!(
         resp.headers().get("x-request-id").is_some(),
         "a request id is generated"
@@ -122,7 +107,7 @@ async fn proxies_every_endpoint_and_answers_its_own() {
     ] {
         let resp = c.post(r.url(path)).json(&body).send().await.expect("send");
         assert_eq!(resp.status(), 200, "{path}");
-        assert_eq!(served_by(&resp), host_port(&e2), "{path}");
+        assert_eq!(served_by(&resp), e2.host_port(), "{path}");
     }
     // Paths the sim engine does not implement still reach it: its FastAPI-style 404.
     for path in [
@@ -139,7 +124,7 @@ async fn proxies_every_endpoint_and_answers_its_own() {
             .send()
             .await
             .expect("send");
-        assert_eq!(served_by(&resp), host_port(&e2), "{path} was proxied");
+        assert_eq!(served_by(&resp), e2.host_port(), "{path} was proxied");
         assert_eq!(resp.status(), 404, "{path}");
         assert_eq!(
             resp.text().await.expect("body"),
@@ -229,12 +214,12 @@ async fn proxies_every_endpoint_and_answers_its_own() {
     );
     // `?id=` pins an engine.
     let resp = c
-        .post(r.url(&format!("/v1/completions?id={}", host_port(&e2))))
+        .post(r.url(&format!("/v1/completions?id={}", e2.host_port())))
         .json(&json!({"model":"other","prompt":"x","max_tokens":1}))
         .send()
         .await
         .expect("send");
-    assert_eq!(served_by(&resp), host_port(&e2));
+    assert_eq!(served_by(&resp), e2.host_port());
 }
 
 #[tokio::test]
@@ -252,7 +237,7 @@ async fn roundrobin_spreads_evenly() {
         *counts.entry(served_by(&resp)).or_default() += 1;
     }
     for e in &engines {
-        assert_eq!(counts.get(&host_port(e)), Some(&10), "{counts:?}");
+        assert_eq!(counts.get(&e.host_port()), Some(&10), "{counts:?}");
         let done = engine_metric(
             &c,
             e,
@@ -301,7 +286,7 @@ async fn session_affinity_survives_losing_an_engine() {
     let resp = chat(&c, &r, &[], body).await;
     assert_eq!(served_by(&resp), owner["user-7"]);
 
-    let gone = host_port(engines[1].as_ref().expect("engine"));
+    let gone = engines[1].as_ref().expect("engine").host_port();
     engines[1] = None; // killed
     let mut moved = 0;
     for i in 0..60 {
@@ -552,7 +537,7 @@ async fn config_change_adds_an_engine_without_failing_requests_in_flight() {
     for _ in 0..4 {
         let resp = chat(&c, &r, &[], small_chat()).await;
         assert_eq!(resp.status(), 200);
-        seen_b |= served_by(&resp) == host_port(&b);
+        seen_b |= served_by(&resp) == b.host_port();
     }
     assert!(seen_b, "the new engine gets traffic");
     for t in inflight {
