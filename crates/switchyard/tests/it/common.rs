@@ -93,6 +93,17 @@ impl Drop for Proc {
     }
 }
 
+/// GET `url` and parse the JSON answer (panics with the step that failed).
+pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
+    c.get(url)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json")
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::{client, metric, Proc};
+use crate::common::{client, get_json, metric, Proc};
 
 fn fixture(name: &str) -> String {
     let path = concat!(
@@ -303,14 +303,7 @@ async fn bodies_have_vllm_shapes() {
         .is_none());
     assert_eq!(got["object"], "text_completion");
 
-    let models: Value = c
-        .get(e.url("/v1/models"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let models: Value = get_json(&c, &e.url("/v1/models")).await;
     let want = fixture_json("models.body");
     assert_eq!(models["object"], want["object"]);
     assert_eq!(models["data"][0]["id"], "smollm2");
@@ -333,14 +326,7 @@ async fn bodies_have_vllm_shapes() {
     let r = c.get(e.url("/health")).send().await.expect("send");
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.text().await.expect("body"), "");
-    let v: Value = c
-        .get(e.url("/version"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(&c, &e.url("/version")).await;
     assert!(v["version"].as_str().is_some());
 
     let tok: Value = c

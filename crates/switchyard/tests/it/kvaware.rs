@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{client, metric, Proc};
+use crate::common::{client, get_json, metric, Proc};
 
 const EVENTS: &str = r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:0","replay_endpoint":"tcp://*:0","topic":"kv"}"#;
 
@@ -89,6 +89,23 @@ async fn wait_for(c: &reqwest::Client, r: &Proc, what: &str, ok: impl Fn(&str) -
     }
 }
 
+/// Wait until the router follows every engine's events, send the first request of
+/// conversation `seed`, and wait until its engine's blocks are indexed; returns that
+/// engine (`host:port`).
+async fn warm_owner(c: &reqwest::Client, r: &Proc, urls: &[String], seed: u64) -> String {
+    wait_for(c, r, "all three streams", |p| {
+        urls.iter().all(|u| engine_blocks(p, u).is_some())
+    })
+    .await;
+    let owner = send(c, &r.url("/v1/chat/completions"), &chat(seed, "q0")).await;
+    let owner_url = format!("http://{owner}");
+    wait_for(c, r, "the owner's blocks", |p| {
+        engine_blocks(p, &owner_url).unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    owner
+}
+
 fn engine_blocks(page: &str, e: &str) -> Option<f64> {
     metric(page, "vllm:router_kv_engine_blocks", &[("server", e)])
 }
@@ -115,14 +132,7 @@ async fn engines_advertise_their_event_sockets() {
         "--kv-events-config",
         r#"{"enable_kv_cache_events":true,"endpoint":"tcp://127.0.0.1:0"}"#,
     ]);
-    let v: Value = c
-        .get(lo.url("/kv_events"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(&c, &lo.url("/kv_events")).await;
     let ep = v["endpoint"].as_str().expect("endpoint");
     assert!(
         ep.starts_with("tcp://127.0.0.1:") && !ep.ends_with(":0"),
@@ -220,17 +230,9 @@ async fn an_engine_leaving_does_not_break_routing() {
         "0.5",
     ]);
     let c = client();
-    wait_for(&c, &r, "all three streams", |p| {
-        urls.iter().all(|u| engine_blocks(p, u).is_some())
-    })
-    .await;
     let chat_url = r.url("/v1/chat/completions");
-    let owner = send(&c, &chat_url, &chat(7, "q0")).await;
+    let owner = warm_owner(&c, &r, &urls, 7).await;
     let owner_url = format!("http://{owner}");
-    wait_for(&c, &r, "the owner's blocks", |p| {
-        engine_blocks(p, &owner_url).unwrap_or(0.0) >= 10.0
-    })
-    .await;
 
     // Kill the engine holding the prefix: requests still succeed (failover, then the
     // health checks eject it), and the prefix settles on one of the others.
@@ -297,17 +299,9 @@ async fn an_engine_restarting_is_followed_from_a_clean_slate() {
     let url_refs: Vec<&str> = urls.iter().map(String::as_str).collect();
     let r = router(&url_refs, &[]);
     let c = client();
-    wait_for(&c, &r, "all three streams", |p| {
-        urls.iter().all(|u| engine_blocks(p, u).is_some())
-    })
-    .await;
     let chat_url = r.url("/v1/chat/completions");
-    let owner = send(&c, &chat_url, &chat(21, "q0")).await;
+    let owner = warm_owner(&c, &r, &urls, 21).await;
     let owner_url = format!("http://{owner}");
-    wait_for(&c, &r, "the owner's blocks", |p| {
-        engine_blocks(p, &owner_url).unwrap_or(0.0) >= 10.0
-    })
-    .await;
 
     // Restart the owner on the same HTTP port (its event sockets get new ports, and its
     // cache starts empty): the router follows the new stream and forgets the old blocks.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::{client, metric, Proc};
+use crate::common::{client, get_json, metric, Proc};
 
 const ENGINE_HEADER: &str = "x-switchyard-engine";
 
@@ -132,14 +132,7 @@ async fn proxies_every_endpoint_and_answers_its_own() {
         );
     }
     // Answered by the router itself.
-    let models: Value = c
-        .get(r.url("/v1/models"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let models: Value = get_json(&c, &r.url("/v1/models")).await;
     let mut ids: Vec<&str> = models["data"]
         .as_array()
         .expect("data")
@@ -148,27 +141,13 @@ async fn proxies_every_endpoint_and_answers_its_own() {
         .collect();
     ids.sort();
     assert_eq!(ids, vec!["other", "switchyard-sim"]);
-    let engines: Value = c
-        .get(r.url("/engines"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let engines: Value = get_json(&c, &r.url("/engines")).await;
     assert_eq!(engines["data"].as_array().map(Vec::len), Some(2));
     assert_eq!(
         c.get(r.url("/health")).send().await.expect("send").status(),
         200
     );
-    let v: Value = c
-        .get(r.url("/version"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = get_json(&c, &r.url("/version")).await;
     assert!(v["version"].is_string());
     let page = c
         .get(r.url("/metrics"))
@@ -519,14 +498,7 @@ async fn config_change_adds_an_engine_without_failing_requests_in_flight() {
     .expect("write");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v: Value = c
-            .get(r.url("/engines"))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let v: Value = get_json(&c, &r.url("/engines")).await;
         if v["data"].as_array().map(Vec::len) == Some(2) {
             break;
         }
