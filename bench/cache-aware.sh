@@ -84,15 +84,8 @@ cleanup() { stop_pids "${PIDS[@]:-}"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_ready_line() { # file pid secs
-  local i
-  for ((i = 0; i < $3 * 10; i++)); do
-    grep -q '^READY ' "$1" 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # wait until the target answers a chat completion with 200 (the first one also tells a
 # router which models exist); one 1-token request, a few tokens of prefix-cache traffic
 wait_http() { # port pid secs

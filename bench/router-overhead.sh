@@ -71,16 +71,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# wait for "READY http://..." on a process's stdout file
-wait_ready_line() { # file pid secs
-  local i
-  for ((i = 0; i < $3 * 10; i++)); do
-    grep -q '^READY ' "$1" 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # wait until a POST /v1/completions answers 200 through the port
 wait_http() { # port pid secs
   local i
