@@ -209,12 +209,7 @@ impl EngineMetrics {
             ],
             1.0,
         );
-        w.header(
-            "process_start_time_seconds",
-            "gauge",
-            "Start time of the process since unix epoch in seconds.",
-        );
-        w.sample("process_start_time_seconds", &[], self.start_time);
+        w.process_metrics(Some(self.start_time));
         w.finish()
     }
 }

@@ -338,6 +338,7 @@ async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     page.push_str(&st.kv.render(&st.registry));
     let mut w = protocol::prom::TextWriter::new();
     st.dynamic().policy.render_metrics(&mut w);
+    w.process_metrics(None);
     page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));
     r.headers_mut().insert(
