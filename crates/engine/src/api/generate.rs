@@ -269,7 +269,8 @@ pub async fn chat_completions(
     }
     let text = engine
         .tokenizer
-        .apply_chat_template(&body.messages, body.add_generation_prompt.unwrap_or(true));
+        .apply_chat_template(&body.messages, body.add_generation_prompt.unwrap_or(true))
+        .map_err(|e| ApiError::bad_request(e, None))?;
     let prompt = engine.tokenizer.encode(&text);
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;
@@ -420,9 +421,9 @@ pub async fn completions(
     let body: CompletionRequest = read_json_probed::<_, SamplingFields>(&engine, req).await?;
     engine.check_model(body.model.as_deref())?;
     let prompt = match body.prompt {
-        Prompt::Text(t) => engine.tokenizer.encode(&t),
+        Prompt::Text(t) => engine.tokenizer.encode_prompt(&t),
         Prompt::Tokens(t) => t,
-        Prompt::TextBatch(mut v) if v.len() == 1 => engine.tokenizer.encode(&v.remove(0)),
+        Prompt::TextBatch(mut v) if v.len() == 1 => engine.tokenizer.encode_prompt(&v.remove(0)),
         Prompt::TokenBatch(mut v) if v.len() == 1 => v.remove(0),
         _ => {
             return Err(ApiError::bad_request(

@@ -247,8 +247,12 @@ async fn tokenize(State(engine): State<Engine>, req: Request) -> Result<Response
         (Some(messages), _) => {
             let text = engine
                 .tokenizer
-                .apply_chat_template(messages, body.add_generation_prompt.unwrap_or(true));
+                .apply_chat_template(messages, body.add_generation_prompt.unwrap_or(true))
+                .map_err(|e| ApiError::bad_request(e, None))?;
             engine.tokenizer.encode(&text)
+        }
+        (None, Some(prompt)) if body.add_special_tokens.unwrap_or(true) => {
+            engine.tokenizer.encode_prompt(prompt)
         }
         (None, Some(prompt)) => engine.tokenizer.encode(prompt),
         (None, None) => {

@@ -1,9 +1,12 @@
 //! Tokenizers: the [`Tokenizer`] trait the engine and API use, the fast deterministic
 //! [`SimTokenizer`], chat-template rendering, and incremental detokenization.
 
+pub mod bpe;
 mod incremental;
 pub mod sim;
+pub mod template;
 
+pub use bpe::{BpeTokenizer, TokenizerError};
 pub use incremental::IncrementalDecoder;
 pub use sim::SimTokenizer;
 
@@ -14,13 +17,24 @@ use protocol::openai::ChatMessage;
 pub trait Tokenizer: Send + Sync {
     /// Encode `text`; special-token markers in the text become their special ids.
     fn encode(&self, text: &str) -> Vec<u32>;
+    /// Encode a completion prompt: [`Tokenizer::encode`] plus the BOS token where the model
+    /// adds one (vLLM's `add_special_tokens=True`). Rendered chat prompts use `encode`, as
+    /// the template writes its own BOS.
+    fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        self.encode(text)
+    }
     /// Decode ids to text; special tokens are skipped when `skip_special` is set.
     fn decode(&self, ids: &[u32], skip_special: bool) -> String;
     /// Ids that end generation (EOS and end-of-turn).
     fn eos_token_ids(&self) -> &[u32];
-    /// Render chat messages into a prompt string.
-    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> String {
-        chatml(messages, add_generation_prompt)
+    /// Render chat messages into a prompt string; an error is the template's complaint
+    /// about the messages (a 400 for the client).
+    fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        Ok(chatml(messages, add_generation_prompt))
     }
 }
 
