@@ -181,3 +181,5 @@ fi
 
 echo "VLLM_PYTHON=$vpy"
 echo "VLLM_MODEL_DIR=$model_dir"
+# The GGUF the model was converted from (routers tokenize with it).
+echo "VLLM_GGUF=$downloads/$GGUF_NAME"

@@ -27,15 +27,16 @@ MODEL = "smollm2"
 START_TIMEOUT_S = float(os.environ.get("VLLM_START_TIMEOUT", "600"))
 
 
-def vllm_paths() -> tuple[str, str]:
-    py, model = os.environ.get("VLLM_PYTHON"), os.environ.get("VLLM_MODEL_DIR")
-    if py and model:
-        return py, model
+def vllm_paths() -> tuple[str, str, str]:
+    """(python, HF model folder, the GGUF it was converted from)."""
+    py, model, gguf = (os.environ.get(k) for k in ("VLLM_PYTHON", "VLLM_MODEL_DIR", "VLLM_GGUF"))
+    if py and model and gguf:
+        return py, model, gguf
     out = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts/setup-vllm.sh")], check=True, capture_output=True, text=True
     ).stdout
     vals = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("VLLM_"))
-    return vals["VLLM_PYTHON"], vals["VLLM_MODEL_DIR"]
+    return vals["VLLM_PYTHON"], vals["VLLM_MODEL_DIR"], vals["VLLM_GGUF"]
 
 
 def free_port() -> int:
@@ -56,13 +57,22 @@ class Vllm:
     def __init__(self, py: str, model_dir: str, log_dir: Path, idx: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Each engine publishes KV events on its own port (vLLM binds wildcard endpoints
+        # only, so two engines on one host cannot share the conventional 5557).
+        self.kv_port = free_port()
+        self.kv_endpoint = f"tcp://127.0.0.1:{self.kv_port}"
+        kv_config = (
+            '{"enable_kv_cache_events":true,"publisher":"zmq",'
+            f'"endpoint":"tcp://*:{self.kv_port}","topic":"kv"}}'
+        )
         self.log = log_dir / f"vllm-{idx}.log"
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TRANSFORMERS_OFFLINE="1")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                  "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-                 "--max-model-len", "2048", "--enable-prefix-caching", "--enforce-eager"],
+                 "--max-model-len", "2048", "--enable-prefix-caching", "--enforce-eager",
+                 "--kv-events-config", kv_config],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
 
@@ -99,7 +109,7 @@ class Vllm:
 
 @pytest.fixture(scope="module")
 def real_stack(tmp_path_factory):
-    py, model_dir = vllm_paths()
+    py, model_dir, gguf = vllm_paths()
     log_dir = tmp_path_factory.mktemp("vllm-logs")
     engines = [Vllm(py, model_dir, log_dir, i) for i in range(2)]
     router = None
@@ -112,7 +122,7 @@ def real_stack(tmp_path_factory):
              "--routing-logic", "roundrobin", "--engine-stats-interval", "1", "--health-check-interval", "0.5"],
             log_dir,
         )
-        yield router, engines
+        yield router, engines, gguf, log_dir
     finally:
         if router is not None:
             _stop(router.proc)
@@ -121,7 +131,7 @@ def real_stack(tmp_path_factory):
 
 
 def test_chat_and_streaming_through_the_router(real_stack):
-    router, _ = real_stack
+    router, *_ = real_stack
     client = router.client(timeout=120.0)
     assert [m.id for m in client.models.list().data] == [MODEL], "models discovered from real vLLM"
     resp = client.chat.completions.create(
@@ -146,7 +156,7 @@ def test_chat_and_streaming_through_the_router(real_stack):
 
 
 def test_engine_stats_are_scraped_from_real_vllm_names(real_stack):
-    router, engines = real_stack
+    router, engines, *_ = real_stack
     client = router.client(timeout=120.0)
     for _ in range(2):
         client.completions.create(model=MODEL, prompt="The quick brown fox " * 20, max_tokens=2)
@@ -167,8 +177,69 @@ def test_engine_stats_are_scraped_from_real_vllm_names(real_stack):
         assert f'vllm:healthy_pods_total{{server="{e.url}"}} 1' in page
 
 
+def metric_value(page: str, prefix: str) -> float:
+    """The sum of the samples whose line starts with `prefix` (name plus label text)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefix))
+
+
+def test_kvaware_follows_real_vllm_kv_events(real_stack):
+    """A kvaware router tokenizes as vLLM does (the model's GGUF tokenizer and chat
+    template), follows both engines' real KV-event streams, and sends requests sharing a
+    long prefix to the engine that cached it."""
+    _, engines, gguf, log_dir = real_stack
+    router = start_switchyard(
+        ["router", "--host", "127.0.0.1", "--port", "0", "--static-backends", ",".join(e.url for e in engines),
+         "--routing-logic", "kvaware", "--tokenizer", gguf,
+         "--static-kv-events-endpoints", ",".join(e.kv_endpoint for e in engines),
+         "--engine-stats-interval", "1", "--health-check-interval", "0.5"],
+        log_dir,
+    )
+    try:
+        client = router.client(timeout=120.0)
+        # Two long, distinct system prompts: each spans several of vLLM's 128-token blocks.
+        prefixes = [
+            " ".join(f"Rule {i}: the {w} must always be checked twice before noon." for i in range(40))
+            for w in ("red valve", "blue lever")
+        ]
+
+        def ask(system: str, question: str) -> str:
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+                max_tokens=1,
+            )
+            raw.parse()
+            return raw.headers["x-switchyard-engine"]
+
+        def engine_blocks(page: str, engine) -> float:
+            return metric_value(page, f'vllm:router_kv_engine_blocks{{server="{engine.url}"')
+
+        holders = []
+        for p in prefixes:
+            _, before = http_get(router.url + "/metrics")
+            holder = ask(p, "Which rule comes first?")
+            holders.append(holder)
+            eng = next(e for e in engines if e.url.removeprefix("http://") == holder)
+            # The engine's BlockStored events reach the router's index.
+            deadline = time.monotonic() + 30
+            while True:
+                _, page = http_get(router.url + "/metrics")
+                if engine_blocks(page, eng) >= engine_blocks(before, eng) + 4:
+                    break
+                assert time.monotonic() < deadline, f"no KV events from {eng.url}:\n{page}\n{router.log_tail()}"
+                time.sleep(0.2)
+        hits_before = metric_value(page, 'vllm:router_kv_decisions_total{outcome="cache_hit"')
+        for round_ in range(3):
+            for p, holder in zip(prefixes, holders):
+                assert ask(p, f"Question {round_}: what comes after rule {round_}?") == holder
+        _, page = http_get(router.url + "/metrics")
+        assert metric_value(page, 'vllm:router_kv_decisions_total{outcome="cache_hit"') >= hits_before + 6, page
+    finally:
+        _stop(router.proc)
+
+
 def test_no_request_lost_when_an_engine_stops(real_stack):
-    router, engines = real_stack
+    router, engines, *_ = real_stack
     client = router.client(timeout=300.0)
 
     def ask(i: int) -> int:

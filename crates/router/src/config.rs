@@ -87,6 +87,18 @@ pub struct RouterArgs {
     /// `alias:model` pairs, comma separated.
     #[arg(long)]
     pub static_aliases: Option<String>,
+    /// `kvaware`: each backend's KV-event endpoint (`tcp://HOST:PORT`), in the order of
+    /// `--static-backends`, comma separated; an empty entry keeps the default (the
+    /// engine's advertisement, else its host and `--kv-events-port`). For several vLLM
+    /// engines on one host, each publishing on its own port.
+    #[arg(long)]
+    pub static_kv_events_endpoints: Option<String>,
+    /// `kvaware`: the tokenizer (a GGUF model file) to render and tokenize prompts with,
+    /// as the engines do; `MODEL=PATH` for one model, a bare `PATH` for every model without
+    /// its own. Repeatable. Without it, prompts are tokenized as Switchyard's sim engines
+    /// do.
+    #[arg(long = "tokenizer", value_name = "[MODEL=]PATH")]
+    pub tokenizers: Vec<String>,
     #[arg(long, value_enum)]
     pub routing_logic: Option<RoutingLogic>,
     /// The header (or JSON body field) holding the session id for `session` routing.
@@ -186,6 +198,8 @@ pub struct FileConfig {
     pub static_models: Option<StrList>,
     #[serde(default)]
     pub static_aliases: Option<StrList>,
+    #[serde(default)]
+    pub static_kv_events_endpoints: Option<StrList>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +218,16 @@ impl StrList {
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
                 .collect(),
+        }
+    }
+}
+
+impl StrList {
+    /// Like `items`, but an empty entry keeps its place (for lists aligned with backends).
+    fn items_keeping_empty(&self) -> Vec<String> {
+        match self {
+            StrList::Csv(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
+            StrList::List(v) => v.iter().map(|s| s.trim().to_string()).collect(),
         }
     }
 }
@@ -229,11 +253,14 @@ pub enum ConfigError {
 }
 
 /// One configured engine.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BackendSpec {
     pub url: String,
     /// Its model when configured; discovered from /v1/models otherwise.
     pub model: Option<String>,
+    /// Where it publishes KV-cache events, when configured; otherwise its advertisement
+    /// (Switchyard) or `tcp://HOST:--kv-events-port` (vLLM).
+    pub kv_events: Option<String>,
 }
 
 /// The settings that can change at run time.
@@ -327,12 +354,39 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             backends.len()
         )));
     }
+    let kv_endpoints = match &args.static_kv_events_endpoints {
+        Some(s) => StrList::Csv(s.clone()).items_keeping_empty(),
+        None => file
+            .static_kv_events_endpoints
+            .as_ref()
+            .map(StrList::items_keeping_empty)
+            .unwrap_or_default(),
+    };
+    if !kv_endpoints.is_empty() && kv_endpoints.len() != backends.len() {
+        return Err(ConfigError::Invalid(format!(
+            "--static-kv-events-endpoints lists {} endpoints for {} backends: give one per backend, in order (an empty entry keeps the default)",
+            kv_endpoints.len(),
+            backends.len()
+        )));
+    }
     let mut specs = Vec::with_capacity(backends.len());
     for (i, b) in backends.iter().enumerate() {
         let url = normalize_url(b)?;
+        let kv_events = match kv_endpoints.get(i).map(String::as_str) {
+            None | Some("") => None,
+            Some(e) if e.starts_with("tcp://") && e.rsplit_once(':').is_some() => {
+                Some(e.to_string())
+            }
+            Some(e) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--static-kv-events-endpoints: `{e}` is not tcp://HOST:PORT"
+                )))
+            }
+        };
         specs.push(BackendSpec {
             url,
             model: models.get(i).cloned(),
+            kv_events,
         });
     }
     let alias_items = match &args.static_aliases {
@@ -496,7 +550,8 @@ mod tests {
             s.dynamic.backends[1],
             BackendSpec {
                 url: "http://b:2".into(),
-                model: Some("m2".into())
+                model: Some("m2".into()),
+                kv_events: None,
             }
         );
         assert_eq!(

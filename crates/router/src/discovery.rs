@@ -237,7 +237,7 @@ mod tests {
         let e = Endpoint::new(
             &BackendSpec {
                 url: "http://a:1".into(),
-                model: None,
+                ..Default::default()
             },
             10,
             std::time::Instant::now(),

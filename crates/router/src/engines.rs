@@ -37,6 +37,8 @@ pub struct Endpoint {
     pub key: u64,
     /// Models configured for this engine (if any); otherwise discovered.
     pub configured_model: Option<String>,
+    /// Its KV-event endpoint when configured (`--static-kv-events-endpoints`).
+    pub kv_events: Option<String>,
     models: RwLock<Arc<[String]>>,
     /// Model cards from the engine's /v1/models (kept for the merged listing).
     pub cards: RwLock<Arc<[serde_json::Value]>>,
@@ -81,6 +83,7 @@ impl Endpoint {
             url: spec.url.clone(),
             host_port,
             configured_model: spec.model.clone(),
+            kv_events: spec.kv_events.clone(),
             models: RwLock::new(models),
             cards: RwLock::new(Arc::from(Vec::new())),
             // Admitted until health checks say otherwise (a configured engine is
@@ -243,6 +246,7 @@ mod tests {
         BackendSpec {
             url: url.into(),
             model: model.map(str::to_string),
+            kv_events: None,
         }
     }
 

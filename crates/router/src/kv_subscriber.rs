@@ -5,7 +5,8 @@
 //! - **Where**: a Switchyard engine advertises its sockets on `GET /kv_events`
 //!   (`{"endpoint","replay_endpoint","topic","block_size"}`; a wildcard host means the
 //!   engine's own host). Otherwise (404: real vLLM) by convention: `tcp://HOST:PORT` with
-//!   the engine's host and `--kv-events-port`, every topic, no replay.
+//!   the engine's host and `--kv-events-port`, every topic, no replay. An endpoint given
+//!   for the backend (`--static-kv-events-endpoints`) wins over both.
 //! - **Gaps**: sequence numbers are followed per engine. A batch past the next expected
 //!   one asks the replay socket (DEALER `["", start as 8 bytes BE]` → `["", seq, payload]`
 //!   … `["", -1, ""]`) for what was missed; what replay cannot give back clears the
@@ -80,6 +81,8 @@ pub struct KvState {
     pub events_port: u16,
     decisions: [Counter; 4],
     pub matched_ratio: Histogram,
+    /// `--tokenizer`: how prompts are tokenized, per model.
+    pub tokenizers: crate::policy::kvaware::Tokenizers,
 }
 
 impl KvState {
@@ -89,7 +92,13 @@ impl KvState {
             events_port,
             decisions: Default::default(),
             matched_ratio: Histogram::new(RATIO_BUCKETS),
+            tokenizers: Default::default(),
         }
+    }
+
+    pub fn with_tokenizers(mut self, t: crate::policy::kvaware::Tokenizers) -> Self {
+        self.tokenizers = t;
+        self
     }
 
     pub fn index(&self) -> std::sync::RwLockReadGuard<'_, KvIndex> {
@@ -207,6 +216,14 @@ pub async fn discover(
     events_port: u16,
 ) -> Result<StreamInfo, String> {
     let host = host_of(&ep.host_port);
+    if let Some(endpoint) = &ep.kv_events {
+        return Ok(StreamInfo {
+            endpoint: endpoint.clone(),
+            replay: None,
+            topic: String::new(),
+            block_size: None,
+        });
+    }
     let (status, body) = crate::discovery::http_get(
         client,
         &format!("{}/kv_events", ep.url),

@@ -141,7 +141,9 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
     let dynamic = settings.dynamic.clone();
-    let kv = Arc::new(kv_subscriber::KvState::new(args.kv_events_port));
+    let tokenizers = policy::kvaware::Tokenizers::load(&args.tokenizers)
+        .map_err(config::ConfigError::Invalid)?;
+    let kv = Arc::new(kv_subscriber::KvState::new(args.kv_events_port).with_tokenizers(tokenizers));
     let state = Arc::new(RouterState {
         registry: Registry::new(settings.request_stats_window),
         dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone(), &kv))),

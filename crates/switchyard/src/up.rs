@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -101,37 +102,49 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         children.0.push(child);
         urls.push(url);
     }
-    let router_args = router::RouterArgs {
-        host: args.host.clone(),
-        port: args.port,
-        service_discovery: Some(router::config::DiscoveryKind::Static),
-        static_backends: Some(urls.join(",")),
-        static_models: None,
-        static_aliases: None,
-        routing_logic: Some(args.routing_logic),
-        session_key: Some(args.session_key.clone()),
-        engine_stats_interval: 5,
-        request_stats_window: 60,
-        health_check_interval: 2.0,
-        health_failure_threshold: 2,
-        health_success_threshold: 1,
-        connect_timeout: 2.0,
-        first_byte_timeout: 600.0,
-        max_attempts: 3,
-        max_request_body_bytes: 32 * 1024 * 1024,
-        retry_after: 5,
-        dynamic_config_json: None,
-        dynamic_config_yaml: None,
-        dynamic_config_interval: 10.0,
-        workers: 1,
-        prefix_match_threshold: 0.5,
-        balance_abs_threshold: 32,
-        balance_rel_threshold: 1.5,
-        prefix_cache_max_chars: 16 * 1024 * 1024,
-        kv_overlap_weight: 4.0,
-        kv_min_match: 0.3,
-        kv_events_port: 5557,
-    };
+    // Built through the router's own flag parser, so every default stays the router's.
+    let port = args.port.to_string();
+    let logic = args
+        .routing_logic
+        .to_possible_value()
+        .map(|v| v.get_name().to_string());
+    let backends = urls.join(",");
+    let mut flags = vec![
+        "router",
+        "--host",
+        &args.host,
+        "--port",
+        &port,
+        "--service-discovery",
+        "static",
+        "--static-backends",
+        &backends,
+        "--session-key",
+        &args.session_key,
+        "--engine-stats-interval",
+        "5",
+        "--health-check-interval",
+        "2",
+        "--health-failure-threshold",
+        "2",
+        "--health-success-threshold",
+        "1",
+        "--connect-timeout",
+        "2",
+        "--workers",
+        "1",
+    ];
+    if let Some(l) = &logic {
+        flags.extend(["--routing-logic", l]);
+    }
+    #[derive(Parser)]
+    struct RouterFlags {
+        #[command(flatten)]
+        args: router::RouterArgs,
+    }
+    let router_args = RouterFlags::try_parse_from(flags)
+        .context("router flags")?
+        .args;
     let bound = router::bind(router_args).await?;
     let addr = bound.addr;
     eprintln!(

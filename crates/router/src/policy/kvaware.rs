@@ -4,9 +4,11 @@
 //! prefill work its cache does not save against the work the engine already carries.
 //!
 //! Per request:
-//! 1. The prompt is rendered and tokenized exactly as a Switchyard engine does it (chat:
-//!    the ChatML template, `add_generation_prompt` defaulting to true; completions: the
-//!    text prompt or the token ids; a batch: its first prompt), with the sim tokenizer.
+//! 1. The prompt is rendered and tokenized exactly as the engine does it (chat: the
+//!    model's template, `add_generation_prompt` defaulting to true; completions: the text
+//!    prompt with the model's BOS where it adds one, or the token ids; a batch: its first
+//!    prompt), with the model's tokenizer from `--tokenizer` (a GGUF file), else the sim
+//!    tokenizer and ChatML, as Switchyard's sim engines do.
 //! 2. Its full blocks are hashed with each engine's block size (from the engine's
 //!    advertisement or its events), chained as the engine chains them; each candidate's
 //!    `matched` is the number of leading blocks it holds.
@@ -25,7 +27,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use engine::tokenizer::{SimTokenizer, Tokenizer};
+use std::collections::HashMap;
+
+use engine::tokenizer::{BpeTokenizer, SimTokenizer, Tokenizer};
 use protocol::openai::{ChatMessage, Prompt};
 use serde::Deserialize;
 
@@ -39,7 +43,6 @@ pub struct KvAware {
     overlap_weight: f64,
     /// `--kv-min-match`: matches of at most this fraction of the prompt are not followed.
     min_match: f64,
-    tokenizer: Box<dyn Tokenizer>,
     /// Moving average of routed prompts' blocks, as f64 bits (0: none yet).
     avg_blocks: AtomicU64,
 }
@@ -63,18 +66,80 @@ struct PromptBody {
     add_generation_prompt: Option<bool>,
 }
 
-/// The prompt's token ids as the engine computes them; `None` when the body has no prompt.
+/// The tokenizers prompts are rendered with, per model (`--tokenizer`), loaded once at
+/// start and kept across reloads.
+pub struct Tokenizers {
+    by_model: HashMap<String, Arc<dyn Tokenizer>>,
+    default: Arc<dyn Tokenizer>,
+}
+
+impl std::fmt::Debug for Tokenizers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizers")
+            .field("models", &self.by_model.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Tokenizers {
+    fn default() -> Self {
+        Tokenizers {
+            by_model: HashMap::new(),
+            default: Arc::new(SimTokenizer::new()),
+        }
+    }
+}
+
+impl Tokenizers {
+    /// Load `[MODEL=]PATH` specs: a bare path is every other model's tokenizer.
+    pub fn load(specs: &[String]) -> Result<Tokenizers, String> {
+        let mut t = Tokenizers::default();
+        let mut cache: HashMap<&str, Arc<dyn Tokenizer>> = HashMap::new();
+        for spec in specs {
+            let (model, path) = match spec.split_once('=') {
+                Some((m, p)) if !m.is_empty() => (Some(m), p),
+                _ => (None, spec.as_str()),
+            };
+            let tok = match cache.get(path) {
+                Some(t) => t.clone(),
+                None => {
+                    let loaded: Arc<dyn Tokenizer> = Arc::new(
+                        BpeTokenizer::from_gguf_path(std::path::Path::new(path))
+                            .map_err(|e| format!("--tokenizer {spec}: {e}"))?,
+                    );
+                    cache.insert(path, loaded.clone());
+                    loaded
+                }
+            };
+            match model {
+                Some(m) => {
+                    t.by_model.insert(m.to_string(), tok);
+                }
+                None => t.default = tok,
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn for_model(&self, model: &str) -> &dyn Tokenizer {
+        self.by_model.get(model).unwrap_or(&self.default).as_ref()
+    }
+}
+
+/// The prompt's token ids as the engine computes them; `None` when the body has no prompt
+/// (or the template refuses it: the engine will answer that request with an error).
 pub fn prompt_tokens(tokenizer: &dyn Tokenizer, body: &[u8]) -> Option<Vec<u32>> {
     let b: PromptBody = serde_json::from_slice(body).ok()?;
     if let Some(messages) = b.messages {
-        let text =
-            tokenizer.apply_chat_template(&messages, b.add_generation_prompt.unwrap_or(true));
+        let text = tokenizer
+            .apply_chat_template(&messages, b.add_generation_prompt.unwrap_or(true))
+            .ok()?;
         return Some(tokenizer.encode(&text));
     }
     Some(match b.prompt? {
-        Prompt::Text(t) => tokenizer.encode(&t),
+        Prompt::Text(t) => tokenizer.encode_prompt(&t),
         Prompt::Tokens(t) => t,
-        Prompt::TextBatch(v) => tokenizer.encode(v.first()?),
+        Prompt::TextBatch(v) => tokenizer.encode_prompt(v.first()?),
         Prompt::TokenBatch(mut v) => {
             if v.is_empty() {
                 return None;
@@ -90,7 +155,6 @@ impl KvAware {
             kv,
             overlap_weight,
             min_match: 0.0,
-            tokenizer: Box::new(SimTokenizer::new()),
             avg_blocks: AtomicU64::new(0),
         }
     }
@@ -104,22 +168,24 @@ impl KvAware {
     /// Rank and say why (the `Policy` body); records the decision's metrics.
     pub fn decide(
         &self,
+        model: &str,
         body: &[u8],
         candidates: &[Arc<Endpoint>],
         order: &mut Vec<usize>,
     ) -> Outcome {
-        let outcome = self.decide_inner(body, candidates, order);
+        let outcome = self.decide_inner(model, body, candidates, order);
         self.kv.record(outcome);
         outcome
     }
 
     fn decide_inner(
         &self,
+        model: &str,
         body: &[u8],
         candidates: &[Arc<Endpoint>],
         order: &mut Vec<usize>,
     ) -> Outcome {
-        let tokens = match prompt_tokens(&*self.tokenizer, body) {
+        let tokens = match prompt_tokens(self.kv.tokenizers.for_model(model), body) {
             Some(t) if !t.is_empty() && !candidates.is_empty() => t,
             _ => {
                 by_load(candidates, order);
@@ -241,17 +307,17 @@ impl Policy for KvAware {
     }
 
     fn rank(&self, _ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
-        self.decide(b"", candidates, order);
+        self.decide(_ctx.model, b"", candidates, order);
     }
 
     fn rank_request(
         &self,
-        _ctx: &RouteCtx<'_>,
+        ctx: &RouteCtx<'_>,
         body: &[u8],
         candidates: &[Arc<Endpoint>],
         order: &mut Vec<usize>,
     ) {
-        self.decide(body, candidates, order);
+        self.decide(ctx.model, body, candidates, order);
     }
 }
 
@@ -293,7 +359,7 @@ mod tests {
 
     fn route(p: &KvAware, e: &[Arc<Endpoint>], body: &[u8]) -> (usize, Outcome) {
         let mut order = Vec::new();
-        let o = p.decide(body, e, &mut order);
+        let o = p.decide("m", body, e, &mut order);
         let mut s = order.clone();
         s.sort();
         assert_eq!(s, (0..e.len()).collect::<Vec<_>>(), "every engine once");

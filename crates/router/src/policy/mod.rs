@@ -3,7 +3,7 @@
 //! (pingora's `BackendSelection` idea). A policy is a function of the request, the
 //! engines' current state and its own small state: unit-testable without sockets.
 
-mod kvaware;
+pub mod kvaware;
 mod leastload;
 mod p2c;
 mod prefix;
@@ -106,6 +106,7 @@ pub(crate) mod testutil {
                 let spec = BackendSpec {
                     url: format!("http://10.0.0.{i}:8000"),
                     model: Some("m".into()),
+                    kv_events: None,
                 };
                 Arc::new(Endpoint::new(&spec, 10, Instant::now()))
             })
