@@ -16,9 +16,10 @@ cargo test --workspace
 
 echo "==> python test environment"
 venv="$("$root/scripts/setup-test-env.sh")"
+prom_env="$("$root/scripts/setup-prometheus.sh")"; export $prom_env  # PROMETHEUS_BIN, PROMTOOL_BIN
 
 echo "==> real vLLM (cached under ~/.cache/switchyard/vllm; minutes on the first run)"
-vllm_env="$("$root/scripts/setup-vllm.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR)=')"
+vllm_env="$("$root/scripts/setup-vllm.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR|GGUF)=')"
 export $vllm_env
 
 echo "==> pytest tests/python"
