@@ -3,7 +3,8 @@
 //!
 //! [`Settings`] is the merged, validated view every other module reads. Flags given on
 //! the command line win over the file's values at start; a later change of the file
-//! replaces the backends, models, aliases, routing logic and session key.
+//! replaces the backends, models, aliases, routing logic and session key, and the service
+//! discovery (static lists or the Kubernetes watch and its namespace, selector and port).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -66,8 +67,50 @@ impl Default for PrefixSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiscoveryKind {
+    /// `--static-backends` (and the dynamic config file's list).
     Static,
+    /// Watch the engine pods (or Services) in a namespace through the Kubernetes API.
+    K8s,
 }
+
+/// What `--service-discovery k8s` watches, and so what an engine's URL is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+pub enum K8sDiscoveryType {
+    /// Pods: each ready pod is an engine at `http://POD_IP:--k8s-port`.
+    #[value(name = "pod-ip")]
+    #[serde(rename = "pod-ip")]
+    PodIp,
+    /// Services: each Service is an engine at `http://NAME.NAMESPACE.svc:--k8s-port`, and
+    /// Kubernetes spreads its requests over the Service's pods.
+    #[value(name = "service-name")]
+    #[serde(rename = "service-name")]
+    ServiceName,
+}
+
+/// `--service-discovery k8s`: where and what to watch (see `k8s.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sSettings {
+    pub namespace: String,
+    /// A Kubernetes label selector (`app=vllm,env in (a,b)`), passed to the API as is.
+    pub label_selector: String,
+    /// The engines' port (pod-ip: the container port; service-name: the Service port).
+    pub port: u16,
+    pub kind: K8sDiscoveryType,
+    /// The watch's `timeoutSeconds`; 0 leaves it to the API server.
+    pub watcher_timeout_seconds: u64,
+}
+
+/// Where the engine set comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// The backends listed in the flags or the dynamic config file.
+    Static,
+    /// A watch over the Kubernetes API; the backend list is not used.
+    K8s(K8sSettings),
+}
+
+/// The service account's namespace file, the default of `--k8s-namespace` in a pod.
+pub const SA_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 #[derive(Debug, Clone, Args)]
 pub struct RouterArgs {
@@ -75,8 +118,40 @@ pub struct RouterArgs {
     pub host: String,
     #[arg(long, default_value_t = 8001)]
     pub port: u16,
+    /// `static` (the default) or `k8s`.
     #[arg(long, value_enum)]
     pub service_discovery: Option<DiscoveryKind>,
+    /// `k8s`: the namespace of the engine pods [default: the router's own (the service
+    /// account's namespace file), else `default`].
+    #[arg(long)]
+    pub k8s_namespace: Option<String>,
+    /// `k8s`: the label selector of the engine pods (or Services) [default: all].
+    #[arg(long)]
+    pub k8s_label_selector: Option<String>,
+    /// `k8s`: the port the engines serve on [default: 8000].
+    #[arg(long)]
+    pub k8s_port: Option<u16>,
+    /// `k8s`: `pod-ip` (an engine per ready pod) or `service-name` (an engine per Service)
+    /// [default: pod-ip].
+    #[arg(long, value_enum)]
+    pub k8s_service_discovery_type: Option<K8sDiscoveryType>,
+    /// `k8s`: the watch's `timeoutSeconds`: the API server ends each watch after this
+    /// long and the router resumes it from where it was; 0 leaves it to the server
+    /// [default: 0].
+    #[arg(long)]
+    pub k8s_watcher_timeout_seconds: Option<u64>,
+    /// `k8s`: the Kubernetes API server (`https://HOST:PORT`, or `http://` for
+    /// `kubectl proxy`) [default: in a pod, `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`].
+    #[arg(long)]
+    pub k8s_api_server: Option<String>,
+    /// `k8s`: a file holding the bearer token, re-read as it rotates [default: the
+    /// service account's token, when present].
+    #[arg(long)]
+    pub k8s_token_file: Option<PathBuf>,
+    /// `k8s`: PEM file of the CA that signed the API server's certificate [default: the
+    /// service account's `ca.crt`].
+    #[arg(long)]
+    pub k8s_ca_file: Option<PathBuf>,
     /// Engine base URLs, comma separated.
     #[arg(long)]
     pub static_backends: Option<String>,
@@ -200,6 +275,16 @@ pub struct FileConfig {
     pub static_aliases: Option<StrList>,
     #[serde(default)]
     pub static_kv_events_endpoints: Option<StrList>,
+    #[serde(default)]
+    pub k8s_namespace: Option<String>,
+    #[serde(default)]
+    pub k8s_label_selector: Option<String>,
+    #[serde(default)]
+    pub k8s_port: Option<u16>,
+    #[serde(default)]
+    pub k8s_service_discovery_type: Option<K8sDiscoveryType>,
+    #[serde(default)]
+    pub k8s_watcher_timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +351,7 @@ pub struct BackendSpec {
 /// The settings that can change at run time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dynamic {
+    pub discovery: Discovery,
     pub routing_logic: RoutingLogic,
     pub session_key: Option<String>,
     pub backends: Vec<BackendSpec>,
@@ -326,12 +412,53 @@ pub fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
 
 /// Build the dynamic part from flags (which win) and a file.
 pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, ConfigError> {
-    let discovery = args
+    let kind = args
         .service_discovery
         .or(file.service_discovery)
         .unwrap_or(DiscoveryKind::Static);
-    let DiscoveryKind::Static = discovery;
+    let discovery = match kind {
+        DiscoveryKind::Static => Discovery::Static,
+        DiscoveryKind::K8s => Discovery::K8s(K8sSettings {
+            namespace: args
+                .k8s_namespace
+                .clone()
+                .or_else(|| file.k8s_namespace.clone())
+                .or_else(|| {
+                    std::fs::read_to_string(SA_NAMESPACE_FILE)
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                })
+                .unwrap_or_else(|| "default".into()),
+            label_selector: args
+                .k8s_label_selector
+                .clone()
+                .or_else(|| file.k8s_label_selector.clone())
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            port: args.k8s_port.or(file.k8s_port).unwrap_or(8000),
+            kind: args
+                .k8s_service_discovery_type
+                .or(file.k8s_service_discovery_type)
+                .unwrap_or(K8sDiscoveryType::PodIp),
+            watcher_timeout_seconds: args
+                .k8s_watcher_timeout_seconds
+                .or(file.k8s_watcher_timeout_seconds)
+                .unwrap_or(0),
+        }),
+    };
+    if let Discovery::K8s(k) = &discovery {
+        if k.namespace.is_empty() || k.port == 0 {
+            return Err(ConfigError::Invalid(
+                "--k8s-namespace must not be empty and --k8s-port must be a port".into(),
+            ));
+        }
+    }
+    // Under k8s the engines come from the watch: static lists are not read.
+    let is_static = discovery == Discovery::Static;
     let backends = match &args.static_backends {
+        _ if !is_static => Vec::new(),
         Some(s) => split_csv(s),
         None => file
             .static_backends
@@ -340,6 +467,7 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             .unwrap_or_default(),
     };
     let models = match &args.static_models {
+        _ if !is_static => Vec::new(),
         Some(s) => split_csv(s),
         None => file
             .static_models
@@ -355,6 +483,7 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
         )));
     }
     let kv_endpoints = match &args.static_kv_events_endpoints {
+        _ if !is_static => Vec::new(),
         Some(s) => StrList::Csv(s.clone()).items_keeping_empty(),
         None => file
             .static_kv_events_endpoints
@@ -432,6 +561,7 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
         ));
     }
     Ok(Dynamic {
+        discovery,
         prefix,
         kv_overlap_weight: args.kv_overlap_weight,
         kv_min_match: args.kv_min_match,
@@ -473,9 +603,10 @@ impl Settings {
             None => FileConfig::default(),
         };
         let dynamic = dynamic_from(args, &file)?;
-        if dynamic.backends.is_empty() {
+        if dynamic.discovery == Discovery::Static && dynamic.backends.is_empty() {
             return Err(ConfigError::Invalid(
-                "no backends: give --static-backends or static_backends in --dynamic-config-json"
+                "no backends: give --static-backends (or static_backends in --dynamic-config-json), \
+                 or --service-discovery k8s"
                     .into(),
             ));
         }
@@ -658,6 +789,72 @@ mod tests {
         std::fs::write(&path, "routing_logic: [nope").expect("write");
         assert!(matches!(read_file(&path), Err(ConfigError::Parse { .. })));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn k8s_discovery_flags_follow_the_production_stack() {
+        // Defaults: port 8000, pod-ip, no selector, server-chosen watch timeout; no
+        // backends needed.
+        let s = Settings::from_args(&args(&[
+            "--service-discovery",
+            "k8s",
+            "--k8s-namespace",
+            "serving",
+        ]))
+        .expect("valid without backends");
+        assert_eq!(
+            s.dynamic.discovery,
+            Discovery::K8s(K8sSettings {
+                namespace: "serving".into(),
+                label_selector: String::new(),
+                port: 8000,
+                kind: K8sDiscoveryType::PodIp,
+                watcher_timeout_seconds: 0,
+            })
+        );
+        let s = Settings::from_args(&args(&[
+            "--service-discovery",
+            "k8s",
+            "--k8s-namespace",
+            "serving",
+            "--k8s-label-selector",
+            "environment=test,release=test",
+            "--k8s-port",
+            "8080",
+            "--k8s-service-discovery-type",
+            "service-name",
+            "--k8s-watcher-timeout-seconds",
+            "30",
+            "--static-backends",
+            "http://ignored:1",
+        ]))
+        .expect("valid");
+        let Discovery::K8s(k) = &s.dynamic.discovery else {
+            panic!("k8s")
+        };
+        assert_eq!(k.label_selector, "environment=test,release=test");
+        assert_eq!(
+            (k.port, k.kind, k.watcher_timeout_seconds),
+            (8080, K8sDiscoveryType::ServiceName, 30)
+        );
+        assert!(s.dynamic.backends.is_empty(), "static lists are not used");
+        // The file's keys (Production Stack names), flags winning.
+        let file: FileConfig = serde_json::from_str(
+            r#"{"service_discovery":"k8s","k8s_namespace":"a","k8s_label_selector":"app=x","k8s_port":9000,"k8s_service_discovery_type":"pod-ip"}"#,
+        )
+        .expect("json");
+        let d = dynamic_from(&args(&["--k8s-port", "7000"]), &file).expect("valid");
+        let Discovery::K8s(k) = d.discovery else {
+            panic!("k8s")
+        };
+        assert_eq!(
+            (k.namespace.as_str(), k.label_selector.as_str(), k.port),
+            ("a", "app=x", 7000)
+        );
+        assert!(
+            Settings::from_args(&args(&["--service-discovery", "k8s", "--k8s-port", "0"])).is_err()
+        );
+        assert!(Settings::from_args(&args(&["--service-discovery", "static"])).is_err());
     }
 
     #[test]

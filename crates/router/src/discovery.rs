@@ -1,18 +1,19 @@
 //! Where engines come from and how the router keeps up with them: static lists (from
-//! flags or the dynamic config file, re-read when it changes), model discovery from each
-//! engine's `/v1/models` (LoRA adapters included), periodic health checks (eject after
-//! consecutive failures, readmit after successes), and the engine-stats scraper that
-//! reads each engine's `/metrics` under vLLM's current and deprecated names.
-//!
-//! Kubernetes discovery will produce the same `BackendSpec` lists into the same registry.
+//! flags or the dynamic config file, re-read when it changes) or the Kubernetes watch
+//! (`k8s.rs`, the same `BackendSpec` lists into the same registry), model discovery from
+//! each engine's `/v1/models` (LoRA adapters included; with `VLLM_API_KEY` as the bearer
+//! token when set, as the Production Stack router does), periodic health checks (eject
+//! after consecutive failures, readmit after successes), and the engine-stats scraper
+//! that reads each engine's `/metrics` under vLLM's current and deprecated names.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{Request, StatusCode};
+use axum::http::{header, HeaderValue, Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 
+use crate::config::Discovery;
 use crate::engines::Endpoint;
 use crate::proxy::HttpClient;
 use crate::RouterState;
@@ -23,9 +24,22 @@ pub async fn http_get(
     url: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), String> {
-    let req = Request::get(url)
+    http_get_auth(client, url, timeout, None).await
+}
+
+/// GET `url` with `authorization` (when given), body capped at 8 MiB.
+pub async fn http_get_auth(
+    client: &HttpClient,
+    url: &str,
+    timeout: Duration,
+    authorization: Option<&HeaderValue>,
+) -> Result<(StatusCode, Bytes), String> {
+    let mut req = Request::get(url)
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
+    if let Some(a) = authorization {
+        req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+    }
     let fut = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
@@ -51,14 +65,29 @@ pub async fn refresh_models(state: &Arc<RouterState>) {
         .map(|e| {
             let state = state.clone();
             let e = e.clone();
-            async move { discover_models(&state, &e).await }
+            async move {
+                discover_models(&state, &e).await;
+            }
         });
     futures_util::future::join_all(jobs).await;
 }
 
-async fn discover_models(state: &RouterState, e: &Endpoint) {
+/// `Authorization` for the router's own calls to engines: `Bearer $VLLM_API_KEY` when
+/// that is set (the key vLLM was started with).
+pub fn engine_auth_from_env() -> Option<HeaderValue> {
+    let key = std::env::var("VLLM_API_KEY").ok()?;
+    let key = key.trim();
+    if key.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&format!("Bearer {key}")).ok()
+}
+
+/// Ask `e` which models it serves and record them; true when it answered.
+pub async fn discover_models(state: &RouterState, e: &Endpoint) -> bool {
     let url = format!("{}/v1/models", e.url);
-    match http_get(&state.proxy.client(), &url, Duration::from_secs(5)).await {
+    let auth = state.engine_auth.as_ref();
+    match http_get_auth(&state.proxy.client(), &url, Duration::from_secs(5), auth).await {
         Ok((s, body)) if s.is_success() => match serde_json::from_slice::<serde_json::Value>(&body)
         {
             Ok(v) => {
@@ -68,15 +97,25 @@ async fn discover_models(state: &RouterState, e: &Endpoint) {
                     .iter()
                     .filter_map(|c| c["id"].as_str().map(str::to_string))
                     .collect();
+                e.set_models(models.clone(), cards);
                 for m in &models {
                     state.registry.remember(m);
                 }
-                e.set_models(models, cards);
+                true
             }
-            Err(err) => tracing::warn!(engine = %e.url, error = %err, "bad /v1/models body"),
+            Err(err) => {
+                tracing::warn!(engine = %e.url, error = %err, "bad /v1/models body");
+                false
+            }
         },
-        Ok((s, _)) => tracing::warn!(engine = %e.url, status = %s, "/v1/models failed"),
-        Err(err) => tracing::debug!(engine = %e.url, error = %err, "/v1/models unreachable"),
+        Ok((s, _)) => {
+            tracing::warn!(engine = %e.url, status = %s, "/v1/models failed");
+            false
+        }
+        Err(err) => {
+            tracing::debug!(engine = %e.url, error = %err, "/v1/models unreachable");
+            false
+        }
     }
 }
 
@@ -212,15 +251,31 @@ async fn config_loop(state: Arc<RouterState>) {
         let parsed = crate::config::read_file(&path)
             .and_then(|f| crate::config::dynamic_from(&state.args, &f));
         match parsed {
-            Ok(d) if d.backends.is_empty() => {
+            Ok(d) if d.discovery == Discovery::Static && d.backends.is_empty() => {
                 tracing::warn!(path = %path.display(), "dynamic config lists no backends; keeping the current ones")
             }
             Ok(d) => {
-                if d != state.dynamic().config {
-                    tracing::info!(path = %path.display(), engines = d.backends.len(), "dynamic config reloaded");
-                    state.apply(d);
-                    refresh_models(&state).await;
+                let current = state.dynamic().config.discovery.clone();
+                if d == state.dynamic().config {
+                    continue;
                 }
+                // A change of discovery (kind, namespace, selector, port...) restarts it:
+                // a new watch lists and replaces the set (engines that stay keep their
+                // state); back to static, the file's backends replace it.
+                if d.discovery != current {
+                    match &d.discovery {
+                        Discovery::K8s(k) => {
+                            if let Err(e) = crate::k8s::start(&state, k.clone()) {
+                                tracing::warn!(error = %e, "dynamic config not applied");
+                                continue;
+                            }
+                        }
+                        Discovery::Static => crate::k8s::stop(&state),
+                    }
+                }
+                tracing::info!(path = %path.display(), engines = d.backends.len(), "dynamic config reloaded");
+                state.apply(d);
+                refresh_models(&state).await;
             }
             Err(e) => tracing::warn!(error = %e, "dynamic config not applied"),
         }

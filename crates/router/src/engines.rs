@@ -5,7 +5,7 @@
 //! or disturb requests in flight; an engine kept across a change keeps its counters.
 //! Memory is O(engines + models): nothing here is keyed by request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -150,6 +150,49 @@ impl Endpoint {
     }
 }
 
+/// How many model names the registry remembers beyond those in use.
+pub const KNOWN_MODELS_CAP: usize = 1024;
+
+/// The models seen so far, in the order first seen. Past [`KNOWN_MODELS_CAP`] the oldest
+/// name that no engine serves and no alias names is forgotten (its requests are 404s
+/// again); names in use are never forgotten, so the set holds at most the cap plus the
+/// models the current engines serve.
+#[derive(Debug, Default)]
+pub struct KnownModels {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl KnownModels {
+    pub fn contains(&self, model: &str) -> bool {
+        self.set.contains(model)
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Add `model`; when full, first forget the oldest name for which `in_use` is false.
+    pub fn insert(&mut self, model: &str, cap: usize, in_use: impl Fn(&str) -> bool) {
+        if self.set.contains(model) {
+            return;
+        }
+        if self.set.len() >= cap {
+            if let Some(i) = self.order.iter().position(|m| !in_use(m)) {
+                if let Some(old) = self.order.remove(i) {
+                    self.set.remove(&old);
+                }
+            }
+        }
+        self.set.insert(model.to_string());
+        self.order.push_back(model.to_string());
+    }
+}
+
 /// The current engines, replaced whole on every change.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -160,9 +203,9 @@ pub struct Snapshot {
 pub struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
     aliases: RwLock<Arc<HashMap<String, String>>>,
-    /// Every model ever served or configured: a request for one of these with no healthy
-    /// engine is a 503 (scale from zero), not a 404. Bounded by the models that exist.
-    known: Mutex<HashSet<String>>,
+    /// Models served or configured since start: a request for one of these with no
+    /// healthy engine is a 503 (scale from zero), not a 404. Bounded (see [`KnownModels`]).
+    known: Mutex<KnownModels>,
     window: u64,
     pub epoch: Instant,
 }
@@ -172,7 +215,7 @@ impl Registry {
         Registry {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             aliases: RwLock::new(Arc::new(HashMap::new())),
-            known: Mutex::new(HashSet::new()),
+            known: Mutex::new(KnownModels::default()),
             window,
             epoch: Instant::now(),
         }
@@ -216,9 +259,23 @@ impl Registry {
 
     pub fn remember(&self, model: &str) {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if !k.contains(model) {
-            k.insert(model.to_string());
+        if k.contains(model) {
+            return;
         }
+        let snap = self.snapshot();
+        let aliases = self
+            .aliases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        k.insert(model, KNOWN_MODELS_CAP, |m| {
+            snap.endpoints.iter().any(|e| e.serves(m)) || aliases.values().any(|a| a == m)
+        });
+    }
+
+    /// How many model names are remembered.
+    pub fn known_len(&self) -> usize {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub fn is_known(&self, model: &str) -> bool {
@@ -261,6 +318,36 @@ mod tests {
         assert!(Arc::ptr_eq(&snap.endpoints[0], &a));
         assert_eq!(snap.endpoints[1].url, "http://c:3");
         assert!(r.is_known("m") && r.is_known("n") && !r.is_known("x"));
+    }
+
+    #[test]
+    fn known_models_are_bounded_but_keep_names_in_use() {
+        let r = Registry::new(10);
+        r.apply(&[spec("http://a:1", Some("served"))]);
+        r.set_aliases(HashMap::from([(
+            "alias".to_string(),
+            "aliased".to_string(),
+        )]));
+        for i in 0..KNOWN_MODELS_CAP + 100 {
+            r.remember(&format!("gone-{i}"));
+        }
+        assert_eq!(r.known_len(), KNOWN_MODELS_CAP);
+        assert!(r.is_known("served"), "a model an engine serves stays known");
+        assert!(r.is_known("aliased"), "an alias target stays known");
+        assert!(
+            !r.is_known("gone-0"),
+            "the oldest unused name was forgotten"
+        );
+        assert!(r.is_known(&format!("gone-{}", KNOWN_MODELS_CAP + 99)));
+
+        // When every name is in use nothing is forgotten.
+        let mut k = KnownModels::default();
+        for i in 0..5 {
+            k.insert(&format!("m{i}"), 3, |_| true);
+        }
+        assert_eq!(k.len(), 5);
+        k.insert("m0", 3, |_| false);
+        assert_eq!(k.len(), 5, "a known name is not added twice");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! - [`engines`]: the engine set (identity, models, health, load, stats) as snapshots.
 //! - [`discovery`]: where engines come from (static lists), model discovery, health
 //!   checks, engine-stats scraping and config reloads: the background tasks.
+//! - [`k8s`]: Kubernetes discovery: the engine set follows a LIST + WATCH of the pods (or
+//!   Services) matching a label selector.
 //! - [`policy`]: routing policies ranking engines per request.
 //! - [`kv_index`], [`kv_subscriber`]: the engines' KV-cache events behind `kvaware`.
 //! - [`prefix_tree`]: the approximate prefix tree behind `prefixaware` routing.
@@ -16,6 +18,7 @@ pub mod api;
 pub mod config;
 pub mod discovery;
 pub mod engines;
+pub mod k8s;
 pub mod kv_index;
 pub mod kv_subscriber;
 pub mod metrics;
@@ -28,7 +31,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 pub use config::RouterArgs;
-use config::{Dynamic, Settings};
+use config::{Discovery, Dynamic, Settings};
 use engines::Registry;
 use metrics::RouterMetrics;
 use policy::Policy;
@@ -68,6 +71,10 @@ pub struct RouterState {
     dynamic: RwLock<Arc<DynState>>,
     /// Per-process random seed (request ids, randomized policies).
     pub seed: u64,
+    /// `Authorization` for the router's own calls to engines (`VLLM_API_KEY`).
+    pub engine_auth: Option<axum::http::HeaderValue>,
+    /// The Kubernetes watcher, while `--service-discovery k8s`.
+    pub k8s: k8s::Control,
 }
 
 impl RouterState {
@@ -79,9 +86,12 @@ impl RouterState {
     }
 
     /// Apply new dynamic settings: engines kept keep their state; requests in flight
-    /// hold the old snapshot and finish undisturbed.
+    /// hold the old snapshot and finish undisturbed. Under Kubernetes discovery the
+    /// engine set is the watcher's and is left alone here.
     pub fn apply(&self, config: Dynamic) {
-        self.registry.apply(&config.backends);
+        if config.discovery == Discovery::Static {
+            self.registry.apply(&config.backends);
+        }
         self.registry.set_aliases(config.aliases.clone());
         *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(DynState::new(config, &self.kv));
@@ -100,6 +110,9 @@ pub enum RouterError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
+
+/// How long `bind` waits for the first Kubernetes LIST before serving anyway.
+const K8S_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A router bound to its port, engines discovered, ready to serve.
 pub struct Bound {
@@ -153,9 +166,23 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         metrics,
         proxy,
         seed,
+        engine_auth: discovery::engine_auth_from_env(),
+        k8s: k8s::Control::default(),
     });
-    state.apply(dynamic);
-    discovery::refresh_models(&state).await;
+    state.apply(dynamic.clone());
+    match dynamic.discovery {
+        Discovery::Static => discovery::refresh_models(&state).await,
+        Discovery::K8s(k) => {
+            // Serve once the first LIST is in (and its engines' models), so a restarted
+            // router does not answer 404 for models it has simply not seen yet.
+            let synced = k8s::start(&state, k).map_err(config::ConfigError::Invalid)?;
+            if tokio::time::timeout(K8S_SYNC_WAIT, synced).await.is_err() {
+                tracing::warn!(
+                    "Kubernetes discovery: no engine list after {K8S_SYNC_WAIT:?}; serving anyway"
+                );
+            }
+        }
+    }
     discovery::spawn_tasks(state.clone());
     Ok(Bound {
         addr: listener.local_addr()?,

@@ -14,9 +14,15 @@ pub struct Proc {
 impl Proc {
     /// Start `switchyard <args>` and wait until it prints `READY <url>`.
     pub fn start(args: &[&str]) -> Proc {
+        Proc::start_with_env(args, &[])
+    }
+
+    /// `start`, with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(args)
             .env("SWITCHYARD_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -4,6 +4,7 @@
 mod bench;
 mod common;
 mod engine_http;
+mod k8s;
 mod kvaware;
 mod prefix;
 mod router;
