@@ -43,6 +43,14 @@ pub struct SamplingFields {
     #[serde(default)]
     pub top_k: Option<i64>,
     #[serde(default)]
+    pub min_p: Option<f64>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
     pub seed: Option<i64>,
     #[serde(default)]
     pub n: Option<i64>,

@@ -102,6 +102,32 @@ pub fn sampling(
             ));
         }
     };
+    let min_p = s.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::bad_param(
+            format!("min_p must be in [0, 1], got {min_p}"),
+            "min_p",
+            min_p,
+        ));
+    }
+    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
+        return Err(ApiError::bad_param(
+            format!("repetition_penalty must be in (0, 2], got {repetition_penalty}"),
+            "repetition_penalty",
+            repetition_penalty,
+        ));
+    }
+    let penalty = |v: Option<f64>, name: &str| match v.unwrap_or(0.0) {
+        p if (-2.0..=2.0).contains(&p) => Ok(p),
+        p => Err(ApiError::bad_param(
+            format!("{name} must be in [-2, 2], got {p}"),
+            name,
+            p,
+        )),
+    };
+    let frequency_penalty = penalty(s.frequency_penalty, "frequency_penalty")?;
+    let presence_penalty = penalty(s.presence_penalty, "presence_penalty")?;
     let room = max_model_len.saturating_sub(prompt_len);
     let max_tokens = max_tokens.map(|v| v as usize).unwrap_or(room).min(room);
     let min_tokens = s.min_tokens.unwrap_or(0);
@@ -133,6 +159,10 @@ pub fn sampling(
             temperature,
             top_p,
             top_k,
+            min_p,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
             seed: s.seed.map(|v| v as u64),
             ignore_eos: s.ignore_eos.unwrap_or(false),
             stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),

@@ -1,9 +1,11 @@
 //! Backends run one scheduled step: the prefill chunks and decodes the scheduler chose,
 //! returning the next token of every sequence that reached its end.
 //!
-//! `sim` models the latency of a real GPU or CPU from a few parameters; the real CPU model
-//! backend plugs into the same trait.
+//! `sim` models the latency of a real GPU or CPU from a few parameters; `gguf` runs real
+//! llama-family models on CPU; both behind the same trait.
 
+pub mod gguf;
+pub mod sampling;
 pub mod sim;
 
 use crate::core::SamplingParams;

@@ -15,6 +15,15 @@ pub struct SamplingParams {
     pub temperature: f64,
     pub top_p: f64,
     pub top_k: Option<u32>,
+    /// Drop tokens whose probability is below `min_p` × the top token's (0: off).
+    pub min_p: f64,
+    /// vLLM's: logits of tokens seen in the prompt or output are divided (if positive) or
+    /// multiplied by it (1: off).
+    pub repetition_penalty: f64,
+    /// OpenAI's: subtracted from a logit once per occurrence in the output (0: off).
+    pub frequency_penalty: f64,
+    /// OpenAI's: subtracted from a logit once if it occurs in the output (0: off).
+    pub presence_penalty: f64,
     pub seed: Option<u64>,
     pub ignore_eos: bool,
     pub stop_token_ids: Vec<u32>,
@@ -28,6 +37,10 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             top_k: None,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: None,
             ignore_eos: false,
             stop_token_ids: Vec::new(),

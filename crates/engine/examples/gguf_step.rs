@@ -1,0 +1,78 @@
+//! Times the GGUF backend's steps: prefill of N tokens, and decode steps of B sequences.
+//! `cargo run --release -p switchyard-engine --example gguf_step -- [MODEL.gguf]`
+use std::time::Instant;
+
+use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
+use switchyard_engine::backend::{Backend, SeqStep};
+use switchyard_engine::core::SamplingParams;
+use switchyard_engine::gguf::Gguf;
+use switchyard_engine::model_store;
+
+fn main() {
+    let path = std::env::args()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| model_store::ensure_default_model().expect("model"));
+    let t = Instant::now();
+    let m = Model::load(&Gguf::open(&path).expect("gguf")).expect("load");
+    eprintln!("load {:?}", t.elapsed());
+    let mut be = GgufBackend::new(m, 4096, 16, vec![2]);
+    let params = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let blocks: Vec<Vec<u32>> = (0..16).map(|i| (i * 64..i * 64 + 64).collect()).collect();
+    for &n in &[128usize, 512] {
+        let toks: Vec<u32> = (0..n as u32).map(|i| 100 + i % 1000).collect();
+        let step = SeqStep {
+            req_id: 0,
+            tokens: &toks,
+            num_prompt: n,
+            num_computed: 0,
+            num_new: n,
+            block_ids: &blocks[0],
+            sample: true,
+            params: &params,
+            rng_seed: 0,
+        };
+        let t = Instant::now();
+        let mut out = Vec::new();
+        be.execute(&[step], &mut out).expect("prefill");
+        let dt = t.elapsed().as_secs_f64();
+        println!(
+            "prefill {n:4} tokens: {:7.1} ms  {:7.0} tok/s",
+            dt * 1e3,
+            n as f64 / dt
+        );
+    }
+    for &b in &[1usize, 4, 8, 16] {
+        let toks: Vec<u32> = (0..257u32).map(|i| 100 + i % 1000).collect();
+        let steps: Vec<SeqStep<'_>> = (0..b)
+            .map(|i| SeqStep {
+                req_id: i as u64,
+                tokens: &toks,
+                num_prompt: 256,
+                num_computed: 256,
+                num_new: 1,
+                block_ids: &blocks[i],
+                sample: true,
+                params: &params,
+                rng_seed: 0,
+            })
+            .collect();
+        let mut out = Vec::new();
+        be.execute(&steps, &mut out).expect("warm");
+        let iters = 10;
+        let t = Instant::now();
+        for _ in 0..iters {
+            out.clear();
+            be.execute(&steps, &mut out).expect("decode");
+        }
+        let dt = t.elapsed().as_secs_f64() / iters as f64;
+        println!(
+            "decode batch {b:2} (ctx 256): {:6.1} ms/step  {:7.1} tok/s",
+            dt * 1e3,
+            b as f64 / dt
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! The real CPU backend: GGUF llama-family models run on the engine core's scheduler and
+//! block manager. Each step packs every scheduled sequence's new tokens (prefill chunks
+//! and decodes) into one forward pass; keys and values live in the block manager's paged
+//! blocks ([`kv_cache`]), so a prefix-cache hit skips real work; sampling follows vLLM's
+//! ([`super::sampling`]).
+
+pub mod attention;
+pub mod kv_cache;
+pub mod model;
+
+use super::sampling::{sample, History};
+use super::{Backend, BackendError, SeqStep};
+use attention::RowInfo;
+use kv_cache::KvCache;
+use model::{Kernel, Model, Plan};
+
+pub use model::{Config, ModelError};
+
+/// Decode batches of at least this many rows take the f32 gemm (measured on a 2-core
+/// AVX2 machine with SmolLM2-135M: `examples/gguf_step.rs`).
+pub const DEFAULT_DECODE_GEMM_ROWS: usize = 4;
+
+pub struct GgufBackend {
+    model: Model,
+    /// Decode rows run on the Q8_0 kernel below this many per step, on the f32 gemm from
+    /// it (`usize::MAX`: always Q8_0, so a sequence's output never depends on its batch).
+    decode_gemm_rows: usize,
+    cache: KvCache,
+    eos: Vec<u32>,
+    tokens: Vec<u32>,
+    sample_rows: Vec<usize>,
+}
+
+impl std::fmt::Debug for GgufBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufBackend")
+            .field("model", &self.model)
+            .field("blocks", &self.cache.num_blocks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GgufBackend {
+    /// `num_blocks` KV blocks of `block_size` tokens; `eos` are held back until a
+    /// request's `min_tokens`.
+    pub fn new(model: Model, num_blocks: usize, block_size: usize, eos: Vec<u32>) -> Self {
+        let c = &model.cfg;
+        let cache = KvCache::new(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim);
+        GgufBackend {
+            model,
+            decode_gemm_rows: DEFAULT_DECODE_GEMM_ROWS,
+            cache,
+            eos,
+            tokens: Vec::new(),
+            sample_rows: Vec::new(),
+        }
+    }
+
+    /// See [`GgufBackend::decode_gemm_rows`]; `usize::MAX` makes output batch-invariant.
+    pub fn with_decode_gemm_rows(mut self, rows: usize) -> Self {
+        self.decode_gemm_rows = rows;
+        self
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.model.cfg
+    }
+}
+
+impl Backend for GgufBackend {
+    fn execute(
+        &mut self,
+        seqs: &[SeqStep<'_>],
+        sampled: &mut Vec<u32>,
+    ) -> Result<(), BackendError> {
+        self.tokens.clear();
+        self.sample_rows.clear();
+        // Prefill rows first, then decode rows, so each kind is one contiguous matrix.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].is_decode());
+        let mut rows = Vec::new();
+        let mut split = 0;
+        let mut sampled_seq = Vec::new();
+        for &i in &order {
+            let s = &seqs[i];
+            let end = s.num_computed + s.num_new;
+            if end > s.tokens.len() || end.div_ceil(self.cache.block_size) > s.block_ids.len() {
+                return Err(BackendError::Failed(format!(
+                    "request {}: step past its tokens or blocks",
+                    s.req_id
+                )));
+            }
+            for pos in s.num_computed..end {
+                self.tokens.push(s.tokens[pos]);
+                rows.push(RowInfo {
+                    pos,
+                    blocks: s.block_ids,
+                });
+            }
+            if !s.is_decode() {
+                split = rows.len();
+            }
+            if s.sample {
+                self.sample_rows.push(rows.len() - 1);
+                sampled_seq.push(i);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let decode_rows = rows.len() - split;
+        let plan = Plan {
+            split,
+            first: Kernel::F32,
+            rest: if decode_rows >= self.decode_gemm_rows {
+                Kernel::F32
+            } else {
+                Kernel::Q8
+            },
+        };
+        let mut logits = self
+            .model
+            .forward(
+                &mut self.cache,
+                &self.tokens,
+                &rows,
+                &self.sample_rows,
+                plan,
+            )
+            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        let vocab = self.model.cfg.vocab;
+        if logits.len() != sampled_seq.len() * vocab {
+            return Err(BackendError::Failed("missing logits".into()));
+        }
+        // Tokens go out in the order of `seqs`.
+        let mut picks = vec![0u32; seqs.len()];
+        for (row, &i) in logits.chunks_exact_mut(vocab).zip(&sampled_seq) {
+            let s = &seqs[i];
+            let end = s.num_computed + s.num_new;
+            let (prompt, output) = s.tokens[..end].split_at(s.num_prompt.min(end));
+            let h = History { prompt, output };
+            picks[i] = sample(row, s.params, &h, &self.eos, s.rng_seed, end);
+        }
+        sampled.extend(
+            seqs.iter()
+                .zip(picks)
+                .filter(|(s, _)| s.sample)
+                .map(|(_, t)| t),
+        );
+        Ok(())
+    }
+}

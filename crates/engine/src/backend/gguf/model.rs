@@ -1,0 +1,558 @@
+//! The forward pass of llama-family decoders (Llama, Mistral, SmolLM: `llama`; Qwen2:
+//! `qwen2`) over a packed batch: the new tokens of many sequences (prefill chunks and
+//! decodes together) go through each layer as one matrix, and attention reads every
+//! sequence's keys and values from the engine's paged KV blocks.
+//!
+//! candle supplies the weights (GGUF loading) and the matrix products. Each weight is kept
+//! twice when memory allows: in Q8_0 (quantized sources, Q4_1 included, are re-quantized:
+//! candle has no SIMD kernel for Q4_1), whose int8 dot products are fastest for a few rows
+//! (decode, memory-bound), and in f32 for the tiled gemm, several times faster for many
+//! rows (prefill chunks, big decode batches). Which rows take which is decided per row kind
+//! ([`Kernels`]), never by the batch they happen to share a step with, unless asked
+//! to. Q/K/V and gate/up are fused into one matrix each. Norms, rotary embedding, attention
+//! and the activation are plain loops over `f32` here.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use super::attention::{paged_attention, RowInfo};
+use super::kv_cache::KvCache;
+use crate::gguf::{Gguf, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}")]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2)")]
+    Architecture { path: String, arch: String },
+    #[error("{path}: {what}")]
+    Bad { path: String, what: String },
+    #[error("model computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// How rotary embedding pairs dimensions: llama.cpp's `NORM` (adjacent pairs; GGUF llama
+/// weights are permuted for it) or `NEOX` (halves; qwen2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    Interleaved,
+    Halves,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub arch: String,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    pub rope_style: RopeStyle,
+    pub eps: f32,
+    pub vocab: usize,
+    pub context_length: usize,
+}
+
+impl Config {
+    pub fn from_gguf(g: &Gguf) -> Result<Config, ModelError> {
+        let path = g.path.clone();
+        let arch = g.architecture().unwrap_or("").to_string();
+        let rope_style = match arch.as_str() {
+            "llama" | "mistral" => RopeStyle::Interleaved,
+            "qwen2" => RopeStyle::Halves,
+            _ => {
+                return Err(ModelError::Architecture {
+                    path,
+                    arch: if arch.is_empty() {
+                        "(none)".into()
+                    } else {
+                        arch
+                    },
+                })
+            }
+        };
+        let int = |k: &str| -> Result<usize, ModelError> {
+            let key = format!("{arch}.{k}");
+            g.require(&key)?
+                .as_i64()
+                .filter(|v| *v > 0)
+                .map(|v| v as usize)
+                .ok_or_else(|| ModelError::Bad {
+                    path: path.clone(),
+                    what: format!("`{key}` is not a positive integer"),
+                })
+        };
+        let float = |k: &str, default: f64| {
+            g.get(&format!("{arch}.{k}"))
+                .and_then(Value::as_f64)
+                .unwrap_or(default) as f32
+        };
+        let hidden = int("embedding_length")?;
+        let n_heads = int("attention.head_count")?;
+        let n_kv_heads = int("attention.head_count_kv").unwrap_or(n_heads);
+        if hidden % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(ModelError::Bad {
+                path,
+                what: format!(
+                    "{hidden} dims, {n_heads} heads, {n_kv_heads} KV heads do not divide"
+                ),
+            });
+        }
+        let head_dim = hidden / n_heads;
+        let rope_dim = int("rope.dimension_count")
+            .unwrap_or(head_dim)
+            .min(head_dim);
+        let vocab = g
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(|a| a.len())
+            .unwrap_or(0);
+        Ok(Config {
+            n_layers: int("block_count")?,
+            hidden,
+            ffn: int("feed_forward_length")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_dim: rope_dim & !1,
+            rope_base: float("rope.freq_base", 10_000.0),
+            rope_style,
+            eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            vocab,
+            context_length: int("context_length").unwrap_or(4096),
+            arch,
+        })
+    }
+}
+
+/// Which matrix kernel a group of rows uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Int8 dot products on the Q8_0 copy (activations quantized per row).
+    Q8,
+    /// f32 tiled gemm on the f32 copy.
+    F32,
+}
+
+/// Which kernel each row of a step uses: rows `[0, split)` take `first`, the rest `rest`.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub split: usize,
+    pub first: Kernel,
+    pub rest: Kernel,
+}
+
+/// A weight matrix `[out, in]` applied to rows: `y = x Wᵀ (+ b)`.
+struct Linear {
+    q8: Option<QMatMul>,
+    f32: Option<Tensor>,
+    out: usize,
+    bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    fn forward(&self, x: &[f32], rows: usize, kernel: Kernel) -> Result<Vec<f32>, ModelError> {
+        let inp = x.len() / rows.max(1);
+        let xt = Tensor::from_slice(x, (rows, inp), &Device::Cpu)?;
+        let y = match (kernel, &self.q8, &self.f32) {
+            (Kernel::Q8, Some(q), _) | (Kernel::F32, Some(q), None) => q.forward(&xt)?,
+            (_, _, Some(w)) => xt.matmul(&w.t()?)?,
+            (_, None, None) => unreachable!("a Linear holds at least one form"),
+        };
+        let mut y = y.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out) {
+                for (v, bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        }
+        Ok(y)
+    }
+
+    /// Rows `[0, split)` with `first`, the rest with `rest`, as one result.
+    fn forward_split(
+        &self,
+        x: &[f32],
+        rows: usize,
+        split: usize,
+        first: Kernel,
+        rest: Kernel,
+    ) -> Result<Vec<f32>, ModelError> {
+        if split == 0 || split >= rows || first == rest {
+            return self.forward(x, rows, if split == 0 { rest } else { first });
+        }
+        let inp = x.len() / rows;
+        let mut a = self.forward(&x[..split * inp], split, first)?;
+        a.extend(self.forward(&x[split * inp..], rows - split, rest)?);
+        Ok(a)
+    }
+
+    fn f32_bytes(&self) -> usize {
+        self.f32.as_ref().map_or(0, |t| t.elem_count() * 4)
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    qkv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// The f32 copies of quantized weights are kept up to this size (about a 1B model).
+const F32_BUDGET_BYTES: usize = 4 << 30;
+
+/// A loaded model.
+pub struct Model {
+    pub cfg: Config,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    /// Per rotary pair: the inverse frequency.
+    inv_freq: Vec<f32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Loader<'a> {
+    content: gguf_file::Content,
+    file: File,
+    path: &'a str,
+}
+
+impl Loader<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+    fn q(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        if !self.has(name) {
+            return Err(ModelError::Bad {
+                path: self.path.to_string(),
+                what: format!("missing tensor `{name}`"),
+            });
+        }
+        Ok(self.content.tensor(&mut self.file, name, &Device::Cpu)?)
+    }
+    fn vec(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let v = self
+            .q(name)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if v.len() != len {
+            return Err(ModelError::Bad {
+                path: self.path.to_string(),
+                what: format!("tensor `{name}` has {} values, expected {len}", v.len()),
+            });
+        }
+        Ok(v)
+    }
+    /// Several `[out_i, in]` matrices stacked into one `[Σ out_i, in]`, kept in Q8_0 when
+    /// any part was quantized (else in f32).
+    fn linear(
+        &mut self,
+        names: &[String],
+        inp: usize,
+        outs: &[usize],
+        biases: bool,
+    ) -> Result<Linear, ModelError> {
+        let mut parts = Vec::with_capacity(names.len());
+        let mut quantized = false;
+        for (name, &out) in names.iter().zip(outs) {
+            let q = self.q(name)?;
+            quantized |= !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            let t = q.dequantize(&Device::Cpu)?;
+            if t.dims() != [out, inp] {
+                return Err(ModelError::Bad {
+                    path: self.path.to_string(),
+                    what: format!("tensor `{name}` is {:?}, expected [{out}, {inp}]", t.dims()),
+                });
+            }
+            parts.push(t);
+        }
+        let out: usize = outs.iter().sum();
+        let w = if parts.len() == 1 {
+            parts.pop().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        let q8 = if quantized && inp.is_multiple_of(32) {
+            Some(QMatMul::from_qtensor(QTensor::quantize(
+                &w,
+                GgmlDType::Q8_0,
+            )?)?)
+        } else {
+            None
+        };
+        let f32 = Some(w);
+        let bias = if biases {
+            let mut b = Vec::with_capacity(out);
+            for (name, &o) in names.iter().zip(outs) {
+                let bname = name.replace(".weight", ".bias");
+                if self.has(&bname) {
+                    b.extend(self.vec(&bname, o)?);
+                } else {
+                    b.extend(std::iter::repeat_n(0.0, o));
+                }
+            }
+            Some(b)
+        } else {
+            None
+        };
+        Ok(Linear { q8, f32, out, bias })
+    }
+}
+
+impl Model {
+    /// Load the weights of the GGUF model whose header is `g`.
+    pub fn load(g: &Gguf) -> Result<Model, ModelError> {
+        let cfg = Config::from_gguf(g)?;
+        let path = Path::new(&g.path);
+        let mut file = File::open(path).map_err(|e| ModelError::Bad {
+            path: g.path.clone(),
+            what: e.to_string(),
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Bad {
+            path: g.path.clone(),
+            what: format!("reading tensors: {e}"),
+        })?;
+        let mut ld = Loader {
+            content,
+            file,
+            path: &g.path,
+        };
+        let h = cfg.hidden;
+        let embed_q = ld.q("token_embd.weight")?;
+        let embed = embed_q
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let vocab = embed.len() / h;
+        if vocab == 0 || embed.len() != vocab * h {
+            return Err(ModelError::Bad {
+                path: g.path.clone(),
+                what: format!("token_embd.weight has {} values for {h} dims", embed.len()),
+            });
+        }
+        let biases = cfg.arch == "qwen2";
+        let kv = cfg.n_kv_heads * cfg.head_dim;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: ld.vec(&n("attn_norm"), h)?,
+                qkv: ld.linear(
+                    &[n("attn_q"), n("attn_k"), n("attn_v")],
+                    h,
+                    &[h, kv, kv],
+                    biases,
+                )?,
+                wo: ld.linear(&[n("attn_output")], h, &[h], false)?,
+                ffn_norm: ld.vec(&n("ffn_norm"), h)?,
+                gate_up: ld.linear(&[n("ffn_gate"), n("ffn_up")], h, &[cfg.ffn, cfg.ffn], false)?,
+                down: ld.linear(&[n("ffn_down")], cfg.ffn, &[h], false)?,
+            });
+        }
+        let norm = ld.vec("output_norm.weight", h)?;
+        let lm_head = if ld.has("output.weight") {
+            ld.linear(&["output.weight".to_string()], h, &[vocab], false)?
+        } else {
+            // Tied embeddings: the output projection is the embedding matrix.
+            let f32 = Tensor::from_slice(&embed, (vocab, h), &Device::Cpu)?;
+            let q8 = match embed_q.dtype() {
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+                GgmlDType::Q8_0 => Some(QMatMul::from_qtensor(embed_q)?),
+                _ if h.is_multiple_of(32) => Some(QMatMul::from_qtensor(QTensor::quantize(
+                    &f32,
+                    GgmlDType::Q8_0,
+                )?)?),
+                _ => None,
+            };
+            Linear {
+                q8,
+                f32: Some(f32),
+                out: vocab,
+                bias: None,
+            }
+        };
+        let pairs = cfg.rope_dim / 2;
+        let freq_factors = if ld.has("rope_freqs.weight") {
+            Some(ld.vec("rope_freqs.weight", pairs)?)
+        } else {
+            None
+        };
+        let inv_freq = (0..pairs)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.rope_dim as f32);
+                f / freq_factors.as_ref().map_or(1.0, |ff| ff[i])
+            })
+            .collect();
+        let cfg = Config { vocab, ..cfg };
+        let mut model = Model {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        };
+        model.fit_f32_budget(F32_BUDGET_BYTES);
+        Ok(model)
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.qkv, &mut l.wo, &mut l.gate_up, &mut l.down])
+            .chain(std::iter::once(&mut self.lm_head))
+    }
+
+    /// Keep the f32 copies only if they fit `budget` bytes (else Q8_0 everywhere, where a
+    /// Q8_0 copy exists).
+    fn fit_f32_budget(&mut self, budget: usize) {
+        let total: usize = self.linears_mut().map(|l| l.f32_bytes()).sum();
+        if total > budget {
+            for l in self.linears_mut() {
+                if l.q8.is_some() {
+                    l.f32 = None;
+                }
+            }
+        }
+    }
+
+    /// Whether f32 copies are kept (prefill and big batches run on the gemm).
+    pub fn has_f32(&self) -> bool {
+        self.lm_head.f32.is_some() && self.layers.iter().all(|l| l.qkv.f32.is_some())
+    }
+
+    fn rms_norm(&self, x: &[f32], w: &[f32], out: &mut Vec<f32>) {
+        let h = self.cfg.hidden;
+        out.clear();
+        out.resize(x.len(), 0.0);
+        let eps = self.cfg.eps;
+        out.chunks_mut(h).zip(x.chunks(h)).for_each(|(o, row)| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                *o = v * scale * w;
+            }
+        });
+    }
+
+    /// Rotate the first `rope_dim` dims of each head of each row by its position.
+    fn rope(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
+        let hd = self.cfg.head_dim;
+        let half = self.cfg.rope_dim / 2;
+        let style = self.cfg.rope_style;
+        x.chunks_mut(heads * hd)
+            .zip(positions.iter())
+            .for_each(|(row, &pos)| {
+                for head in row.chunks_exact_mut(hd) {
+                    for (i, &f) in self.inv_freq.iter().enumerate() {
+                        let (sin, cos) = (pos as f32 * f).sin_cos();
+                        let (a, b) = match style {
+                            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                            RopeStyle::Halves => (i, i + half),
+                        };
+                        let (x0, x1) = (head[a], head[b]);
+                        head[a] = x0 * cos - x1 * sin;
+                        head[b] = x0 * sin + x1 * cos;
+                    }
+                }
+            });
+    }
+
+    /// Run the packed batch: `tokens[r]` at `rows[r]`'s position in its sequence. Keys and
+    /// values of every row are written to the cache first; attention then reads positions
+    /// `0..=pos` of the row's sequence from it. Returns the logits (`[sample_rows, vocab]`)
+    /// of the rows listed in `sample_rows`.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: &[RowInfo<'_>],
+        sample_rows: &[usize],
+        plan: Plan,
+    ) -> Result<Vec<f32>, ModelError> {
+        let Plan { split, first, rest } = plan;
+        let cfg = &self.cfg;
+        let (h, hd, nh, nkv) = (cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let t = tokens.len();
+        let positions: Vec<usize> = rows.iter().map(|r| r.pos).collect();
+        let mut x = Vec::with_capacity(t * h);
+        for &tok in tokens {
+            let i = (tok as usize).min(cfg.vocab.saturating_sub(1));
+            x.extend_from_slice(&self.embed[i * h..(i + 1) * h]);
+        }
+        let mut normed = Vec::new();
+        let mut attn = vec![0.0f32; t * h];
+        let kvw = nkv * hd;
+        let mut q = vec![0.0f32; t * h];
+        let mut k = vec![0.0f32; t * kvw];
+        let mut v = vec![0.0f32; t * kvw];
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.rms_norm(&x, &layer.attn_norm, &mut normed);
+            let qkv = layer.qkv.forward_split(&normed, t, split, first, rest)?;
+            let w = h + 2 * kvw;
+            for r in 0..t {
+                let row = &qkv[r * w..(r + 1) * w];
+                q[r * h..(r + 1) * h].copy_from_slice(&row[..h]);
+                k[r * kvw..(r + 1) * kvw].copy_from_slice(&row[h..h + kvw]);
+                v[r * kvw..(r + 1) * kvw].copy_from_slice(&row[h + kvw..]);
+            }
+            self.rope(&mut q, nh, &positions);
+            self.rope(&mut k, nkv, &positions);
+            cache.write(li, rows, &k, &v);
+            paged_attention(cache, li, rows, &q, nh, nkv, hd, &mut attn);
+            let o = layer.wo.forward_split(&attn, t, split, first, rest)?;
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            self.rms_norm(&x, &layer.ffn_norm, &mut normed);
+            let gu = layer
+                .gate_up
+                .forward_split(&normed, t, split, first, rest)?;
+            let ff = cfg.ffn;
+            let mut act = vec![0.0f32; t * ff];
+            act.chunks_mut(ff)
+                .zip(gu.chunks(2 * ff))
+                .for_each(|(a, row)| {
+                    let (g, u) = row.split_at(ff);
+                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
+                });
+            let d = layer.down.forward_split(&act, t, split, first, rest)?;
+            for (xv, dv) in x.iter_mut().zip(&d) {
+                *xv += dv;
+            }
+        }
+        let mut last = Vec::with_capacity(sample_rows.len() * h);
+        for &r in sample_rows {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        if last.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.rms_norm(&last.clone(), &self.norm, &mut last);
+        let lm_split = sample_rows.iter().filter(|&&r| r < split).count();
+        self.lm_head
+            .forward_split(&last, sample_rows.len(), lm_split, first, rest)
+    }
+}
