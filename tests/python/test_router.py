@@ -11,7 +11,7 @@ from conftest import MODEL, _stop, start_switchyard
 def stack(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("stack-logs")
     up = start_switchyard(
-        ["up", "--host", "127.0.0.1", "--port", "0", "--engines", "2", "--engine-arg=--time-scale=0.01"], log_dir
+        ["up", "--backend", "sim", "--host", "127.0.0.1", "--port", "0", "--engines", "2", "--engine-arg=--time-scale=0.01"], log_dir
     )
     yield up
     _stop(up.proc)

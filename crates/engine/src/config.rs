@@ -10,6 +10,8 @@ use crate::kv_events::KvEventsConfig;
 pub enum BackendKind {
     /// A latency model on the real scheduler and block manager.
     Sim,
+    /// A real llama-family (or qwen2) model from a GGUF file, on CPU.
+    Gguf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -20,17 +22,18 @@ pub struct EngineArgs {
     /// Port to listen on (0 picks a free one; the chosen port is logged).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// The model: a name for the sim backend.
-    #[arg(long, default_value = "switchyard-sim")]
-    pub model: String,
+    /// The model. `gguf`: a GGUF file's path (default: SmolLM2-135M-Instruct, fetched
+    /// into the cache on first use); `sim`: a name (default `switchyard-sim`).
+    #[arg(long)]
+    pub model: Option<String>,
     /// Names the model is served under (the first is reported); defaults to --model.
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub served_model_name: Vec<String>,
     #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
     pub backend: BackendKind,
-    /// Context length: prompt plus output tokens.
-    #[arg(long, default_value_t = 8192)]
-    pub max_model_len: usize,
+    /// Context length: prompt plus output tokens (default: the model's, 8192 for sim).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -40,9 +43,19 @@ pub struct EngineArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// KV blocks in the pool (vLLM: --num-gpu-blocks-override).
-    #[arg(long, alias = "num-gpu-blocks-override", default_value_t = 16384)]
-    pub num_gpu_blocks: usize,
+    /// KV blocks in the pool (vLLM: --num-gpu-blocks-override). Default: 16384 for sim;
+    /// for gguf, what --kv-cache-memory-bytes holds.
+    #[arg(long, alias = "num-gpu-blocks-override")]
+    pub num_gpu_blocks: Option<usize>,
+    /// `gguf`: memory for the KV cache, in bytes (default: $VLLM_CPU_KVCACHE_SPACE GiB as
+    /// vLLM on CPU reads it, else 1 GiB).
+    #[arg(long)]
+    pub kv_cache_memory_bytes: Option<u64>,
+    /// `gguf`: decode steps with at least this many sequences use the f32 gemm (faster for
+    /// big batches); smaller ones the Q8_0 kernel (faster for a few). 0 disables the gemm
+    /// for decodes, which makes every sequence's output independent of its batch.
+    #[arg(long, default_value_t = crate::backend::gguf::DEFAULT_DECODE_GEMM_ROWS)]
+    pub cpu_decode_gemm_rows: usize,
     /// Automatic prefix caching (on by default).
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,
@@ -83,11 +96,16 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The served names: `--served-model-name`, else `--model` as given (vLLM's rule),
+    /// else the backend's default model's name.
     pub fn served_names(&self) -> Vec<String> {
-        if self.served_model_name.is_empty() {
-            vec![self.model.clone()]
-        } else {
-            self.served_model_name.clone()
+        if !self.served_model_name.is_empty() {
+            return self.served_model_name.clone();
+        }
+        match (&self.model, self.backend) {
+            (Some(m), _) => vec![m.clone()],
+            (None, BackendKind::Sim) => vec!["switchyard-sim".into()],
+            (None, BackendKind::Gguf) => vec![crate::model_store::DEFAULT_MODEL_NAME.into()],
         }
     }
 

@@ -279,3 +279,230 @@ mod forward {
         assert!(distinct.len() > 4, "{alone:?}");
     }
 }
+
+/// A small qwen2 model with random weights, written by the test itself.
+mod qwen2 {
+    use switchyard_engine::backend::gguf::attention::RowInfo;
+    use switchyard_engine::backend::gguf::model::{Kernel, Plan};
+    use switchyard_engine::backend::gguf::{kv_cache::KvCache, model::Model};
+    use switchyard_engine::gguf::write::{to_file, Tensor};
+    use switchyard_engine::gguf::{Gguf, Value};
+    use switchyard_engine::tokenizer::{BpeTokenizer, Tokenizer};
+
+    const H: usize = 64;
+    const FF: usize = 128;
+    const HEADS: usize = 4;
+    const KV_HEADS: usize = 2;
+    const LAYERS: usize = 2;
+
+    /// GPT-2's byte alphabet (as the tokenizer maps bytes) plus a few merges.
+    fn vocab() -> (Vec<String>, Vec<String>) {
+        let mut toks: Vec<String> = (0u32..=255)
+            .map(|b| {
+                let printable = matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+                let c = if printable {
+                    char::from_u32(b).unwrap_or('?')
+                } else {
+                    let n = (0..b)
+                        .filter(|x| !matches!(x, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF))
+                        .count() as u32;
+                    char::from_u32(256 + n).unwrap_or('?')
+                };
+                c.to_string()
+            })
+            .collect();
+        let merges = vec!["h e".to_string(), "l l".to_string(), "he ll".to_string()];
+        toks.extend(["he", "ll", "hell", "<|im_start|>", "<|im_end|>"].map(String::from));
+        (toks, merges)
+    }
+
+    fn rand_f32(n: usize, seed: &mut u64, scale: f32) -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale;
+                u.to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn write_model(path: &std::path::Path) {
+        let (toks, merges) = vocab();
+        let n_vocab = toks.len();
+        let mut types = vec![Value::I32(1); n_vocab];
+        types[n_vocab - 2] = Value::I32(3);
+        types[n_vocab - 1] = Value::I32(3);
+        let kvd = KV_HEADS * (H / HEADS);
+        let mut seed = 7u64;
+        let mut specs: Vec<(String, Vec<u64>, Vec<u8>)> = vec![
+            (
+                "token_embd.weight".into(),
+                vec![H as u64, n_vocab as u64],
+                rand_f32(H * n_vocab, &mut seed, 0.5),
+            ),
+            (
+                "output_norm.weight".into(),
+                vec![H as u64],
+                rand_f32(H, &mut seed, 0.1)
+                    .chunks(4)
+                    .flat_map(|c| {
+                        (1.0 + f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+                    })
+                    .collect(),
+            ),
+        ];
+        for l in 0..LAYERS {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let ones: Vec<u8> = (0..H).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+            specs.push((n("attn_norm.weight"), vec![H as u64], ones.clone()));
+            specs.push((n("ffn_norm.weight"), vec![H as u64], ones));
+            for (name, out) in [("attn_q", H), ("attn_k", kvd), ("attn_v", kvd)] {
+                specs.push((
+                    n(&format!("{name}.weight")),
+                    vec![H as u64, out as u64],
+                    rand_f32(H * out, &mut seed, 0.3),
+                ));
+                specs.push((
+                    n(&format!("{name}.bias")),
+                    vec![out as u64],
+                    rand_f32(out, &mut seed, 0.1),
+                ));
+            }
+            specs.push((
+                n("attn_output.weight"),
+                vec![H as u64, H as u64],
+                rand_f32(H * H, &mut seed, 0.3),
+            ));
+            specs.push((
+                n("ffn_gate.weight"),
+                vec![H as u64, FF as u64],
+                rand_f32(H * FF, &mut seed, 0.3),
+            ));
+            specs.push((
+                n("ffn_up.weight"),
+                vec![H as u64, FF as u64],
+                rand_f32(H * FF, &mut seed, 0.3),
+            ));
+            specs.push((
+                n("ffn_down.weight"),
+                vec![FF as u64, H as u64],
+                rand_f32(H * FF, &mut seed, 0.3),
+            ));
+        }
+        let tensors: Vec<Tensor<'_>> = specs
+            .iter()
+            .map(|(name, dims, data)| Tensor {
+                name,
+                dims,
+                ggml_type: 0,
+                data,
+            })
+            .collect();
+        let meta = vec![
+            ("general.architecture", Value::Str("qwen2".into())),
+            ("qwen2.block_count", Value::U32(LAYERS as u32)),
+            ("qwen2.context_length", Value::U32(512)),
+            ("qwen2.embedding_length", Value::U32(H as u32)),
+            ("qwen2.feed_forward_length", Value::U32(FF as u32)),
+            ("qwen2.attention.head_count", Value::U32(HEADS as u32)),
+            ("qwen2.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
+            ("qwen2.rope.freq_base", Value::F32(10000.0)),
+            ("qwen2.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+            ("tokenizer.ggml.model", Value::Str("gpt2".into())),
+            ("tokenizer.ggml.pre", Value::Str("qwen2".into())),
+            ("tokenizer.ggml.tokens", Value::Array(toks.into_iter().map(Value::Str).collect())),
+            ("tokenizer.ggml.token_type", Value::Array(types)),
+            ("tokenizer.ggml.merges", Value::Array(merges.into_iter().map(Value::Str).collect())),
+            ("tokenizer.ggml.eos_token_id", Value::U32(n_vocab as u32 - 1)),
+            ("tokenizer.chat_template", Value::Str("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
+        ];
+        to_file(path, &meta, &tensors).expect("write gguf");
+    }
+
+    #[test]
+    fn a_qwen2_model_loads_tokenizes_and_runs_consistently() {
+        let path = std::env::temp_dir().join(format!("sy-qwen2-{}.gguf", std::process::id()));
+        write_model(&path);
+        let g = Gguf::open(&path).expect("header");
+        let tok = BpeTokenizer::from_gguf(&g).expect("tokenizer");
+        let ids = tok.encode("hello<|im_end|>");
+        assert_eq!(
+            ids,
+            vec![258, 111, 260],
+            "h e, l l, he ll, then o; and a special token"
+        );
+        let m = Model::load(&g).expect("qwen2 weights");
+        assert_eq!((m.cfg.arch.as_str(), m.cfg.n_kv_heads), ("qwen2", KV_HEADS));
+        let prompt: Vec<u32> = tok.encode("hello there, qwen");
+        let blocks: Vec<u32> = (0..8).collect();
+        let plan = Plan {
+            split: usize::MAX,
+            first: Kernel::F32,
+            rest: Kernel::F32,
+        };
+        // The whole prompt in one pass...
+        let mut cache = KvCache::new(LAYERS, 16, 16, KV_HEADS, H / HEADS);
+        let rows: Vec<RowInfo<'_>> = (0..prompt.len())
+            .map(|pos| RowInfo {
+                pos,
+                blocks: &blocks,
+            })
+            .collect();
+        let whole = m
+            .forward(&mut cache, &prompt, &rows, &[prompt.len() - 1], plan)
+            .expect("forward");
+        // ...equals feeding it one token at a time through the KV cache.
+        let mut cache = KvCache::new(LAYERS, 16, 16, KV_HEADS, H / HEADS);
+        let mut last = Vec::new();
+        for (pos, &t) in prompt.iter().enumerate() {
+            let row = [RowInfo {
+                pos,
+                blocks: &blocks,
+            }];
+            last = m.forward(&mut cache, &[t], &row, &[0], plan).expect("step");
+        }
+        assert_eq!(whole.len(), m.cfg.vocab);
+        let diff = whole
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-3,
+            "prefill and incremental logits differ by {diff}"
+        );
+        let spread = whole.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+            - whole.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        assert!(spread > 0.1, "logits are not degenerate: {spread}");
+        std::fs::remove_file(path).ok();
+    }
+
+    #[test]
+    fn bad_model_files_are_clear_errors() {
+        let dir = std::env::temp_dir();
+        let missing = switchyard_engine::model_store::resolve(Some(&dir.join("nope.gguf")))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
+        let junk = dir.join(format!("sy-junk-{}.gguf", std::process::id()));
+        std::fs::write(&junk, b"this is not a model").expect("write");
+        let e = Gguf::open(&junk).unwrap_err().to_string();
+        assert!(e.contains("not a GGUF file"), "{e}");
+        let other = dir.join(format!("sy-arch-{}.gguf", std::process::id()));
+        to_file(
+            &other,
+            &[("general.architecture", Value::Str("mamba".into()))],
+            &[],
+        )
+        .expect("write");
+        let e = Model::load(&Gguf::open(&other).expect("header"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unsupported architecture `mamba`"), "{e}");
+        for p in [junk, other] {
+            std::fs::remove_file(p).ok();
+        }
+    }
+}

@@ -21,9 +21,16 @@ pub struct UpArgs {
     pub port: u16,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// The model name the engines serve.
-    #[arg(long, default_value = "switchyard-sim")]
-    pub model: String,
+    /// The engines' backend: `gguf` runs a real model on CPU, `sim` a latency model.
+    #[arg(long, value_enum, default_value_t = engine::config::BackendKind::Gguf)]
+    pub backend: engine::config::BackendKind,
+    /// `gguf`: the GGUF file (default: SmolLM2-135M-Instruct, fetched on first use);
+    /// `sim`: a name.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The name clients ask for (default: the engines' own default for the model).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
     /// Routing logic for the router.
     #[arg(long, value_enum, default_value_t = router::config::RoutingLogic::Roundrobin)]
     pub routing_logic: router::config::RoutingLogic,
@@ -49,19 +56,30 @@ impl Drop for Children {
     }
 }
 
-fn start_engine(exe: &std::path::Path, args: &UpArgs) -> anyhow::Result<(Child, String)> {
+fn start_engine(
+    exe: &std::path::Path,
+    args: &UpArgs,
+    model: Option<&str>,
+    served: &str,
+) -> anyhow::Result<(Child, String)> {
     let mut cmd = Command::new(exe);
+    let backend = args
+        .backend
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
     cmd.args([
         "engine",
         "--backend",
-        "sim",
+        &backend,
         "--host",
         "127.0.0.1",
         "--port",
         "0",
         "--exit-on-stdin-close",
     ])
-    .args(["--served-model-name", &args.model])
+    .args(["--served-model-name", served])
+    .args(model.map(|m| ["--model", m]).into_iter().flatten())
     .args(&args.engine_args)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
@@ -81,7 +99,7 @@ fn start_engine(exe: &std::path::Path, args: &UpArgs) -> anyhow::Result<(Child, 
         // Keep draining so the engine never blocks on a full pipe.
         for _ in lines {}
     });
-    match rx.recv_timeout(Duration::from_secs(60)) {
+    match rx.recv_timeout(Duration::from_secs(300)) {
         Ok(url) => Ok((child, url)),
         Err(_) => {
             let _ = child.kill();
@@ -97,8 +115,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut children = Children(Vec::new());
     let mut urls = Vec::new();
+    // The model is fetched once here, not by each engine at the same time.
+    let (model, served) = match (args.backend, &args.model) {
+        (engine::config::BackendKind::Gguf, None) => (
+            Some(
+                engine::model_store::ensure_default_model()?
+                    .display()
+                    .to_string(),
+            ),
+            engine::model_store::DEFAULT_MODEL_NAME.to_string(),
+        ),
+        (engine::config::BackendKind::Gguf, Some(m)) => (Some(m.clone()), m.clone()),
+        (engine::config::BackendKind::Sim, m) => {
+            (None, m.clone().unwrap_or_else(|| "switchyard-sim".into()))
+        }
+    };
+    let served = args.served_model_name.clone().unwrap_or(served);
     for _ in 0..args.engines {
-        let (child, url) = start_engine(&exe, &args)?;
+        let (child, url) = start_engine(&exe, &args, model.as_deref(), &served)?;
         children.0.push(child);
         urls.push(url);
     }
@@ -150,7 +184,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     eprintln!(
         "switchyard up: {} engine(s) serving `{}` behind http://{addr}/v1",
         urls.len(),
-        args.model
+        served
     );
     for u in &urls {
         eprintln!("  engine {u}");

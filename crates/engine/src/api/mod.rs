@@ -54,41 +54,30 @@ pub struct Engine {
 pub enum StartError {
     #[error("invalid flag: {0}")]
     Flag(String),
+    #[error("model: {0}")]
+    Model(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
 /// Build the engine (core loop, backend, tokenizer) from its flags.
 pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
-    if args.block_size == 0 || args.num_gpu_blocks == 0 || args.max_num_seqs == 0 {
+    if args.block_size == 0 || args.num_gpu_blocks == Some(0) || args.max_num_seqs == 0 {
         return Err(StartError::Flag(
             "--block-size, --num-gpu-blocks and --max-num-seqs must be positive".into(),
         ));
-    }
-    if args.max_model_len < 2 || args.max_num_batched_tokens == 0 {
-        return Err(StartError::Flag(
-            "--max-model-len must be at least 2 and --max-num-batched-tokens positive".into(),
-        ));
-    }
-    if args.num_gpu_blocks.saturating_mul(args.block_size) < args.max_model_len {
-        // As vLLM: a request of the full context must fit the KV cache on its own, or it
-        // could never finish (it would preempt itself forever).
-        return Err(StartError::Flag(format!(
-            "the KV cache ({} blocks of {} tokens = {} tokens) cannot hold one request of --max-model-len {}; \
-             raise --num-gpu-blocks or lower --max-model-len",
-            args.num_gpu_blocks,
-            args.block_size,
-            args.num_gpu_blocks * args.block_size,
-            args.max_model_len
-        )));
     }
     if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
         return Err(StartError::Flag(
             "--time-scale must be a non-negative number".into(),
         ));
     }
-    let tokenizer: Arc<dyn Tokenizer> = Arc::new(SimTokenizer::new());
-    let backend = match args.backend {
+    let (tokenizer, backend, max_model_len, num_blocks): (
+        Arc<dyn Tokenizer>,
+        Box<dyn crate::backend::Backend>,
+        usize,
+        usize,
+    ) = match args.backend {
         BackendKind::Sim => {
             let names: Vec<&str> = crate::backend::sim::PRESETS
                 .iter()
@@ -103,18 +92,41 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
                     ))
                 })?
                 .with_overrides(&args.sim_latency);
-            Box::new(SimBackend::new(
-                latency,
-                args.time_scale,
-                args.sim_eos_prob.clamp(0.0, 1.0),
-            ))
+            (
+                Arc::new(SimTokenizer::new()),
+                Box::new(SimBackend::new(
+                    latency,
+                    args.time_scale,
+                    args.sim_eos_prob.clamp(0.0, 1.0),
+                )),
+                args.max_model_len.unwrap_or(8192),
+                args.num_gpu_blocks.unwrap_or(16384),
+            )
         }
+        BackendKind::Gguf => build_gguf(args)?,
     };
+    if max_model_len < 2 || args.max_num_batched_tokens == 0 {
+        return Err(StartError::Flag(
+            "--max-model-len must be at least 2 and --max-num-batched-tokens positive".into(),
+        ));
+    }
+    if num_blocks.saturating_mul(args.block_size) < max_model_len {
+        // As vLLM: a request of the full context must fit the KV cache on its own, or it
+        // could never finish (it would preempt itself forever).
+        return Err(StartError::Flag(format!(
+            "the KV cache ({} blocks of {} tokens = {} tokens) cannot hold one request of --max-model-len {}; \
+             raise --num-gpu-blocks (or --kv-cache-memory-bytes) or lower --max-model-len",
+            num_blocks,
+            args.block_size,
+            num_blocks * args.block_size,
+            max_model_len
+        )));
+    }
     let served: Arc<[String]> = args.served_names().into();
     let metrics = Arc::new(EngineMetrics::new(
         &served[0],
         args.block_size,
-        args.num_gpu_blocks,
+        num_blocks,
         args.prefix_caching(),
     ));
     let (kv_sink, kv_events) = match &args.kv_events_config {
@@ -129,9 +141,9 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         scheduler: SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens: args.max_num_batched_tokens,
-            max_model_len: args.max_model_len,
+            max_model_len,
         },
-        num_blocks: args.num_gpu_blocks,
+        num_blocks,
         block_size: args.block_size,
         prefix_caching: args.prefix_caching(),
         eos_token_ids: tokenizer.eos_token_ids().to_vec(),
@@ -142,12 +154,81 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         handle,
         tokenizer,
         served,
-        max_model_len: args.max_model_len,
+        max_model_len,
         body_limit: args.max_request_body_bytes,
         created: unix_now(),
         kv_events,
         block_size: args.block_size,
     })
+}
+
+/// The GGUF backend: model file (the default one fetched when none is given), its
+/// tokenizer and template, its weights, and a KV pool sized from the memory flag.
+#[allow(clippy::type_complexity)]
+fn build_gguf(
+    args: &EngineArgs,
+) -> Result<
+    (
+        Arc<dyn Tokenizer>,
+        Box<dyn crate::backend::Backend>,
+        usize,
+        usize,
+    ),
+    StartError,
+> {
+    use crate::backend::gguf::{kv_cache::KvCache, model::Model, GgufBackend};
+    let path = crate::model_store::resolve(args.model.as_deref().map(std::path::Path::new))
+        .map_err(|e| StartError::Model(e.to_string()))?;
+    let header = crate::gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
+    let tokenizer = crate::tokenizer::BpeTokenizer::from_gguf(&header)
+        .map_err(|e| StartError::Model(e.to_string()))?;
+    let started = std::time::Instant::now();
+    let model = Model::load(&header).map_err(|e| StartError::Model(e.to_string()))?;
+    let cfg = model.cfg.clone();
+    tracing::info!(
+        model = %path.display(),
+        arch = %cfg.arch,
+        layers = cfg.n_layers,
+        hidden = cfg.hidden,
+        f32_copies = model.has_f32(),
+        secs = started.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    let max_model_len = args.max_model_len.unwrap_or(cfg.context_length);
+    if max_model_len > cfg.context_length {
+        return Err(StartError::Flag(format!(
+            "--max-model-len {max_model_len} is longer than the model's context ({})",
+            cfg.context_length
+        )));
+    }
+    let per_block =
+        KvCache::bytes_per_block(cfg.n_layers, args.block_size, cfg.n_kv_heads, cfg.head_dim);
+    let num_blocks = match args.num_gpu_blocks {
+        Some(n) => n,
+        None => {
+            let bytes = args.kv_cache_memory_bytes.unwrap_or_else(|| {
+                std::env::var("VLLM_CPU_KVCACHE_SPACE")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|g| *g > 0.0)
+                    .map_or(1 << 30, |g| (g * (1u64 << 30) as f64) as u64)
+            });
+            (bytes as usize / per_block.max(1)).max(1)
+        }
+    };
+    let eos = tokenizer.eos_token_ids().to_vec();
+    let gemm_rows = match args.cpu_decode_gemm_rows {
+        0 => usize::MAX,
+        n => n,
+    };
+    let backend =
+        GgufBackend::new(model, num_blocks, args.block_size, eos).with_decode_gemm_rows(gemm_rows);
+    Ok((
+        Arc::new(tokenizer),
+        Box::new(backend),
+        max_model_len,
+        num_blocks,
+    ))
 }
 
 /// The HTTP routes.
