@@ -87,3 +87,35 @@ def test_up_serves_the_real_model_by_default(tmp_path):
         assert "Paris" in r.choices[0].message.content
     finally:
         _stop(stack.proc)
+
+
+def test_logprobs_in_chat_and_completions(real_engine):
+    client = real_engine.client(timeout=120.0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        tops = [t.logprob for t in c.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert c.logprob <= 0 and sum(2.718281828 ** t for t in tops) <= 1.0 + 1e-4
+        # Greedy: the chosen token is the most likely one.
+        assert c.token == c.top_logprobs[0].token and abs(c.logprob - tops[0]) < 1e-5
+    # Streaming carries the same numbers.
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=3, stream=True,
+    ))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [round(c.logprob, 4) for c in streamed] == [round(c.logprob, 4) for c in content]
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 4
+    assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    with pytest.raises(Exception) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=50,
+                                       logprobs=True, max_tokens=1)
+    assert "top_logprobs" in str(e.value)

@@ -967,7 +967,14 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
 
         // --- update ---
         finished.clear();
-        sched.update(&scheduled, &sampled, &[], &mut stats, &mut finished);
+        sched.update(
+            &scheduled,
+            &sampled,
+            &mut [],
+            &[],
+            &mut stats,
+            &mut finished,
+        );
         for f in &finished {
             assert!(
                 f.request.blocks.ids.is_empty(),

@@ -118,6 +118,12 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// Return the chosen tokens' log-probabilities.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// And this many most likely alternatives per token (needs `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -140,6 +146,9 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(default)]
     pub echo: Option<bool>,
+    /// Log-probabilities of the chosen tokens and this many alternatives.
+    #[serde(default)]
+    pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

@@ -96,6 +96,39 @@ impl Histogram {
     pub fn sum(&self) -> f64 {
         f64::from_bits(self.sum_bits.load(Ordering::Relaxed))
     }
+
+    /// The `q` quantile (0..=1) estimated as Prometheus's `histogram_quantile` does:
+    /// linear interpolation inside the bucket that holds it (from 0 for the first
+    /// bucket); in the `+Inf` bucket, the largest finite bound. None when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, &n) in counts.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(&upper) = self.bounds.get(i) else {
+                    return self.bounds.last().copied();
+                };
+                let lower = if i == 0 {
+                    upper.min(0.0)
+                } else {
+                    self.bounds[i - 1]
+                };
+                let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                return Some(lower + (upper - lower) * within);
+            }
+            below += n;
+        }
+        self.bounds.last().copied()
+    }
 }
 
 /// Writes metric families in the Prometheus text format (version 0.0.4).
@@ -307,6 +340,23 @@ fn fmt_value(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_buckets() {
+        static B: &[f64] = &[1.0, 2.0, 4.0];
+        let h = Histogram::new(B);
+        assert_eq!(h.quantile(0.5), None);
+        for v in [0.5, 1.5, 1.5, 3.0] {
+            h.observe(v);
+        }
+        // Ranks: 1 in (0,1], 2 in (1,2], 1 in (2,4].
+        assert_eq!(h.quantile(0.25), Some(1.0));
+        assert_eq!(h.quantile(0.5), Some(1.5));
+        assert_eq!(h.quantile(0.75), Some(2.0));
+        assert_eq!(h.quantile(1.0), Some(4.0));
+        h.observe(100.0);
+        assert_eq!(h.quantile(1.0), Some(4.0), "+Inf reports the largest bound");
+    }
 
     #[test]
     fn process_metrics_read_this_process() {

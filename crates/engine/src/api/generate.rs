@@ -24,8 +24,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::validate::{self, Validated};
 use super::{json_ok, read_json_probed, Engine, ErrorResponse};
-use crate::core::{EngineCommand, EngineEvent, EngineHandle, FinishReason, NewRequest};
-use crate::tokenizer::IncrementalDecoder;
+use crate::core::{
+    EngineCommand, EngineEvent, EngineHandle, FinishReason, NewRequest, TokenLogprobs,
+};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Sends an abort for the request when dropped while still armed.
 struct AbortGuard {
@@ -61,10 +63,12 @@ impl Drop for AbortGuard {
     }
 }
 
-/// A piece of output text, and how generation ended when it did.
+/// A piece of output text, and how generation ended when it did; with the log-probs of
+/// the tokens whose text it completes, when asked for.
 struct Piece {
     text: String,
     finish: Option<(FinishReason, Option<StopReason>)>,
+    logprobs: Vec<(u32, TokenLogprobs)>,
 }
 
 /// One request in flight: receives token events and yields text pieces.
@@ -75,6 +79,8 @@ struct Generation {
     stop: Vec<String>,
     hold_back: usize,
     pending: String,
+    /// Log-probs of tokens not yet handed out in a piece.
+    pending_lp: Vec<(u32, TokenLogprobs)>,
     prompt_tokens: u32,
     completion_tokens: u32,
     done: bool,
@@ -126,6 +132,7 @@ impl Generation {
             stop: v.stop,
             hold_back,
             pending: String::new(),
+            pending_lp: Vec::new(),
             prompt_tokens,
             completion_tokens: 0,
             done: false,
@@ -165,7 +172,16 @@ impl Generation {
                 }
             };
             let (id, finish) = match event {
-                EngineEvent::Token { id, finish } => (id, finish),
+                EngineEvent::Token {
+                    id,
+                    finish,
+                    logprobs,
+                } => {
+                    if let Some(lp) = logprobs {
+                        self.pending_lp.push((id, *lp));
+                    }
+                    (id, finish)
+                }
                 EngineEvent::Rejected(msg) => {
                     self.done = true;
                     self.guard.finish(None, None);
@@ -188,6 +204,7 @@ impl Generation {
                 return Some(Ok(Piece {
                     text,
                     finish: Some((FinishReason::Stop, Some(StopReason::Text(stop)))),
+                    logprobs: std::mem::take(&mut self.pending_lp),
                 }));
             }
             if let Some(f) = finish {
@@ -198,6 +215,7 @@ impl Generation {
                 return Some(Ok(Piece {
                     text,
                     finish: Some((f.reason, f.stop_token.map(StopReason::Token))),
+                    logprobs: std::mem::take(&mut self.pending_lp),
                 }));
             }
             if self.pending.len() > self.hold_back {
@@ -208,7 +226,11 @@ impl Generation {
                 if cut > 0 {
                     let rest = self.pending.split_off(cut);
                     let text = std::mem::replace(&mut self.pending, rest);
-                    return Some(Ok(Piece { text, finish: None }));
+                    return Some(Ok(Piece {
+                        text,
+                        finish: None,
+                        logprobs: std::mem::take(&mut self.pending_lp),
+                    }));
                 }
             }
         }
@@ -221,6 +243,54 @@ impl Generation {
             .filter_map(|s| self.pending.find(s.as_str()).map(|p| (p, s.clone())))
             .min_by_key(|(p, _)| *p)
     }
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(tok: &dyn Tokenizer, lps: &[(u32, TokenLogprobs)]) -> serde_json::Value {
+    let entry = |id: u32, lp: f32| {
+        let t = tok.decode(&[id], false);
+        serde_json::json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+    };
+    let content: Vec<serde_json::Value> = lps
+        .iter()
+        .map(|(id, lp)| {
+            let mut e = entry(*id, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|(i, l)| entry(*i, *l)).collect();
+            e
+        })
+        .collect();
+    serde_json::json!({ "content": content })
+}
+
+/// Completions' `logprobs`: parallel lists, `top_logprobs` as `{token: logprob}` maps.
+fn completion_logprobs(
+    tok: &dyn Tokenizer,
+    lps: &[(u32, TokenLogprobs)],
+    mut offset: usize,
+) -> serde_json::Value {
+    let mut tokens = Vec::with_capacity(lps.len());
+    let mut token_logprobs = Vec::with_capacity(lps.len());
+    let mut top = Vec::with_capacity(lps.len());
+    let mut offsets = Vec::with_capacity(lps.len());
+    for (id, lp) in lps {
+        let t = tok.decode(&[*id], false);
+        offsets.push(offset);
+        offset += t.len();
+        tokens.push(t);
+        token_logprobs.push(lp.logprob);
+        let m: serde_json::Map<String, serde_json::Value> = lp
+            .top
+            .iter()
+            .map(|(i, l)| (tok.decode(&[*i], false), serde_json::json!(l)))
+            .collect();
+        top.push(serde_json::Value::Object(m));
+    }
+    serde_json::json!({
+        "text_offset": offsets,
+        "token_logprobs": token_logprobs,
+        "tokens": tokens,
+        "top_logprobs": top,
+    })
 }
 
 fn sse_response(
@@ -274,12 +344,14 @@ pub async fn chat_completions(
     let prompt = engine.tokenizer.encode(&text);
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;
-    let v = validate::sampling(
+    let mut v = validate::sampling(
         s,
         body.max_completion_tokens.or(s.max_tokens),
         prompt.len(),
         engine.max_model_len,
     )?;
+    v.params.logprobs = validate::logprobs(body.logprobs, body.top_logprobs, "top_logprobs")?;
+    let want_lp = v.params.logprobs.is_some();
     let include_usage = s
         .stream_options
         .as_ref()
@@ -291,9 +363,11 @@ pub async fn chat_completions(
     if !s.stream.unwrap_or(false) {
         let mut content = String::new();
         let mut finish = None;
+        let mut lps = Vec::new();
         while let Some(piece) = generation.next().await {
             let piece = piece?;
             content.push_str(&piece.text);
+            lps.extend(piece.logprobs);
             if piece.finish.is_some() {
                 finish = piece.finish;
             }
@@ -315,7 +389,7 @@ pub async fn chat_completions(
                     function_call: None,
                     reasoning: None,
                 },
-                logprobs: None,
+                logprobs: want_lp.then(|| chat_logprobs(engine.tokenizer.as_ref(), &lps)),
                 finish_reason: Some(reason.as_str()),
                 stop_reason,
             }],
@@ -327,9 +401,11 @@ pub async fn chat_completions(
         }));
     }
 
+    let tok = engine.tokenizer.clone();
     let chunk = move |g: &Generation,
                       delta: ChatDelta,
-                      finish: Option<(FinishReason, Option<StopReason>)>| {
+                      finish: Option<(FinishReason, Option<StopReason>)>,
+                      lps: &[(u32, TokenLogprobs)]| {
         let (finish_reason, stop_reason) = match finish {
             Some((r, s)) => (Some(r.as_str()), s),
             None => (None, None),
@@ -342,7 +418,7 @@ pub async fn chat_completions(
             choices: vec![ChatChunkChoice {
                 index: 0,
                 delta,
-                logprobs: None,
+                logprobs: (want_lp && !lps.is_empty()).then(|| chat_logprobs(tok.as_ref(), lps)),
                 finish_reason,
                 stop_reason,
             }],
@@ -357,6 +433,7 @@ pub async fn chat_completions(
             content: String::new(),
         },
         None,
+        &[],
     ));
     // States: 0 = role chunk, 1 = content, 2 = usage, 3 = [DONE], 4 = end.
     let stream = futures_util::stream::unfold(
@@ -376,6 +453,7 @@ pub async fn chat_completions(
                                     content: piece.text,
                                 },
                                 piece.finish,
+                                &piece.logprobs,
                             ));
                             let next = if fin {
                                 if include_usage {
@@ -399,6 +477,7 @@ pub async fn chat_completions(
                                 content: String::new(),
                             },
                             None,
+                            &[],
                         );
                         c.choices.clear();
                         c.usage = Some(g.usage());
@@ -435,7 +514,9 @@ pub async fn completions(
     };
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;
-    let v = validate::sampling(s, s.max_tokens, prompt.len(), engine.max_model_len)?;
+    let mut v = validate::sampling(s, s.max_tokens, prompt.len(), engine.max_model_len)?;
+    v.params.logprobs = validate::logprobs(None, body.logprobs, "logprobs")?;
+    let want_lp = v.params.logprobs.is_some();
     let include_usage = s
         .stream_options
         .as_ref()
@@ -448,36 +529,43 @@ pub async fn completions(
     let mut generation = Generation::start(&engine, prompt, v, "cmpl")?;
     let model = engine.model_name().to_string();
 
-    let response =
-        move |g: &Generation, text: String, finish: Option<(FinishReason, Option<StopReason>)>| {
-            let (finish_reason, stop_reason) = match finish {
-                Some((r, s)) => (Some(r.as_str()), s),
-                None => (None, None),
-            };
-            CompletionResponse {
-                id: g.id.clone(),
-                object: "text_completion",
-                created: g.created,
-                model: model.clone(),
-                choices: vec![CompletionChoice {
-                    index: 0,
-                    text,
-                    logprobs: None,
-                    finish_reason,
-                    stop_reason,
-                }],
-                service_tier: None,
-                system_fingerprint: None,
-                usage: None,
-            }
+    let tok = engine.tokenizer.clone();
+    let response = move |g: &Generation,
+                         text: String,
+                         finish: Option<(FinishReason, Option<StopReason>)>,
+                         lps: &[(u32, TokenLogprobs)],
+                         offset: usize| {
+        let (finish_reason, stop_reason) = match finish {
+            Some((r, s)) => (Some(r.as_str()), s),
+            None => (None, None),
         };
+        CompletionResponse {
+            id: g.id.clone(),
+            object: "text_completion",
+            created: g.created,
+            model: model.clone(),
+            choices: vec![CompletionChoice {
+                index: 0,
+                logprobs: want_lp.then(|| completion_logprobs(tok.as_ref(), lps, offset)),
+                text,
+                finish_reason,
+                stop_reason,
+            }],
+            service_tier: None,
+            system_fingerprint: None,
+            usage: None,
+        }
+    };
 
     if !s.stream.unwrap_or(false) {
         let mut text = echo.unwrap_or_default();
+        let offset = text.len();
         let mut finish = None;
+        let mut lps = Vec::new();
         while let Some(piece) = generation.next().await {
             let piece = piece?;
             text.push_str(&piece.text);
+            lps.extend(piece.logprobs);
             if piece.finish.is_some() {
                 finish = piece.finish;
             }
@@ -486,6 +574,8 @@ pub async fn completions(
             &generation,
             text,
             Some(finish.unwrap_or((FinishReason::Abort, None))),
+            &lps,
+            offset,
         );
         r.usage = Some(generation.usage());
         r.system_fingerprint = fingerprint();
@@ -501,13 +591,13 @@ pub async fn completions(
             async move {
                 match state {
                     0 => Some((
-                        Ok(frame(&response(&g, echo.unwrap_or_default(), None))),
+                        Ok(frame(&response(&g, echo.unwrap_or_default(), None, &[], 0))),
                         (g, 1, None),
                     )),
                     1 => match g.next().await {
                         Some(Ok(piece)) => {
                             let fin = piece.finish.is_some();
-                            let mut r = response(&g, piece.text, piece.finish);
+                            let mut r = response(&g, piece.text, piece.finish, &piece.logprobs, 0);
                             if fin {
                                 r.system_fingerprint = fingerprint();
                             }
@@ -526,7 +616,7 @@ pub async fn completions(
                         None => Some((Ok(Bytes::from_static(DONE)), (g, 4, None))),
                     },
                     2 => {
-                        let mut r = response(&g, String::new(), None);
+                        let mut r = response(&g, String::new(), None, &[], 0);
                         r.choices.clear();
                         r.usage = Some(g.usage());
                         Some((Ok(frame(&r)), (g, 3, None)))

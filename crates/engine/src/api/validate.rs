@@ -44,6 +44,38 @@ pub fn check_prompt_len(prompt_len: usize, max_model_len: usize) -> Result<(), A
 
 /// Validate the sampling fields. `max_tokens` is the effective request value (chat's
 /// `max_completion_tokens` wins over `max_tokens`).
+/// Most alternatives per token (vLLM's default `--max-logprobs`).
+pub const MAX_LOGPROBS: i64 = 20;
+
+/// `logprobs` as asked: chat's `logprobs: true` + `top_logprobs: k`, completions'
+/// `logprobs: k`. `None`: not asked.
+pub fn logprobs(
+    flag: Option<bool>,
+    top: Option<i64>,
+    param: &str,
+) -> Result<Option<u32>, ApiError> {
+    if let Some(k) = top {
+        if !(0..=MAX_LOGPROBS).contains(&k) {
+            return Err(ApiError::bad_param(
+                format!("{param} must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                param,
+                k,
+            ));
+        }
+    }
+    Ok(match (flag, top) {
+        (Some(false), Some(k)) if k > 0 => {
+            return Err(ApiError::bad_request(
+                "when using `top_logprobs`, `logprobs` must be set to true.",
+                Some("top_logprobs"),
+            ))
+        }
+        (Some(true), k) => Some(k.unwrap_or(0) as u32),
+        (None, Some(k)) => Some(k as u32),
+        _ => None,
+    })
+}
+
 pub fn sampling(
     s: &SamplingFields,
     max_tokens: Option<i64>,
@@ -163,6 +195,7 @@ pub fn sampling(
             repetition_penalty,
             frequency_penalty,
             presence_penalty,
+            logprobs: None,
             seed: s.seed.map(|v| v as u64),
             ignore_eos: s.ignore_eos.unwrap_or(false),
             stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),

@@ -8,7 +8,7 @@ pub mod gguf;
 pub mod sampling;
 pub mod sim;
 
-use crate::core::SamplingParams;
+use crate::core::{SamplingParams, TokenLogprobs};
 
 /// One sequence's part of a step.
 #[derive(Debug)]
@@ -45,4 +45,7 @@ pub trait Backend: Send {
     /// Run one step; push one token per sequence with `sample` set, in order.
     fn execute(&mut self, seqs: &[SeqStep<'_>], sampled: &mut Vec<u32>)
         -> Result<(), BackendError>;
+    /// The log-probabilities of the last step's sampled tokens, aligned with `sampled`
+    /// (`None` where the request did not ask). Backends without a model give none.
+    fn take_logprobs(&mut self, _out: &mut Vec<Option<Box<TokenLogprobs>>>) {}
 }

@@ -64,6 +64,28 @@ pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, h: &History<'_>, 
     }
 }
 
+/// `chosen`'s log-probability under `softmax(logits)` and the `top` most likely tokens
+/// (highest first, ties by id).
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> crate::core::TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let lp = |i: usize| logits.get(i).map_or(f32::NEG_INFINITY, |l| l - lse);
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].1 {
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+    }
+    crate::core::TokenLogprobs {
+        logprob: lp(chosen as usize),
+        top: best.into_iter().map(|(i, _)| (i, lp(i as usize))).collect(),
+    }
+}
+
 fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -150,6 +172,20 @@ mod tests {
         prompt: &[],
         output: &[],
     };
+
+    #[test]
+    fn logprobs_are_normalized_and_ranked() {
+        let l = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = logprobs(&l, 2, 3);
+        let z: f32 = l.iter().map(|x| x.exp()).sum();
+        assert!((lp.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-5);
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 2]
+        );
+        assert!(lp.top[0].1 <= 0.0 && lp.top[0].1 >= lp.top[2].1);
+        assert!(logprobs(&l, 0, 0).top.is_empty());
+    }
 
     #[test]
     fn greedy_takes_the_argmax() {

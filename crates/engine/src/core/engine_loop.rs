@@ -111,6 +111,7 @@ pub struct EngineLoop {
     eos: Vec<u32>,
     scheduled: Vec<Scheduled>,
     sampled: Vec<u32>,
+    logprobs: Vec<Option<Box<super::TokenLogprobs>>>,
     finished: Vec<Finished>,
     stats: StepStats,
     kv_events: Option<KvEventSink>,
@@ -133,6 +134,7 @@ impl EngineLoop {
             eos,
             scheduled: Vec::new(),
             sampled: Vec::new(),
+            logprobs: Vec::new(),
             finished: Vec::new(),
             stats: StepStats::default(),
             kv_events: None,
@@ -254,9 +256,12 @@ impl EngineLoop {
             return true;
         }
         self.finished.clear();
+        self.logprobs.clear();
+        self.backend.take_logprobs(&mut self.logprobs);
         self.sched.update(
             &self.scheduled,
             &self.sampled,
+            &mut self.logprobs,
             &self.eos,
             &mut self.stats,
             &mut self.finished,

@@ -8,4 +8,4 @@ pub mod request;
 pub mod scheduler;
 
 pub use engine_loop::{spawn_engine, EngineCommand, EngineHandle};
-pub use request::{EngineEvent, Finish, FinishReason, NewRequest, SamplingParams};
+pub use request::{EngineEvent, Finish, FinishReason, NewRequest, SamplingParams, TokenLogprobs};

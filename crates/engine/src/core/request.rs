@@ -27,6 +27,16 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     pub ignore_eos: bool,
     pub stop_token_ids: Vec<u32>,
+    /// Return each sampled token's log-probability and this many top alternatives.
+    pub logprobs: Option<u32>,
+}
+
+/// A sampled token's log-probability under the model (before penalties and
+/// temperature, as vLLM reports by default) and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +54,7 @@ impl Default for SamplingParams {
             seed: None,
             ignore_eos: false,
             stop_token_ids: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -92,8 +103,12 @@ pub struct Finish {
 /// What the engine sends back on a request's channel.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
-    /// One new output token; `finish` is set on the last one.
-    Token { id: u32, finish: Option<Finish> },
+    /// One new output token; `finish` is set on the last one; `logprobs` when asked for.
+    Token {
+        id: u32,
+        finish: Option<Finish>,
+        logprobs: Option<Box<TokenLogprobs>>,
+    },
     /// The engine could not serve the request (e.g. it can never fit the KV cache).
     Rejected(String),
 }

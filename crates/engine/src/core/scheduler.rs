@@ -227,6 +227,7 @@ impl Scheduler {
         &mut self,
         scheduled: &[Scheduled],
         sampled: &[u32],
+        logprobs: &mut [Option<Box<super::TokenLogprobs>>],
         eos: &[u32],
         stats: &mut StepStats,
         finished: &mut Vec<Finished>,
@@ -249,6 +250,7 @@ impl Scheduler {
                 continue;
             }
             let Some(&tok) = sampled.get(k) else { continue };
+            let lp = logprobs.get_mut(k).and_then(Option::take);
             k += 1;
             req.tokens.push(tok);
             match req.last_token_at {
@@ -277,7 +279,11 @@ impl Scheduler {
             });
             if req
                 .events
-                .send(EngineEvent::Token { id: tok, finish })
+                .send(EngineEvent::Token {
+                    id: tok,
+                    finish,
+                    logprobs: lp,
+                })
                 .is_err()
             {
                 // The receiver is gone: the client left.

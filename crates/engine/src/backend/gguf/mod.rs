@@ -10,6 +10,7 @@ pub mod model;
 
 use super::sampling::{sample, History};
 use super::{Backend, BackendError, SeqStep};
+use crate::core::TokenLogprobs;
 use attention::RowInfo;
 use kv_cache::KvCache;
 use model::{Kernel, Model, Plan};
@@ -29,6 +30,7 @@ pub struct GgufBackend {
     eos: Vec<u32>,
     tokens: Vec<u32>,
     sample_rows: Vec<usize>,
+    logprobs: Vec<Option<Box<TokenLogprobs>>>,
 }
 
 impl std::fmt::Debug for GgufBackend {
@@ -53,6 +55,7 @@ impl GgufBackend {
             eos,
             tokens: Vec::new(),
             sample_rows: Vec::new(),
+            logprobs: Vec::new(),
         }
     }
 
@@ -68,6 +71,10 @@ impl GgufBackend {
 }
 
 impl Backend for GgufBackend {
+    fn take_logprobs(&mut self, out: &mut Vec<Option<Box<TokenLogprobs>>>) {
+        out.append(&mut self.logprobs);
+    }
+
     fn execute(
         &mut self,
         seqs: &[SeqStep<'_>],
@@ -134,13 +141,28 @@ impl Backend for GgufBackend {
         }
         // Tokens go out in the order of `seqs`.
         let mut picks = vec![0u32; seqs.len()];
+        let mut lps: Vec<Option<Box<TokenLogprobs>>> = vec![None; seqs.len()];
         for (row, &i) in logits.chunks_exact_mut(vocab).zip(&sampled_seq) {
             let s = &seqs[i];
             let end = s.num_computed + s.num_new;
             let (prompt, output) = s.tokens[..end].split_at(s.num_prompt.min(end));
             let h = History { prompt, output };
+            // Log-probabilities of the raw distribution, taken before sampling alters it.
+            let raw = s.params.logprobs.map(|k| (row.to_vec(), k));
             picks[i] = sample(row, s.params, &h, &self.eos, s.rng_seed, end);
+            if let Some((raw, k)) = raw {
+                lps[i] = Some(Box::new(super::sampling::logprobs(
+                    &raw, picks[i], k as usize,
+                )));
+            }
         }
+        self.logprobs.clear();
+        self.logprobs.extend(
+            seqs.iter()
+                .zip(lps)
+                .filter(|(s, _)| s.sample)
+                .map(|(_, l)| l),
+        );
         sampled.extend(
             seqs.iter()
                 .zip(picks)
