@@ -735,7 +735,7 @@ fn drain(rx: &mut UnboundedReceiver<EngineEvent>) -> Vec<(u32, Option<FinishReas
     let mut out = Vec::new();
     while let Ok(ev) = rx.try_recv() {
         match ev {
-            EngineEvent::Token { id, finish } => out.push((id, finish.map(|f| f.reason))),
+            EngineEvent::Token { id, finish, .. } => out.push((id, finish.map(|f| f.reason))),
             EngineEvent::Rejected(e) => panic!("rejected: {e}"),
         }
     }
@@ -1310,7 +1310,7 @@ fn run_engine(case: &EngineCase, reqs: &[EngineReq]) -> (HashMap<u64, Stream>, u
             let mut out = Vec::new();
             while let Ok(ev) = rx.try_recv() {
                 match ev {
-                    EngineEvent::Token { id, finish } => {
+                    EngineEvent::Token { id, finish, .. } => {
                         out.push((id, finish.map(|f| (f.reason, f.stop_token))))
                     }
                     EngineEvent::Rejected(e) => panic!("request {id} rejected: {e}"),
