@@ -1,11 +1,13 @@
 //! The router's HTTP surface: the proxied OpenAI/vLLM paths (routed by the body's
 //! `model`), and what it answers itself: `/v1/models` (merged), `/engines`, `/health`,
-//! `/version`, `/metrics`. Errors are OpenAI-format JSON.
+//! `/version`, `/metrics`, `/dashboard` (and its `/dashboard/data`). Errors are
+//! OpenAI-format JSON.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -19,6 +21,7 @@ use serde_json::value::RawValue;
 use crate::engines::{mix64, Endpoint};
 use crate::policy::RouteCtx;
 use crate::proxy::{error, Forward, REQUEST_ID};
+use crate::trace::{log_rejected, TraceCtx, Trail};
 use crate::RouterState;
 
 /// Paths proxied to engines, routed by the body's `model`.
@@ -45,6 +48,8 @@ pub fn router(state: Arc<RouterState>) -> axum::Router {
         .route("/health", get(health))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(crate::dashboard::page))
+        .route("/dashboard/data", get(crate::dashboard::data))
         .fallback(httpx::not_found)
         .method_not_allowed_fallback(httpx::method_not_allowed)
         .with_state(state)
@@ -167,35 +172,47 @@ fn prompt_value(raw: &str) -> Option<String> {
 }
 
 async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Body> {
+    let start = Instant::now();
     let (parts, body) = req.into_parts();
+    // Answered here, before routing: logged (no trace span).
+    let reject = |model: &str, e: ApiError| {
+        log_rejected(&parts.headers, model, e.status, start);
+        error(e)
+    };
     let bytes = match httpx::read_body(&parts.headers, body, st.settings.body_limit).await {
         Ok(b) => b,
-        Err(e) => return error(e),
+        Err(e) => return reject("", e),
     };
     let head: Head<'_> = match serde_json::from_slice(&bytes) {
         Ok(h) => h,
         Err(e) => {
-            return error(ApiError::bad_request(
-                format!("The request body is not a valid JSON object: {e}"),
-                None,
-            ))
+            return reject(
+                "",
+                ApiError::bad_request(
+                    format!("The request body is not a valid JSON object: {e}"),
+                    None,
+                ),
+            )
         }
     };
     let Some(requested) = head.model.as_deref() else {
-        return error(ApiError::bad_request(
-            "The request body has no `model` field.",
-            Some("model"),
-        ));
+        return reject(
+            "",
+            ApiError::bad_request("The request body has no `model` field.", Some("model")),
+        );
     };
     let model = st.registry.resolve(requested);
     let model: &str = &model;
     if !st.registry.is_known(model) {
-        return error(ApiError::new(
-            404,
-            "NotFoundError",
-            format!("The model `{requested}` does not exist."),
-            Some("model"),
-        ));
+        return reject(
+            requested,
+            ApiError::new(
+                404,
+                "NotFoundError",
+                format!("The model `{requested}` does not exist."),
+                Some("model"),
+            ),
+        );
     }
     st.metrics.incoming(model);
 
@@ -208,12 +225,13 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         .cloned()
         .collect();
     if candidates.is_empty() {
-        st.metrics.error("", model, "no_healthy_engine");
+        st.metrics
+            .error("", model, crate::metrics::NO_HEALTHY_ENGINE);
         let what = match pinned {
             Some(id) => format!("Engine `{id}` is not available for model `{model}`."),
             None => format!("No healthy engine serves model `{model}` right now; retry later."),
         };
-        let mut r = error(ApiError::service_unavailable(what));
+        let mut r = reject(model, ApiError::service_unavailable(what));
         if let Ok(v) = HeaderValue::from_str(&st.settings.retry_after.to_string()) {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
@@ -258,6 +276,18 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or(parts.uri.path());
+    let trace = TraceCtx::from_headers(&parts.headers);
+    let tel = &st.proxy.telemetry;
+    let trail = tel.wants_trail().then(|| {
+        Box::new(Trail::new(
+            tel.clone(),
+            request_id.clone(),
+            model,
+            format!("{} {}", parts.method, parts.uri.path()),
+            trace,
+            start,
+        ))
+    });
     let f = Forward {
         method: parts.method.clone(),
         path_and_query,
@@ -266,8 +296,9 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         request_id,
         model,
         stream: head.stream.unwrap_or(false),
+        trace,
     };
-    st.proxy.forward(&f, &ranked).await
+    st.proxy.forward(&f, &ranked, trail).await
 }
 
 async fn models(State(st): State<Arc<RouterState>>) -> Response<Body> {
@@ -338,6 +369,7 @@ async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     page.push_str(&st.kv.render(&st.registry));
     let mut w = protocol::prom::TextWriter::new();
     st.dynamic().policy.render_metrics(&mut w);
+    st.proxy.telemetry.render_metrics(&mut w);
     w.process_metrics(None);
     page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));

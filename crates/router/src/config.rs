@@ -255,6 +255,11 @@ pub struct RouterArgs {
     /// Seconds between checks of the dynamic config file.
     #[arg(long, default_value_t = 10.0)]
     pub dynamic_config_interval: f64,
+    /// Export a span per request (and per upstream attempt) of sampled traces to this
+    /// OTLP/HTTP collector, as JSON (`http://HOST:4318`; `/v1/traces` is added when the
+    /// URL has no path). Batched, from a bounded queue that drops when full.
+    #[arg(long, value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
 }
 
 /// The dynamic config file. Lists may be JSON arrays or comma-separated strings.

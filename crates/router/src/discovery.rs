@@ -101,6 +101,7 @@ pub async fn discover_models(state: &RouterState, e: &Endpoint) -> bool {
                 for m in &models {
                     state.registry.remember(m);
                 }
+                state.metrics.sync(&state.registry);
                 true
             }
             Err(err) => {

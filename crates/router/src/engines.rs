@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use protocol::prom::{Gauge, Histogram, ITL_BUCKETS, TTFT_BUCKETS};
+use protocol::prom::{Counter, Gauge, Histogram, ITL_BUCKETS, TTFT_BUCKETS};
 
 use crate::config::BackendSpec;
 use crate::stats::RequestStats;
@@ -48,6 +48,8 @@ pub struct Endpoint {
     pub in_flight: AtomicU64,
     pub in_prefill: AtomicU64,
     pub in_decode: AtomicU64,
+    /// Attempts sent to this engine since it joined (the routing decisions it got).
+    pub routed: Counter,
     pub load: EngineLoad,
     pub stats: RequestStats,
     pub ttft: Histogram,
@@ -94,6 +96,7 @@ impl Endpoint {
             in_flight: AtomicU64::new(0),
             in_prefill: AtomicU64::new(0),
             in_decode: AtomicU64::new(0),
+            routed: Counter::default(),
             load: EngineLoad::default(),
             stats: RequestStats::new(window, epoch),
             ttft: Histogram::new(TTFT_BUCKETS),
@@ -271,6 +274,17 @@ impl Registry {
         k.insert(model, KNOWN_MODELS_CAP, |m| {
             snap.endpoints.iter().any(|e| e.serves(m)) || aliases.values().any(|a| a == m)
         });
+    }
+
+    /// The model names remembered (see [`KnownModels`]: bounded).
+    pub fn known_models(&self) -> Vec<String> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .order
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// How many model names are remembered.

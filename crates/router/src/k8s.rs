@@ -510,6 +510,7 @@ impl Set<'_> {
             })
             .collect();
         self.state.registry.apply(&specs);
+        self.state.metrics.sync(&self.state.registry);
         tracing::info!(
             engines = specs.len(),
             "Kubernetes discovery: engine set updated"

@@ -12,10 +12,13 @@
 //! - [`proxy`]: the per-request forwarding path with failover and observation.
 //! - [`stats`]: constant-memory sliding-window request statistics.
 //! - [`metrics`]: the router's `/metrics`.
+//! - [`trace`]: W3C trace context, the per-request log line, OTLP span export.
+//! - [`dashboard`]: the live status page (`/dashboard`).
 //! - [`api`]: the HTTP surface.
 
 pub mod api;
 pub mod config;
+pub mod dashboard;
 pub mod discovery;
 pub mod engines;
 pub mod k8s;
@@ -26,6 +29,7 @@ pub mod policy;
 pub mod prefix_tree;
 pub mod proxy;
 pub mod stats;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -95,6 +99,7 @@ impl RouterState {
         self.registry.set_aliases(config.aliases.clone());
         *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(DynState::new(config, &self.kv));
+        self.metrics.sync(&self.registry);
     }
 }
 
@@ -141,12 +146,18 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         source,
     })?;
     let metrics = Arc::new(RouterMetrics::default());
+    let telemetry = Arc::new(
+        trace::Telemetry::new(args.otlp_traces_endpoint.as_deref())
+            .map_err(config::ConfigError::Invalid)?,
+    );
+    telemetry.spawn();
     let proxy = Proxy {
         connect_timeout: settings.connect_timeout,
         first_byte_timeout: settings.first_byte_timeout,
         max_attempts: settings.max_attempts,
         failure_threshold: settings.health_failures,
         metrics: metrics.clone(),
+        telemetry,
     };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

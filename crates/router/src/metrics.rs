@@ -4,8 +4,12 @@
 //!
 //! Label sets are bounded: `server` by the engines, `model` by the models that exist
 //! (never by whatever string a request sent), `error_type` by a fixed list.
+//! [`RouterMetrics::sync`] keeps the per-model maps in step with the registry: a model's
+//! counters exist at 0 from the moment it is known (Prometheus's `rate()` cannot see the
+//! first increment of a series born at 1), and go when it is forgotten or its engine
+//! leaves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use protocol::prom::{Counter, TextWriter};
@@ -14,6 +18,11 @@ use crate::engines::{Registry, Snapshot};
 
 /// `(server, model, error_type)`.
 type ErrorKey = (String, String, &'static str);
+
+/// A request for a known model found no healthy engine (counted with server "").
+pub const NO_HEALTHY_ENGINE: &str = "no_healthy_engine";
+/// What can go wrong at an engine (counted with its URL as `server`).
+pub const ENGINE_ERRORS: [&str; 2] = ["timeout", "upstream_unavailable"];
 
 #[derive(Debug, Default)]
 pub struct RouterMetrics {
@@ -50,6 +59,70 @@ impl RouterMetrics {
         get_or_insert(&self.incoming, &model.to_string()).inc();
     }
 
+    /// Make the per-model series match the registry: every known model has its incoming
+    /// counter and every error series it can produce (`no_healthy_engine`; `timeout` and
+    /// `upstream_unavailable` per engine serving it), at 0 until counted; series of models
+    /// no longer known, or of engines that left, are dropped. So the maps hold at most
+    /// the known models (bounded, see `engines::KNOWN_MODELS_CAP`) times the engines.
+    /// Called when the engine set or its models change, and at every render.
+    pub fn sync(&self, registry: &Registry) {
+        let known: HashSet<String> = registry.known_models().into_iter().collect();
+        let snap = registry.snapshot();
+        let servers: HashSet<&str> = snap.endpoints.iter().map(|e| e.url.as_str()).collect();
+        let in_sync = {
+            let inc = self.incoming.read().unwrap_or_else(|p| p.into_inner());
+            inc.len() == known.len() && known.iter().all(|m| inc.contains_key(m))
+        };
+        if !in_sync {
+            let mut inc = self.incoming.write().unwrap_or_else(|p| p.into_inner());
+            inc.retain(|m, _| known.contains(m));
+            for m in &known {
+                inc.entry(m.clone()).or_default();
+            }
+        }
+        let mut wanted: Vec<ErrorKey> = known
+            .iter()
+            .map(|m| (String::new(), m.clone(), NO_HEALTHY_ENGINE))
+            .collect();
+        for e in &snap.endpoints {
+            for m in e.models().iter().filter(|m| known.contains(*m)) {
+                for t in ENGINE_ERRORS {
+                    wanted.push((e.url.clone(), m.clone(), t));
+                }
+            }
+        }
+        let keep = |k: &ErrorKey| {
+            known.contains(&k.1) && (k.0.is_empty() || servers.contains(k.0.as_str()))
+        };
+        let in_sync = {
+            let errs = self.errors.read().unwrap_or_else(|p| p.into_inner());
+            errs.keys().all(keep) && wanted.iter().all(|k| errs.contains_key(k))
+        };
+        if !in_sync {
+            let mut errs = self.errors.write().unwrap_or_else(|p| p.into_inner());
+            errs.retain(|k, _| keep(k));
+            for k in wanted {
+                errs.entry(k).or_default();
+            }
+        }
+    }
+
+    /// `vllm:num_incoming_requests_total` per model, by name.
+    pub fn incoming_counts(&self) -> Vec<(String, u64)> {
+        let inc = self.incoming.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = inc.iter().map(|(k, c)| (k.clone(), c.get())).collect();
+        v.sort();
+        v
+    }
+
+    /// `vllm:request_errors_total`: `((server, model, error_type), count)`.
+    pub fn error_counts(&self) -> Vec<(ErrorKey, u64)> {
+        let errs = self.errors.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = errs.iter().map(|(k, c)| (k.clone(), c.get())).collect();
+        v.sort();
+        v
+    }
+
     /// A request failed. `server` is the engine URL ("" when none was reached).
     pub fn error(&self, server: &str, model: &str, error_type: &'static str) {
         get_or_insert(
@@ -60,6 +133,7 @@ impl RouterMetrics {
     }
 
     pub fn render(&self, registry: &Registry) -> String {
+        self.sync(registry);
         let snap: Arc<Snapshot> = registry.snapshot();
         let mut w = TextWriter::new();
         let per_server = |w: &mut TextWriter,
@@ -183,6 +257,20 @@ impl RouterMetrics {
             );
         }
         w.header(
+            "vllm:router_engine_info",
+            "gauge",
+            "1 for each engine (server) and model it serves: joins the per-server series to models",
+        );
+        for e in &snap.endpoints {
+            for m in e.models().iter() {
+                w.sample(
+                    "vllm:router_engine_info",
+                    &[("server", &e.url), ("model", m)],
+                    1.0,
+                );
+            }
+        }
+        w.header(
             "vllm:num_incoming_requests_total",
             "counter",
             "Total valid incoming requests to router (including when no backends available).",
@@ -245,5 +333,77 @@ impl RouterMetrics {
             &|e| &e.itl,
         );
         w.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendSpec;
+
+    fn spec(url: &str, model: &str) -> BackendSpec {
+        BackendSpec {
+            url: url.into(),
+            model: Some(model.into()),
+            kv_events: None,
+        }
+    }
+
+    #[test]
+    fn known_models_start_at_zero_and_stay_bounded() {
+        let r = Registry::new(10);
+        r.apply(&[spec("http://a:1", "m"), spec("http://b:2", "n")]);
+        let m = RouterMetrics::default();
+        m.sync(&r);
+        let page = m.render(&r);
+        for line in [
+            "vllm:num_incoming_requests_total{model=\"m\"} 0",
+            "vllm:num_incoming_requests_total{model=\"n\"} 0",
+            "vllm:request_errors_total{server=\"\",model=\"m\",error_type=\"no_healthy_engine\"} 0",
+            "vllm:request_errors_total{server=\"http://a:1\",model=\"m\",error_type=\"timeout\"} 0",
+            "vllm:request_errors_total{server=\"http://b:2\",model=\"n\",error_type=\"upstream_unavailable\"} 0",
+            "vllm:router_engine_info{server=\"http://a:1\",model=\"m\"} 1",
+            "vllm:router_engine_info{server=\"http://b:2\",model=\"n\"} 1",
+        ] {
+            assert!(page.contains(line), "{line} missing from\n{page}");
+        }
+        assert!(
+            !page.contains("server=\"http://a:1\",model=\"n\""),
+            "no series for a model the engine does not serve"
+        );
+        m.incoming("m");
+        m.error("http://a:1", "m", "timeout");
+        assert_eq!(m.incoming_counts(), vec![("m".into(), 1), ("n".into(), 0)]);
+
+        // Engine b leaves: its series go; model n stays known (503s), so its own stay.
+        r.apply(&[spec("http://a:1", "m")]);
+        m.sync(&r);
+        let errs = m.error_counts();
+        assert!(
+            errs.iter().all(|((s, _, _), _)| s != "http://b:2"),
+            "{errs:?}"
+        );
+        assert!(errs.contains(&(("http://a:1".into(), "m".into(), "timeout"), 1)));
+        assert!(errs.contains(&((String::new(), "n".into(), NO_HEALTHY_ENGINE), 0)));
+
+        // Many models come and go: the maps stay within the known set.
+        for i in 0..crate::engines::KNOWN_MODELS_CAP + 50 {
+            r.remember(&format!("gone-{i}"));
+            if i % 100 == 0 {
+                m.sync(&r);
+            }
+        }
+        m.sync(&r);
+        assert_eq!(m.incoming_counts().len(), r.known_len());
+        assert!(m.incoming_counts().len() <= crate::engines::KNOWN_MODELS_CAP + 1);
+        assert_eq!(
+            m.error_counts().len(),
+            r.known_len() + ENGINE_ERRORS.len(),
+            "one no_healthy_engine per known model, plus engine a's for m"
+        );
+        assert!(
+            m.incoming_counts().iter().any(|(k, n)| k == "m" && *n == 1),
+            "in use: kept"
+        );
     }
 }

@@ -26,6 +26,7 @@ use protocol::ApiError;
 
 use crate::engines::Endpoint;
 use crate::metrics::RouterMetrics;
+use crate::trace::{Telemetry, TraceCtx, Trail, TRACEPARENT, TRACESTATE};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -70,6 +71,8 @@ pub struct Forward<'a> {
     pub request_id: HeaderValue,
     pub model: &'a str,
     pub stream: bool,
+    /// The request's trace: each attempt sends a child span of it as `traceparent`.
+    pub trace: TraceCtx,
 }
 
 thread_local! {
@@ -84,11 +87,26 @@ pub struct Proxy {
     pub max_attempts: usize,
     pub failure_threshold: u32,
     pub metrics: Arc<RouterMetrics>,
+    /// The access log and span export.
+    pub telemetry: Arc<Telemetry>,
+}
+
+/// A failed attempt that another engine may retry: why, and the engine's status if it
+/// answered.
+struct Failure {
+    message: String,
+    status: u16,
+}
+
+impl Failure {
+    fn new(message: String) -> Self {
+        Failure { message, status: 0 }
+    }
 }
 
 enum AttemptError {
     /// Nothing reached the client: the next engine may be tried.
-    Retryable(String),
+    Retryable(Failure),
     /// The engine took the request but did not answer in time.
     Timeout,
 }
@@ -103,13 +121,29 @@ impl Proxy {
         })
     }
 
-    /// Try `ranked` engines in order; return the first response with headers.
-    pub async fn forward(&self, f: &Forward<'_>, ranked: &[Arc<Endpoint>]) -> Response<Body> {
+    /// Try `ranked` engines in order; return the first response with headers. `trail`
+    /// (when the access log or span export is on) goes with the response body and logs
+    /// the request when it ends.
+    pub async fn forward(
+        &self,
+        f: &Forward<'_>,
+        ranked: &[Arc<Endpoint>],
+        mut trail: Option<Box<Trail>>,
+    ) -> Response<Body> {
         let mut last_err = String::from("no engine was tried");
+        let mut attempts = 0u32;
+        let mut last_engine = "";
         for ep in ranked.iter().take(self.max_attempts) {
-            let obs = Observer::start(ep.clone(), f.stream);
-            match self.attempt(f, ep).await {
+            attempts += 1;
+            last_engine = &ep.url;
+            let span = crate::trace::new_id();
+            let mut obs = Observer::start(ep.clone(), f.stream);
+            match self.attempt(f, ep, span).await {
                 Ok(resp) => {
+                    obs.status = resp.status().as_u16();
+                    obs.span = span;
+                    obs.attempts = attempts;
+                    obs.trail = trail.take();
                     let (mut parts, incoming) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts
@@ -122,6 +156,10 @@ impl Proxy {
                     return Response::from_parts(parts, Body::new(body));
                 }
                 Err(AttemptError::Timeout) => {
+                    if let Some(t) = &trail {
+                        t.attempt(span, &ep.url, obs.start, 0, Some("first-byte timeout"));
+                        t.finish(&ep.url, 504, None, attempts, false);
+                    }
                     obs.failed();
                     self.metrics.error(&ep.url, f.model, "timeout");
                     return error(ApiError::new(
@@ -135,15 +173,21 @@ impl Proxy {
                     ));
                 }
                 Err(AttemptError::Retryable(e)) => {
+                    if let Some(t) = &trail {
+                        t.attempt(span, &ep.url, obs.start, e.status, Some(&e.message));
+                    }
                     obs.failed();
                     self.metrics.error(&ep.url, f.model, "upstream_unavailable");
                     if ep.record_failure(self.failure_threshold) {
                         tracing::warn!(engine = %ep.url, "engine ejected after failed requests");
                     }
-                    tracing::debug!(engine = %ep.url, error = %e, "attempt failed; trying the next engine");
-                    last_err = e;
+                    tracing::debug!(engine = %ep.url, error = %e.message, "attempt failed; trying the next engine");
+                    last_err = e.message;
                 }
             }
+        }
+        if let Some(t) = &trail {
+            t.finish(last_engine, 502, None, attempts, false);
         }
         error(ApiError::new(
             502,
@@ -157,24 +201,34 @@ impl Proxy {
         &self,
         f: &Forward<'_>,
         ep: &Endpoint,
+        span: u64,
     ) -> Result<Response<Incoming>, AttemptError> {
         let uri: Uri = format!("{}{}", ep.url, f.path_and_query)
             .parse()
-            .map_err(|e| AttemptError::Retryable(format!("bad upstream URI: {e}")))?;
+            .map_err(|e| AttemptError::Retryable(Failure::new(format!("bad upstream URI: {e}"))))?;
         let mut req = Request::new(Full::new(f.body.clone()));
         *req.method_mut() = f.method.clone();
         *req.uri_mut() = uri;
         let h = req.headers_mut();
+        let keep_state = f.trace.keeps_state();
         for (name, value) in f.headers {
-            if !is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
+            if !is_hop_by_hop(name)
+                && name != header::CONTENT_LENGTH
+                && name.as_str() != TRACEPARENT
+                && (keep_state || name.as_str() != TRACESTATE)
+            {
                 h.append(name.clone(), value.clone());
             }
         }
         h.insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
+        h.insert(
+            HeaderName::from_static(TRACEPARENT),
+            f.trace.header_for(span),
+        );
         let resp =
             match tokio::time::timeout(self.first_byte_timeout, self.client().request(req)).await {
                 Err(_) => return Err(AttemptError::Timeout),
-                Ok(Err(e)) => return Err(AttemptError::Retryable(e.to_string())),
+                Ok(Err(e)) => return Err(AttemptError::Retryable(Failure::new(e.to_string()))),
                 Ok(Ok(r)) => r,
             };
         // A server error before any of the response reached the client: the engine failed
@@ -188,10 +242,10 @@ impl Proxy {
                 | StatusCode::SERVICE_UNAVAILABLE
                 | StatusCode::GATEWAY_TIMEOUT
         ) {
-            return Err(AttemptError::Retryable(format!(
-                "engine answered {}",
-                resp.status()
-            )));
+            return Err(AttemptError::Retryable(Failure {
+                message: format!("engine answered {}", resp.status()),
+                status: resp.status().as_u16(),
+            }));
         }
         Ok(resp)
     }
@@ -221,12 +275,18 @@ pub struct Observer {
     usage_tokens: Option<u64>,
     completed: bool,
     failed: bool,
+    /// The engine's status, its attempt's span and number (for the trail).
+    status: u16,
+    span: u64,
+    attempts: u32,
+    trail: Option<Box<Trail>>,
 }
 
 impl Observer {
     fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
         ep.in_prefill.fetch_add(1, Ordering::Relaxed);
+        ep.routed.inc();
         ep.stats.on_arrival();
         Observer {
             ep,
@@ -240,6 +300,10 @@ impl Observer {
             usage_tokens: None,
             completed: false,
             failed: false,
+            status: 0,
+            span: 0,
+            attempts: 0,
+            trail: None,
         }
     }
 
@@ -304,6 +368,17 @@ impl Drop for Observer {
             .unwrap_or(if self.stream { self.tokens } else { 0 });
         ep.stats
             .on_complete(latency, ttft, self.itl_sum, self.itl_n, decoded);
+        if let Some(t) = self.trail.take() {
+            let error = (!self.completed).then_some("response cut short");
+            t.attempt(self.span, &ep.url, self.start, self.status, error);
+            t.finish(
+                &ep.url,
+                self.status,
+                self.first,
+                self.attempts,
+                self.completed,
+            );
+        }
     }
 }
 

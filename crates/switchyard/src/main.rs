@@ -4,7 +4,7 @@
 mod up;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -16,8 +16,25 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
     #[arg(long, global = true, default_value = "info", env = "SWITCHYARD_LOG")]
     log_level: String,
+    /// Log lines as text, or as JSON objects one per line (fields at the top level). The
+    /// router logs each request (request id, model, engine, status, latency, TTFT, trace
+    /// id) at debug under the target `router::access`: `--log-level info,router::access=debug`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "SWITCHYARD_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -48,12 +65,31 @@ fn main() -> anyhow::Result<()> {
         "critical" => "error",
         other => other,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    if matches!(cli.command, Command::Up(_)) {
+        // `up`'s engines are child processes: they log as it does. Set before any thread
+        // starts.
+        std::env::set_var("SWITCHYARD_LOG", &cli.log_level);
+        let format = match cli.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        std::env::set_var("SWITCHYARD_LOG_FORMAT", format);
+    }
     match cli.command {
         // The router runs per core: single-threaded runtimes, one per worker thread.
         Command::Router(args) => current_thread()?.block_on(run_router(*args)),

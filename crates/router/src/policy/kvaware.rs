@@ -306,6 +306,13 @@ impl Policy for KvAware {
         "kvaware"
     }
 
+    fn decisions(&self) -> Vec<(&'static str, u64)> {
+        crate::kv_subscriber::Outcome::ALL
+            .iter()
+            .map(|&o| (o.label(), self.kv.decisions(o)))
+            .collect()
+    }
+
     fn rank(&self, _ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
         self.decide(_ctx.model, b"", candidates, order);
     }

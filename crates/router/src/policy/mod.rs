@@ -47,6 +47,11 @@ pub trait Policy: Send + Sync {
     }
     /// The policy's own `/metrics` families (decisions, state size), if it keeps any.
     fn render_metrics(&self, _w: &mut protocol::prom::TextWriter) {}
+    /// Its decisions so far by outcome (`cache_hit`, `miss`...), for the dashboard; empty
+    /// for policies that do not classify them.
+    fn decisions(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// [`Policy::rank`] with the request body at hand (for policies that read the prompt
     /// as the engine will: `kvaware` tokenizes it).
     fn rank_request(

@@ -254,6 +254,13 @@ impl Policy for PrefixAware {
         "prefixaware"
     }
 
+    fn decisions(&self) -> Vec<(&'static str, u64)> {
+        Outcome::ALL
+            .iter()
+            .map(|&o| (o.label(), self.decisions(o)))
+            .collect()
+    }
+
     fn needs_prompt(&self) -> bool {
         true
     }

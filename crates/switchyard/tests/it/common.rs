@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 pub struct Proc {
@@ -19,14 +19,35 @@ impl Proc {
 
     /// `start`, with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn(args, env, None)
+    }
+
+    /// `start`, keeping every line the process writes on stderr (its log) in `lines`.
+    pub fn start_logged(args: &[&str], lines: Arc<Mutex<Vec<String>>>) -> Proc {
+        Proc::spawn(args, &[], Some(lines))
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], log: Option<Arc<Mutex<Vec<String>>>>) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(args)
             .env("SWITCHYARD_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("spawn switchyard");
+        if let (Some(lines), Some(stderr)) = (log, child.stderr.take()) {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

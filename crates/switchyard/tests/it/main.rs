@@ -6,5 +6,6 @@ mod common;
 mod engine_http;
 mod k8s;
 mod kvaware;
+mod observe;
 mod prefix;
 mod router;
