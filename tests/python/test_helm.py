@@ -760,6 +760,10 @@ def test_keda_scale_from_zero(rendered):
     assert sm["spec"]["endpoints"][0]["port"] == "http" and sm["spec"]["endpoints"][0]["path"] == "/metrics"
     # KEDA makes its own HPA: the chart must not add one.
     assert not r.of_kind("HorizontalPodAutoscaler")
+    # A router started while the model is at zero still answers 503 and counts the
+    # request (what the trigger reads), rather than 404: it is told the model.
+    served = spec.get("servedModelName", name)
+    assert served in flag(container(router)["args"], "--known-models").split(",")
 
 
 def test_observability_objects(helm):

@@ -162,6 +162,11 @@ pub struct RouterArgs {
     /// `alias:model` pairs, comma separated.
     #[arg(long)]
     pub static_aliases: Option<String>,
+    /// Models to answer 503 (and count as incoming) while no engine serves them, rather
+    /// than 404: for engines scaled to zero (KEDA scales them up on the incoming rate),
+    /// even before this router has seen one. Comma separated.
+    #[arg(long)]
+    pub known_models: Option<String>,
     /// `kvaware`: each backend's KV-event endpoint (`tcp://HOST:PORT`), in the order of
     /// `--static-backends`, comma separated; an empty entry keeps the default (the
     /// engine's advertisement, else its host and `--kv-events-port`). For several vLLM
@@ -279,6 +284,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub static_aliases: Option<StrList>,
     #[serde(default)]
+    pub known_models: Option<StrList>,
+    #[serde(default)]
     pub static_kv_events_endpoints: Option<StrList>,
     #[serde(default)]
     pub k8s_namespace: Option<String>,
@@ -361,6 +368,8 @@ pub struct Dynamic {
     pub session_key: Option<String>,
     pub backends: Vec<BackendSpec>,
     pub aliases: HashMap<String, String>,
+    /// `--known-models`: always remembered, so they get 503 (not 404) with no engine.
+    pub known_models: Vec<String>,
     pub prefix: PrefixSettings,
     /// `kvaware`'s `--kv-overlap-weight`.
     pub kv_overlap_weight: f64,
@@ -580,6 +589,14 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             .or_else(|| file.session_key.clone()),
         backends: specs,
         aliases,
+        known_models: match &args.known_models {
+            Some(s) => split_csv(s),
+            None => file
+                .known_models
+                .as_ref()
+                .map(StrList::items)
+                .unwrap_or_default(),
+        },
     })
 }
 

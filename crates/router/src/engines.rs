@@ -206,6 +206,8 @@ pub struct Snapshot {
 pub struct Registry {
     snapshot: RwLock<Arc<Snapshot>>,
     aliases: RwLock<Arc<HashMap<String, String>>>,
+    /// `--known-models`: kept known whatever else is forgotten.
+    pinned: RwLock<Arc<Vec<String>>>,
     /// Models served or configured since start: a request for one of these with no
     /// healthy engine is a 503 (scale from zero), not a 404. Bounded (see [`KnownModels`]).
     known: Mutex<KnownModels>,
@@ -218,6 +220,7 @@ impl Registry {
         Registry {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             aliases: RwLock::new(Arc::new(HashMap::new())),
+            pinned: RwLock::new(Arc::new(Vec::new())),
             known: Mutex::new(KnownModels::default()),
             window,
             epoch: Instant::now(),
@@ -260,6 +263,14 @@ impl Registry {
         *self.aliases.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(aliases);
     }
 
+    /// Models that stay known with no engine serving them (`--known-models`).
+    pub fn set_pinned(&self, models: Vec<String>) {
+        *self.pinned.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(models.clone());
+        for m in &models {
+            self.remember(m);
+        }
+    }
+
     pub fn remember(&self, model: &str) {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if k.contains(model) {
@@ -271,8 +282,15 @@ impl Registry {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let pinned = self
+            .pinned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         k.insert(model, KNOWN_MODELS_CAP, |m| {
-            snap.endpoints.iter().any(|e| e.serves(m)) || aliases.values().any(|a| a == m)
+            snap.endpoints.iter().any(|e| e.serves(m))
+                || aliases.values().any(|a| a == m)
+                || pinned.iter().any(|p| p == m)
         });
     }
 

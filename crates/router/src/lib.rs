@@ -97,6 +97,7 @@ impl RouterState {
             self.registry.apply(&config.backends);
         }
         self.registry.set_aliases(config.aliases.clone());
+        self.registry.set_pinned(config.known_models.clone());
         *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(DynState::new(config, &self.kv));
         self.metrics.sync(&self.registry);

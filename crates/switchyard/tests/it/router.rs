@@ -289,7 +289,15 @@ async fn session_affinity_survives_losing_an_engine() {
 #[tokio::test]
 async fn errors_are_openai_json_with_the_right_status() {
     let e = Proc::engine(&["--sim-preset", "zero"]);
-    let r = router(&[&e], &["--max-request-body-bytes", "10000"]);
+    let r = router(
+        &[&e],
+        &[
+            "--max-request-body-bytes",
+            "10000",
+            "--known-models",
+            "ghost",
+        ],
+    );
     let c = client();
     let send = |body: Vec<u8>| {
         c.post(r.url("/v1/chat/completions"))
@@ -306,6 +314,8 @@ async fn errors_are_openai_json_with_the_right_status() {
             .is_some_and(|m| !m.is_empty()));
     };
     for (body, want) in [
+        // `--known-models`: no engine serves it yet (scaled to zero), so 503, not 404.
+        (br#"{"model":"ghost","messages":[]}"#.to_vec(), 503),
         (b"{not json".to_vec(), 400),
         (br#"{"messages":[]}"#.to_vec(), 400),
         (br#"{"model":"nope","messages":[]}"#.to_vec(), 404),
@@ -322,6 +332,24 @@ async fn errors_are_openai_json_with_the_right_status() {
         let s = resp.status().as_u16();
         check(s, &resp.text().await.expect("body"), want);
     }
+    // The 503 for the scaled-to-zero model counts as incoming (what KEDA scales on).
+    let page = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        metric(
+            &page,
+            "vllm:num_incoming_requests_total",
+            &[("model", "ghost")]
+        ),
+        Some(1.0),
+        "{page}"
+    );
     // A model seen before with no healthy engine: 503 with Retry-After.
     drop(e);
     let deadline = Instant::now() + Duration::from_secs(20);
