@@ -17,7 +17,7 @@
 # vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total (tokens) over the run.
 #
 # Usage: bench/cache-aware.sh
-#   env: TARGETS QPS_LEVELS TIME USERS ROUNDS SYSTEM_PROMPT HISTORY ANSWER QUESTION
+#   env: TARGETS QPS_LEVELS TIME USERS ROUNDS SYSTEM_PROMPT HISTORY ANSWER QUESTION KV_ARGS
 #        BLOCKS MAX_MODEL_LEN TIME_SCALE BASE_PORT OUT_DIR SWITCHYARD_BIN SKIP_BUILD
 #        PEER_TOKENIZER (a local HF tokenizer dir/file for vllm-router; default: the
 #        SmolLM2 tokenizer scripts/setup-vllm.sh leaves in the cache, if present)
@@ -142,6 +142,8 @@ start_router() { # target
     roundrobin|session|prefixaware|kvaware)
       local extra=()
       [ $t = session ] && extra=(--session-key x-user-id)
+      # KV_ARGS: extra flags for the kvaware router (e.g. "--kv-overlap-weight 16").
+      [ $t = kvaware ] && [ -n "${KV_ARGS:-}" ] && read -r -a extra <<<"$KV_ARGS"
       "$BIN" router --host 127.0.0.1 --port $ROUTER_PORT --static-backends "$csv" \
         --static-models "$(for _ in $urls; do printf '%s,' $MODEL; done | sed 's/,$//')" \
         --routing-logic $t "${extra[@]}" --log-level warn >"$OUT_DIR/router.out" 2>"$OUT_DIR/router.err" &

@@ -16,7 +16,7 @@
 //!    `prompt_blocks` counts the prompt's blocks (the last one partial), `in_flight` is the
 //!    requests this router has in flight to the engine and `avg_blocks` a moving average
 //!    (1/8 per request) of the prompt blocks of the requests routed so far: the engine's
-//!    active blocks, approximately (`--kv-overlap-weight`, default 1).
+//!    active blocks, approximately (`--kv-overlap-weight`, default 16).
 //! 4. Ranked by cost, then load (in flight, then the engine's scraped queue), then the
 //!    blocks the engine holds (fewer first, so new conversations spread), then URL:
 //!    nothing is random, so two routers that saw the same events and traffic agree.
