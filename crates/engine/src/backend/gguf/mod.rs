@@ -17,9 +17,12 @@ use model::{Kernel, Model, Plan};
 
 pub use model::{Config, ModelError};
 
-/// Decode batches of at least this many rows take the f32 gemm (measured on a 2-core
-/// AVX2 machine with SmolLM2-135M: `examples/gguf_step.rs`).
-pub const DEFAULT_DECODE_GEMM_ROWS: usize = 4;
+/// Decode batches of at least this many rows take the f32 gemm. For fewer, the Q8_0
+/// kernel wins: on a 2-core AVX2 machine with SmolLM2-135M the gemm reads 4x the weight
+/// bytes per step and lost at 4, 8 and 16 streams (`bench/engine-cpu.sh`,
+/// `examples/gguf_step.rs`); its compute advantage (f32 FMA against int8 dot products)
+/// pays only for large batches.
+pub const DEFAULT_DECODE_GEMM_ROWS: usize = 32;
 
 pub struct GgufBackend {
     model: Model,
