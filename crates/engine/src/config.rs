@@ -51,10 +51,10 @@ pub struct EngineArgs {
     /// vLLM on CPU reads it, else 1 GiB).
     #[arg(long)]
     pub kv_cache_memory_bytes: Option<u64>,
-    /// `gguf`: decode steps with at least this many sequences use the f32 gemm (faster for
-    /// big batches); smaller ones the Q8_0 kernel (faster for a few). 0 disables the gemm
-    /// for decodes, which makes every sequence's output independent of its batch.
-    #[arg(long, default_value_t = crate::backend::gguf::DEFAULT_DECODE_GEMM_ROWS)]
+    /// `gguf`: decode steps with at least this many sequences use the f32 gemm instead of
+    /// the Q8_0 kernel. 0 (the default) never does, which keeps every sequence's output
+    /// independent of its batch; the Q8_0 kernel won at every batch size measured.
+    #[arg(long, default_value_t = 0)]
     pub cpu_decode_gemm_rows: usize,
     /// Automatic prefix caching (on by default).
     #[arg(long, overrides_with = "no_enable_prefix_caching")]

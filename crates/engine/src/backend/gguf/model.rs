@@ -15,11 +15,12 @@
 use std::fs::File;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 
 use super::attention::{paged_attention, RowInfo};
 use super::kv_cache::KvCache;
+use super::q8::{Q8Matrix, Q8Rows};
 use crate::gguf::{Gguf, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +135,7 @@ impl Config {
 /// Which matrix kernel a group of rows uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// Int8 dot products on the Q8_0 copy (activations quantized per row).
+    /// Int8 dot products on the Q8_0 copy (activations quantized per row), `q8.rs`.
     Q8,
     /// f32 tiled gemm on the f32 copy.
     F32,
@@ -150,7 +151,7 @@ pub struct Plan {
 
 /// A weight matrix `[out, in]` applied to rows: `y = x Wᵀ (+ b)`.
 struct Linear {
-    q8: Option<QMatMul>,
+    q8: Option<Q8Matrix>,
     f32: Option<Tensor>,
     out: usize,
     bias: Option<Vec<f32>>,
@@ -159,13 +160,24 @@ struct Linear {
 impl Linear {
     fn forward(&self, x: &[f32], rows: usize, kernel: Kernel) -> Result<Vec<f32>, ModelError> {
         let inp = x.len() / rows.max(1);
-        let xt = Tensor::from_slice(x, (rows, inp), &Device::Cpu)?;
-        let y = match (kernel, &self.q8, &self.f32) {
-            (Kernel::Q8, Some(q), _) | (Kernel::F32, Some(q), None) => q.forward(&xt)?,
-            (_, _, Some(w)) => xt.matmul(&w.t()?)?,
+        let mut y = match (kernel, &self.q8, &self.f32) {
+            (Kernel::Q8, Some(q), _) | (Kernel::F32, Some(q), None) => {
+                thread_local! {
+                    static ROWS: std::cell::RefCell<Q8Rows> = Default::default();
+                }
+                let mut y = vec![0f32; rows * self.out];
+                ROWS.with_borrow_mut(|xq| {
+                    xq.quantize(x, inp);
+                    q.matmul(xq, &mut y);
+                });
+                y
+            }
+            (_, _, Some(w)) => {
+                let xt = Tensor::from_slice(x, (rows, inp), &Device::Cpu)?;
+                xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
+            }
             (_, None, None) => unreachable!("a Linear holds at least one form"),
         };
-        let mut y = y.flatten_all()?.to_vec1::<f32>()?;
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out) {
                 for (v, bb) in row.iter_mut().zip(b) {
@@ -292,11 +304,8 @@ impl Loader<'_> {
         } else {
             Tensor::cat(&parts, 0)?
         };
-        let q8 = if quantized && inp.is_multiple_of(32) {
-            Some(QMatMul::from_qtensor(QTensor::quantize(
-                &w,
-                GgmlDType::Q8_0,
-            )?)?)
+        let q8 = if quantized {
+            Q8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, out, inp)
         } else {
             None
         };
@@ -377,12 +386,7 @@ impl Model {
             let f32 = Tensor::from_slice(&embed, (vocab, h), &Device::Cpu)?;
             let q8 = match embed_q.dtype() {
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
-                GgmlDType::Q8_0 => Some(QMatMul::from_qtensor(embed_q)?),
-                _ if h.is_multiple_of(32) => Some(QMatMul::from_qtensor(QTensor::quantize(
-                    &f32,
-                    GgmlDType::Q8_0,
-                )?)?),
-                _ => None,
+                _ => Q8Matrix::quantize(&embed, vocab, h),
             };
             Linear {
                 q8,
