@@ -121,13 +121,40 @@ impl KvModel {
         from: usize,
         to: usize,
     ) {
+        self.write_shared(bm, ids, tokens, from, to, &[]);
+    }
+
+    /// Compute positions `[from, to)` of a sequence in a step where `sharers` (every
+    /// sequence of the step, the writer included) may hold the same blocks: a block being
+    /// written may be shared only with sequences that hold it at the same index and whose
+    /// tokens there are the writer's (a prefix-cache hit on a block this step computes).
+    fn write_shared(
+        &mut self,
+        bm: &BlockManager,
+        ids: &[BlockId],
+        tokens: &[u32],
+        from: usize,
+        to: usize,
+        sharers: &[(&[BlockId], &[u32])],
+    ) {
         for (p, &tok) in tokens.iter().enumerate().take(to).skip(from) {
             let b = ids[p / self.bs];
-            assert_eq!(
-                bm.ref_count(b),
-                1,
-                "writing position {p} into block {b}, which is shared"
+            let holders: Vec<&(&[BlockId], &[u32])> =
+                sharers.iter().filter(|(ids, _)| ids.contains(&b)).collect();
+            assert!(
+                bm.ref_count(b) == 1 || bm.ref_count(b) as usize == holders.len(),
+                "writing position {p} into block {b}, which is shared outside this step"
             );
+            for (ids2, toks2) in holders {
+                assert_eq!(
+                    ids2.iter().position(|&x| x == b),
+                    Some(p / self.bs),
+                    "block {b} shared at another position"
+                );
+                if let Some(&t2) = toks2.get(p) {
+                    assert_eq!(t2, tok, "block {b} shared by sequences with other tokens");
+                }
+            }
             self.slots[b as usize][p % self.bs] = Some(tok);
         }
     }
@@ -932,7 +959,6 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         }
         for r in &sched.running {
             assert_no_duplicates(&r.blocks.ids);
-            kv.check("running request", &r.blocks.ids, &r.tokens, r.num_computed);
         }
         for r in &sched.waiting {
             assert!(r.blocks.ids.is_empty(), "a waiting request holds blocks");
@@ -954,15 +980,26 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             backend.execute(&steps, &mut sampled).expect("sim step");
             assert_eq!(sampled.len(), n_sample);
         }
+        // The step writes every scheduled position, then reads: a request scheduled in
+        // this step may have hit blocks another one computes in it.
+        let sharers: Vec<(&[BlockId], &[u32])> = sched
+            .running
+            .iter()
+            .map(|r| (&r.blocks.ids[..], &r.tokens[..]))
+            .collect();
         for s in &scheduled {
             let r = &sched.running[s.idx];
-            kv.write(
+            kv.write_shared(
                 &sched.bm,
                 &r.blocks.ids,
                 &r.tokens,
                 r.num_computed,
                 r.num_computed + s.num_new,
+                &sharers,
             );
+        }
+        for r in &sched.running {
+            kv.check("running request", &r.blocks.ids, &r.tokens, r.num_computed);
         }
 
         // --- update ---
@@ -1421,4 +1458,63 @@ fn batching_and_preemption_do_not_change_output() {
     assert!(preemptions > 0, "expected preemption");
     assert_eq!(solo[&99].len(), 20);
     assert_eq!(batched[&99], solo[&99]);
+}
+
+/// Requests with the same prompt that arrive together share its full blocks in the very
+/// step that computes them (blocks are cached when scheduled, as vLLM does); if that step
+/// fails, the blocks leave the cache, so nothing later hits content never written.
+#[test]
+fn same_step_requests_share_blocks_being_computed_and_a_failed_step_uncaches_them() {
+    let bs = 4;
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        max_model_len: 1 << 20,
+    };
+    let mut sched = Scheduler::new(cfg, BlockManager::new(16, bs, true));
+    let prompt: Vec<u32> = (0..10).collect();
+    let mut receivers = Vec::new();
+    let mut add = |sched: &mut Scheduler, id: u64| {
+        let (tx, rx) = unbounded_channel();
+        receivers.push(rx);
+        sched.add(Request::new(NewRequest {
+            id,
+            prompt: prompt.clone(),
+            params: SamplingParams {
+                max_tokens: 2,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            },
+            arrival: Instant::now(),
+            events: tx,
+        }));
+    };
+    add(&mut sched, 1);
+    add(&mut sched, 2);
+    let (mut out, mut stats) = (Vec::new(), StepStats::default());
+    sched.schedule(&mut out, &mut stats);
+    assert_eq!(out.len(), 2, "both requests run in the first step");
+    assert_eq!(
+        stats.prefix_hits, 8,
+        "the second reuses the first's 2 full blocks"
+    );
+    assert_eq!(out[1].num_new, 2);
+    assert_eq!(
+        sched.running[0].blocks.ids[..2],
+        sched.running[1].blocks.ids[..2]
+    );
+
+    // The step fails: its blocks leave the cache, the requests are dropped.
+    sched.uncache_uncomputed(&out);
+    for id in [1, 2] {
+        assert!(sched.abort(id).is_some());
+    }
+    add(&mut sched, 3);
+    stats.clear();
+    sched.schedule(&mut out, &mut stats);
+    assert_eq!(
+        stats.prefix_hits, 0,
+        "no hit on blocks that were never computed"
+    );
+    assert_eq!(out[0].num_new, 10);
 }

@@ -2,7 +2,9 @@
 //! the engine loop, and turn its token events into a JSON body or an SSE stream in
 //! OpenAI's chunk format (vLLM's framing: `data: {...}\n\n`, then `data: [DONE]`).
 //!
-//! [`Generation`] is the per-request state: incremental detokenization, stop strings
+//! [`Choices`] runs a request's `n` parallel choices (one engine request each) and merges
+//! their pieces into one body or stream. [`Generation`] is the per-choice state:
+//! incremental detokenization, stop strings
 //! (matched text is cut, and never leaked into a stream: up to the longest stop string's
 //! length minus one byte is held back), and the abort guard that frees the request's KV
 //! blocks if the response ends early for any reason, a client disconnect included.
@@ -147,15 +149,6 @@ impl Generation {
             ),
             created: unix_now(),
         })
-    }
-
-    fn usage(&self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            total_tokens: self.prompt_tokens + self.completion_tokens,
-            completion_tokens: self.completion_tokens,
-            prompt_tokens_details: None,
-        }
     }
 
     /// The next piece of text; `None` after the last one.
@@ -324,6 +317,150 @@ fn fingerprint() -> Option<String> {
     Some(format!("switchyard-{}", super::VERSION))
 }
 
+/// The `n` parallel choices of one response (vLLM's parallel sampling): one engine
+/// request each, on the same prompt; with a `seed`, choice `i` samples with `seed + i`,
+/// so every choice is reproducible and they differ from one another.
+struct Choices {
+    gens: Vec<Generation>,
+    id: String,
+    created: u64,
+    prompt_tokens: u32,
+}
+
+/// One finished choice of a non-streamed response.
+struct Done {
+    text: String,
+    finish: (FinishReason, Option<StopReason>),
+    logprobs: Vec<(u32, TokenLogprobs)>,
+    tokens: u32,
+}
+
+impl Choices {
+    fn start(
+        engine: &Engine,
+        mut prompt: Vec<u32>,
+        v: Validated,
+        id_prefix: &str,
+    ) -> Result<Self, ApiError> {
+        let n = v.n.max(1);
+        let mut gens = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut vi = v.clone();
+            vi.params.seed = v.params.seed.map(|s| s.wrapping_add(i as u64));
+            let p = if i + 1 == n {
+                std::mem::take(&mut prompt)
+            } else {
+                prompt.clone()
+            };
+            gens.push(Generation::start(engine, p, vi, id_prefix)?);
+        }
+        let first = &gens[0];
+        Ok(Choices {
+            id: first.id.clone(),
+            created: first.created,
+            prompt_tokens: first.prompt_tokens,
+            gens,
+        })
+    }
+
+    fn usage(&self, completion_tokens: u32) -> Usage {
+        usage(self.prompt_tokens, completion_tokens)
+    }
+
+    /// Run every choice to its end (the first error wins; the rest are then aborted).
+    async fn collect(&mut self) -> Result<Vec<Done>, ApiError> {
+        futures_util::future::try_join_all(self.gens.iter_mut().map(|g| async move {
+            let (mut text, mut finish, mut logprobs) = (String::new(), None, Vec::new());
+            while let Some(piece) = g.next().await {
+                let piece = piece?;
+                text.push_str(&piece.text);
+                logprobs.extend(piece.logprobs);
+                if piece.finish.is_some() {
+                    finish = piece.finish;
+                }
+            }
+            Ok(Done {
+                text,
+                finish: finish.unwrap_or((FinishReason::Abort, None)),
+                logprobs,
+                tokens: g.completion_tokens,
+            })
+        }))
+        .await
+    }
+
+    /// A streamed response: `head` frames, then a frame per piece of any choice as it
+    /// comes (`piece_frame(choice, piece)`), then, when `usage_frame` is given, one with
+    /// the usage summed over the choices, then `[DONE]`. An error sends an error frame
+    /// and `[DONE]` and ends the stream, which aborts the other choices.
+    fn stream(
+        self,
+        head: Vec<Bytes>,
+        piece_frame: impl FnMut(usize, Piece) -> Bytes + Send + 'static,
+        usage_frame: Option<impl FnOnce(Usage) -> Bytes + Send + 'static>,
+    ) -> Response {
+        use futures_util::StreamExt;
+        let prompt_tokens = self.prompt_tokens;
+        let tokens = vec![0u32; self.gens.len()];
+        let merged =
+            futures_util::stream::select_all(self.gens.into_iter().enumerate().map(|(i, g)| {
+                futures_util::stream::unfold(g, move |mut g| async move {
+                    let piece = g.next().await?;
+                    let n = g.completion_tokens;
+                    Some(((i, piece, n), g))
+                })
+                .boxed()
+            }));
+        // Phases: 0 = pieces, 1 = [DONE], 2 = end.
+        let tail = futures_util::stream::unfold(
+            (merged, tokens, piece_frame, usage_frame, 0u8),
+            move |(mut merged, mut tokens, mut piece_frame, mut usage_frame, phase)| async move {
+                match phase {
+                    0 => match merged.next().await {
+                        Some((i, Ok(piece), n)) => {
+                            tokens[i] = n;
+                            let f = piece_frame(i, piece);
+                            Some((f, (merged, tokens, piece_frame, usage_frame, 0)))
+                        }
+                        Some((_, Err(e), _)) => {
+                            Some((error_frame(&e), (merged, tokens, piece_frame, None, 1)))
+                        }
+                        None => match usage_frame.take() {
+                            Some(u) => {
+                                let f = u(usage(prompt_tokens, tokens.iter().sum()));
+                                Some((f, (merged, tokens, piece_frame, None, 1)))
+                            }
+                            None => Some((
+                                Bytes::from_static(DONE),
+                                (merged, tokens, piece_frame, None, 2),
+                            )),
+                        },
+                    },
+                    1 => Some((
+                        Bytes::from_static(DONE),
+                        (merged, tokens, piece_frame, usage_frame, 2),
+                    )),
+                    _ => None,
+                }
+            },
+        );
+        sse_response(
+            futures_util::stream::iter(head)
+                .chain(tail)
+                .map(Ok::<_, Infallible>),
+        )
+    }
+}
+
+fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
+    Usage {
+        prompt_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        completion_tokens,
+        prompt_tokens_details: None,
+    }
+}
+
 pub async fn chat_completions(
     State(engine): State<Engine>,
     req: Request,
@@ -357,52 +494,48 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let mut generation = Generation::start(&engine, prompt, v, "chatcmpl")?;
+    let mut choices = Choices::start(&engine, prompt, v, "chatcmpl")?;
     let model = engine.model_name().to_string();
 
     if !s.stream.unwrap_or(false) {
-        let mut content = String::new();
-        let mut finish = None;
-        let mut lps = Vec::new();
-        while let Some(piece) = generation.next().await {
-            let piece = piece?;
-            content.push_str(&piece.text);
-            lps.extend(piece.logprobs);
-            if piece.finish.is_some() {
-                finish = piece.finish;
-            }
-        }
-        let (reason, stop_reason) = finish.unwrap_or((FinishReason::Abort, None));
+        let done = choices.collect().await?;
+        let completion_tokens = done.iter().map(|d| d.tokens).sum();
         return Ok(json_ok(&ChatCompletionResponse {
-            id: generation.id.clone(),
+            id: choices.id.clone(),
             object: "chat.completion",
-            created: generation.created,
+            created: choices.created,
             model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: ChatResponseMessage {
-                    role: "assistant",
-                    content,
-                    refusal: None,
-                    annotations: None,
-                    audio: None,
-                    function_call: None,
-                    reasoning: None,
-                },
-                logprobs: want_lp.then(|| chat_logprobs(engine.tokenizer.as_ref(), &lps)),
-                finish_reason: Some(reason.as_str()),
-                stop_reason,
-            }],
+            choices: done
+                .into_iter()
+                .enumerate()
+                .map(|(index, d)| ChatChoice {
+                    index: index as u32,
+                    message: ChatResponseMessage {
+                        role: "assistant",
+                        content: d.text,
+                        refusal: None,
+                        annotations: None,
+                        audio: None,
+                        function_call: None,
+                        reasoning: None,
+                    },
+                    logprobs: want_lp
+                        .then(|| chat_logprobs(engine.tokenizer.as_ref(), &d.logprobs)),
+                    finish_reason: Some(d.finish.0.as_str()),
+                    stop_reason: d.finish.1,
+                })
+                .collect(),
             service_tier: None,
             system_fingerprint: fingerprint(),
-            usage: generation.usage(),
+            usage: choices.usage(completion_tokens),
             prompt_logprobs: None,
             kv_transfer_params: None,
         }));
     }
 
     let tok = engine.tokenizer.clone();
-    let chunk = move |g: &Generation,
+    let (id, created) = (choices.id.clone(), choices.created);
+    let chunk = move |index: usize,
                       delta: ChatDelta,
                       finish: Option<(FinishReason, Option<StopReason>)>,
                       lps: &[(u32, TokenLogprobs)]| {
@@ -411,12 +544,12 @@ pub async fn chat_completions(
             None => (None, None),
         };
         ChatCompletionChunk {
-            id: g.id.clone(),
+            id: id.clone(),
             object: "chat.completion.chunk",
-            created: g.created,
+            created,
             model: model.clone(),
             choices: vec![ChatChunkChoice {
-                index: 0,
+                index: index as u32,
                 delta,
                 logprobs: (want_lp && !lps.is_empty()).then(|| chat_logprobs(tok.as_ref(), lps)),
                 finish_reason,
@@ -426,71 +559,36 @@ pub async fn chat_completions(
             system_fingerprint: None,
         }
     };
-    let first = frame(&chunk(
-        &generation,
-        ChatDelta {
-            role: Some("assistant"),
+    // vLLM's order: a role chunk for every choice first.
+    let head = (0..choices.gens.len())
+        .map(|i| {
+            let role = ChatDelta {
+                role: Some("assistant"),
+                content: String::new(),
+            };
+            frame(&chunk(i, role, None, &[]))
+        })
+        .collect();
+    let usage_chunk = chunk.clone();
+    let piece_frame = move |i: usize, piece: Piece| {
+        let delta = ChatDelta {
+            role: None,
+            content: piece.text,
+        };
+        frame(&chunk(i, delta, piece.finish, &piece.logprobs))
+    };
+    let usage_frame = include_usage.then_some(move |u: Usage| {
+        let empty = ChatDelta {
+            role: None,
             content: String::new(),
-        },
-        None,
-        &[],
-    ));
-    // States: 0 = role chunk, 1 = content, 2 = usage, 3 = [DONE], 4 = end.
-    let stream = futures_util::stream::unfold(
-        (generation, 0u8, Some(first)),
-        move |(mut g, state, first)| {
-            let chunk = chunk.clone();
-            async move {
-                match state {
-                    0 => first.map(|f| (Ok(f), (g, 1, None))),
-                    1 => match g.next().await {
-                        Some(Ok(piece)) => {
-                            let fin = piece.finish.is_some();
-                            let f = frame(&chunk(
-                                &g,
-                                ChatDelta {
-                                    role: None,
-                                    content: piece.text,
-                                },
-                                piece.finish,
-                                &piece.logprobs,
-                            ));
-                            let next = if fin {
-                                if include_usage {
-                                    2
-                                } else {
-                                    3
-                                }
-                            } else {
-                                1
-                            };
-                            Some((Ok(f), (g, next, None)))
-                        }
-                        Some(Err(e)) => Some((Ok(error_frame(&e)), (g, 3, None))),
-                        None => Some((Ok(Bytes::from_static(DONE)), (g, 4, None))),
-                    },
-                    2 => {
-                        let mut c = chunk(
-                            &g,
-                            ChatDelta {
-                                role: None,
-                                content: String::new(),
-                            },
-                            None,
-                            &[],
-                        );
-                        c.choices.clear();
-                        c.usage = Some(g.usage());
-                        c.system_fingerprint = fingerprint();
-                        Some((Ok(frame(&c)), (g, 3, None)))
-                    }
-                    3 => Some((Ok(Bytes::from_static(DONE)), (g, 4, None))),
-                    _ => None,
-                }
-            }
-        },
-    );
-    Ok(sse_response(stream))
+        };
+        let mut c = usage_chunk(0, empty, None, &[]);
+        c.choices.clear();
+        c.usage = Some(u);
+        c.system_fingerprint = fingerprint();
+        frame(&c)
+    });
+    Ok(choices.stream(head, piece_frame, usage_frame))
 }
 
 pub async fn completions(
@@ -526,11 +624,12 @@ pub async fn completions(
         .echo
         .unwrap_or(false)
         .then(|| engine.tokenizer.decode(&prompt, false));
-    let mut generation = Generation::start(&engine, prompt, v, "cmpl")?;
+    let mut choices = Choices::start(&engine, prompt, v, "cmpl")?;
     let model = engine.model_name().to_string();
 
     let tok = engine.tokenizer.clone();
-    let response = move |g: &Generation,
+    let (id, created) = (choices.id.clone(), choices.created);
+    let response = move |index: usize,
                          text: String,
                          finish: Option<(FinishReason, Option<StopReason>)>,
                          lps: &[(u32, TokenLogprobs)],
@@ -540,12 +639,12 @@ pub async fn completions(
             None => (None, None),
         };
         CompletionResponse {
-            id: g.id.clone(),
+            id: id.clone(),
             object: "text_completion",
-            created: g.created,
+            created,
             model: model.clone(),
             choices: vec![CompletionChoice {
-                index: 0,
+                index: index as u32,
                 logprobs: want_lp.then(|| completion_logprobs(tok.as_ref(), lps, offset)),
                 text,
                 finish_reason,
@@ -558,74 +657,44 @@ pub async fn completions(
     };
 
     if !s.stream.unwrap_or(false) {
-        let mut text = echo.unwrap_or_default();
-        let offset = text.len();
-        let mut finish = None;
-        let mut lps = Vec::new();
-        while let Some(piece) = generation.next().await {
-            let piece = piece?;
-            text.push_str(&piece.text);
-            lps.extend(piece.logprobs);
-            if piece.finish.is_some() {
-                finish = piece.finish;
-            }
-        }
-        let mut r = response(
-            &generation,
-            text,
-            Some(finish.unwrap_or((FinishReason::Abort, None))),
-            &lps,
-            offset,
-        );
-        r.usage = Some(generation.usage());
+        let done = choices.collect().await?;
+        let completion_tokens = done.iter().map(|d| d.tokens).sum();
+        let echo = echo.unwrap_or_default();
+        let mut r = response(0, String::new(), None, &[], 0);
+        r.choices = done
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, d)| {
+                let text = format!("{echo}{}", d.text);
+                response(i, text, Some(d.finish), &d.logprobs, echo.len()).choices
+            })
+            .collect();
+        r.usage = Some(choices.usage(completion_tokens));
         r.system_fingerprint = fingerprint();
         return Ok(json_ok(&r));
     }
 
-    // States: 0 = echo, 1 = text, 2 = usage, 3 = [DONE], 4 = end.
-    let start_state = if echo.is_some() { 0u8 } else { 1 };
-    let stream = futures_util::stream::unfold(
-        (generation, start_state, echo),
-        move |(mut g, state, echo)| {
-            let response = response.clone();
-            async move {
-                match state {
-                    0 => Some((
-                        Ok(frame(&response(&g, echo.unwrap_or_default(), None, &[], 0))),
-                        (g, 1, None),
-                    )),
-                    1 => match g.next().await {
-                        Some(Ok(piece)) => {
-                            let fin = piece.finish.is_some();
-                            let mut r = response(&g, piece.text, piece.finish, &piece.logprobs, 0);
-                            if fin {
-                                r.system_fingerprint = fingerprint();
-                            }
-                            let next = if fin {
-                                if include_usage {
-                                    2
-                                } else {
-                                    3
-                                }
-                            } else {
-                                1
-                            };
-                            Some((Ok(frame(&r)), (g, next, None)))
-                        }
-                        Some(Err(e)) => Some((Ok(error_frame(&e)), (g, 3, None))),
-                        None => Some((Ok(Bytes::from_static(DONE)), (g, 4, None))),
-                    },
-                    2 => {
-                        let mut r = response(&g, String::new(), None, &[], 0);
-                        r.choices.clear();
-                        r.usage = Some(g.usage());
-                        Some((Ok(frame(&r)), (g, 3, None)))
-                    }
-                    3 => Some((Ok(Bytes::from_static(DONE)), (g, 4, None))),
-                    _ => None,
-                }
-            }
-        },
-    );
-    Ok(sse_response(stream))
+    // The echoed prompt opens every choice.
+    let head = match &echo {
+        Some(e) => (0..choices.gens.len())
+            .map(|i| frame(&response(i, e.clone(), None, &[], 0)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let usage_response = response.clone();
+    let piece_frame = move |i: usize, piece: Piece| {
+        let fin = piece.finish.is_some();
+        let mut r = response(i, piece.text, piece.finish, &piece.logprobs, 0);
+        if fin {
+            r.system_fingerprint = fingerprint();
+        }
+        frame(&r)
+    };
+    let usage_frame = include_usage.then_some(move |u: Usage| {
+        let mut r = usage_response(0, String::new(), None, &[], 0);
+        r.choices.clear();
+        r.usage = Some(u);
+        frame(&r)
+    });
+    Ok(choices.stream(head, piece_frame, usage_frame))
 }

@@ -6,11 +6,17 @@ use protocol::ApiError;
 
 use crate::core::SamplingParams;
 
+/// The most parallel choices (`n`) one request may ask for: each is a sequence in the
+/// engine, so the bound keeps one request from flooding the queue.
+pub const MAX_N: usize = 128;
+
 /// Validated sampling settings plus the stop strings the API layer enforces.
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// Parallel choices (`n`), 1 to [`MAX_N`].
+    pub n: usize,
 }
 
 /// Check a prompt's length against the context window.
@@ -99,9 +105,16 @@ pub fn sampling(
         }
     }
     if let Some(n) = s.n {
-        if n != 1 {
+        if n < 1 {
             return Err(ApiError::bad_param(
-                format!("n must be 1 (only one choice is supported), got {n}"),
+                format!("n must be at least 1, got {n}."),
+                "n",
+                n,
+            ));
+        }
+        if n > MAX_N as i64 {
+            return Err(ApiError::bad_param(
+                format!("n must be at most {MAX_N}, got {n}."),
                 "n",
                 n,
             ));
@@ -201,6 +214,7 @@ pub fn sampling(
             stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
         },
         stop,
+        n: s.n.map_or(1, |n| n as usize),
     })
 }
 

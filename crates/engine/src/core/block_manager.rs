@@ -218,6 +218,25 @@ impl BlockManager {
         seq.num_cached = full;
     }
 
+    /// Take the blocks of `seq` from index `first` on out of the prefix cache (their
+    /// content was registered but never computed: the step that would have written it
+    /// failed).
+    pub fn uncache_from(&mut self, seq: &mut SeqBlocks, first: usize) {
+        for &b in seq.ids.iter().skip(first) {
+            let Some(h) = self.blocks[b as usize].hash else {
+                continue;
+            };
+            if self.cached.get(&h) == Some(&b) {
+                self.cached.remove(&h);
+                self.blocks[b as usize].hash = None;
+                if let Some(ev) = self.events.as_mut() {
+                    ev.push(CacheEvent::Removed { hash: h });
+                }
+            }
+        }
+        seq.num_cached = seq.num_cached.min(first);
+    }
+
     /// Release a sequence's blocks, tail first, so its last blocks are evicted first.
     pub fn free(&mut self, seq: &mut SeqBlocks) {
         for &b in seq.ids.iter().rev() {

@@ -241,6 +241,7 @@ impl EngineLoop {
         let t2 = Instant::now();
         if let Err(e) = result {
             tracing::error!(error = %e, "backend step failed; failing its requests");
+            self.sched.uncache_uncomputed(&self.scheduled);
             let ids: Vec<u64> = self
                 .scheduled
                 .iter()

@@ -138,6 +138,17 @@ impl Scheduler {
         Some(req)
     }
 
+    /// The step planned in `scheduled` failed: take the blocks it would have computed
+    /// back out of the prefix cache (they were registered when scheduled).
+    pub fn uncache_uncomputed(&mut self, scheduled: &[Scheduled]) {
+        let bs = self.bm.block_size();
+        for s in scheduled {
+            if let Some(req) = self.running.get_mut(s.idx) {
+                self.bm.uncache_from(&mut req.blocks, req.num_computed / bs);
+            }
+        }
+    }
+
     /// Plan one step into `out`.
     pub fn schedule(&mut self, out: &mut Vec<Scheduled>, stats: &mut StepStats) {
         out.clear();
@@ -173,6 +184,12 @@ impl Scheduler {
                     break 'running;
                 }
             }
+            // Cached as soon as scheduled (as vLLM does): a request scheduled later in
+            // this same step may reuse these blocks, because the forward pass writes every
+            // row's keys and values of a layer before any row attends.
+            let req = &mut self.running[i];
+            self.bm
+                .cache_full_blocks(&mut req.blocks, &req.tokens, req.num_computed + num_new);
             out.push(Scheduled { idx: i, num_new });
             budget -= num_new;
             i += 1;
@@ -210,6 +227,8 @@ impl Scheduler {
                 stats.prefix_queries += req.tokens.len() as u64;
                 stats.prefix_hits += num_computed as u64;
             }
+            self.bm
+                .cache_full_blocks(&mut req.blocks, &req.tokens, num_computed + num_new);
             self.running.push(req);
             out.push(Scheduled {
                 idx: self.running.len() - 1,

@@ -652,8 +652,13 @@ async fn bad_input_gets_4xx_json_and_others_keep_being_served() {
             400,
         ),
         (
-            "n=2",
-            br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#.to_vec(),
+            "n=0",
+            br#"{"messages":[{"role":"user","content":"x"}],"n":0}"#.to_vec(),
+            400,
+        ),
+        (
+            "n above the limit",
+            br#"{"messages":[{"role":"user","content":"x"}],"n":129}"#.to_vec(),
             400,
         ),
         (
