@@ -300,3 +300,84 @@ def test_ignore_eos(eos_client, endpoint):
         full_text = full.choices[0].message.content if endpoint == "chat" else full.choices[0].text
         assert full_text.startswith(ended_text), "same seed: ignoring EOS only lets the same text run on"
         assert len(full_text) > len(ended_text)
+
+
+# --------------------------------------------------------------------------- n > 1
+
+
+def _call_and_text(endpoint):
+    if endpoint == "chat":
+        return chat, (lambda c: c.message.content)
+    return complete, (lambda c: c.text)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_n_choices_are_the_single_requests_seeded_seed_plus_index(client, endpoint):
+    call, text = _call_and_text(endpoint)
+    resp = call(client, n=3, seed=500, temperature=1.0, max_tokens=12)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    singles = [call(client, seed=500 + i, temperature=1.0, max_tokens=12) for i in range(3)]
+    assert [text(c) for c in resp.choices] == [text(s.choices[0]) for s in singles]
+    assert len({text(c) for c in resp.choices}) == 3, "seeded choices differ from one another"
+    # The prompt counts once; completion tokens add up over the choices.
+    assert resp.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert resp.usage.completion_tokens == 36
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 36
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_n_streamed_choices_spell_the_plain_ones_and_each_finish(client, endpoint):
+    call, text = _call_and_text(endpoint)
+    chunks = list(call(client, stream=True, n=2, seed=77, temperature=1.0, max_tokens=10))
+    assert len({c.id for c in chunks}) == 1
+    got, finish, roles = {0: "", 1: ""}, {}, []
+    for c in chunks:
+        for ch in c.choices:
+            if endpoint == "chat":
+                got[ch.index] += ch.delta.content or ""
+                if ch.delta.role == "assistant":
+                    roles.append(ch.index)
+            else:
+                got[ch.index] += ch.text or ""
+            if ch.finish_reason:
+                assert ch.index not in finish, "a choice finished twice"
+                finish[ch.index] = ch.finish_reason
+    assert finish == {0: "length", 1: "length"}
+    if endpoint == "chat":
+        assert sorted(roles) == [0, 1], "a role chunk opens each choice"
+    plain = call(client, n=2, seed=77, temperature=1.0, max_tokens=10)
+    assert [got[0], got[1]] == [text(c) for c in plain.choices]
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1 and usage[0].completion_tokens == 20
+    assert chunks[-1].usage is not None, "the usage chunk comes last"
+
+
+@pytest.mark.parametrize("n", [0, 129])
+def test_n_out_of_range_is_400(client, n):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, n=n)
+    error = info.value.response.json()["error"]
+    assert error["code"] == 400
+    assert error["message"].startswith(f"n must be at {'least 1' if n < 1 else 'most 128'}, got {n}.")
+
+
+# --------------------------------------------------------------------------- logprobs
+
+
+def test_sim_logprobs_are_its_uniform_distribution(client):
+    """With EOS ignored the sim picks each of its words alike: every token has the same
+    log-probability, the top entries share it, and streaming reports the same values."""
+    resp = chat(client, seed=11, temperature=1.0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 8
+    lp = content[0].logprob
+    assert lp < 0
+    assert "".join(e.token for e in content) == resp.choices[0].message.content
+    for e in content:
+        assert e.logprob == pytest.approx(lp)
+        assert len(e.top_logprobs) == 3
+        assert all(t.logprob == pytest.approx(lp) for t in e.top_logprobs)
+    chunks = list(chat(client, stream=True, seed=11, temperature=1.0, max_tokens=8, logprobs=True, top_logprobs=3))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]

@@ -152,6 +152,14 @@ pub struct RouterArgs {
     /// service account's `ca.crt`].
     #[arg(long)]
     pub k8s_ca_file: Option<PathBuf>,
+    /// `k8s`: kubeconfig to reach the API server from outside a cluster (token or client
+    /// certificate) [default out of a pod, without --k8s-api-server: $KUBECONFIG, else
+    /// ~/.kube/config].
+    #[arg(long)]
+    pub k8s_kubeconfig: Option<PathBuf>,
+    /// `k8s`: the kubeconfig context to use [default: its current-context].
+    #[arg(long)]
+    pub k8s_context: Option<String>,
     /// Engine base URLs, comma separated.
     #[arg(long)]
     pub static_backends: Option<String>,

@@ -25,7 +25,8 @@
 //! API access: in a pod, `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT` with
 //! the service account's token (re-read every minute and after a 401, as it rotates) and
 //! CA; `--k8s-api-server` (http or https), `--k8s-token-file` and `--k8s-ca-file` override
-//! them. TLS is rustls on the `ring` provider, one connection per request (a LIST or a
+//! them. Out of a cluster, a kubeconfig context (`kubeconfig.rs`: token or client
+//! certificate) gives them. TLS is rustls on the `ring` provider, one connection per request (a LIST or a
 //! WATCH), and only the few JSON fields used here are parsed.
 //!
 //! Memory: the watcher keeps one name → URL map of the current engines; a watch line is
@@ -49,6 +50,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{BackendSpec, K8sDiscoveryType, K8sSettings, RouterArgs};
 use crate::engines::Endpoint;
+use crate::kubeconfig::{self, TokenSource};
 use crate::RouterState;
 
 /// The service account's files inside a pod.
@@ -83,22 +85,29 @@ pub struct ApiClient {
 }
 
 struct Token {
-    path: PathBuf,
+    source: TokenSource,
     cached: Mutex<Option<(HeaderValue, Instant)>>,
 }
 
 impl Token {
     fn header(&self) -> Result<HeaderValue, String> {
+        let path = match &self.source {
+            TokenSource::Inline(t) => {
+                return HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| "the kubeconfig's token is not a header value".to_string());
+            }
+            TokenSource::File(p) => p,
+        };
         let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((v, at)) = c.as_ref() {
             if at.elapsed() < TOKEN_REFRESH {
                 return Ok(v.clone());
             }
         }
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|e| format!("reading the token {}: {e}", self.path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the token {}: {e}", path.display()))?;
         let v = HeaderValue::from_str(&format!("Bearer {}", text.trim()))
-            .map_err(|_| format!("the token in {} is not a header value", self.path.display()))?;
+            .map_err(|_| format!("the token in {} is not a header value", path.display()))?;
         *c = Some((v.clone(), Instant::now()));
         Ok(v)
     }
@@ -113,13 +122,43 @@ fn existing(path: PathBuf) -> Option<PathBuf> {
 }
 
 impl ApiClient {
-    /// From the flags, else the pod's service account and `KUBERNETES_SERVICE_*`.
+    /// `--k8s-kubeconfig` if given; else `--k8s-api-server` and the other flags; else,
+    /// in a pod, its service account and `KUBERNETES_SERVICE_*`; else the default
+    /// kubeconfig (`$KUBECONFIG`, `~/.kube/config`). `--k8s-token-file` and
+    /// `--k8s-ca-file` override a kubeconfig's token and CA.
     pub fn from_args(args: &RouterArgs) -> Result<ApiClient, String> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let kubeconfig = match &args.k8s_kubeconfig {
+            Some(p) => Some(p.clone()),
+            None if args.k8s_api_server.is_none() && !in_pod => {
+                kubeconfig::default_path().filter(|p| p.exists())
+            }
+            None => None,
+        };
+        if let Some(path) = kubeconfig {
+            let a = kubeconfig::load(&path, args.k8s_context.as_deref())?;
+            let token = args
+                .k8s_token_file
+                .clone()
+                .map(TokenSource::File)
+                .or(a.token);
+            let ca = match &args.k8s_ca_file {
+                Some(p) => {
+                    Some(std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?)
+                }
+                None => a.ca_pem,
+            };
+            let client = a
+                .client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_slice(), k.as_slice()));
+            return ApiClient::build(&a.server, token, ca.as_deref(), client);
+        }
         let server = match &args.k8s_api_server {
             Some(s) => s.trim().to_string(),
             None => {
                 let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
-                    "--service-discovery k8s: not in a pod (no KUBERNETES_SERVICE_HOST); give --k8s-api-server"
+                    "--service-discovery k8s: not in a pod (no KUBERNETES_SERVICE_HOST) and no kubeconfig ($KUBECONFIG, ~/.kube/config); give --k8s-kubeconfig or --k8s-api-server"
                         .to_string()
                 })?;
                 let port =
@@ -153,6 +192,17 @@ impl ApiClient {
         token: Option<PathBuf>,
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, String> {
+        Self::build(server, token.map(TokenSource::File), ca_pem, None)
+    }
+
+    /// [`ApiClient::new`] with any token source and, for https, an optional client
+    /// certificate chain and key (PEM).
+    pub fn build(
+        server: &str,
+        token: Option<TokenSource>,
+        ca_pem: Option<&[u8]>,
+        client_cert: Option<(&[u8], &[u8])>,
+    ) -> Result<Self, String> {
         let (https, rest) = if let Some(r) = server.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = server.strip_prefix("http://") {
@@ -171,9 +221,9 @@ impl ApiClient {
             .ok_or_else(|| format!("--k8s-api-server {server:?}: bad host or port"))?;
         let tls = if https {
             let pem = ca_pem.ok_or_else(|| {
-                format!("--k8s-api-server {server:?} is https: give --k8s-ca-file (no service account CA here)")
+                format!("API server {server:?} is https: give --k8s-ca-file or a kubeconfig with its CA (no service account CA here)")
             })?;
-            Some(tls_connector(pem)?)
+            Some(tls_connector_with(pem, client_cert)?)
         } else {
             None
         };
@@ -184,8 +234,8 @@ impl ApiClient {
             host,
             port,
             prefix: prefix.to_string(),
-            token: token.map(|path| Token {
-                path,
+            token: token.map(|source| Token {
+                source,
                 cached: Mutex::new(None),
             }),
         })
@@ -268,8 +318,16 @@ fn split_host_port(authority: &str, default_port: u16) -> Option<(String, u16)> 
 
 /// A TLS client trusting exactly the CA certificates in `pem` (rustls, `ring`).
 pub fn tls_connector(pem: &[u8]) -> Result<tokio_rustls::TlsConnector, String> {
+    tls_connector_with(pem, None)
+}
+
+/// [`tls_connector`], presenting a client certificate chain and key (PEM) when given.
+pub fn tls_connector_with(
+    pem: &[u8],
+    client_cert: Option<(&[u8], &[u8])>,
+) -> Result<tokio_rustls::TlsConnector, String> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| format!("CA file: {e}"))?;
@@ -279,11 +337,24 @@ pub fn tls_connector(pem: &[u8]) -> Result<tokio_rustls::TlsConnector, String> {
         return Err("CA file: no certificate in it".into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match client_cert {
+        None => cfg.with_no_client_auth(),
+        Some((chain, key)) => {
+            let chain = CertificateDer::pem_slice_iter(chain)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client certificate: {e}"))?;
+            if chain.is_empty() {
+                return Err("client certificate: no certificate in it".into());
+            }
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("client key: {e}"))?;
+            cfg.with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+    };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }

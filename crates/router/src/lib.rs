@@ -22,6 +22,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod engines;
 pub mod k8s;
+pub mod kubeconfig;
 pub mod kv_index;
 pub mod kv_subscriber;
 pub mod metrics;
@@ -203,6 +204,9 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     })
 }
 
+/// How long shutdown waits for queued trace spans to reach the collector.
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A listening socket with SO_REUSEPORT, so each worker thread can have its own.
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -257,6 +261,7 @@ impl Bound {
                     })?,
             );
         }
+        let state = self.state.clone();
         let result = httpx::serve(self.listener, api::router(self.state), async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -265,6 +270,7 @@ impl Bound {
         for t in threads {
             let _ = t.join();
         }
+        state.proxy.telemetry.flush(SHUTDOWN_FLUSH).await;
         result
     }
 
@@ -273,6 +279,9 @@ impl Bound {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        httpx::serve(self.listener, api::router(self.state), shutdown).await
+        let state = self.state.clone();
+        let result = httpx::serve(self.listener, api::router(self.state), shutdown).await;
+        state.proxy.telemetry.flush(SHUTDOWN_FLUSH).await;
+        result
     }
 }

@@ -18,6 +18,7 @@
 //! response body and is gone with it.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -407,6 +408,8 @@ pub struct Exporter {
     exported: Counter,
     dropped: Counter,
     failed: Counter,
+    /// Spans taken off the queue and not yet posted (the batch being gathered or sent).
+    busy: AtomicUsize,
 }
 
 impl Exporter {
@@ -453,6 +456,7 @@ impl Telemetry {
                 exported: Counter::default(),
                 dropped: Counter::default(),
                 failed: Counter::default(),
+                busy: AtomicUsize::new(0),
             }),
         })
     }
@@ -475,6 +479,19 @@ impl Telemetry {
         };
         tracing::info!(endpoint = %x.url, "exporting traces (OTLP/HTTP JSON)");
         tokio::spawn(export_loop(self.clone(), rx));
+    }
+
+    /// Wait (at most `within`) until every queued span has been posted: called at
+    /// shutdown, after the last request finished, so its spans are not lost. A batch
+    /// still gathering goes out when its delay ([`BATCH_DELAY`]) ends.
+    pub async fn flush(&self, within: Duration) {
+        let Some(x) = &self.exporter else { return };
+        let deadline = tokio::time::Instant::now() + within;
+        while (x.tx.capacity() < x.tx.max_capacity() || x.busy.load(Ordering::Acquire) > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `vllm:router_otlp_spans_total{outcome}` while an exporter is configured.
@@ -506,17 +523,21 @@ async fn export_loop(tel: Arc<Telemetry>, mut rx: mpsc::Receiver<SpanRecord>) {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
+        // Set before the next await, so `flush` never sees an empty queue and no batch.
+        x.busy.store(batch.len(), Ordering::Release);
         let deadline = tokio::time::Instant::now() + BATCH_DELAY;
         while batch.len() < MAX_BATCH {
             let room = MAX_BATCH - batch.len();
             match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(_) => x.busy.store(batch.len(), Ordering::Release),
             }
         }
         let body = Bytes::from(otlp_body(&batch).to_string());
         let n = batch.len() as u64;
-        match post(&client, &x.url, body).await {
+        let posted = post(&client, &x.url, body).await;
+        x.busy.store(0, Ordering::Release);
+        match posted {
             Ok(()) => {
                 x.exported.add(n);
                 warned = false;

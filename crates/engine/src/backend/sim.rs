@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Backend, BackendError, SeqStep};
+use crate::core::TokenLogprobs;
 use crate::hash::{mix64, unit_f64};
 use crate::tokenizer::SimTokenizer;
 
@@ -141,6 +142,8 @@ pub struct SimBackend {
     eos_token: u32,
     steps: u64,
     words: Vec<u32>,
+    /// The last step's log-probabilities, aligned with its sampled tokens.
+    logprobs: Vec<Option<Box<TokenLogprobs>>>,
 }
 
 impl SimBackend {
@@ -152,6 +155,39 @@ impl SimBackend {
             eos_token: crate::tokenizer::sim::IM_END,
             steps: 0,
             words: WORDS.iter().map(|w| SimTokenizer::piece_id(w)).collect(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// The log-probabilities of the sim's own distribution at output position `pos`: EOS
+    /// with `eos_prob` (from the second token on, unless ignored), else each word alike.
+    /// `top`: the `k` most likely tokens (ties in word order).
+    pub fn logprobs_at(&self, tok: u32, pos: usize, ignore_eos: bool, k: usize) -> TokenLogprobs {
+        let p_eos = if !ignore_eos && pos > 0 {
+            self.eos_prob.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let word_lp = ((1.0 - p_eos) / self.words.len() as f64).ln() as f32;
+        let eos_lp = p_eos.ln() as f32;
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        if p_eos > 0.0 && eos_lp >= word_lp {
+            top.push((self.eos_token, eos_lp));
+        }
+        if p_eos < 1.0 {
+            top.extend(self.words.iter().map(|&w| (w, word_lp)).take(k));
+        }
+        if p_eos > 0.0 && eos_lp < word_lp {
+            top.push((self.eos_token, eos_lp));
+        }
+        top.truncate(k);
+        TokenLogprobs {
+            logprob: if tok == self.eos_token {
+                eos_lp
+            } else {
+                word_lp
+            },
+            top,
         }
     }
 
@@ -166,6 +202,10 @@ impl SimBackend {
 }
 
 impl Backend for SimBackend {
+    fn take_logprobs(&mut self, out: &mut Vec<Option<Box<TokenLogprobs>>>) {
+        out.append(&mut self.logprobs);
+    }
+
     fn execute(
         &mut self,
         seqs: &[SeqStep<'_>],
@@ -188,9 +228,16 @@ impl Backend for SimBackend {
             us *= (1.0 + self.latency.jitter * u).max(0.0);
         }
         us *= self.time_scale;
+        self.logprobs.clear();
         for s in seqs.iter().filter(|s| s.sample) {
             let pos = s.tokens.len() - s.num_prompt;
-            sampled.push(self.token_at(s.rng_seed, pos, s.params.ignore_eos));
+            let tok = self.token_at(s.rng_seed, pos, s.params.ignore_eos);
+            sampled.push(tok);
+            let lp = s
+                .params
+                .logprobs
+                .map(|k| Box::new(self.logprobs_at(tok, pos, s.params.ignore_eos, k as usize)));
+            self.logprobs.push(lp);
         }
         if us > 0.0 {
             let deadline = started + Duration::from_secs_f64(us / 1e6);
@@ -206,6 +253,37 @@ impl Backend for SimBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_describe_the_sims_own_distribution() {
+        let sim = SimBackend::new(Latency::preset("zero").expect("preset"), 1.0, 0.25);
+        let w = sim.words.len() as f64;
+        // From the second token: EOS 0.25, each word 0.75 / w; they sum to 1.
+        let lp = sim.logprobs_at(sim.words[3], 5, false, 4);
+        let word = (0.75 / w).ln() as f32;
+        assert!((lp.logprob - word).abs() < 1e-6);
+        assert_eq!(lp.top.len(), 4);
+        assert_eq!(
+            lp.top[0],
+            (sim.eos_token, 0.25f64.ln() as f32),
+            "EOS is the likeliest"
+        );
+        let total: f64 = lp.top[0].1.exp() as f64 + w * (lp.top[1].1 as f64).exp();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        // First token, or EOS ignored: words only, uniform.
+        for (pos, ignore) in [(0, false), (7, true)] {
+            let lp = sim.logprobs_at(sim.words[0], pos, ignore, 2);
+            assert!((lp.logprob - (1.0 / w).ln() as f32).abs() < 1e-6);
+            assert!(lp
+                .top
+                .iter()
+                .all(|&(t, l)| t != sim.eos_token && l == lp.logprob));
+        }
+        assert_eq!(
+            sim.logprobs_at(sim.eos_token, 3, false, 0).logprob,
+            0.25f64.ln() as f32
+        );
+    }
 
     #[test]
     fn words_are_single_sim_tokens() {

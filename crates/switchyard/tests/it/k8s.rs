@@ -876,3 +876,54 @@ async fn config_reloads_keep_or_restart_the_watch() {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Out of a cluster, a kubeconfig context gives the API server and the token (a
+/// `tokenFile` relative to the kubeconfig): the router finds the pods through it, and
+/// the fake API server refuses any other token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubeconfig_context_reaches_the_api_server() {
+    let (port, _engines) = engines_on_one_port(&[("127.0.0.2", &[])]);
+    let fake = FakeApi::start().await;
+    fake.put(pod("a", Some("127.0.0.2"), "test", true));
+    let dir = std::env::temp_dir().join(format!("switchyard-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("creds")).expect("dir");
+    std::fs::write(dir.join("creds").join("token"), TOKEN).expect("token");
+    let cfg = dir.join("config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: other\ncontexts:\n\
+             - name: other\n  context: {{cluster: nowhere, user: nobody}}\n\
+             - name: lab\n  context: {{cluster: lab, user: dev}}\n\
+             clusters:\n- name: lab\n  cluster: {{server: '{}'}}\n\
+             users:\n- name: dev\n  user: {{tokenFile: creds/token}}\n",
+            fake.url
+        ),
+    )
+    .expect("kubeconfig");
+    let (cfg_s, port_s) = (cfg.to_string_lossy().to_string(), port.to_string());
+    let r = Proc::start(&[
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--service-discovery",
+        "k8s",
+        "--k8s-kubeconfig",
+        &cfg_s,
+        "--k8s-context",
+        "lab",
+        "--k8s-namespace",
+        NS,
+        "--k8s-label-selector",
+        SELECTOR,
+        "--k8s-port",
+        &port_s,
+    ]);
+    let c = client();
+    assert_eq!(engine_ids(&c, &r).await, vec![format!("127.0.0.2:{port}")]);
+    let seen = fake.seen();
+    assert_eq!(seen[0].auth, format!("Bearer {TOKEN}"));
+    assert_eq!(seen[0].status, 200);
+}

@@ -170,6 +170,7 @@ async fn chat(c: &reqwest::Client, r: &Proc, headers: &[(&str, &str)]) -> reqwes
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
+const TRACE2: &str = "0af7651916cd43dd8448eb211c80319c";
 
 fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
     span["attributes"]
@@ -376,6 +377,28 @@ async fn trace_context_reaches_engines_and_spans_and_logs_follow() {
         )
         .is_some_and(|n| n >= 2.0),
         "{page}"
+    );
+
+    // A request just before a graceful shutdown: its span is flushed on the way out,
+    // not lost with the batch still gathering.
+    let last = format!("00-{TRACE2}-{PARENT}-01");
+    assert_eq!(chat(&c, &r, &[("traceparent", &last)]).await.status(), 200);
+    // Off the runtime thread: the collector answers on it while the router shuts down.
+    let mut r = r;
+    let exited = tokio::task::spawn_blocking(move || r.terminate())
+        .await
+        .expect("join");
+    assert!(exited, "the router exits cleanly on SIGTERM");
+    let flushed = collector
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|s| s.method == "POST" && s.path == "/v1/traces")
+        .any(|s| String::from_utf8_lossy(&s.body).contains(TRACE2));
+    assert!(
+        flushed,
+        "the last request's span reached the collector before exit"
     );
 }
 
