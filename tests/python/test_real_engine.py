@@ -9,9 +9,13 @@ seeds reproducible, prefix-cache hits counted); timings are never asserted here.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import urllib.request
+
 import pytest
 
-from conftest import _stop, start_switchyard
+from conftest import _stop, engine_binary, start_switchyard
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -119,3 +123,35 @@ def test_logprobs_in_chat_and_completions(real_engine):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=50,
                                        logprobs=True, max_tokens=1)
     assert "top_logprobs" in str(e.value)
+
+
+def test_kv_cache_dtype_sets_the_blocks_a_budget_holds(tmp_path):
+    """float16 KV (the default, `auto`) holds twice the blocks of float32 in the same
+    memory, and both answer alike; an unsupported dtype is a clear error at start."""
+    blocks = {}
+    for dtype in ("auto", "float32"):
+        e = start_switchyard(
+            ["engine", "--backend", "gguf", "--host", "127.0.0.1", "--port", "0", "--max-model-len", "1024",
+             "--kv-cache-memory-bytes", str(64 << 20), "--kv-cache-dtype", dtype],
+            tmp_path,
+        )
+        try:
+            page = urllib.request.urlopen(e.url + "/metrics", timeout=10).read().decode()
+            info = next(l for l in page.splitlines() if l.startswith("vllm:cache_config_info{"))
+            assert f'cache_dtype="{dtype}"' in info
+            blocks[dtype] = int(re.search(r'num_gpu_blocks="(\d+)"', info).group(1))
+            r = e.client(timeout=120.0).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=12, temperature=0,
+            )
+            assert "Paris" in r.choices[0].message.content
+        finally:
+            _stop(e.proc)
+    assert blocks["auto"] == 2 * blocks["float32"], blocks
+
+    bad = subprocess.run(
+        [str(engine_binary()), "engine", "--backend", "gguf", "--port", "0", "--kv-cache-dtype", "fp8"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0
+    assert "--kv-cache-dtype fp8" in bad.stderr, bad.stderr

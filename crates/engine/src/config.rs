@@ -51,6 +51,10 @@ pub struct EngineArgs {
     /// vLLM on CPU reads it, else 1 GiB).
     #[arg(long)]
     pub kv_cache_memory_bytes: Option<u64>,
+    /// `gguf`: the KV cache's element type: `auto` (float16, as llama.cpp and vLLM keep KV
+    /// in the model's 16-bit type), `float16`, or `float32` (twice the memory per token).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// `gguf`: decode steps with at least this many sequences use the f32 gemm instead of
     /// the Q8_0 kernel. 0 (the default) never does, which keeps every sequence's output
     /// independent of its batch; the Q8_0 kernel won at every batch size measured.

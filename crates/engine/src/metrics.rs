@@ -12,6 +12,8 @@ pub struct EngineMetrics {
     pub block_size: usize,
     pub num_gpu_blocks: usize,
     pub prefix_caching: bool,
+    /// `--kv-cache-dtype` as given (the `cache_dtype` label; vLLM's default is `auto`).
+    pub cache_dtype: String,
     pub running: Gauge,
     pub waiting: Gauge,
     pub kv_usage: Gauge,
@@ -41,6 +43,7 @@ impl EngineMetrics {
             block_size,
             num_gpu_blocks,
             prefix_caching,
+            cache_dtype: "auto".to_string(),
             running: Gauge::default(),
             waiting: Gauge::default(),
             kv_usage: Gauge::default(),
@@ -201,7 +204,7 @@ impl EngineMetrics {
             "vllm:cache_config_info",
             &[
                 ("block_size", &bs),
-                ("cache_dtype", "auto"),
+                ("cache_dtype", &self.cache_dtype),
                 ("enable_prefix_caching", pc),
                 ("engine", &self.engine),
                 ("num_gpu_blocks", &nb),

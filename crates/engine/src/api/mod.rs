@@ -123,12 +123,14 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         )));
     }
     let served: Arc<[String]> = args.served_names().into();
-    let metrics = Arc::new(EngineMetrics::new(
+    let mut metrics = EngineMetrics::new(
         &served[0],
         args.block_size,
         num_blocks,
         args.prefix_caching(),
-    ));
+    );
+    metrics.cache_dtype = args.kv_cache_dtype.trim().to_string();
+    let metrics = Arc::new(metrics);
     let (kv_sink, kv_events) = match &args.kv_events_config {
         Some(c) if c.enabled() => {
             let (sink, info) = crate::kv_events::start_publisher(c, args.block_size)?;
@@ -176,7 +178,11 @@ fn build_gguf(
     ),
     StartError,
 > {
-    use crate::backend::gguf::{kv_cache::KvCache, model::Model, GgufBackend};
+    use crate::backend::gguf::{
+        kv_cache::{KvCache, KvDtype},
+        model::Model,
+        GgufBackend,
+    };
     let path = crate::model_store::resolve(args.model.as_deref().map(std::path::Path::new))
         .map_err(|e| StartError::Model(e.to_string()))?;
     let header = crate::gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
@@ -201,8 +207,22 @@ fn build_gguf(
             cfg.context_length
         )));
     }
-    let per_block =
-        KvCache::bytes_per_block(cfg.n_layers, args.block_size, cfg.n_kv_heads, cfg.head_dim);
+    let kv_dtype = match args.kv_cache_dtype.trim().to_ascii_lowercase().as_str() {
+        "auto" | "float16" | "fp16" | "half" => KvDtype::F16,
+        "float32" | "fp32" | "float" => KvDtype::F32,
+        other => {
+            return Err(StartError::Flag(format!(
+                "--kv-cache-dtype {other}: the gguf backend keeps KV in auto (float16), float16 or float32"
+            )))
+        }
+    };
+    let per_block = KvCache::bytes_per_block(
+        cfg.n_layers,
+        args.block_size,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        kv_dtype,
+    );
     let num_blocks = match args.num_gpu_blocks {
         Some(n) => n,
         None => {
@@ -221,8 +241,8 @@ fn build_gguf(
         0 => usize::MAX,
         n => n,
     };
-    let backend =
-        GgufBackend::new(model, num_blocks, args.block_size, eos).with_decode_gemm_rows(gemm_rows);
+    let backend = GgufBackend::with_kv_dtype(model, num_blocks, args.block_size, eos, kv_dtype)
+        .with_decode_gemm_rows(gemm_rows);
     Ok((
         Arc::new(tokenizer),
         Box::new(backend),

@@ -4,7 +4,55 @@
 //! heads sharing their KV head. Large batches are split across the current rayon pool by rows;
 //! a row's result does not depend on what else is in the batch.
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvLayer};
+
+/// An element type of the KV cache: f32, or f16 (half the memory; widened to f32 as it is
+/// read, with F16C on x86-64).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// 8 values at `p`, widened to f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2 and F16C must be present; 8 values must be readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    #[inline]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees AVX and 8 readable floats.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[inline]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees F16C and 8 readable halves (16 bytes).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
 
 /// One row of the packed batch: its position and its sequence's block table.
 #[derive(Debug, Clone, Copy)]
@@ -14,10 +62,10 @@ pub struct RowInfo<'a> {
 }
 
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if a.len() == b.len() && a.len().is_multiple_of(16) && avx2() {
-        // SAFETY: AVX2 and FMA are present, and both slices hold `a.len()` floats.
+        // SAFETY: AVX2, FMA and F16C are present, and both slices hold `a.len()` values.
         return unsafe { dot_avx2(a, b) };
     }
     let mut acc = [0.0f32; 8];
@@ -25,12 +73,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.to_f32();
     }
     s
 }
@@ -39,29 +87,29 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
 /// Two 8-lane sums, then a shuffle reduction (the scalar loop's sum of 8 lanes is a
 /// serial chain that costs more than the products for a 64-wide head).
 ///
 /// # Safety
-/// AVX2 and FMA must be present; `a.len() == b.len()`, a multiple of 16.
+/// AVX2, FMA and F16C must be present; `a.len() == b.len()`, a multiple of 16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     use std::arch::x86_64::*;
     let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     for i in (0..a.len()).step_by(16) {
         // SAFETY: i + 16 <= len for both slices.
         unsafe {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                s1,
-            );
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), T::load8(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), T::load8(pb.add(i + 8)), s1);
         }
     }
     let v = _mm256_add_ps(s0, s1);
@@ -71,9 +119,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline]
-fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+fn axpy<T: KvElem>(out: &mut [f32], w: f32, x: &[T]) {
     for (o, v) in out.iter_mut().zip(x) {
-        *o += w * v;
+        *o += w * v.to_f32();
     }
 }
 
@@ -83,6 +131,29 @@ fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
 pub fn paged_attention(
     cache: &KvCache,
     layer: usize,
+    rows: &[RowInfo<'_>],
+    q: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    match cache.layer(layer) {
+        KvLayer::F32(k, v) => {
+            paged::<f32>(cache, k, v, rows, q, n_heads, n_kv_heads, head_dim, out)
+        }
+        KvLayer::F16(k, v) => {
+            paged::<half::f16>(cache, k, v, rows, q, n_heads, n_kv_heads, head_dim, out)
+        }
+    }
+}
+
+/// [`paged_attention`] over one layer's keys `kc` and values `vc` of element type `T`.
+#[allow(clippy::too_many_arguments)]
+fn paged<T: KvElem>(
+    cache: &KvCache,
+    kc: &[T],
+    vc: &[T],
     rows: &[RowInfo<'_>],
     q: &[f32],
     n_heads: usize,
@@ -103,7 +174,8 @@ pub fn paged_attention(
         for ((o, qr), row) in out.chunks_mut(w).zip(q.chunks(w)).zip(rows) {
             attend_row(
                 cache,
-                layer,
+                kc,
+                vc,
                 row,
                 qr,
                 n_heads,
@@ -175,9 +247,10 @@ struct Scratch {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attend_row(
+fn attend_row<T: KvElem>(
     cache: &KvCache,
-    layer: usize,
+    kc: &[T],
+    vc: &[T],
     row: &RowInfo<'_>,
     qr: &[f32],
     n_heads: usize,
@@ -186,7 +259,6 @@ fn attend_row(
     o: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let (kc, vc) = cache.layer(layer);
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let n = row.pos + 1;
@@ -242,7 +314,14 @@ const CHUNK: usize = 256;
 
 /// `sc[p] = q · K[p] · scale` (`-inf` where the table does not reach `p`); `K[p]` is the
 /// head's key at offset `offs[p] + g`.
-fn head_scores(q: &[f32], kc: &[f32], offs: &[usize], g: usize, scale: f32, sc: &mut [f32]) {
+fn head_scores<T: KvElem>(
+    q: &[f32],
+    kc: &[T],
+    offs: &[usize],
+    g: usize,
+    scale: f32,
+    sc: &mut [f32],
+) {
     let hd = q.len();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -264,13 +343,13 @@ fn head_scores(q: &[f32], kc: &[f32], offs: &[usize], g: usize, scale: f32, sc: 
 /// depends only on its index, so a row's scores never depend on its batch.
 ///
 /// # Safety
-/// AVX2 and FMA must be present; `q.len()` a multiple of 8; `off + g + q.len() <=
+/// AVX2, FMA and F16C must be present; `q.len()` a multiple of 8; `off + g + q.len() <=
 /// kc.len()` for every offset but `NONE`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_scores_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn head_scores_avx2<T: KvElem>(
     q: &[f32],
-    kc: &[f32],
+    kc: &[T],
     offs: &[usize],
     g: usize,
     scale: f32,
@@ -280,14 +359,14 @@ unsafe fn head_scores_avx2(
     let hd = q.len();
     let mut p = 0;
     while p + 4 <= offs.len() && offs[p..p + 4].iter().all(|&o| o != NONE) {
-        let k: [&[f32]; 4] = std::array::from_fn(|i| &kc[offs[p + i] + g..offs[p + i] + g + hd]);
+        let k: [&[T]; 4] = std::array::from_fn(|i| &kc[offs[p + i] + g..offs[p + i] + g + hd]);
         let mut a = [_mm256_setzero_ps(); 4];
         for c in (0..hd).step_by(8) {
             // SAFETY: every slice holds `hd` floats and c + 8 <= hd.
             unsafe {
                 let qv = _mm256_loadu_ps(q.as_ptr().add(c));
                 for i in 0..4 {
-                    a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i].as_ptr().add(c)), a[i]);
+                    a[i] = _mm256_fmadd_ps(qv, T::load8(k[i].as_ptr().add(c)), a[i]);
                 }
             }
         }
@@ -304,14 +383,14 @@ unsafe fn head_scores_avx2(
 }
 
 /// `o += Σ_p w[p] · V[p]` over the positions the table reaches.
-fn head_values(w: &[f32], vc: &[f32], offs: &[usize], g: usize, o: &mut [f32]) {
+fn head_values<T: KvElem>(w: &[f32], vc: &[T], offs: &[usize], g: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: AVX2 and FMA are present; every offset is inside `vc` (KvCache::slot's
-        // bound: blocks below `num_blocks`).
+        // SAFETY: AVX2, FMA and F16C are present; every offset is inside `vc` (blocks
+        // below `num_blocks`).
         match o.len() {
-            64 => return unsafe { head_values_avx2::<8>(w, vc, offs, g, o) },
-            128 => return unsafe { head_values_avx2::<16>(w, vc, offs, g, o) },
+            64 => return unsafe { head_values_avx2::<T, 8>(w, vc, offs, g, o) },
+            128 => return unsafe { head_values_avx2::<T, 16>(w, vc, offs, g, o) },
             _ => {}
         }
     }
@@ -323,13 +402,13 @@ fn head_values(w: &[f32], vc: &[f32], offs: &[usize], g: usize, o: &mut [f32]) {
 }
 
 /// # Safety
-/// AVX2 and FMA must be present; `o.len() == 8 * CH`; `off + g + o.len() <= vc.len()` for
-/// every offset but `NONE`.
+/// AVX2, FMA and F16C must be present; `o.len() == 8 * CH`; `off + g + o.len() <=
+/// vc.len()` for every offset but `NONE`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_values_avx2<const CH: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn head_values_avx2<T: KvElem, const CH: usize>(
     w: &[f32],
-    vc: &[f32],
+    vc: &[T],
     offs: &[usize],
     g: usize,
     o: &mut [f32],
@@ -345,8 +424,8 @@ unsafe fn head_values_avx2<const CH: usize>(
         let v = vc[off + g..off + g + 8 * CH].as_ptr();
         let wv = _mm256_set1_ps(wp);
         for (c, a) in acc.iter_mut().enumerate() {
-            // SAFETY: the slice above holds 8 * CH floats.
-            *a = _mm256_fmadd_ps(wv, unsafe { _mm256_loadu_ps(v.add(8 * c)) }, *a);
+            // SAFETY: the slice above holds 8 * CH values.
+            *a = _mm256_fmadd_ps(wv, unsafe { T::load8(v.add(8 * c)) }, *a);
         }
     }
     for (c, a) in acc.iter().enumerate() {
@@ -466,51 +545,62 @@ mod tests {
     }
 
     /// Chunked online softmax over paged blocks equals a plain softmax over the gathered
-    /// keys and values, for rows shorter and longer than a chunk, with GQA.
+    /// keys and values (as stored: f32, or rounded to f16), for rows shorter and longer
+    /// than a chunk, with GQA.
     #[test]
     fn paged_chunked_attention_equals_the_plain_formula() {
-        let (bs, nb, nkv, hd, nh) = (16, 64, 2, 64, 6);
-        let mut cache = KvCache::new(1, nb, bs, nkv, hd);
-        // Blocks out of order, as the block manager hands them out.
-        let table: Vec<u32> = (0..nb as u32).map(|i| (i * 37) % nb as u32).collect();
-        let n = 3 * CHUNK / 2 + 5;
-        let kvw = nkv * hd;
-        let (ks, vs) = (data(n * kvw, 7), data(n * kvw, 8));
-        let rows: Vec<RowInfo<'_>> = (0..n)
-            .map(|pos| RowInfo {
-                pos,
-                blocks: &table,
-            })
-            .collect();
-        cache.write(0, &rows, &ks, &vs);
-        let picks = [0, 3, CHUNK - 1, CHUNK, n - 1];
-        let q = data(picks.len() * nh * hd, 9);
-        let sel: Vec<RowInfo<'_>> = picks.iter().map(|&p| rows[p]).collect();
-        let mut out = vec![0f32; picks.len() * nh * hd];
-        paged_attention(&cache, 0, &sel, &q, nh, nkv, hd, &mut out);
-        for (i, &pos) in picks.iter().enumerate() {
-            for h in 0..nh {
-                let g = h / (nh / nkv);
-                let qh = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
-                let s: Vec<f64> = (0..=pos)
-                    .map(|p| {
-                        let k = &ks[p * kvw + g * hd..p * kvw + (g + 1) * hd];
-                        qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>()
-                            / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for d in 0..hd {
-                    let want: f64 = (0..=pos)
-                        .map(|p| e[p] / z * vs[p * kvw + g * hd + d] as f64)
-                        .sum();
-                    let got = out[(i * nh + h) * hd + d] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-4,
-                        "pos {pos} head {h} dim {d}: {got} vs {want}"
-                    );
+        use super::super::kv_cache::KvDtype;
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let (bs, nb, nkv, hd, nh) = (16, 64, 2, 64, 6);
+            let mut cache = KvCache::with_dtype(1, nb, bs, nkv, hd, dtype);
+            // Blocks out of order, as the block manager hands them out.
+            let table: Vec<u32> = (0..nb as u32).map(|i| (i * 37) % nb as u32).collect();
+            let n = 3 * CHUNK / 2 + 5;
+            let kvw = nkv * hd;
+            let (ks, vs) = (data(n * kvw, 7), data(n * kvw, 8));
+            let rows: Vec<RowInfo<'_>> = (0..n)
+                .map(|pos| RowInfo {
+                    pos,
+                    blocks: &table,
+                })
+                .collect();
+            cache.write(0, &rows, &ks, &vs);
+            let stored = |x: f32| match dtype {
+                KvDtype::F32 => x as f64,
+                KvDtype::F16 => half::f16::from_f32(x).to_f32() as f64,
+            };
+            let picks = [0, 3, CHUNK - 1, CHUNK, n - 1];
+            let q = data(picks.len() * nh * hd, 9);
+            let sel: Vec<RowInfo<'_>> = picks.iter().map(|&p| rows[p]).collect();
+            let mut out = vec![0f32; picks.len() * nh * hd];
+            paged_attention(&cache, 0, &sel, &q, nh, nkv, hd, &mut out);
+            for (i, &pos) in picks.iter().enumerate() {
+                for h in 0..nh {
+                    let g = h / (nh / nkv);
+                    let qh = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+                    let s: Vec<f64> = (0..=pos)
+                        .map(|p| {
+                            let k = &ks[p * kvw + g * hd..p * kvw + (g + 1) * hd];
+                            qh.iter()
+                                .zip(k)
+                                .map(|(a, b)| *a as f64 * stored(*b))
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..=pos)
+                            .map(|p| e[p] / z * stored(vs[p * kvw + g * hd + d]))
+                            .sum();
+                        let got = out[(i * nh + h) * hd + d] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{dtype:?} pos {pos} head {h} dim {d}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }

@@ -2,21 +2,52 @@
 //! `[i·B, (i+1)·B)` of every sequence whose block table has `b` at index `i`, so a
 //! prefix-cache hit in the block manager is KV the model really does not recompute.
 //!
-//! Layout per layer: `[num_blocks][block_size][n_kv_heads][head_dim]` of `f32`, keys and
-//! values apart.
+//! Layout per layer: `[num_blocks][block_size][n_kv_heads][head_dim]`, keys and values
+//! apart, in f16 (the default, as llama.cpp and vLLM keep KV in the model's 16-bit type:
+//! twice the tokens per byte of f32) or f32 (`--kv-cache-dtype float32`).
 
-use super::attention::RowInfo;
+use half::f16;
+
+use super::attention::{KvElem, RowInfo};
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+enum Store {
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+}
+
+/// One layer's keys and values.
+pub enum KvLayer<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+}
 
 pub struct KvCache {
     pub block_size: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub num_blocks: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    store: Store,
 }
 
 impl KvCache {
+    /// An f16 cache.
     pub fn new(
         n_layers: usize,
         num_blocks: usize,
@@ -24,14 +55,51 @@ impl KvCache {
         n_kv_heads: usize,
         head_dim: usize,
     ) -> KvCache {
+        Self::with_dtype(
+            n_layers,
+            num_blocks,
+            block_size,
+            n_kv_heads,
+            head_dim,
+            KvDtype::F16,
+        )
+    }
+
+    pub fn with_dtype(
+        n_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        dtype: KvDtype,
+    ) -> KvCache {
         let per_layer = num_blocks * block_size * n_kv_heads * head_dim;
+        fn layers<T: Clone>(n: usize, per_layer: usize, zero: T) -> Vec<Vec<T>> {
+            (0..n).map(|_| vec![zero.clone(); per_layer]).collect()
+        }
+        let store = match dtype {
+            KvDtype::F32 => Store::F32 {
+                k: layers(n_layers, per_layer, 0.0),
+                v: layers(n_layers, per_layer, 0.0),
+            },
+            KvDtype::F16 => Store::F16 {
+                k: layers(n_layers, per_layer, f16::ZERO),
+                v: layers(n_layers, per_layer, f16::ZERO),
+            },
+        };
         KvCache {
             block_size,
             n_kv_heads,
             head_dim,
             num_blocks,
-            k: (0..n_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            store,
+        }
+    }
+
+    pub fn dtype(&self) -> KvDtype {
+        match self.store {
+            Store::F32 { .. } => KvDtype::F32,
+            Store::F16 { .. } => KvDtype::F16,
         }
     }
 
@@ -41,8 +109,9 @@ impl KvCache {
         block_size: usize,
         n_kv_heads: usize,
         head_dim: usize,
+        dtype: KvDtype,
     ) -> usize {
-        2 * n_layers * block_size * n_kv_heads * head_dim * std::mem::size_of::<f32>()
+        2 * n_layers * block_size * n_kv_heads * head_dim * dtype.bytes()
     }
 
     /// Offset of position `pos` of a sequence with block table `blocks`, or `None` when
@@ -59,16 +128,34 @@ impl KvCache {
 
     /// Store each row's key and value (`[rows, n_kv_heads·head_dim]`) at its position.
     pub fn write(&mut self, layer: usize, rows: &[RowInfo<'_>], k: &[f32], v: &[f32]) {
+        fn put<T: KvElem>(dst: &mut [T], src: &[f32]) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = T::from_f32(*s);
+            }
+        }
         let w = self.n_kv_heads * self.head_dim;
         for (r, row) in rows.iter().enumerate() {
-            if let Some(off) = self.slot(row.blocks, row.pos) {
-                self.k[layer][off..off + w].copy_from_slice(&k[r * w..(r + 1) * w]);
-                self.v[layer][off..off + w].copy_from_slice(&v[r * w..(r + 1) * w]);
+            let Some(off) = self.slot(row.blocks, row.pos) else {
+                continue;
+            };
+            let (ks, vs) = (&k[r * w..(r + 1) * w], &v[r * w..(r + 1) * w]);
+            match &mut self.store {
+                Store::F32 { k, v } => {
+                    put(&mut k[layer][off..off + w], ks);
+                    put(&mut v[layer][off..off + w], vs);
+                }
+                Store::F16 { k, v } => {
+                    put(&mut k[layer][off..off + w], ks);
+                    put(&mut v[layer][off..off + w], vs);
+                }
             }
         }
     }
 
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.k[layer], &self.v[layer])
+    pub fn layer(&self, layer: usize) -> KvLayer<'_> {
+        match &self.store {
+            Store::F32 { k, v } => KvLayer::F32(&k[layer], &v[layer]),
+            Store::F16 { k, v } => KvLayer::F16(&k[layer], &v[layer]),
+        }
     }
 }

@@ -13,7 +13,7 @@ use super::sampling::{sample, History};
 use super::{Backend, BackendError, SeqStep};
 use crate::core::TokenLogprobs;
 use attention::RowInfo;
-use kv_cache::KvCache;
+use kv_cache::{KvCache, KvDtype};
 use model::{Kernel, Model, Plan};
 
 pub use model::{Config, ModelError};
@@ -69,8 +69,26 @@ impl GgufBackend {
     /// `num_blocks` KV blocks of `block_size` tokens; `eos` are held back until a
     /// request's `min_tokens`.
     pub fn new(model: Model, num_blocks: usize, block_size: usize, eos: Vec<u32>) -> Self {
+        Self::with_kv_dtype(model, num_blocks, block_size, eos, KvDtype::default())
+    }
+
+    /// [`GgufBackend::new`] with the KV cache's element type.
+    pub fn with_kv_dtype(
+        model: Model,
+        num_blocks: usize,
+        block_size: usize,
+        eos: Vec<u32>,
+        dtype: KvDtype,
+    ) -> Self {
         let c = &model.cfg;
-        let cache = KvCache::new(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim);
+        let cache = KvCache::with_dtype(
+            c.n_layers,
+            num_blocks,
+            block_size,
+            c.n_kv_heads,
+            c.head_dim,
+            dtype,
+        );
         GgufBackend {
             model,
             decode_gemm_rows: DEFAULT_DECODE_GEMM_ROWS,
