@@ -64,7 +64,7 @@ pub struct RowInfo<'a> {
 #[inline]
 fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if a.len() == b.len() && a.len().is_multiple_of(16) && avx2() {
+    if a.len() == b.len() && a.len().is_multiple_of(16) && super::has_avx2() {
         // SAFETY: AVX2, FMA and F16C are present, and both slices hold `a.len()` values.
         return unsafe { dot_avx2(a, b) };
     }
@@ -81,17 +81,6 @@ fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
         s += x * y.to_f32();
     }
     s
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
 }
 
 /// Two 8-lane sums, then a shuffle reduction (the scalar loop's sum of 8 lanes is a
@@ -325,7 +314,7 @@ fn head_scores<T: KvElem>(
     let hd = q.len();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(8) && avx2() {
+    if hd.is_multiple_of(8) && super::has_avx2() {
         // SAFETY: AVX2 and FMA are present; offsets other than NONE are inside `kc`.
         done = unsafe { head_scores_avx2(q, kc, offs, g, scale, sc) };
     }
@@ -385,7 +374,7 @@ unsafe fn head_scores_avx2<T: KvElem>(
 /// `o += Σ_p w[p] · V[p]` over the positions the table reaches.
 fn head_values<T: KvElem>(w: &[f32], vc: &[T], offs: &[usize], g: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if super::has_avx2() {
         // SAFETY: AVX2, FMA and F16C are present; every offset is inside `vc` (blocks
         // below `num_blocks`).
         match o.len() {
@@ -442,7 +431,7 @@ fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
         return 0.0;
     }
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
+    if super::has_avx2() {
         // SAFETY: AVX2 and FMA are present.
         return unsafe { exp_sub_sum_avx2(x, max) };
     }
@@ -533,15 +522,7 @@ mod tests {
     }
 
     fn data(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
-            })
-            .collect()
+        super::super::test_data(len, seed, 2.0)
     }
 
     /// Chunked online softmax over paged blocks equals a plain softmax over the gathered

@@ -25,6 +25,34 @@ pub use model::{Config, ModelError};
 /// The gemm still runs prefill, where it is about 1.25x faster.
 pub const DEFAULT_DECODE_GEMM_ROWS: usize = usize::MAX;
 
+/// Whether this CPU has what the hand-written x86-64 kernels (`q8.rs`, `attention.rs`)
+/// use: AVX2, FMA and F16C (all three part of x86-64-v3). Checked once; without them the
+/// kernels take their scalar loops.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// `len` reproducible pseudo-random values, uniform in `[-scale, scale)` (xorshift).
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u64, scale: f64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale) as f32
+        })
+        .collect()
+}
+
 /// One worker per core (`RAYON_NUM_THREADS` overrides), named for `top -H`.
 fn step_pool() -> rayon::ThreadPool {
     let build = |n| {

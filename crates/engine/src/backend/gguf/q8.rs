@@ -188,7 +188,7 @@ impl Q8Matrix {
     /// Dot products of rows `[r, r + rows)` by columns `[c, c + cols)` into `tile`.
     fn tile(&self, x: &Q8Rows, r: usize, rows: usize, c: usize, cols: usize, tile: &mut Tile) {
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
+        if super::has_avx2() {
             // SAFETY: AVX2 and FMA are present; the ranges are inside both matrices.
             unsafe { tile_dispatch!(self, x, r, c, tile, rows, cols) }
             return;
@@ -260,13 +260,6 @@ impl Q8Rows {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
 /// An `R x C` tile: rows `[r, r + R)` by columns `[c, c + C)`.
 ///
 /// # Safety
@@ -336,15 +329,7 @@ mod tests {
     use super::*;
 
     fn data(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-            })
-            .collect()
+        super::super::test_data(len, seed, 1.0)
     }
 
     /// Quantize then dequantize, as the kernel sees the values.
