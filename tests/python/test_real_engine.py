@@ -155,3 +155,30 @@ def test_kv_cache_dtype_sets_the_blocks_a_budget_holds(tmp_path):
     )
     assert bad.returncode != 0
     assert "--kv-cache-dtype fp8" in bad.stderr, bad.stderr
+
+
+def test_without_f32_weights_the_engine_answers_in_less_memory(real_engine, tmp_path):
+    """`--cpu-f32-weights-max-bytes 0` keeps only the Q8_0 weights (prefill runs on the
+    int8 kernel): the same greedy text where the model is not near a tie, and hundreds of
+    MB less resident memory."""
+    def rss(e):
+        page = urllib.request.urlopen(e.url + "/metrics", timeout=10).read().decode()
+        return next(float(l.split()[1]) for l in page.splitlines() if l.startswith("process_resident_memory_bytes "))
+
+    # A prompt whose greedy steps are far from ties (tests/fixtures/gguf/greedy.json: every
+    # margin above 2.9 logits), so int8 and f32 prefill must agree.
+    q = dict(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=10, temperature=0)
+    want = real_engine.client(timeout=120.0).completions.create(**q).choices[0].text
+    assert want.startswith(" 6, 7, 8"), want
+    lean = start_switchyard(
+        ["engine", "--backend", "gguf", "--host", "127.0.0.1", "--port", "0", "--max-model-len", "2048",
+         "--kv-cache-memory-bytes", str(256 << 20), "--cpu-f32-weights-max-bytes", "0"],
+        tmp_path,
+    )
+    try:
+        assert lean.client(timeout=120.0).completions.create(**q).choices[0].text == want
+        full, small = rss(real_engine), rss(lean)
+        # SmolLM2-135M's f32 copies take 540 MB.
+        assert small < full - 300e6, (full, small)
+    finally:
+        _stop(lean.proc)

@@ -189,7 +189,9 @@ fn build_gguf(
     let tokenizer = crate::tokenizer::BpeTokenizer::from_gguf(&header)
         .map_err(|e| StartError::Model(e.to_string()))?;
     let started = std::time::Instant::now();
-    let model = Model::load(&header).map_err(|e| StartError::Model(e.to_string()))?;
+    let f32_budget = usize::try_from(args.cpu_f32_weights_max_bytes).unwrap_or(usize::MAX);
+    let model =
+        Model::load_with(&header, f32_budget).map_err(|e| StartError::Model(e.to_string()))?;
     let cfg = model.cfg.clone();
     tracing::info!(
         model = %path.display(),

@@ -221,7 +221,7 @@ struct Layer {
 }
 
 /// The f32 copies of quantized weights are kept up to this size (about a 1B model).
-const F32_BUDGET_BYTES: usize = 4 << 30;
+pub const DEFAULT_F32_BUDGET_BYTES: usize = 4 << 30;
 
 /// A loaded model.
 pub struct Model {
@@ -331,6 +331,12 @@ impl Loader<'_> {
 impl Model {
     /// Load the weights of the GGUF model whose header is `g`.
     pub fn load(g: &Gguf) -> Result<Model, ModelError> {
+        Self::load_with(g, DEFAULT_F32_BUDGET_BYTES)
+    }
+
+    /// [`Model::load`], keeping the f32 copies (the prefill gemm's) only while they fit
+    /// `f32_budget` bytes; with none, prefill runs on the Q8_0 kernel too.
+    pub fn load_with(g: &Gguf, f32_budget: usize) -> Result<Model, ModelError> {
         let cfg = Config::from_gguf(g)?;
         let path = Path::new(&g.path);
         let mut file = File::open(path).map_err(|e| ModelError::Bad {
@@ -416,7 +422,7 @@ impl Model {
             lm_head,
             inv_freq,
         };
-        model.fit_f32_budget(F32_BUDGET_BYTES);
+        model.fit_f32_budget(f32_budget);
         Ok(model)
     }
 
