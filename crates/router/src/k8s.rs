@@ -131,7 +131,7 @@ impl ApiClient {
         let kubeconfig = match &args.k8s_kubeconfig {
             Some(p) => Some(p.clone()),
             None if args.k8s_api_server.is_none() && !in_pod => {
-                kubeconfig::default_path().filter(|p| p.exists())
+                kubeconfig::default_path().and_then(existing)
             }
             None => None,
         };

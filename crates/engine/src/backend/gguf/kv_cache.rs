@@ -96,13 +96,6 @@ impl KvCache {
         }
     }
 
-    pub fn dtype(&self) -> KvDtype {
-        match self.store {
-            Store::F32 { .. } => KvDtype::F32,
-            Store::F16 { .. } => KvDtype::F16,
-        }
-    }
-
     /// Bytes one block takes over all layers (keys and values).
     pub fn bytes_per_block(
         n_layers: usize,

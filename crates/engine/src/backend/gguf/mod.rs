@@ -61,8 +61,8 @@ fn step_pool() -> rayon::ThreadPool {
             .thread_name(|i| format!("gguf-step-{i}"))
             .build()
     };
-    // 0 lets rayon pick (RAYON_NUM_THREADS, else the number of cores); a failure to
-    // spawn falls back to one worker, then to running on the calling thread's pool.
+    // 0 lets rayon pick (RAYON_NUM_THREADS, else the number of cores); if those threads
+    // cannot be spawned, one worker; if not even that, the engine cannot start.
     build(0)
         .or_else(|_| build(1))
         .unwrap_or_else(|e| panic!("cannot start the step thread pool: {e}"))

@@ -112,14 +112,6 @@ impl Q8Matrix {
         ((c / G) * kb + b) * G + c % G
     }
 
-    pub fn out_dim(&self) -> usize {
-        self.n
-    }
-
-    pub fn in_dim(&self) -> usize {
-        self.k
-    }
-
     /// `out[r][c] = Σ_i x[r][i] · w[c][i]` for every row of `x`; `out` is `[m, n]`.
     pub fn matmul(&self, x: &Q8Rows, out: &mut [f32]) {
         let (m, n, k) = (x.m, self.n, self.k);
