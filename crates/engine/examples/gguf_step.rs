@@ -4,10 +4,10 @@
 //! `GEMM_ROWS` (`--cpu-decode-gemm-rows`; 0 never).
 use std::time::Instant;
 
+use gguf::Gguf;
 use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
 use switchyard_engine::backend::{Backend, SeqStep};
 use switchyard_engine::core::SamplingParams;
-use switchyard_engine::gguf::Gguf;
 use switchyard_engine::model_store;
 
 fn main() {

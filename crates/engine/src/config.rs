@@ -4,7 +4,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::backend::sim::LatencyModel;
-use crate::kv_events::KvEventsConfig;
+use crate::kv_publisher::KvEventsConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {

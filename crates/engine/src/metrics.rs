@@ -212,7 +212,7 @@ impl EngineMetrics {
             ],
             1.0,
         );
-        w.process_metrics(Some(self.start_time));
+        httpx::process::write_process_metrics(&mut w, Some(self.start_time));
         w.finish()
     }
 }

@@ -24,6 +24,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use kv_events::hash::block_hash;
 use switchyard_engine::backend::sim::{Latency, SimBackend};
 use switchyard_engine::backend::Backend;
 use switchyard_engine::core::block_manager::{BlockId, BlockManager, CacheEvent, SeqBlocks};
@@ -33,9 +34,8 @@ use switchyard_engine::core::scheduler::{
     Finished, Scheduled, Scheduler, SchedulerConfig, StepStats,
 };
 use switchyard_engine::core::{EngineEvent, FinishReason, NewRequest, SamplingParams};
-use switchyard_engine::hash::block_hash;
 use switchyard_engine::metrics::EngineMetrics;
-use switchyard_engine::tokenizer::sim::IM_END;
+use tokenizer::sim::IM_END;
 
 // ---------------------------------------------------------------------------------------
 // Shared helpers

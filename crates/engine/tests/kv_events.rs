@@ -14,12 +14,12 @@ use rmpv::Value;
 use tokio::time::{timeout, Instant};
 use zeromq::{Socket, SocketRecv, SocketSend};
 
-use switchyard_engine::core::block_manager::CacheEvent;
-use switchyard_engine::hash::block_hash;
-use switchyard_engine::kv_events::{
-    decode_batch, encode_batch, from_cache_events, BlockRemoved, BlockStored, EventBatch, KvEvent,
-    KvEventsConfig, END_SEQ,
+use kv_events::hash::block_hash;
+use kv_events::{
+    decode_batch, encode_batch, BlockRemoved, BlockStored, EventBatch, KvEvent, END_SEQ,
 };
+use switchyard_engine::core::block_manager::CacheEvent;
+use switchyard_engine::kv_publisher::{from_cache_events, KvEventsConfig};
 use switchyard_engine::EngineArgs;
 
 const FIXTURE: &str = concat!(

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use protocol::openai::{ChatMessage, MessageContent};
 use serde_json::Value;
 use switchyard_engine::model_store;
-use switchyard_engine::tokenizer::{BpeTokenizer, Tokenizer};
+use tokenizer::{BpeTokenizer, Tokenizer};
 
 fn fixture(name: &str) -> Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -68,10 +68,10 @@ fn tokenizer_matches_llama_cpp_and_hugging_face() {
 
 mod forward {
     use super::*;
+    use gguf::Gguf;
     use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
     use switchyard_engine::backend::{Backend, SeqStep};
     use switchyard_engine::core::SamplingParams;
-    use switchyard_engine::gguf::Gguf;
 
     const BS: usize = 16;
 
@@ -288,12 +288,12 @@ mod forward {
 
 /// A small qwen2 model with random weights, written by the test itself.
 mod qwen2 {
+    use gguf::write::{to_file, Tensor};
+    use gguf::{Gguf, Value};
     use switchyard_engine::backend::gguf::attention::RowInfo;
     use switchyard_engine::backend::gguf::model::{Kernel, Plan};
     use switchyard_engine::backend::gguf::{kv_cache::KvCache, model::Model};
-    use switchyard_engine::gguf::write::{to_file, Tensor};
-    use switchyard_engine::gguf::{Gguf, Value};
-    use switchyard_engine::tokenizer::{BpeTokenizer, Tokenizer};
+    use tokenizer::{BpeTokenizer, Tokenizer};
 
     const H: usize = 64;
     const FF: usize = 128;

@@ -1,6 +1,8 @@
 //! HTTP plumbing shared by the engine and the router: OpenAI error responses, JSON
 //! responses, size-limited body reading, FastAPI-style 404/405 bodies, serving with
-//! TCP_NODELAY and graceful shutdown on SIGINT/SIGTERM.
+//! TCP_NODELAY and graceful shutdown on SIGINT/SIGTERM; the `process_*` metrics.
+
+pub mod process;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};

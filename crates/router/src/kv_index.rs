@@ -3,7 +3,7 @@
 //!
 //! Blocks are keyed by a *content hash* computed here from each event's `token_ids`, chained
 //! from the parent block's content hash with the engine's own function
-//! ([`engine::hash::block_hash`]), so the router can hash a prompt's blocks itself
+//! ([`kv_events::hash::block_hash`]), so the router can hash a prompt's blocks itself
 //! and every engine's blocks are comparable whatever hashes the engine uses (real vLLM's are
 //! salted per process). The engine's hashes are opaque ids, kept per engine only to resolve
 //! removals and parent links: `engine hash → (content hash, times stored)`.
@@ -27,8 +27,8 @@
 
 use std::collections::HashMap;
 
-use engine::hash::block_hash;
-use engine::kv_events::{BlockStored, KvEvent};
+use kv_events::hash::block_hash;
+use kv_events::{BlockStored, KvEvent};
 
 /// An engine's identity in the index (its `Endpoint::key`).
 pub type EngineKey = u64;
@@ -252,7 +252,7 @@ fn drop_holder(blocks: &mut HashMap<u64, Vec<EngineKey>>, c: u64, engine: Engine
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engine::kv_events::BlockRemoved;
+    use kv_events::BlockRemoved;
     use proptest::prelude::*;
     use std::collections::HashSet;
 

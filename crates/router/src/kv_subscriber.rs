@@ -27,7 +27,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use engine::kv_events::{decode_batch, END_SEQ};
+use kv_events::{decode_batch, END_SEQ};
 use protocol::prom::{Counter, Histogram, TextWriter};
 use serde::Deserialize;
 use zeromq::{Socket, SocketRecv, SocketSend};

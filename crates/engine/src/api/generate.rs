@@ -29,7 +29,7 @@ use super::{json_ok, read_json_probed, Engine, ErrorResponse};
 use crate::core::{
     EngineCommand, EngineEvent, EngineHandle, FinishReason, NewRequest, TokenLogprobs,
 };
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Sends an abort for the request when dropped while still armed.
 struct AbortGuard {
@@ -145,7 +145,7 @@ impl Generation {
             },
             id: format!(
                 "{id_prefix}-{:016x}",
-                crate::hash::mix64(id ^ engine.created.rotate_left(17))
+                kv_events::hash::mix64(id ^ engine.created.rotate_left(17))
             ),
             created: unix_now(),
         })

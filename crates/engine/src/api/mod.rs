@@ -30,7 +30,7 @@ use crate::core::engine_loop::CoreConfig;
 use crate::core::scheduler::SchedulerConfig;
 use crate::core::{spawn_engine, EngineCommand, EngineHandle};
 use crate::metrics::EngineMetrics;
-use crate::tokenizer::{SimTokenizer, Tokenizer};
+use tokenizer::{SimTokenizer, Tokenizer};
 
 /// The version string `/version` reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -45,7 +45,7 @@ pub struct Engine {
     pub body_limit: usize,
     pub created: u64,
     /// Where KV-cache events are published, when `--kv-events-config` enables them.
-    pub kv_events: Option<crate::kv_events::PublisherInfo>,
+    pub kv_events: Option<crate::kv_publisher::PublisherInfo>,
     /// Tokens per KV block (advertised with the events endpoint).
     pub block_size: usize,
 }
@@ -133,7 +133,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
     let metrics = Arc::new(metrics);
     let (kv_sink, kv_events) = match &args.kv_events_config {
         Some(c) if c.enabled() => {
-            let (sink, info) = crate::kv_events::start_publisher(c, args.block_size)?;
+            let (sink, info) = crate::kv_publisher::start_publisher(c, args.block_size)?;
             tracing::info!(endpoint = %info.endpoint, replay = ?info.replay_endpoint, "publishing KV-cache events");
             (Some(sink), Some(info))
         }
@@ -185,8 +185,8 @@ fn build_gguf(
     };
     let path = crate::model_store::resolve(args.model.as_deref().map(std::path::Path::new))
         .map_err(|e| StartError::Model(e.to_string()))?;
-    let header = crate::gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
-    let tokenizer = crate::tokenizer::BpeTokenizer::from_gguf(&header)
+    let header = gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
+    let tokenizer = tokenizer::BpeTokenizer::from_gguf(&header)
         .map_err(|e| StartError::Model(e.to_string()))?;
     let started = std::time::Instant::now();
     let f32_budget = usize::try_from(args.cpu_f32_weights_max_bytes).unwrap_or(usize::MAX);

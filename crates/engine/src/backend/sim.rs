@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::{Backend, BackendError, SeqStep};
 use crate::core::TokenLogprobs;
-use crate::hash::{mix64, unit_f64};
-use crate::tokenizer::SimTokenizer;
+use kv_events::hash::{mix64, unit_f64};
+use tokenizer::SimTokenizer;
 
 /// Latency-model parameters (microseconds unless named otherwise).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -152,7 +152,7 @@ impl SimBackend {
             latency,
             time_scale,
             eos_prob,
-            eos_token: crate::tokenizer::sim::IM_END,
+            eos_token: tokenizer::sim::IM_END,
             steps: 0,
             words: WORDS.iter().map(|w| SimTokenizer::piece_id(w)).collect(),
             logprobs: Vec::new(),
@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn words_are_single_sim_tokens() {
-        use crate::tokenizer::Tokenizer;
+        use tokenizer::Tokenizer;
         let t = SimTokenizer::new();
         for w in WORDS {
             assert_eq!(t.encode(w).len(), 1, "{w:?}");

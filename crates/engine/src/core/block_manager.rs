@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::hash::block_hash;
+use kv_events::hash::block_hash;
 
 pub type BlockId = u32;
 const NIL: u32 = u32::MAX;

@@ -19,7 +19,7 @@ use super::block_manager::BlockManager;
 use super::request::{EngineEvent, FinishReason, NewRequest, Request};
 use super::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
 use crate::backend::Backend;
-use crate::kv_events::KvEventSink;
+use crate::kv_publisher::KvEventSink;
 use crate::metrics::EngineMetrics;
 
 pub enum EngineCommand {
@@ -96,7 +96,7 @@ pub fn spawn_engine(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let start = crate::hash::mix64(nanos ^ u64::from(std::process::id()).rotate_left(32)) >> 2;
+    let start = kv_events::hash::mix64(nanos ^ u64::from(std::process::id()).rotate_left(32)) >> 2;
     Ok(EngineHandle {
         tx,
         next_id: Arc::new(AtomicU64::new(start)),

@@ -148,9 +148,9 @@ pub struct Request {
 impl Request {
     pub fn new(r: NewRequest) -> Self {
         let rng_seed = match r.params.seed {
-            Some(s) => crate::hash::mix64(s),
-            None if r.params.temperature == 0.0 => crate::hash::tokens_hash(&r.prompt),
-            None => crate::hash::mix64(r.id ^ 0xA5A5_5A5A),
+            Some(s) => kv_events::hash::mix64(s),
+            None if r.params.temperature == 0.0 => kv_events::hash::tokens_hash(&r.prompt),
+            None => kv_events::hash::mix64(r.id ^ 0xA5A5_5A5A),
         };
         let num_prompt = r.prompt.len();
         let mut tokens = r.prompt;

@@ -29,9 +29,9 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use engine::tokenizer::{BpeTokenizer, SimTokenizer, Tokenizer};
 use protocol::openai::{ChatMessage, Prompt};
 use serde::Deserialize;
+use tokenizer::{BpeTokenizer, SimTokenizer, Tokenizer};
 
 use super::{by_load, load_key, Policy, RouteCtx};
 use crate::engines::Endpoint;
@@ -332,7 +332,7 @@ impl Policy for KvAware {
 mod tests {
     use super::*;
     use crate::policy::testutil::engines;
-    use engine::kv_events::{BlockStored, KvEvent};
+    use kv_events::{BlockStored, KvEvent};
     use serde_json::json;
 
     const BS: usize = 16;
@@ -380,7 +380,7 @@ mod tests {
         let msgs: Vec<ChatMessage> = serde_json::from_value(json!([
             {"role":"system","content":"be brief"},{"role":"user","content":"hi"}]))
         .unwrap();
-        let expect = t.encode(&engine::tokenizer::chatml(&msgs, true));
+        let expect = t.encode(&tokenizer::chatml(&msgs, true));
         assert_eq!(prompt_tokens(&t, &body), Some(expect));
         let no_gen =
             br#"{"messages":[{"role":"user","content":"hi"}],"add_generation_prompt":false}"#;

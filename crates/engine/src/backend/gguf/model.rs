@@ -21,12 +21,12 @@ use candle_core::{Device, Tensor};
 use super::attention::{paged_attention, RowInfo};
 use super::kv_cache::KvCache;
 use super::q8::{Q8Matrix, Q8Rows};
-use crate::gguf::{Gguf, Value};
+use gguf::{Gguf, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{0}")]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] gguf::GgufError),
     #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2)")]
     Architecture { path: String, arch: String },
     #[error("{path}: {what}")]

@@ -39,7 +39,7 @@ impl IncrementalDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::SimTokenizer;
+    use crate::SimTokenizer;
 
     #[test]
     fn concatenated_deltas_equal_full_decode() {

@@ -1,5 +1,8 @@
-//! Tokenizers: the [`Tokenizer`] trait the engine and API use, the fast deterministic
+//! Tokenizers, shared by the engine and the router (which must tokenize exactly as the
+//! engine does to follow its KV events): the [`Tokenizer`] trait, byte-level BPE read from
+//! a GGUF file (ids equal to llama.cpp's and Hugging Face's), the fast deterministic
 //! [`SimTokenizer`], chat-template rendering, and incremental detokenization.
+//! Pure computation: no threads, no model runtime.
 
 pub mod bpe;
 mod incremental;

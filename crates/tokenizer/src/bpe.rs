@@ -16,13 +16,13 @@ use regex::Regex;
 
 use super::template::ChatTemplate;
 use super::Tokenizer;
-use crate::gguf::{Gguf, Value};
+use gguf::{Gguf, Value};
 use protocol::openai::ChatMessage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("{0}")]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] gguf::GgufError),
     #[error(
         "{path}: unsupported tokenizer model `{model}` (only byte-level BPE, `gpt2`, is supported)"
     )]
