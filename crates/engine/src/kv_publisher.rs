@@ -213,21 +213,7 @@ pub fn start_publisher(
     let (tx, rx) = tokio::sync::mpsc::channel(config.max_queue_size.max(1));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<PublisherInfo>>();
     let config = config.clone();
-    std::thread::Builder::new()
-        .name("kv-events".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            rt.block_on(publisher_main(config, rx, ready_tx));
-        })?;
+    httpx::spawn_runtime_thread("kv-events", publisher_main(config, rx, ready_tx))?;
     let info = ready_rx
         .recv()
         .map_err(|_| io::Error::other("KV events: publisher thread died"))??;

@@ -142,3 +142,22 @@ pub async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
+
+/// Run `fut` on a new thread named `name` with its own single-threaded tokio runtime (the
+/// engine's KV-event publisher, the router's KV-event subscriber and each router worker).
+/// The runtime is built before the thread starts, so a failure is the caller's error.
+pub fn spawn_runtime_thread<F>(
+    name: impl Into<String>,
+    fut: F,
+) -> std::io::Result<std::thread::JoinHandle<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || rt.block_on(fut))
+}

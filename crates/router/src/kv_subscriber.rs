@@ -308,21 +308,7 @@ impl SeqState {
 /// `kvaware`. It stops when the router state is dropped.
 pub fn spawn(state: &Arc<RouterState>) {
     let weak = Arc::downgrade(state);
-    let r = std::thread::Builder::new()
-        .name("kv-events".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "KV events: no runtime; kvaware falls back to load");
-                    return;
-                }
-            };
-            rt.block_on(manager(weak));
-        });
+    let r = httpx::spawn_runtime_thread("kv-events", manager(weak));
     if let Err(e) = r {
         tracing::error!(error = %e, "KV events: cannot start the subscriber thread");
     }

@@ -244,22 +244,16 @@ impl Bound {
             let listener = reuseport_listener(self.addr)?.into_std()?;
             let state = self.state.clone();
             let mut stop = stop_rx.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("router-{i}"))
-                    .spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()?;
-                        rt.block_on(async move {
-                            let listener = tokio::net::TcpListener::from_std(listener)?;
-                            let until = async move {
-                                let _ = stop.wait_for(|s| *s).await;
-                            };
-                            httpx::serve(listener, api::router(state), until).await
-                        })
-                    })?,
-            );
+            threads.push(httpx::spawn_runtime_thread(
+                format!("router-{i}"),
+                async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let until = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    httpx::serve(listener, api::router(state), until).await
+                },
+            )?);
         }
         let state = self.state.clone();
         let result = httpx::serve(self.listener, api::router(self.state), async move {
