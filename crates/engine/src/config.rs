@@ -4,6 +4,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::backend::sim::LatencyModel;
+use crate::generation::{GenerationDefaults, GenerationSource};
 use crate::kv_publisher::KvEventsConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -29,8 +30,22 @@ pub struct EngineArgs {
     /// Names the model is served under (the first is reported); defaults to --model.
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub served_model_name: Vec<String>,
-    #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
+    /// What runs the model: `gguf` (a real model from a GGUF file, on CPU; the default, as
+    /// `vllm serve MODEL` serves the model it is given) or `sim` (a latency model, asked for
+    /// by name).
+    #[arg(long, value_enum, default_value_t = BackendKind::Gguf)]
     pub backend: BackendKind,
+    /// Where default sampling parameters come from, for requests that leave them out:
+    /// `auto` (the model's recommendation: the GGUF's `general.sampling.*` keys, else its
+    /// model card's published settings), `vllm` (vLLM's neutral defaults), or a folder (or
+    /// file) with a Hugging Face `generation_config.json`.
+    #[arg(long, default_value = "auto", value_parser = GenerationSource::parse)]
+    pub generation_config: GenerationSource,
+    /// Default sampling parameters over those of --generation-config, as JSON: e.g.
+    /// '{"temperature":0.5,"top_p":0.95,"top_k":40,"min_p":0.05,"repetition_penalty":1.1,
+    /// "max_new_tokens":256}'.
+    #[arg(long, value_parser = GenerationDefaults::parse_override)]
+    pub override_generation_config: Option<GenerationDefaults>,
     /// Context length: prompt plus output tokens (default: the model's, 8192 for sim).
     #[arg(long)]
     pub max_model_len: Option<usize>,

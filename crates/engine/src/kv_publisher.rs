@@ -85,7 +85,8 @@ impl KvEventsConfig {
     }
 }
 
-// ---------------------------------------------------------------------------------------
+/// Turn the block manager's events into vLLM's: consecutive stores that chain (each block's
+/// parent is the block before) become one `BlockStored`; each eviction is one
 /// `BlockRemoved` with one hash, as vLLM sends them.
 pub fn from_cache_events(
     events: impl IntoIterator<Item = CacheEvent>,

@@ -5,6 +5,7 @@
 //! - [`api`]: the OpenAI/vLLM HTTP surface.
 //! - [`metrics`]: `vllm:*` Prometheus metrics.
 //! - [`config`]: the `switchyard engine` flags.
+//! - [`generation`]: default sampling parameters (`--generation-config`).
 //! - [`kv_publisher`]: KV-cache events published as vLLM publishes them (ZMQ + msgpack;
 //!   the wire format is the `kv_events` crate's).
 
@@ -12,6 +13,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod core;
+pub mod generation;
 pub mod kv_publisher;
 pub mod metrics;
 pub mod model_store;

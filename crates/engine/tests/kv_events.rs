@@ -339,6 +339,8 @@ fn port_of(endpoint: &str) -> u16 {
 async fn start_engine(num_blocks: usize, kv_config: &str) -> Live {
     let cli = Cli::parse_from([
         "engine",
+        "--backend",
+        "sim",
         "--sim-preset",
         "zero",
         "--block-size",

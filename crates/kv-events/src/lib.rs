@@ -100,8 +100,6 @@ impl BlockStored {
     }
 }
 
-/// Turn the block manager's events into vLLM's: consecutive stores that chain (each block's
-/// parent is the block before) become one `BlockStored`; each eviction is one
 // ---------------------------------------------------------------------------------------
 // Encoding (what msgspec writes for these structs: smallest int forms, float64, fixmap
 // keys in field order, defaults omitted)

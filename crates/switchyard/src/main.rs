@@ -66,8 +66,11 @@ fn main() -> anyhow::Result<()> {
         other => other,
     };
     let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
+    // Colour only for a person at a terminal: a log file or collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(ansi)
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .init(),

@@ -56,6 +56,10 @@ impl Drop for Children {
     }
 }
 
+/// Each engine's KV-cache events when the router follows them (`kvaware`): sockets on
+/// free loopback ports, which the router learns from the engine's `GET /kv_events`.
+const KV_EVENTS_CONFIG: &str = r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:0","replay_endpoint":"tcp://127.0.0.1:0"}"#;
+
 fn start_engine(
     exe: &std::path::Path,
     args: &UpArgs,
@@ -80,6 +84,12 @@ fn start_engine(
     ])
     .args(["--served-model-name", served])
     .args(model.map(|m| ["--model", m]).into_iter().flatten())
+    .args(
+        (args.routing_logic == router::config::RoutingLogic::Kvaware)
+            .then_some(["--kv-events-config", KV_EVENTS_CONFIG])
+            .into_iter()
+            .flatten(),
+    )
     .args(&args.engine_args)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
@@ -170,6 +180,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     ];
     if let Some(l) = &logic {
         flags.extend(["--routing-logic", l]);
+    }
+    // kvaware hashes prompts as the engines do: the real model's tokenizer and template
+    // (the sim engines' own tokenizer is the router's default).
+    if let (router::config::RoutingLogic::Kvaware, engine::config::BackendKind::Gguf, Some(m)) =
+        (args.routing_logic, args.backend, &model)
+    {
+        flags.extend(["--tokenizer", m]);
     }
     #[derive(Parser)]
     struct RouterFlags {

@@ -486,6 +486,7 @@ pub async fn chat_completions(
         body.max_completion_tokens.or(s.max_tokens),
         prompt.len(),
         engine.max_model_len,
+        &engine.generation,
     )?;
     v.params.logprobs = validate::logprobs(body.logprobs, body.top_logprobs, "top_logprobs")?;
     let want_lp = v.params.logprobs.is_some();
@@ -612,7 +613,13 @@ pub async fn completions(
     };
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;
-    let mut v = validate::sampling(s, s.max_tokens, prompt.len(), engine.max_model_len)?;
+    let mut v = validate::sampling(
+        s,
+        s.max_tokens,
+        prompt.len(),
+        engine.max_model_len,
+        &engine.generation,
+    )?;
     v.params.logprobs = validate::logprobs(None, body.logprobs, "logprobs")?;
     let want_lp = v.params.logprobs.is_some();
     let include_usage = s

@@ -48,6 +48,8 @@ pub struct Engine {
     pub kv_events: Option<crate::kv_publisher::PublisherInfo>,
     /// Tokens per KV block (advertised with the events endpoint).
     pub block_size: usize,
+    /// Sampling defaults for fields a request leaves out (`--generation-config`).
+    pub generation: Arc<crate::generation::GenerationDefaults>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,11 +74,12 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             "--time-scale must be a non-negative number".into(),
         ));
     }
-    let (tokenizer, backend, max_model_len, num_blocks): (
+    let (tokenizer, backend, max_model_len, num_blocks, generation): (
         Arc<dyn Tokenizer>,
         Box<dyn crate::backend::Backend>,
         usize,
         usize,
+        crate::generation::GenerationDefaults,
     ) = match args.backend {
         BackendKind::Sim => {
             let names: Vec<&str> = crate::backend::sim::PRESETS
@@ -101,6 +104,12 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
                 )),
                 args.max_model_len.unwrap_or(8192),
                 args.num_gpu_blocks.unwrap_or(16384),
+                crate::generation::resolve(
+                    &args.generation_config,
+                    args.override_generation_config.as_ref(),
+                    None,
+                )
+                .map_err(StartError::Flag)?,
             )
         }
         BackendKind::Gguf => build_gguf(args)?,
@@ -161,6 +170,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         created: unix_now(),
         kv_events,
         block_size: args.block_size,
+        generation: Arc::new(generation),
     })
 }
 
@@ -175,6 +185,7 @@ fn build_gguf(
         Box<dyn crate::backend::Backend>,
         usize,
         usize,
+        crate::generation::GenerationDefaults,
     ),
     StartError,
 > {
@@ -188,6 +199,18 @@ fn build_gguf(
     let header = gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
     let tokenizer = tokenizer::BpeTokenizer::from_gguf(&header)
         .map_err(|e| StartError::Model(e.to_string()))?;
+    let generation = crate::generation::resolve(
+        &args.generation_config,
+        args.override_generation_config.as_ref(),
+        Some((&path, &header)),
+    )
+    .map_err(StartError::Flag)?;
+    if !generation.is_empty() {
+        tracing::info!(
+            defaults = ?generation,
+            "default sampling parameters from the generation config (requests may override)"
+        );
+    }
     let started = std::time::Instant::now();
     let f32_budget = usize::try_from(args.cpu_f32_weights_max_bytes).unwrap_or(usize::MAX);
     let model =
@@ -250,6 +273,7 @@ fn build_gguf(
         Box::new(backend),
         max_model_len,
         num_blocks,
+        generation,
     ))
 }
 

@@ -5,6 +5,7 @@ use protocol::openai::SamplingFields;
 use protocol::ApiError;
 
 use crate::core::SamplingParams;
+use crate::generation::GenerationDefaults;
 
 /// The most parallel choices (`n`) one request may ask for: each is a sequence in the
 /// engine, so the bound keeps one request from flooding the queue.
@@ -82,11 +83,13 @@ pub fn logprobs(
     })
 }
 
+/// Fields the request leaves out take `defaults` (`--generation-config`), then vLLM's.
 pub fn sampling(
     s: &SamplingFields,
     max_tokens: Option<i64>,
     prompt_len: usize,
     max_model_len: usize,
+    defaults: &GenerationDefaults,
 ) -> Result<Validated, ApiError> {
     if let Some(v) = max_tokens {
         if v < 1 {
@@ -120,7 +123,7 @@ pub fn sampling(
             ));
         }
     }
-    let temperature = s.temperature.unwrap_or(1.0);
+    let temperature = s.temperature.or(defaults.temperature).unwrap_or(1.0);
     if !(temperature >= 0.0 && temperature.is_finite()) {
         return Err(ApiError::bad_param(
             format!("temperature must be non-negative, got {temperature}"),
@@ -128,7 +131,7 @@ pub fn sampling(
             temperature,
         ));
     }
-    let top_p = s.top_p.unwrap_or(1.0);
+    let top_p = s.top_p.or(defaults.top_p).unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad_param(
             format!("top_p must be in (0, 1], got {top_p}"),
@@ -136,7 +139,7 @@ pub fn sampling(
             top_p,
         ));
     }
-    let top_k = match s.top_k {
+    let top_k = match s.top_k.or(defaults.top_k) {
         None | Some(-1) | Some(0) => None,
         Some(k) if k > 0 && k <= u32::MAX as i64 => Some(k as u32),
         Some(k) => {
@@ -147,7 +150,7 @@ pub fn sampling(
             ));
         }
     };
-    let min_p = s.min_p.unwrap_or(0.0);
+    let min_p = s.min_p.or(defaults.min_p).unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_p) {
         return Err(ApiError::bad_param(
             format!("min_p must be in [0, 1], got {min_p}"),
@@ -155,7 +158,10 @@ pub fn sampling(
             min_p,
         ));
     }
-    let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+    let repetition_penalty = s
+        .repetition_penalty
+        .or(defaults.repetition_penalty)
+        .unwrap_or(1.0);
     if !(repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
         return Err(ApiError::bad_param(
             format!("repetition_penalty must be in (0, 2], got {repetition_penalty}"),
@@ -174,7 +180,11 @@ pub fn sampling(
     let frequency_penalty = penalty(s.frequency_penalty, "frequency_penalty")?;
     let presence_penalty = penalty(s.presence_penalty, "presence_penalty")?;
     let room = max_model_len.saturating_sub(prompt_len);
-    let max_tokens = max_tokens.map(|v| v as usize).unwrap_or(room).min(room);
+    let max_tokens = max_tokens
+        .or(defaults.max_new_tokens)
+        .map(|v| v as usize)
+        .unwrap_or(room)
+        .min(room);
     let min_tokens = s.min_tokens.unwrap_or(0);
     if min_tokens < 0 {
         return Err(ApiError::bad_param(
@@ -225,7 +235,7 @@ mod tests {
     #[test]
     fn vllm_wording_for_bad_max_tokens() {
         let s = SamplingFields::default();
-        let e = sampling(&s, Some(-5), 10, 2048).unwrap_err();
+        let e = sampling(&s, Some(-5), 10, 2048, &GenerationDefaults::default()).unwrap_err();
         assert_eq!(
             e.body.message,
             "max_tokens must be at least 1, got -5. (parameter=max_tokens, value=-5)"
@@ -234,7 +244,7 @@ mod tests {
             (e.status, e.body.kind.as_str(), e.body.param.as_deref()),
             (400, "BadRequestError", Some("max_tokens"))
         );
-        let e = sampling(&s, Some(5000), 10, 2048).unwrap_err();
+        let e = sampling(&s, Some(5000), 10, 2048, &GenerationDefaults::default()).unwrap_err();
         assert_eq!(
             e.body.message,
             "max_tokens=5000 cannot be greater than max_model_len=2048. Please request fewer output tokens. (parameter=max_tokens, value=5000)"
@@ -243,9 +253,23 @@ mod tests {
 
     #[test]
     fn output_is_capped_by_the_context() {
-        let v = sampling(&SamplingFields::default(), Some(100), 2000, 2048).unwrap();
+        let v = sampling(
+            &SamplingFields::default(),
+            Some(100),
+            2000,
+            2048,
+            &GenerationDefaults::default(),
+        )
+        .unwrap();
         assert_eq!(v.params.max_tokens, 48);
-        let v = sampling(&SamplingFields::default(), None, 2000, 2048).unwrap();
+        let v = sampling(
+            &SamplingFields::default(),
+            None,
+            2000,
+            2048,
+            &GenerationDefaults::default(),
+        )
+        .unwrap();
         assert_eq!(v.params.max_tokens, 48);
     }
 
