@@ -77,22 +77,6 @@ def test_a_shared_prefix_hits_the_cache(real_engine):
     assert hits >= 160, (hits, after)
 
 
-def test_up_serves_the_real_model_by_default(tmp_path):
-    stack = start_switchyard(["up", "--host", "127.0.0.1", "--port", "0", "--engines", "2",
-                              "--engine-arg=--kv-cache-memory-bytes=268435456",
-                              "--engine-arg=--max-model-len=2048"], tmp_path)
-    try:
-        client = stack.client(timeout=120.0)
-        assert [m.id for m in client.models.list().data] == [MODEL]
-        r = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=16, temperature=0,
-        )
-        assert "Paris" in r.choices[0].message.content
-    finally:
-        _stop(stack.proc)
-
-
 def test_logprobs_in_chat_and_completions(real_engine):
     client = real_engine.client(timeout=120.0)
     r = client.chat.completions.create(

@@ -3,6 +3,7 @@
 
 mod bench;
 mod common;
+mod deps;
 mod engine_http;
 mod k8s;
 mod kvaware;
