@@ -6,6 +6,8 @@
 #   switchyard     `switchyard router` (roundrobin)
 #   vllm-router    PyPI vllm-router   (python -m vllm_router.launch_router, round_robin)
 #   sglang-router  PyPI sglang-router (python -m sglang_router.launch_router, round_robin)
+#   baseline       `switchyard router` from another build, $BASELINE_BIN (e.g. the commit
+#                  before a refactor), to check for regressions side by side
 # Cases: a non-streamed completion (max_tokens 4) and a streamed one with 16 token
 # chunks (max_tokens 16, i.e. 16 data frames + [DONE]), both ignore_eos, each at 1 and
 # 64 connections, loaded by wrk (one thread) with a Lua script doing the POST.
@@ -16,7 +18,8 @@
 # divided by the requests wrk completed.
 #
 # Usage: bench/router-overhead.sh            (env: DURATION WARMUP REPS CONNS TARGETS
-#                                             BASE_PORT OUT_DIR SWITCHYARD_BIN SKIP_BUILD)
+#                                             BASE_PORT OUT_DIR SWITCHYARD_BIN SKIP_BUILD
+#                                             BASELINE_BIN)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -116,9 +119,12 @@ ACTIVE=()
 for t in $TARGETS; do
   case $t in
     direct) ACTIVE+=(direct); continue ;;
-    switchyard)
-      port=$((BASE_PORT + 1))
-      "$BIN" router --host 127.0.0.1 --port $port --static-backends "$UP" --static-models $MODEL \
+    switchyard|baseline)
+      if [ $t = switchyard ]; then port=$((BASE_PORT + 1)); rbin=$BIN; else
+        port=$((BASE_PORT + 4)); rbin=${BASELINE_BIN:-}
+        [ -x "$rbin" ] || { note "baseline: not measured (set BASELINE_BIN)"; continue; }
+      fi
+      "$rbin" router --host 127.0.0.1 --port $port --static-backends "$UP" --static-models $MODEL \
         --routing-logic roundrobin --log-level warn >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
       pid=$!; PIDS+=("$pid")
       wait_ready_line "$OUT_DIR/$t.out" "$pid" 30 && wait_http $port "$pid" 30 || pid= ;;
