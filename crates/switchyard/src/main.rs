@@ -123,6 +123,14 @@ async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
             std::process::exit(0);
         });
     }
+    if let (engine::config::BackendKind::Sim, Some(m)) = (args.backend, &args.model) {
+        if m.ends_with(".gguf") {
+            tracing::warn!(
+                model = %m,
+                "--backend sim simulates a model under this name and does not load the file;                  leave out --backend to serve it"
+            );
+        }
+    }
     let engine = engine::build_engine(&args)?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
