@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use gguf::Gguf;
 use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
-use switchyard_engine::backend::{Backend, SeqStep};
+use switchyard_engine::backend::Backend;
+use switchyard_engine::core::step::SeqStep;
 use switchyard_engine::core::SamplingParams;
 use switchyard_engine::model_store;
 

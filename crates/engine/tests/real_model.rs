@@ -70,7 +70,8 @@ mod forward {
     use super::*;
     use gguf::Gguf;
     use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
-    use switchyard_engine::backend::{Backend, SeqStep};
+    use switchyard_engine::backend::Backend;
+    use switchyard_engine::core::step::SeqStep;
     use switchyard_engine::core::SamplingParams;
 
     const BS: usize = 16;

@@ -2,38 +2,18 @@
 //! returning the next token of every sequence that reached its end.
 //!
 //! `sim` models the latency of a real GPU or CPU from a few parameters; `gguf` runs real
-//! llama-family models on CPU; both behind the same trait.
+//! llama-family models on CPU; both behind the same trait. [`sampling`] is vLLM's sampler
+//! (penalties, temperature, top-k/p, min-p, log-probs) over one row of logits.
+//!
+//! What a step is made of (the [`SeqStep`]s in, the sampled tokens and their
+//! [`TokenLogprobs`] out) is the core's step contract ([`crate::core::step`]): backends
+//! depend on the core for it and nothing else; the core never sees a backend.
 
 pub mod gguf;
 pub mod sampling;
 pub mod sim;
 
-use crate::core::{SamplingParams, TokenLogprobs};
-
-/// One sequence's part of a step.
-#[derive(Debug)]
-pub struct SeqStep<'a> {
-    pub req_id: u64,
-    /// All tokens of the sequence (prompt then output).
-    pub tokens: &'a [u32],
-    pub num_prompt: usize,
-    /// Tokens whose KV is already computed; this step computes `num_new` from here.
-    pub num_computed: usize,
-    pub num_new: usize,
-    /// The KV blocks holding the sequence, in order.
-    pub block_ids: &'a [u32],
-    /// Whether this step reaches the end of the sequence and must sample a token.
-    pub sample: bool,
-    pub params: &'a SamplingParams,
-    pub rng_seed: u64,
-}
-
-impl SeqStep<'_> {
-    /// A decode step computes one token of an already prefilled sequence.
-    pub fn is_decode(&self) -> bool {
-        self.num_new == 1 && self.num_computed >= self.num_prompt
-    }
-}
+use crate::core::step::{SeqStep, TokenLogprobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -6,6 +6,7 @@
 //! The draw's random number depends only on the request's seed and the position, so a
 //! seeded request gives the same text however it is batched.
 
+use crate::core::step::TokenLogprobs;
 use crate::core::SamplingParams;
 
 /// What the sampler needs to know of a sequence.
@@ -66,7 +67,7 @@ pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, h: &History<'_>, 
 
 /// `chosen`'s log-probability under `softmax(logits)` and the `top` most likely tokens
 /// (highest first, ties by id).
-pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> crate::core::TokenLogprobs {
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
     let lp = |i: usize| logits.get(i).map_or(f32::NEG_INFINITY, |l| l - lse);
@@ -80,7 +81,7 @@ pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> crate::core::TokenLo
             }
         }
     }
-    crate::core::TokenLogprobs {
+    TokenLogprobs {
         logprob: lp(chosen as usize),
         top: best.into_iter().map(|(i, _)| (i, lp(i as usize))).collect(),
     }

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Backend, BackendError, SeqStep};
-use crate::core::TokenLogprobs;
+use super::{Backend, BackendError};
+use crate::core::step::{SeqStep, TokenLogprobs};
 use kv_events::hash::{mix64, unit_f64};
 use tokenizer::SimTokenizer;
 

@@ -5,6 +5,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::block_manager::SeqBlocks;
+use super::step::TokenLogprobs;
 
 /// Sampling parameters, validated by the API layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,14 +30,6 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Return each sampled token's log-probability and this many top alternatives.
     pub logprobs: Option<u32>,
-}
-
-/// A sampled token's log-probability under the model (before penalties and
-/// temperature, as vLLM reports by default) and the most likely alternatives.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::block_manager::{BlockId, BlockManager};
 use super::request::{EngineEvent, Finish, FinishReason, Request};
-use crate::backend::SeqStep;
+use super::step::{SeqStep, TokenLogprobs};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -246,7 +246,7 @@ impl Scheduler {
         &mut self,
         scheduled: &[Scheduled],
         sampled: &[u32],
-        logprobs: &mut [Option<Box<super::TokenLogprobs>>],
+        logprobs: &mut [Option<Box<TokenLogprobs>>],
         eos: &[u32],
         stats: &mut StepStats,
         finished: &mut Vec<Finished>,

@@ -10,8 +10,8 @@ pub mod model;
 pub mod q8;
 
 use super::sampling::{sample, History};
-use super::{Backend, BackendError, SeqStep};
-use crate::core::TokenLogprobs;
+use super::{Backend, BackendError};
+use crate::core::step::{SeqStep, TokenLogprobs};
 use attention::RowInfo;
 use kv_cache::{KvCache, KvDtype};
 use model::{Kernel, Model, Plan};
