@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use switchyard_engine::backend::sim::{Latency, SimBackend};
 use switchyard_engine::core::block_manager::BlockManager;
-use switchyard_engine::core::engine_loop::{EngineCommand, EngineLoop};
 use switchyard_engine::core::scheduler::{Scheduler, SchedulerConfig};
 use switchyard_engine::core::{EngineEvent, NewRequest, SamplingParams};
+use switchyard_engine::engine_loop::{EngineCommand, EngineLoop};
 use switchyard_engine::metrics::EngineMetrics;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -81,7 +81,7 @@ fn run(conc: usize, dur: Duration, prompt_len: usize, output_len: usize) {
     for _ in 0..conc {
         add(&mut core, &mut rxs);
     }
-    let (steps0, nanos0) = (core.steps, core.sched_nanos);
+    let (steps0, nanos0) = (core.steps(), core.sched_nanos());
     let mut tokens = 0u64;
     let t0 = Instant::now();
     while t0.elapsed() < dur {
@@ -105,8 +105,8 @@ fn run(conc: usize, dur: Duration, prompt_len: usize, output_len: usize) {
         }
     }
     let el = t0.elapsed().as_secs_f64();
-    let steps = core.steps - steps0;
-    let core_us = (core.sched_nanos - nanos0) as f64 / 1e3;
+    let steps = core.steps() - steps0;
+    let core_us = (core.sched_nanos() - nanos0) as f64 / 1e3;
     println!(
         "{:>11} {:>10.0} {:>12.0} {:>16.1} {:>14.3}",
         conc,

@@ -1,7 +1,10 @@
 //! The Switchyard engine: a vLLM-compatible serving engine.
 //!
-//! - [`core`]: the engine loop, scheduler and KV block manager (vLLM v1's design).
-//! - [`backend`]: what runs a step (`sim` now).
+//! - [`core`]: the scheduler, the KV block manager and the step contract (vLLM v1's
+//!   design); imports no other layer.
+//! - [`backend`]: what runs a step (`sim`, `gguf`); depends on the core's step contract.
+//! - [`engine_loop`]: the loop thread that owns the scheduler and a backend, and the
+//!   `EngineHandle` the rest talks to it through.
 //! - [`api`]: the OpenAI/vLLM HTTP surface.
 //! - [`metrics`]: `vllm:*` Prometheus metrics.
 //! - [`config`]: the `switchyard engine` flags.
@@ -13,6 +16,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod core;
+pub mod engine_loop;
 pub mod generation;
 pub mod kv_publisher;
 pub mod metrics;

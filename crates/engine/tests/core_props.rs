@@ -28,12 +28,12 @@ use kv_events::hash::block_hash;
 use switchyard_engine::backend::sim::{Latency, SimBackend};
 use switchyard_engine::backend::Backend;
 use switchyard_engine::core::block_manager::{BlockId, BlockManager, CacheEvent, SeqBlocks};
-use switchyard_engine::core::engine_loop::{EngineCommand, EngineLoop};
 use switchyard_engine::core::request::Request;
 use switchyard_engine::core::scheduler::{
     Finished, Scheduled, Scheduler, SchedulerConfig, StepStats,
 };
 use switchyard_engine::core::{EngineEvent, FinishReason, NewRequest, SamplingParams};
+use switchyard_engine::engine_loop::{EngineCommand, EngineLoop};
 use switchyard_engine::metrics::EngineMetrics;
 use tokenizer::sim::IM_END;
 
@@ -878,8 +878,8 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         assert!(
             step < max_steps,
             "not done after {max_steps} steps: {} waiting, {} running",
-            sched.waiting.len(),
-            sched.running.len()
+            sched.num_waiting(),
+            sched.num_running()
         );
         while let Some((_, _, req)) = pending.next_if(|p| p.0 == step) {
             sched.add(req);
@@ -897,11 +897,11 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
                 assert!(!l.finished && !l.aborted);
                 l.aborted = true;
             }
-            sched.bm.check_invariants(
+            sched.block_manager().check_invariants(
                 sched
-                    .running
+                    .running()
                     .iter()
-                    .chain(sched.waiting.iter())
+                    .chain(sched.waiting().iter())
                     .map(|r| &r.blocks),
             );
         }
@@ -926,12 +926,12 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             assert!(
                 !scheduled.is_empty(),
                 "nothing scheduled with {} waiting and {} running",
-                sched.waiting.len(),
-                sched.running.len()
+                sched.num_waiting(),
+                sched.num_running()
             );
         }
         assert!(
-            sched.running.len() <= case.max_num_seqs,
+            sched.num_running() <= case.max_num_seqs,
             "max_num_seqs exceeded"
         );
         let total: usize = scheduled.iter().map(|s| s.num_new).sum();
@@ -943,11 +943,11 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         let mut seen = HashSet::new();
         for s in &scheduled {
             assert!(seen.insert(s.idx), "request scheduled twice in a step");
-            let r = &sched.running[s.idx];
+            let r = &sched.running()[s.idx];
             assert!(s.num_new >= 1);
             assert!(r.num_computed + s.num_new <= r.tokens.len());
             assert!(
-                r.blocks.ids.len() >= sched.bm.blocks_for(r.num_computed + s.num_new),
+                r.blocks.ids.len() >= sched.block_manager().blocks_for(r.num_computed + s.num_new),
                 "request {} has {} blocks for {} tokens",
                 r.id,
                 r.blocks.ids.len(),
@@ -957,18 +957,18 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
                 out.chunked += 1;
             }
         }
-        for r in &sched.running {
+        for r in sched.running() {
             assert_no_duplicates(&r.blocks.ids);
         }
-        for r in &sched.waiting {
+        for r in sched.waiting() {
             assert!(r.blocks.ids.is_empty(), "a waiting request holds blocks");
             assert_eq!(r.num_computed, 0);
         }
-        sched.bm.check_invariants(
+        sched.block_manager().check_invariants(
             sched
-                .running
+                .running()
                 .iter()
-                .chain(sched.waiting.iter())
+                .chain(sched.waiting().iter())
                 .map(|r| &r.blocks),
         );
 
@@ -983,14 +983,14 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         // The step writes every scheduled position, then reads: a request scheduled in
         // this step may have hit blocks another one computes in it.
         let sharers: Vec<(&[BlockId], &[u32])> = sched
-            .running
+            .running()
             .iter()
             .map(|r| (&r.blocks.ids[..], &r.tokens[..]))
             .collect();
         for s in &scheduled {
-            let r = &sched.running[s.idx];
+            let r = &sched.running()[s.idx];
             kv.write_shared(
-                &sched.bm,
+                sched.block_manager(),
                 &r.blocks.ids,
                 &r.tokens,
                 r.num_computed,
@@ -998,7 +998,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
                 &sharers,
             );
         }
-        for r in &sched.running {
+        for r in sched.running() {
             kv.check("running request", &r.blocks.ids, &r.tokens, r.num_computed);
         }
 
@@ -1033,18 +1033,18 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
                 r => panic!("unexpected finish reason {r:?}"),
             }
         }
-        assert!(sched.running.len() <= case.max_num_seqs);
-        sched.bm.check_invariants(
+        assert!(sched.num_running() <= case.max_num_seqs);
+        sched.block_manager().check_invariants(
             sched
-                .running
+                .running()
                 .iter()
-                .chain(sched.waiting.iter())
+                .chain(sched.waiting().iter())
                 .map(|r| &r.blocks),
         );
         out.steps = step + 1;
     }
 
-    assert_all_free(&sched.bm);
+    assert_all_free(sched.block_manager());
     for l in live.values_mut() {
         assert!(l.finished || l.aborted, "request {} never finished", l.id);
         let mut stream = std::mem::take(&mut l.received);
@@ -1328,19 +1328,24 @@ fn run_engine(case: &EngineCase, reqs: &[EngineReq]) -> (HashMap<u64, Stream>, u
                 events: None,
             });
         }
-        if step > last_event && lp.sched.is_idle() {
+        if step > last_event && lp.scheduler().is_idle() {
             break;
         }
-        let busy = !lp.sched.is_idle();
+        let busy = !lp.scheduler().is_idle();
         let progressed = lp.step();
         assert!(progressed || !busy, "the engine stalled with work to do");
-        let s = &lp.sched;
-        assert!(s.running.len() <= case.max_num_seqs);
-        s.bm.check_invariants(s.running.iter().chain(s.waiting.iter()).map(|r| &r.blocks));
+        let s = lp.scheduler();
+        assert!(s.num_running() <= case.max_num_seqs);
+        s.block_manager().check_invariants(
+            s.running()
+                .iter()
+                .chain(s.waiting().iter())
+                .map(|r| &r.blocks),
+        );
         step += 1;
         assert!(step < max_steps, "not done after {max_steps} steps");
     }
-    assert_all_free(&lp.sched.bm);
+    assert_all_free(lp.scheduler().block_manager());
     let streams = rxs
         .into_iter()
         .map(|(id, mut rx)| {
@@ -1500,8 +1505,8 @@ fn same_step_requests_share_blocks_being_computed_and_a_failed_step_uncaches_the
     );
     assert_eq!(out[1].num_new, 2);
     assert_eq!(
-        sched.running[0].blocks.ids[..2],
-        sched.running[1].blocks.ids[..2]
+        sched.running()[0].blocks.ids[..2],
+        sched.running()[1].blocks.ids[..2]
     );
 
     // The step fails: its blocks leave the cache, the requests are dropped.

@@ -26,9 +26,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::validate::{self, Validated};
 use super::{json_ok, read_json_probed, Engine, ErrorResponse};
-use crate::core::{
-    EngineCommand, EngineEvent, EngineHandle, FinishReason, NewRequest, TokenLogprobs,
-};
+use crate::core::{EngineEvent, FinishReason, NewRequest, TokenLogprobs};
+use crate::engine_loop::{EngineCommand, EngineHandle};
 use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Sends an abort for the request when dropped while still armed.

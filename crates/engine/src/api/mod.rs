@@ -26,9 +26,8 @@ use protocol::ApiError;
 
 use crate::backend::sim::{Latency, SimBackend};
 use crate::config::{BackendKind, EngineArgs};
-use crate::core::engine_loop::CoreConfig;
 use crate::core::scheduler::SchedulerConfig;
-use crate::core::{spawn_engine, EngineCommand, EngineHandle};
+use crate::engine_loop::{spawn_engine, CoreConfig, EngineCommand, EngineHandle};
 use crate::metrics::EngineMetrics;
 use tokenizer::{SimTokenizer, Tokenizer};
 

@@ -1,15 +1,16 @@
-//! The engine core, modelled on vLLM v1: one loop ([`engine_loop`]) owns the
-//! [`scheduler::Scheduler`] and its [`block_manager::BlockManager`]; HTTP handlers talk to
-//! it only through channels ([`EngineHandle`]). The [`step`] contract (what a scheduled
-//! step hands a backend and what comes back) is the core's: backends depend on it, the
-//! scheduler never sees a backend.
+//! The engine core, modelled on vLLM v1's `vllm/v1/core`: the [`scheduler::Scheduler`]
+//! (waiting and running queues, token budget, chunked prefill, preemption), the paged,
+//! prefix-caching [`block_manager::BlockManager`] it owns, the core's view of a
+//! [`request::Request`], and the [`step`] contract (what a scheduled step hands a backend
+//! and what comes back).
+//!
+//! The core is plain data and policy: it imports no backend, no engine loop, no HTTP.
+//! The engine loop that drives it (`engine_loop`) sits above it and the backends.
 
 pub mod block_manager;
-pub mod engine_loop;
 pub mod request;
 pub mod scheduler;
 pub mod step;
 
-pub use engine_loop::{spawn_engine, EngineCommand, EngineHandle};
 pub use request::{EngineEvent, Finish, FinishReason, NewRequest, SamplingParams};
 pub use step::{SeqStep, TokenLogprobs};

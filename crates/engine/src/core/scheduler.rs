@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::block_manager::{BlockId, BlockManager};
+use super::block_manager::{BlockId, BlockManager, CacheEvent};
 use super::request::{EngineEvent, Finish, FinishReason, Request};
 use super::step::{SeqStep, TokenLogprobs};
 
@@ -25,7 +25,7 @@ pub struct SchedulerConfig {
 /// One request's share of a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scheduled {
-    /// Index into `Scheduler::running` (valid until `update`).
+    /// Index into the running queue ([`Scheduler::running`]; valid until `update`).
     pub idx: usize,
     /// Tokens to compute this step, starting at the request's `num_computed`.
     pub num_new: usize,
@@ -70,12 +70,14 @@ pub struct Finished {
     pub stop_token: Option<u32>,
 }
 
+/// The scheduler owns the waiting and running queues and the block manager; everything
+/// else (the engine loop, tests) goes through its methods.
 #[derive(Debug)]
 pub struct Scheduler {
-    pub config: SchedulerConfig,
-    pub bm: BlockManager,
-    pub waiting: VecDeque<Request>,
-    pub running: Vec<Request>,
+    config: SchedulerConfig,
+    bm: BlockManager,
+    waiting: VecDeque<Request>,
+    running: Vec<Request>,
     hits: Vec<BlockId>,
 }
 
@@ -97,6 +99,53 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The running queue, in scheduling order (read-only; [`Scheduled::idx`] indexes it).
+    pub fn running(&self) -> &[Request] {
+        &self.running
+    }
+
+    /// The waiting queue, front first (read-only).
+    pub fn waiting(&self) -> &VecDeque<Request> {
+        &self.waiting
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The KV block manager (read-only: blocks change only through scheduling).
+    pub fn block_manager(&self) -> &BlockManager {
+        &self.bm
+    }
+
+    /// Fraction of KV blocks in use.
+    pub fn kv_usage(&self) -> f64 {
+        self.bm.usage()
+    }
+
+    /// Record the block manager's KV-cache events from now on.
+    pub fn enable_kv_events(&mut self) {
+        self.bm.enable_events();
+    }
+
+    /// The KV-cache events since the last call (empty unless enabled).
+    pub fn drain_kv_events(&mut self) -> Vec<CacheEvent> {
+        self.bm.drain_events()
+    }
+
+    /// Drop every cached prefix; false (and nothing done) while any block is in use.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.bm.reset_prefix_cache()
     }
 
     /// Could this many tokens ever fit the KV cache on their own?
@@ -147,6 +196,14 @@ impl Scheduler {
                 self.bm.uncache_from(&mut req.blocks, req.num_computed / bs);
             }
         }
+    }
+
+    /// The step planned in `scheduled` failed: uncache what it would have computed and
+    /// remove its requests (their blocks freed), returned in the plan's order.
+    pub fn fail_step(&mut self, scheduled: &[Scheduled]) -> Vec<Request> {
+        self.uncache_uncomputed(scheduled);
+        let ids: Vec<u64> = scheduled.iter().map(|s| self.running[s.idx].id).collect();
+        ids.into_iter().filter_map(|id| self.abort(id)).collect()
     }
 
     /// Plan one step into `out`.

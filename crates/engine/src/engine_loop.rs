@@ -1,5 +1,8 @@
-//! The engine loop: one thread that owns the scheduler, block manager and backend, and
-//! the [`EngineHandle`] through which everything else talks to it.
+//! The engine loop (vLLM v1's `EngineCore`): one thread that owns the scheduler (and,
+//! through it, the block manager) and the backend, and the [`EngineHandle`] through which
+//! everything else talks to it. It sits above [`crate::core`] and [`crate::backend`]:
+//! it hands the scheduler's step ([`crate::core::step`]) to the backend and the backend's
+//! tokens back, using only the scheduler's methods.
 //!
 //! Commands arrive on a channel; the loop blocks on it when idle, drains it between
 //! steps when busy, runs `schedule → backend.execute → update`, streams each new token to
@@ -15,10 +18,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::block_manager::BlockManager;
-use super::request::{EngineEvent, FinishReason, NewRequest, Request};
-use super::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
 use crate::backend::Backend;
+use crate::core::block_manager::BlockManager;
+use crate::core::request::{EngineEvent, FinishReason, NewRequest, Request};
+use crate::core::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
+use crate::core::step::TokenLogprobs;
 use crate::kv_publisher::KvEventSink;
 use crate::metrics::EngineMetrics;
 
@@ -105,19 +109,19 @@ pub fn spawn_engine(
 }
 
 pub struct EngineLoop {
-    pub sched: Scheduler,
+    sched: Scheduler,
     backend: Box<dyn Backend>,
     metrics: Arc<EngineMetrics>,
     eos: Vec<u32>,
     scheduled: Vec<Scheduled>,
     sampled: Vec<u32>,
-    logprobs: Vec<Option<Box<super::TokenLogprobs>>>,
+    logprobs: Vec<Option<Box<TokenLogprobs>>>,
     finished: Vec<Finished>,
     stats: StepStats,
     kv_events: Option<KvEventSink>,
     /// Nanoseconds spent in `schedule` + `update` (the core's own work), for benchmarks.
-    pub sched_nanos: u64,
-    pub steps: u64,
+    sched_nanos: u64,
+    steps: u64,
 }
 
 impl EngineLoop {
@@ -145,15 +149,30 @@ impl EngineLoop {
 
     /// Publish KV-cache events through `sink` (also turns on the block manager's events).
     pub fn set_kv_events(&mut self, sink: KvEventSink) {
-        self.sched.bm.enable_events();
+        self.sched.enable_kv_events();
         self.kv_events = Some(sink);
+    }
+
+    /// The scheduler, read-only (for tests and benchmarks).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    /// Steps run that scheduled something.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Nanoseconds spent in `schedule` + `update` (the core's own work), for benchmarks.
+    pub fn sched_nanos(&self) -> u64 {
+        self.sched_nanos
     }
 
     /// Hand the block manager's events since the last call to the publisher as one batch
     /// (a channel send: never blocks on I/O).
     fn publish_kv_events(&mut self) {
         if let Some(sink) = self.kv_events.as_mut() {
-            sink.publish(self.sched.bm.drain_events());
+            sink.publish(self.sched.drain_kv_events());
         }
     }
 
@@ -190,8 +209,8 @@ impl EngineLoop {
                     let _ = r.events.send(EngineEvent::Rejected(format!(
                         "The prompt ({} tokens) does not fit the KV cache ({} blocks of {} tokens).",
                         r.prompt.len(),
-                        self.sched.bm.num_blocks(),
-                        self.sched.bm.block_size()
+                        self.sched.block_manager().num_blocks(),
+                        self.sched.block_manager().block_size()
                     )));
                     return;
                 }
@@ -207,7 +226,7 @@ impl EngineLoop {
                 }
             }
             EngineCommand::ResetPrefixCache(reply) => {
-                let done = self.sched.bm.reset_prefix_cache();
+                let done = self.sched.reset_prefix_cache();
                 // vLLM sends the clear with the next step's batch; sent now (before the
                 // answer), a consumer need not wait for traffic to learn the cache is gone.
                 self.publish_kv_events();
@@ -241,17 +260,9 @@ impl EngineLoop {
         let t2 = Instant::now();
         if let Err(e) = result {
             tracing::error!(error = %e, "backend step failed; failing its requests");
-            self.sched.uncache_uncomputed(&self.scheduled);
-            let ids: Vec<u64> = self
-                .scheduled
-                .iter()
-                .map(|s| self.sched.running[s.idx].id)
-                .collect();
-            for id in ids {
-                if let Some(req) = self.sched.abort(id) {
-                    self.record_finish(&req, FinishReason::Error);
-                    let _ = req.events.send(EngineEvent::Rejected(e.to_string()));
-                }
+            for req in self.sched.fail_step(&self.scheduled) {
+                self.record_finish(&req, FinishReason::Error);
+                let _ = req.events.send(EngineEvent::Rejected(e.to_string()));
             }
             self.update_gauges();
             return true;
@@ -308,8 +319,8 @@ impl EngineLoop {
     }
 
     fn update_gauges(&self) {
-        self.metrics.running.set(self.sched.running.len() as f64);
-        self.metrics.waiting.set(self.sched.waiting.len() as f64);
-        self.metrics.kv_usage.set(self.sched.bm.usage());
+        self.metrics.running.set(self.sched.num_running() as f64);
+        self.metrics.waiting.set(self.sched.num_waiting() as f64);
+        self.metrics.kv_usage.set(self.sched.kv_usage());
     }
 }
