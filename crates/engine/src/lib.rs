@@ -1,18 +1,27 @@
-//! The Switchyard engine: a vLLM-compatible serving engine.
+//! The Switchyard engine: a vLLM-compatible serving engine, layered as vLLM v1's.
 //!
-//! - [`core`]: the scheduler, the KV block manager and the step contract (vLLM v1's
-//!   design); imports no other layer.
-//! - [`backend`]: what runs a step (`sim`, `gguf`); depends on the core's step contract.
-//! - [`engine_loop`]: the loop thread that owns the scheduler and a backend, and the
-//!   `EngineHandle` the rest talks to it through.
-//! - [`api`]: the OpenAI/vLLM HTTP surface.
-//! - [`metrics`]: `vllm:*` Prometheus metrics.
-//! - [`config`]: the `switchyard engine` flags.
-//! - [`generation`]: default sampling parameters (`--generation-config`).
-//! - [`kv_publisher`]: KV-cache events published as vLLM publishes them (ZMQ + msgpack;
-//!   the wire format is the `kv_events` crate's).
+//! From the bottom up (each layer uses only those below it):
+//! - [`core`]: the scheduler, the paged prefix-caching KV block manager, the core's
+//!   request, and the step contract ([`core::step`]: what a step hands a backend and
+//!   what comes back). Imports no other layer.
+//! - [`backend`]: what runs a step (`sim`, `gguf`) and vLLM's sampler; depends on the
+//!   core only for the step contract and sampling parameters.
+//! - [`engine_loop`]: the loop thread (vLLM's `EngineCore`) that owns the scheduler and
+//!   a backend and steps them; the rest talks to it through [`engine_loop::EngineHandle`]
+//!   (an `EngineCommand` channel in, per-request `EngineEvent` channels out).
+//! - [`assembly`]: from the flags to a running engine ([`build_engine`]: tokenizer,
+//!   backend, KV pool size, generation defaults, metrics, KV publisher, the loop) and the
+//!   [`Engine`] bundle the handlers use.
+//! - [`api`]: the OpenAI/vLLM HTTP surface ([`serve`]).
+//!
+//! Alongside: [`config`] (the `switchyard engine` flags), [`generation`] (default
+//! sampling parameters, `--generation-config`), [`metrics`] (`vllm:*` Prometheus
+//! metrics), [`kv_publisher`] (KV-cache events published as vLLM publishes them, ZMQ +
+//! msgpack; the wire format is the `kv_events` crate's), [`model_store`] (where model
+//! files are found and the default one fetched).
 
 pub mod api;
+pub mod assembly;
 pub mod backend;
 pub mod config;
 pub mod core;
@@ -22,5 +31,6 @@ pub mod kv_publisher;
 pub mod metrics;
 pub mod model_store;
 
-pub use api::{build_engine, serve, Engine};
+pub use api::serve;
+pub use assembly::{build_engine, Engine, StartError};
 pub use config::EngineArgs;

@@ -25,7 +25,8 @@ use protocol::ApiError;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::validate::{self, Validated};
-use super::{json_ok, read_json_probed, Engine, ErrorResponse};
+use super::{json_ok, read_json_probed, ErrorResponse};
+use crate::assembly::Engine;
 use crate::core::{EngineEvent, FinishReason, NewRequest, TokenLogprobs};
 use crate::engine_loop::{EngineCommand, EngineHandle};
 use tokenizer::{IncrementalDecoder, Tokenizer};

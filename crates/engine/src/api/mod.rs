@@ -2,14 +2,15 @@
 //! and not), models, tokenize/detokenize, health, version and metrics, with vLLM's error
 //! bodies and status codes.
 //!
-//! Handlers validate and tokenize, then talk to the engine loop only through its
-//! [`EngineHandle`]; a request's abort guard frees its KV blocks however the response
-//! ends (finished, stop string, client gone).
+//! Handlers validate and tokenize, then talk to the engine loop only through the
+//! [`Engine`] bundle's [`EngineHandle`](crate::engine_loop::EngineHandle); a request's
+//! abort guard frees its KV blocks however the response ends (finished, stop string,
+//! client gone). This module holds the router, the small endpoints and body reading;
+//! `generate` the chat and completions endpoints; `validate` the sampling fields.
+//! Building the engine is [`crate::assembly`]'s.
 
 mod generate;
 mod validate;
-
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -19,262 +20,15 @@ use axum::routing::{get, post};
 use axum::Router;
 pub(crate) use httpx::{json_ok, ErrorResponse};
 use protocol::openai::{
-    unix_now, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
-    TokenizeResponse,
+    DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
 };
 use protocol::ApiError;
 
-use crate::backend::sim::{Latency, SimBackend};
-use crate::config::{BackendKind, EngineArgs};
-use crate::core::scheduler::SchedulerConfig;
-use crate::engine_loop::{spawn_engine, CoreConfig, EngineCommand, EngineHandle};
-use crate::metrics::EngineMetrics;
-use tokenizer::{SimTokenizer, Tokenizer};
+use crate::assembly::Engine;
+use crate::engine_loop::EngineCommand;
 
 /// The version string `/version` reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Everything a handler needs; cloned per request (cheap: `Arc`s).
-#[derive(Clone)]
-pub struct Engine {
-    pub handle: EngineHandle,
-    pub tokenizer: Arc<dyn Tokenizer>,
-    pub served: Arc<[String]>,
-    pub max_model_len: usize,
-    pub body_limit: usize,
-    pub created: u64,
-    /// Where KV-cache events are published, when `--kv-events-config` enables them.
-    pub kv_events: Option<crate::kv_publisher::PublisherInfo>,
-    /// Tokens per KV block (advertised with the events endpoint).
-    pub block_size: usize,
-    /// Sampling defaults for fields a request leaves out (`--generation-config`).
-    pub generation: Arc<crate::generation::GenerationDefaults>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid flag: {0}")]
-    Flag(String),
-    #[error("model: {0}")]
-    Model(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-/// Build the engine (core loop, backend, tokenizer) from its flags.
-pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
-    if args.block_size == 0 || args.num_gpu_blocks == Some(0) || args.max_num_seqs == 0 {
-        return Err(StartError::Flag(
-            "--block-size, --num-gpu-blocks and --max-num-seqs must be positive".into(),
-        ));
-    }
-    if !(args.time_scale >= 0.0 && args.time_scale.is_finite()) {
-        return Err(StartError::Flag(
-            "--time-scale must be a non-negative number".into(),
-        ));
-    }
-    let (tokenizer, backend, max_model_len, num_blocks, generation): (
-        Arc<dyn Tokenizer>,
-        Box<dyn crate::backend::Backend>,
-        usize,
-        usize,
-        crate::generation::GenerationDefaults,
-    ) = match args.backend {
-        BackendKind::Sim => {
-            let names: Vec<&str> = crate::backend::sim::PRESETS
-                .iter()
-                .map(|(n, _)| *n)
-                .collect();
-            let latency = Latency::preset(&args.sim_preset)
-                .ok_or_else(|| {
-                    StartError::Flag(format!(
-                        "unknown --sim-preset {:?}; known: {}",
-                        args.sim_preset,
-                        names.join(", ")
-                    ))
-                })?
-                .with_overrides(&args.sim_latency);
-            (
-                Arc::new(SimTokenizer::new()),
-                Box::new(SimBackend::new(
-                    latency,
-                    args.time_scale,
-                    args.sim_eos_prob.clamp(0.0, 1.0),
-                )),
-                args.max_model_len.unwrap_or(8192),
-                args.num_gpu_blocks.unwrap_or(16384),
-                crate::generation::resolve(
-                    &args.generation_config,
-                    args.override_generation_config.as_ref(),
-                    None,
-                )
-                .map_err(StartError::Flag)?,
-            )
-        }
-        BackendKind::Gguf => build_gguf(args)?,
-    };
-    if max_model_len < 2 || args.max_num_batched_tokens == 0 {
-        return Err(StartError::Flag(
-            "--max-model-len must be at least 2 and --max-num-batched-tokens positive".into(),
-        ));
-    }
-    if num_blocks.saturating_mul(args.block_size) < max_model_len {
-        // As vLLM: a request of the full context must fit the KV cache on its own, or it
-        // could never finish (it would preempt itself forever).
-        return Err(StartError::Flag(format!(
-            "the KV cache ({} blocks of {} tokens = {} tokens) cannot hold one request of --max-model-len {}; \
-             raise --num-gpu-blocks (or --kv-cache-memory-bytes) or lower --max-model-len",
-            num_blocks,
-            args.block_size,
-            num_blocks * args.block_size,
-            max_model_len
-        )));
-    }
-    let served: Arc<[String]> = args.served_names().into();
-    let mut metrics = EngineMetrics::new(
-        &served[0],
-        args.block_size,
-        num_blocks,
-        args.prefix_caching(),
-    );
-    metrics.cache_dtype = args.kv_cache_dtype.trim().to_string();
-    let metrics = Arc::new(metrics);
-    let (kv_sink, kv_events) = match &args.kv_events_config {
-        Some(c) if c.enabled() => {
-            let (sink, info) = crate::kv_publisher::start_publisher(c, args.block_size)?;
-            tracing::info!(endpoint = %info.endpoint, replay = ?info.replay_endpoint, "publishing KV-cache events");
-            (Some(sink), Some(info))
-        }
-        _ => (None, None),
-    };
-    let config = CoreConfig {
-        scheduler: SchedulerConfig {
-            max_num_seqs: args.max_num_seqs,
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_model_len,
-        },
-        num_blocks,
-        block_size: args.block_size,
-        prefix_caching: args.prefix_caching(),
-        eos_token_ids: tokenizer.eos_token_ids().to_vec(),
-        kv_events: kv_sink,
-    };
-    let handle = spawn_engine(config, backend, metrics)?;
-    Ok(Engine {
-        handle,
-        tokenizer,
-        served,
-        max_model_len,
-        body_limit: args.max_request_body_bytes,
-        created: unix_now(),
-        kv_events,
-        block_size: args.block_size,
-        generation: Arc::new(generation),
-    })
-}
-
-/// The GGUF backend: model file (the default one fetched when none is given), its
-/// tokenizer and template, its weights, and a KV pool sized from the memory flag.
-#[allow(clippy::type_complexity)]
-fn build_gguf(
-    args: &EngineArgs,
-) -> Result<
-    (
-        Arc<dyn Tokenizer>,
-        Box<dyn crate::backend::Backend>,
-        usize,
-        usize,
-        crate::generation::GenerationDefaults,
-    ),
-    StartError,
-> {
-    use crate::backend::gguf::{
-        kv_cache::{KvCache, KvDtype},
-        model::Model,
-        GgufBackend,
-    };
-    let path = crate::model_store::resolve(args.model.as_deref().map(std::path::Path::new))
-        .map_err(|e| StartError::Model(e.to_string()))?;
-    let header = gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
-    let tokenizer = tokenizer::BpeTokenizer::from_gguf(&header)
-        .map_err(|e| StartError::Model(e.to_string()))?;
-    let generation = crate::generation::resolve(
-        &args.generation_config,
-        args.override_generation_config.as_ref(),
-        Some((&path, &header)),
-    )
-    .map_err(StartError::Flag)?;
-    if !generation.is_empty() {
-        tracing::info!(
-            defaults = ?generation,
-            "default sampling parameters from the generation config (requests may override)"
-        );
-    }
-    let started = std::time::Instant::now();
-    let f32_budget = usize::try_from(args.cpu_f32_weights_max_bytes).unwrap_or(usize::MAX);
-    let model =
-        Model::load_with(&header, f32_budget).map_err(|e| StartError::Model(e.to_string()))?;
-    let cfg = model.cfg.clone();
-    tracing::info!(
-        model = %path.display(),
-        arch = %cfg.arch,
-        layers = cfg.n_layers,
-        hidden = cfg.hidden,
-        f32_copies = model.has_f32(),
-        secs = started.elapsed().as_secs_f64(),
-        "model loaded"
-    );
-    let max_model_len = args.max_model_len.unwrap_or(cfg.context_length);
-    if max_model_len > cfg.context_length {
-        return Err(StartError::Flag(format!(
-            "--max-model-len {max_model_len} is longer than the model's context ({})",
-            cfg.context_length
-        )));
-    }
-    let kv_dtype = match args.kv_cache_dtype.trim().to_ascii_lowercase().as_str() {
-        "auto" | "float16" | "fp16" | "half" => KvDtype::F16,
-        "float32" | "fp32" | "float" => KvDtype::F32,
-        other => {
-            return Err(StartError::Flag(format!(
-                "--kv-cache-dtype {other}: the gguf backend keeps KV in auto (float16), float16 or float32"
-            )))
-        }
-    };
-    let per_block = KvCache::bytes_per_block(
-        cfg.n_layers,
-        args.block_size,
-        cfg.n_kv_heads,
-        cfg.head_dim,
-        kv_dtype,
-    );
-    let num_blocks = match args.num_gpu_blocks {
-        Some(n) => n,
-        None => {
-            let bytes = args.kv_cache_memory_bytes.unwrap_or_else(|| {
-                std::env::var("VLLM_CPU_KVCACHE_SPACE")
-                    .ok()
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .filter(|g| *g > 0.0)
-                    .map_or(1 << 30, |g| (g * (1u64 << 30) as f64) as u64)
-            });
-            (bytes as usize / per_block.max(1)).max(1)
-        }
-    };
-    let eos = tokenizer.eos_token_ids().to_vec();
-    let gemm_rows = match args.cpu_decode_gemm_rows {
-        0 => usize::MAX,
-        n => n,
-    };
-    let backend = GgufBackend::with_kv_dtype(model, num_blocks, args.block_size, eos, kv_dtype)
-        .with_decode_gemm_rows(gemm_rows);
-    Ok((
-        Arc::new(tokenizer),
-        Box::new(backend),
-        max_model_len,
-        num_blocks,
-        generation,
-    ))
-}
 
 /// The HTTP routes.
 pub fn router(engine: Engine) -> Router {
