@@ -1,0 +1,269 @@
+//! The `POST /v1/chat/completions` and `POST /v1/completions` handlers: parse the body,
+//! check the model, tokenize (chat through the model's template), validate the sampling
+//! fields, submit the request's choices, and respond with one JSON body or a stream.
+
+use axum::extract::{Request, State};
+use axum::response::Response;
+use protocol::openai::{
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice, CompletionRequest,
+    CompletionResponse, Prompt, SamplingFields, StopReason, Usage,
+};
+use protocol::ApiError;
+
+use super::output::{chat_logprobs, completion_logprobs, Choices, Piece};
+use super::stream::frame;
+use crate::api::validate;
+use crate::api::{json_ok, read_json_probed, ErrorResponse};
+use crate::assembly::Engine;
+use crate::core::{FinishReason, TokenLogprobs};
+
+/// The `system_fingerprint` of final chunks and bodies: this build's version.
+fn fingerprint() -> Option<String> {
+    Some(format!("switchyard-{}", crate::api::VERSION))
+}
+
+pub async fn chat_completions(
+    State(engine): State<Engine>,
+    req: Request,
+) -> Result<Response, ErrorResponse> {
+    let body: ChatCompletionRequest = read_json_probed::<_, SamplingFields>(&engine, req).await?;
+    engine.check_model(body.model.as_deref())?;
+    if body.messages.is_empty() {
+        return Err(ApiError::validation(
+            "messages must contain at least one message",
+            Some("body.messages"),
+        )
+        .into());
+    }
+    let text = engine
+        .tokenizer
+        .apply_chat_template(&body.messages, body.add_generation_prompt.unwrap_or(true))
+        .map_err(|e| ApiError::bad_request(e, None))?;
+    let prompt = engine.tokenizer.encode(&text);
+    validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
+    let s = &body.sampling;
+    let mut v = validate::sampling(
+        s,
+        body.max_completion_tokens.or(s.max_tokens),
+        prompt.len(),
+        engine.max_model_len,
+        &engine.generation,
+    )?;
+    v.params.logprobs = validate::logprobs(body.logprobs, body.top_logprobs, "top_logprobs")?;
+    let want_lp = v.params.logprobs.is_some();
+    let include_usage = s
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let mut choices = Choices::start(&engine, prompt, v, "chatcmpl")?;
+    let model = engine.model_name().to_string();
+
+    if !s.stream.unwrap_or(false) {
+        let done = choices.collect().await?;
+        let completion_tokens = done.iter().map(|d| d.tokens).sum();
+        return Ok(json_ok(&ChatCompletionResponse {
+            id: choices.id.clone(),
+            object: "chat.completion",
+            created: choices.created,
+            model,
+            choices: done
+                .into_iter()
+                .enumerate()
+                .map(|(index, d)| ChatChoice {
+                    index: index as u32,
+                    message: ChatResponseMessage {
+                        role: "assistant",
+                        content: d.text,
+                        refusal: None,
+                        annotations: None,
+                        audio: None,
+                        function_call: None,
+                        reasoning: None,
+                    },
+                    logprobs: want_lp
+                        .then(|| chat_logprobs(engine.tokenizer.as_ref(), &d.logprobs)),
+                    finish_reason: Some(d.finish.0.as_str()),
+                    stop_reason: d.finish.1,
+                })
+                .collect(),
+            service_tier: None,
+            system_fingerprint: fingerprint(),
+            usage: choices.usage(completion_tokens),
+            prompt_logprobs: None,
+            kv_transfer_params: None,
+        }));
+    }
+
+    let tok = engine.tokenizer.clone();
+    let (id, created) = (choices.id.clone(), choices.created);
+    let chunk = move |index: usize,
+                      delta: ChatDelta,
+                      finish: Option<(FinishReason, Option<StopReason>)>,
+                      lps: &[(u32, TokenLogprobs)]| {
+        let (finish_reason, stop_reason) = match finish {
+            Some((r, s)) => (Some(r.as_str()), s),
+            None => (None, None),
+        };
+        ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.clone(),
+            choices: vec![ChatChunkChoice {
+                index: index as u32,
+                delta,
+                logprobs: (want_lp && !lps.is_empty()).then(|| chat_logprobs(tok.as_ref(), lps)),
+                finish_reason,
+                stop_reason,
+            }],
+            usage: None,
+            system_fingerprint: None,
+        }
+    };
+    // vLLM's order: a role chunk for every choice first.
+    let head = (0..choices.gens.len())
+        .map(|i| {
+            let role = ChatDelta {
+                role: Some("assistant"),
+                content: String::new(),
+            };
+            frame(&chunk(i, role, None, &[]))
+        })
+        .collect();
+    let usage_chunk = chunk.clone();
+    let piece_frame = move |i: usize, piece: Piece| {
+        let delta = ChatDelta {
+            role: None,
+            content: piece.text,
+        };
+        frame(&chunk(i, delta, piece.finish, &piece.logprobs))
+    };
+    let usage_frame = include_usage.then_some(move |u: Usage| {
+        let empty = ChatDelta {
+            role: None,
+            content: String::new(),
+        };
+        let mut c = usage_chunk(0, empty, None, &[]);
+        c.choices.clear();
+        c.usage = Some(u);
+        c.system_fingerprint = fingerprint();
+        frame(&c)
+    });
+    Ok(choices.stream(head, piece_frame, usage_frame))
+}
+
+pub async fn completions(
+    State(engine): State<Engine>,
+    req: Request,
+) -> Result<Response, ErrorResponse> {
+    let body: CompletionRequest = read_json_probed::<_, SamplingFields>(&engine, req).await?;
+    engine.check_model(body.model.as_deref())?;
+    let prompt = match body.prompt {
+        Prompt::Text(t) => engine.tokenizer.encode_prompt(&t),
+        Prompt::Tokens(t) => t,
+        Prompt::TextBatch(mut v) if v.len() == 1 => engine.tokenizer.encode_prompt(&v.remove(0)),
+        Prompt::TokenBatch(mut v) if v.len() == 1 => v.remove(0),
+        _ => {
+            return Err(ApiError::bad_request(
+                "Only a single prompt per request is supported.",
+                Some("prompt"),
+            )
+            .into());
+        }
+    };
+    validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
+    let s = &body.sampling;
+    let mut v = validate::sampling(
+        s,
+        s.max_tokens,
+        prompt.len(),
+        engine.max_model_len,
+        &engine.generation,
+    )?;
+    v.params.logprobs = validate::logprobs(None, body.logprobs, "logprobs")?;
+    let want_lp = v.params.logprobs.is_some();
+    let include_usage = s
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let echo = body
+        .echo
+        .unwrap_or(false)
+        .then(|| engine.tokenizer.decode(&prompt, false));
+    let mut choices = Choices::start(&engine, prompt, v, "cmpl")?;
+    let model = engine.model_name().to_string();
+
+    let tok = engine.tokenizer.clone();
+    let (id, created) = (choices.id.clone(), choices.created);
+    let response = move |index: usize,
+                         text: String,
+                         finish: Option<(FinishReason, Option<StopReason>)>,
+                         lps: &[(u32, TokenLogprobs)],
+                         offset: usize| {
+        let (finish_reason, stop_reason) = match finish {
+            Some((r, s)) => (Some(r.as_str()), s),
+            None => (None, None),
+        };
+        CompletionResponse {
+            id: id.clone(),
+            object: "text_completion",
+            created,
+            model: model.clone(),
+            choices: vec![CompletionChoice {
+                index: index as u32,
+                logprobs: want_lp.then(|| completion_logprobs(tok.as_ref(), lps, offset)),
+                text,
+                finish_reason,
+                stop_reason,
+            }],
+            service_tier: None,
+            system_fingerprint: None,
+            usage: None,
+        }
+    };
+
+    if !s.stream.unwrap_or(false) {
+        let done = choices.collect().await?;
+        let completion_tokens = done.iter().map(|d| d.tokens).sum();
+        let echo = echo.unwrap_or_default();
+        let mut r = response(0, String::new(), None, &[], 0);
+        r.choices = done
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, d)| {
+                let text = format!("{echo}{}", d.text);
+                response(i, text, Some(d.finish), &d.logprobs, echo.len()).choices
+            })
+            .collect();
+        r.usage = Some(choices.usage(completion_tokens));
+        r.system_fingerprint = fingerprint();
+        return Ok(json_ok(&r));
+    }
+
+    // The echoed prompt opens every choice.
+    let head = match &echo {
+        Some(e) => (0..choices.gens.len())
+            .map(|i| frame(&response(i, e.clone(), None, &[], 0)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let usage_response = response.clone();
+    let piece_frame = move |i: usize, piece: Piece| {
+        let fin = piece.finish.is_some();
+        let mut r = response(i, piece.text, piece.finish, &piece.logprobs, 0);
+        if fin {
+            r.system_fingerprint = fingerprint();
+        }
+        frame(&r)
+    };
+    let usage_frame = include_usage.then_some(move |u: Usage| {
+        let mut r = usage_response(0, String::new(), None, &[], 0);
+        r.choices.clear();
+        r.usage = Some(u);
+        frame(&r)
+    });
+    Ok(choices.stream(head, piece_frame, usage_frame))
+}
