@@ -18,10 +18,13 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::engines::{mix64, Endpoint};
+use kv_events::hash::mix64;
+
+use crate::engines::Endpoint;
 use crate::policy::RouteCtx;
-use crate::proxy::{error, Forward, REQUEST_ID};
+use crate::proxy::{error, Forward};
 use crate::trace::{log_rejected, TraceCtx, Trail};
+use crate::upstream::REQUEST_ID;
 use crate::RouterState;
 
 /// Paths proxied to engines, routed by the body's `model`.

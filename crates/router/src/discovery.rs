@@ -9,51 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, Request, StatusCode};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use axum::http::HeaderValue;
 
 use crate::config::Discovery;
 use crate::engines::Endpoint;
-use crate::proxy::HttpClient;
+use crate::upstream;
 use crate::RouterState;
-
-/// GET `url`, body capped at 8 MiB.
-pub async fn http_get(
-    client: &HttpClient,
-    url: &str,
-    timeout: Duration,
-) -> Result<(StatusCode, Bytes), String> {
-    http_get_auth(client, url, timeout, None).await
-}
-
-/// GET `url` with `authorization` (when given), body capped at 8 MiB.
-pub async fn http_get_auth(
-    client: &HttpClient,
-    url: &str,
-    timeout: Duration,
-    authorization: Option<&HeaderValue>,
-) -> Result<(StatusCode, Bytes), String> {
-    let mut req = Request::get(url)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    if let Some(a) = authorization {
-        req.headers_mut().insert(header::AUTHORIZATION, a.clone());
-    }
-    let fut = async {
-        let resp = client.request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 8 << 20)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
 
 /// Ask every engine without a configured model which models it serves.
 pub async fn refresh_models(state: &Arc<RouterState>) {
@@ -87,7 +48,7 @@ pub fn engine_auth_from_env() -> Option<HeaderValue> {
 pub async fn discover_models(state: &RouterState, e: &Endpoint) -> bool {
     let url = format!("{}/v1/models", e.url);
     let auth = state.engine_auth.as_ref();
-    match http_get_auth(&state.proxy.client(), &url, Duration::from_secs(5), auth).await {
+    match upstream::get(&state.proxy.client(), &url, Duration::from_secs(5), auth).await {
         Ok((s, body)) if s.is_success() => match serde_json::from_slice::<serde_json::Value>(&body)
         {
             Ok(v) => {
@@ -140,7 +101,7 @@ async fn health_loop(state: Arc<RouterState>) {
             let (state, e) = (state.clone(), e.clone());
             tokio::spawn(async move {
                 let ok = matches!(
-                    http_get(&state.proxy.client(), &format!("{}/health", e.url), timeout).await,
+                    upstream::get(&state.proxy.client(), &format!("{}/health", e.url), timeout, None).await,
                     Ok((s, _)) if s.is_success()
                 );
                 if ok {
@@ -167,10 +128,11 @@ async fn scrape_loop(state: Arc<RouterState>) {
         for e in snap.endpoints.iter() {
             let (state, e) = (state.clone(), e.clone());
             tokio::spawn(async move {
-                if let Ok((s, body)) = http_get(
+                if let Ok((s, body)) = upstream::get(
                     &state.proxy.client(),
                     &format!("{}/metrics", e.url),
                     Duration::from_secs(5),
+                    None,
                 )
                 .await
                 {

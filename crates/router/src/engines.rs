@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use kv_events::hash::mix64;
 use protocol::prom::{Counter, Gauge, Histogram, ITL_BUCKETS, TTFT_BUCKETS};
 
 use crate::config::BackendSpec;
@@ -65,13 +66,6 @@ pub fn hash_str(s: &str) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     mix64(h)
-}
-
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl Endpoint {

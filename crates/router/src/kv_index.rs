@@ -412,7 +412,7 @@ mod tests {
     /// engine-salted value (vLLM), per the op's flag.
     fn id_of(e: u64, content: u64, opaque: bool) -> u64 {
         if opaque {
-            crate::engines::mix64(content ^ e.wrapping_mul(0x1234_5678_9abc_def1))
+            kv_events::hash::mix64(content ^ e.wrapping_mul(0x1234_5678_9abc_def1))
         } else {
             content
         }

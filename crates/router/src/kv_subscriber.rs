@@ -35,7 +35,7 @@ use zeromq::{Socket, SocketRecv, SocketSend};
 use crate::config::RoutingLogic;
 use crate::engines::{Endpoint, Registry};
 use crate::kv_index::{EngineKey, KvIndex};
-use crate::proxy::HttpClient;
+use crate::upstream::{self, HttpClient};
 use crate::RouterState;
 
 /// `matched prefix blocks / prompt blocks` of each decision.
@@ -224,10 +224,11 @@ pub async fn discover(
             block_size: None,
         });
     }
-    let (status, body) = crate::discovery::http_get(
+    let (status, body) = upstream::get(
         client,
         &format!("{}/kv_events", ep.url),
         Duration::from_secs(3),
+        None,
     )
     .await?;
     if status.is_success() {

@@ -31,6 +31,7 @@ pub mod prefix_tree;
 pub mod proxy;
 pub mod stats;
 pub mod trace;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};

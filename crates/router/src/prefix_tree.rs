@@ -391,7 +391,7 @@ mod tests {
         // A small deterministic generator: prompts share prefixes of varied lengths.
         let mut s = 0x1234_5678_u64;
         let mut next = move || {
-            s = crate::engines::mix64(s);
+            s = kv_events::hash::mix64(s);
             s
         };
         let mut t = PrefixTree::new();

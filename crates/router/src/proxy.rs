@@ -18,28 +18,13 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use memchr::memmem;
 use protocol::ApiError;
 
 use crate::engines::Endpoint;
 use crate::metrics::RouterMetrics;
-use crate::trace::{Telemetry, TraceCtx, Trail, TRACEPARENT, TRACESTATE};
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-pub fn http_client(connect_timeout: Duration) -> HttpClient {
-    let mut conn = HttpConnector::new();
-    conn.set_nodelay(true);
-    conn.set_connect_timeout(Some(connect_timeout));
-    conn.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build(conn)
-}
+use crate::trace::{Telemetry, TraceCtx, Trail};
+use crate::upstream::{self, HttpClient, ENGINE_HEADER, REQUEST_ID, TRACEPARENT, TRACESTATE};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those we set ourselves.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -58,10 +43,6 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-pub const REQUEST_ID: &str = "x-request-id";
-/// Response header naming the engine (`host:port`) that served the request.
-pub const ENGINE_HEADER: &str = "x-switchyard-engine";
-
 /// What the proxy needs to know about one request.
 pub struct Forward<'a> {
     pub method: Method,
@@ -73,12 +54,6 @@ pub struct Forward<'a> {
     pub stream: bool,
     /// The request's trace: each attempt sends a child span of it as `traceparent`.
     pub trace: TraceCtx,
-}
-
-thread_local! {
-    /// One upstream connection pool per thread: a connection is driven by the runtime
-    /// that opened it, so a per-core router never hands a socket to another thread.
-    static CLIENT: std::cell::RefCell<Option<HttpClient>> = const { std::cell::RefCell::new(None) };
 }
 
 pub struct Proxy {
@@ -114,11 +89,7 @@ enum AttemptError {
 impl Proxy {
     /// This thread's upstream client.
     pub fn client(&self) -> HttpClient {
-        CLIENT.with(|c| {
-            c.borrow_mut()
-                .get_or_insert_with(|| http_client(self.connect_timeout))
-                .clone()
-        })
+        upstream::thread_client(self.connect_timeout)
     }
 
     /// Try `ranked` engines in order; return the first response with headers. `trail`

@@ -29,12 +29,12 @@ use protocol::prom::{Counter, TextWriter};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::engines::mix64;
+use kv_events::hash::mix64;
+
+use crate::upstream::{self, HttpClient, REQUEST_ID, TRACEPARENT};
 
 /// The `tracing` target of the per-request log line.
 pub const ACCESS_TARGET: &str = "router::access";
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
 
 /// Spans the exporter queue holds before it drops new ones.
 const QUEUE: usize = 8192;
@@ -316,7 +316,7 @@ pub fn log_rejected(headers: &HeaderMap, model: &str, status: u16, start: Instan
     tracing::debug!(
         target: ACCESS_TARGET,
         request_id = headers
-            .get(crate::proxy::REQUEST_ID)
+            .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
         model,
@@ -515,7 +515,7 @@ impl Telemetry {
 
 async fn export_loop(tel: Arc<Telemetry>, mut rx: mpsc::Receiver<SpanRecord>) {
     let Some(x) = tel.exporter() else { return };
-    let client = crate::proxy::http_client(Duration::from_secs(3));
+    let client = upstream::http_client(Duration::from_secs(3));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut warned = false;
     loop {
@@ -555,7 +555,7 @@ async fn export_loop(tel: Arc<Telemetry>, mut rx: mpsc::Receiver<SpanRecord>) {
     }
 }
 
-async fn post(client: &crate::proxy::HttpClient, url: &str, body: Bytes) -> Result<(), String> {
+async fn post(client: &HttpClient, url: &str, body: Bytes) -> Result<(), String> {
     let req = Request::post(url)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(body))

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::{by_load, load_key, Policy, RouteCtx};
-use crate::engines::{mix64, Endpoint};
+use kv_events::hash::mix64;
+
+use crate::engines::Endpoint;
 
 #[derive(Debug, Default)]
 pub struct PowerOfTwo;

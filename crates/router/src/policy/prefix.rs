@@ -416,7 +416,7 @@ mod tests {
         let p = PrefixAware::new(PrefixSettings::default());
         set_load(&e, &[3, 1, 2, 5]);
         for i in 0..50 {
-            let (first, o) = route(&p, &e, &format!("{:x} unique", crate::engines::mix64(i)));
+            let (first, o) = route(&p, &e, &format!("{:x} unique", kv_events::hash::mix64(i)));
             assert_eq!(o, Outcome::Miss);
             assert_eq!(first, 1);
         }
@@ -451,7 +451,7 @@ mod tests {
             let model = if i % 3 == 0 { "a" } else { "b" };
             let prompt = format!(
                 "<|user|>{} unique prompt {i} {}",
-                crate::engines::mix64(i),
+                kv_events::hash::mix64(i),
                 "z".repeat((i % 200) as usize)
             );
             let mut order = Vec::new();
@@ -479,14 +479,14 @@ mod tests {
         drop(trees);
         let recent = format!(
             "<|user|>{} unique prompt 4999 {}",
-            crate::engines::mix64(4999),
+            kv_events::hash::mix64(4999),
             "z".repeat(199)
         );
         let t = p.tree("b");
         let mut m = Vec::new();
         lock(&t).match_tenants(recent.as_bytes(), &mut m);
         assert!(m.iter().any(|&(_, n)| n == recent.len()));
-        let old = format!("<|user|>{} unique prompt 1 ", crate::engines::mix64(1));
+        let old = format!("<|user|>{} unique prompt 1 ", kv_events::hash::mix64(1));
         lock(&t).match_tenants(old.as_bytes(), &mut m);
         assert!(m.iter().all(|&(_, n)| n < old.len()));
     }

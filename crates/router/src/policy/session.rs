@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use super::{by_load, Policy, RouteCtx};
-use crate::engines::{hash_str, mix64, Endpoint};
+use kv_events::hash::mix64;
+
+use crate::engines::{hash_str, Endpoint};
 
 #[derive(Debug, Default)]
 pub struct Session;
