@@ -21,9 +21,11 @@ use serde_json::value::RawValue;
 use kv_events::hash::mix64;
 
 use crate::engines::Endpoint;
+use crate::observe::dashboard;
+use crate::observe::metrics::NO_HEALTHY_ENGINE;
+use crate::observe::trace::{log_rejected, TraceCtx, Trail};
 use crate::policy::RouteCtx;
 use crate::proxy::{error, Forward};
-use crate::trace::{log_rejected, TraceCtx, Trail};
 use crate::upstream::REQUEST_ID;
 use crate::RouterState;
 
@@ -51,8 +53,8 @@ pub fn router(state: Arc<RouterState>) -> axum::Router {
         .route("/health", get(health))
         .route("/version", get(version))
         .route("/metrics", get(metrics))
-        .route("/dashboard", get(crate::dashboard::page))
-        .route("/dashboard/data", get(crate::dashboard::data))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/data", get(dashboard_data))
         .fallback(httpx::not_found)
         .method_not_allowed_fallback(httpx::method_not_allowed)
         .with_state(state)
@@ -228,8 +230,7 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         .cloned()
         .collect();
     if candidates.is_empty() {
-        st.metrics
-            .error("", model, crate::metrics::NO_HEALTHY_ENGINE);
+        st.metrics.error("", model, NO_HEALTHY_ENGINE);
         let what = match pinned {
             Some(id) => format!("Engine `{id}` is not available for model `{model}`."),
             None => format!("No healthy engine serves model `{model}` right now; retry later."),
@@ -281,7 +282,7 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         .unwrap_or(parts.uri.path());
     let trace = TraceCtx::from_headers(&parts.headers);
     let tel = &st.proxy.telemetry;
-    let trail = tel.wants_trail().then(|| {
+    let trail = Trail::wanted(tel).then(|| {
         Box::new(Trail::new(
             tel.clone(),
             request_id.clone(),
@@ -365,6 +366,18 @@ async fn health(State(st): State<Arc<RouterState>>) -> Response<Body> {
 
 async fn version() -> Response<Body> {
     httpx::json_ok(&json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn dashboard_data(State(st): State<Arc<RouterState>>) -> Response<Body> {
+    let dynamic = st.dynamic();
+    dashboard::data(&dashboard::Sources {
+        registry: &st.registry,
+        metrics: &st.metrics,
+        routing_logic: dynamic.policy.name(),
+        decisions: dynamic.policy.decisions(),
+        stats_window_s: st.settings.request_stats_window,
+        scrape_interval: st.settings.engine_stats_interval,
+    })
 }
 
 async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {

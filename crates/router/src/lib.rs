@@ -18,19 +18,16 @@
 
 pub mod api;
 pub mod config;
-pub mod dashboard;
 pub mod discovery;
 pub mod engines;
 pub mod k8s;
 pub mod kubeconfig;
 pub mod kv_index;
 pub mod kv_subscriber;
-pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod prefix_tree;
 pub mod proxy;
-pub mod stats;
-pub mod trace;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -39,7 +36,7 @@ use std::sync::{Arc, RwLock};
 pub use config::RouterArgs;
 use config::{Discovery, Dynamic, Settings};
 use engines::Registry;
-use metrics::RouterMetrics;
+use observe::metrics::RouterMetrics;
 use policy::Policy;
 use proxy::Proxy;
 
@@ -150,7 +147,7 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     })?;
     let metrics = Arc::new(RouterMetrics::default());
     let telemetry = Arc::new(
-        trace::Telemetry::new(args.otlp_traces_endpoint.as_deref())
+        observe::trace::Telemetry::new(args.otlp_traces_endpoint.as_deref())
             .map_err(config::ConfigError::Invalid)?,
     );
     telemetry.spawn();

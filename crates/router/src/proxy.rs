@@ -22,8 +22,8 @@ use memchr::memmem;
 use protocol::ApiError;
 
 use crate::engines::Endpoint;
-use crate::metrics::RouterMetrics;
-use crate::trace::{Telemetry, TraceCtx, Trail};
+use crate::observe::metrics::RouterMetrics;
+use crate::observe::trace::{self, Telemetry, TraceCtx, Trail};
 use crate::upstream::{self, HttpClient, ENGINE_HEADER, REQUEST_ID, TRACEPARENT, TRACESTATE};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those we set ourselves.
@@ -107,7 +107,7 @@ impl Proxy {
         for ep in ranked.iter().take(self.max_attempts) {
             attempts += 1;
             last_engine = &ep.url;
-            let span = crate::trace::new_id();
+            let span = trace::new_id();
             let mut obs = Observer::start(ep.clone(), f.stream);
             match self.attempt(f, ep, span).await {
                 Ok(resp) => {

@@ -3,7 +3,8 @@
 //!
 //! A request takes the snapshot (one `Arc` clone), so discovery and reloads never block
 //! or disturb requests in flight; an engine kept across a change keeps its counters.
-//! Memory is O(engines + models): nothing here is keyed by request.
+//! Memory is O(engines + models): nothing here is keyed by request. Each engine's
+//! sliding-window request statistics are [`stats`]'s ring.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -13,8 +14,10 @@ use std::time::Instant;
 use kv_events::hash::mix64;
 use protocol::prom::{Counter, Gauge, Histogram, ITL_BUCKETS, TTFT_BUCKETS};
 
+pub mod stats;
+
 use crate::config::BackendSpec;
-use crate::stats::RequestStats;
+use stats::RequestStats;
 
 /// Load figures scraped from an engine's `/metrics`.
 #[derive(Debug, Default)]

@@ -12,13 +12,14 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{header, HeaderValue, Response};
 use serde_json::{json, Value};
 
-use crate::RouterState;
+use super::metrics::RouterMetrics;
+use crate::engines::Registry;
 
 const PAGE: &str = include_str!("dashboard.html");
 
@@ -33,8 +34,24 @@ pub async fn page() -> Response<Body> {
     r
 }
 
-pub async fn data(State(st): State<Arc<RouterState>>) -> Response<Body> {
-    let mut r = httpx::json_ok(&status(&st));
+/// What the page shows, borrowed from the router's state for one call.
+pub struct Sources<'a> {
+    pub registry: &'a Registry,
+    pub metrics: &'a RouterMetrics,
+    /// The routing policy's name.
+    pub routing_logic: &'static str,
+    /// The policy's decisions so far by outcome (empty for policies that do not
+    /// classify them).
+    pub decisions: Vec<(&'static str, u64)>,
+    /// `--request-stats-window`, seconds.
+    pub stats_window_s: u64,
+    /// `--engine-stats-interval`.
+    pub scrape_interval: Duration,
+}
+
+/// The `/dashboard/data` answer (not cached).
+pub fn data(src: &Sources<'_>) -> Response<Body> {
+    let mut r = httpx::json_ok(&status(src));
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
@@ -49,10 +66,10 @@ struct ModelRow {
 }
 
 /// What `/dashboard/data` answers.
-pub fn status(st: &RouterState) -> Value {
-    let snap = st.registry.snapshot();
-    let incoming = st.metrics.incoming_counts();
-    let errors = st.metrics.error_counts();
+pub fn status(src: &Sources<'_>) -> Value {
+    let snap = src.registry.snapshot();
+    let incoming = src.metrics.incoming_counts();
+    let errors = src.metrics.error_counts();
     let rel = Ordering::Relaxed;
     let mut models: BTreeMap<&str, ModelRow> = BTreeMap::new();
     for (m, n) in &incoming {
@@ -111,11 +128,9 @@ pub fn status(st: &RouterState) -> Value {
             })
         })
         .collect();
-    let dynamic = st.dynamic();
-    let decisions: Vec<Value> = dynamic
-        .policy
-        .decisions()
-        .into_iter()
+    let decisions: Vec<Value> = src
+        .decisions
+        .iter()
         .map(|(outcome, count)| json!({"outcome": outcome, "count": count}))
         .collect();
     let models: Vec<Value> = models
@@ -132,10 +147,10 @@ pub fn status(st: &RouterState) -> Value {
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": st.registry.epoch.elapsed().as_secs_f64(),
-        "stats_window_s": st.settings.request_stats_window,
-        "scrape_interval_s": st.settings.engine_stats_interval.as_secs_f64(),
-        "routing_logic": dynamic.policy.name(),
+        "uptime_s": src.registry.epoch.elapsed().as_secs_f64(),
+        "stats_window_s": src.stats_window_s,
+        "scrape_interval_s": src.scrape_interval.as_secs_f64(),
+        "routing_logic": src.routing_logic,
         "totals": {
             "engines": snap.endpoints.len(),
             "healthy_engines": snap.endpoints.iter().filter(|e| e.is_healthy()).count(),
