@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use protocol::ApiError;
 use serde::Deserialize;
 use serde_json::json;
-use serde_json::value::RawValue;
 
 use kv_events::hash::mix64;
 
@@ -103,79 +102,6 @@ fn body_field<'a>(body: &'a [u8], key: &str) -> Option<Cow<'a, str>> {
     }
 }
 
-/// The fields a prompt is read from (only for policies that need it).
-#[derive(Deserialize)]
-struct PromptFields<'a> {
-    #[serde(borrow, default)]
-    messages: Option<Vec<Message<'a>>>,
-    #[serde(borrow, default)]
-    prompt: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(borrow, default)]
-    role: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Part<'a> {
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-}
-
-/// The prompt as text for prefix routing: for chat, each message as `<|role|>` then its
-/// text (a string, or the text parts of a list), in order; for completions, the prompt
-/// (a string; of a batch, the first; token ids as space-terminated numbers, so a token
-/// prefix stays a text prefix). None when the body has neither.
-fn prompt_text(body: &[u8]) -> Option<String> {
-    let f: PromptFields<'_> = serde_json::from_slice(body).ok()?;
-    if let Some(messages) = f.messages {
-        let mut out = String::new();
-        for m in &messages {
-            out.push_str("<|");
-            out.push_str(m.role.as_deref().unwrap_or(""));
-            out.push_str("|>");
-            let Some(c) = m.content else { continue };
-            if let Ok(s) = serde_json::from_str::<Cow<'_, str>>(c.get()) {
-                out.push_str(&s);
-            } else if let Ok(parts) = serde_json::from_str::<Vec<Part<'_>>>(c.get()) {
-                for t in parts.iter().filter_map(|p| p.text.as_deref()) {
-                    out.push_str(t);
-                }
-            }
-        }
-        return Some(out);
-    }
-    let raw = f.prompt?;
-    prompt_value(raw.get())
-}
-
-fn prompt_value(raw: &str) -> Option<String> {
-    let raw = raw.trim_start();
-    match raw.as_bytes().first()? {
-        b'"' => serde_json::from_str::<Cow<'_, str>>(raw)
-            .ok()
-            .map(Cow::into_owned),
-        b'[' => {
-            let items: Vec<&RawValue> = serde_json::from_str(raw).ok()?;
-            let first = items.first()?.get();
-            if first.starts_with(['"', '[']) {
-                return prompt_value(first);
-            }
-            let mut out = String::with_capacity(items.len() * 6);
-            for id in items {
-                out.push_str(id.get());
-                out.push(' ');
-            }
-            Some(out)
-        }
-        _ => None,
-    }
-}
-
 async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Body> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
@@ -258,21 +184,11 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
             .or_else(|| body_field(&bytes, k))
     });
     let nonce = mix64(st.seed ^ NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let prompt = if dynamic.policy.needs_prompt() {
-        prompt_text(&bytes)
-    } else {
-        None
-    };
-    let ctx = RouteCtx {
-        model,
-        session: session_owned.as_deref(),
-        nonce,
-        prompt: prompt.as_deref(),
-    };
     let mut order = Vec::with_capacity(candidates.len());
-    dynamic
-        .policy
-        .rank_request(&ctx, &bytes, &candidates, &mut order);
+    {
+        let ctx = RouteCtx::new(model, session_owned.as_deref(), nonce, &bytes);
+        dynamic.policy.rank(&ctx, &candidates, &mut order);
+    }
     let ranked: Vec<Arc<Endpoint>> = order.iter().map(|&i| candidates[i].clone()).collect();
 
     let path_and_query = parts
@@ -411,34 +327,5 @@ mod tests {
         );
         assert_eq!(body_field(br#"{"user":7}"#, "user").as_deref(), Some("7"));
         assert_eq!(body_field(b"not json", "user"), None);
-    }
-
-    #[test]
-    fn prompt_text_of_chat_and_completions() {
-        let chat = br#"{"model":"m","messages":[{"role":"system","content":"be \"brief\""},
-            {"role":"user","content":[{"type":"text","text":"look: "},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"a cat"}]},
-            {"role":"assistant","content":null},{"role":"user","content":"ok"}]}"#;
-        assert_eq!(
-            prompt_text(chat).as_deref(),
-            Some("<|system|>be \"brief\"<|user|>look: a cat<|assistant|><|user|>ok")
-        );
-        assert_eq!(
-            prompt_text(br#"{"model":"m","prompt":"once upon"}"#).as_deref(),
-            Some("once upon")
-        );
-        assert_eq!(
-            prompt_text(br#"{"prompt":["first","second"]}"#).as_deref(),
-            Some("first")
-        );
-        assert_eq!(
-            prompt_text(br#"{"prompt":[1,22,333]}"#).as_deref(),
-            Some("1 22 333 ")
-        );
-        assert_eq!(
-            prompt_text(br#"{"prompt":[[5,6],[7]]}"#).as_deref(),
-            Some("5 6 ")
-        );
-        assert_eq!(prompt_text(br#"{"model":"m","input":"x"}"#), None);
-        assert_eq!(prompt_text(b"[1,2]"), None);
     }
 }

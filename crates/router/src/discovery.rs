@@ -84,7 +84,6 @@ pub async fn discover_models(state: &RouterState, e: &Endpoint) -> bool {
 pub fn spawn_tasks(state: Arc<RouterState>) {
     tokio::spawn(health_loop(state.clone()));
     tokio::spawn(scrape_loop(state.clone()));
-    crate::kv_subscriber::spawn(&state);
     if state.settings.config_file.is_some() {
         tokio::spawn(config_loop(state));
     }

@@ -22,11 +22,8 @@ pub mod discovery;
 pub mod engines;
 pub mod k8s;
 pub mod kubeconfig;
-pub mod kv_index;
-pub mod kv_subscriber;
 pub mod observe;
 pub mod policy;
-pub mod prefix_tree;
 pub mod proxy;
 pub mod upstream;
 
@@ -37,6 +34,7 @@ pub use config::RouterArgs;
 use config::{Discovery, Dynamic, Settings};
 use engines::Registry;
 use observe::metrics::RouterMetrics;
+use policy::kvaware::{self, KvState};
 use policy::Policy;
 use proxy::Proxy;
 
@@ -48,7 +46,7 @@ pub struct DynState {
 }
 
 impl DynState {
-    fn new(config: Dynamic, kv: &Arc<kv_subscriber::KvState>) -> Self {
+    fn new(config: Dynamic, kv: &Arc<KvState>) -> Self {
         DynState {
             policy: policy::build(
                 config.routing_logic,
@@ -66,11 +64,11 @@ impl DynState {
 pub struct RouterState {
     pub args: RouterArgs,
     pub settings: Settings,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<RouterMetrics>,
     pub proxy: Proxy,
     /// The KV-cache index and `kvaware` metrics (kept across reloads).
-    pub kv: Arc<kv_subscriber::KvState>,
+    pub kv: Arc<KvState>,
     dynamic: RwLock<Arc<DynState>>,
     /// Per-process random seed (request ids, randomized policies).
     pub seed: u64,
@@ -97,6 +95,8 @@ impl RouterState {
         }
         self.registry.set_aliases(config.aliases.clone());
         self.registry.set_pinned(config.known_models.clone());
+        self.kv
+            .set_following(config.routing_logic == config::RoutingLogic::Kvaware);
         *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(DynState::new(config, &self.kv));
         self.metrics.sync(&self.registry);
@@ -165,11 +165,11 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         .unwrap_or(0)
         ^ u64::from(std::process::id()).rotate_left(32);
     let dynamic = settings.dynamic.clone();
-    let tokenizers = policy::kvaware::Tokenizers::load(&args.tokenizers)
-        .map_err(config::ConfigError::Invalid)?;
-    let kv = Arc::new(kv_subscriber::KvState::new(args.kv_events_port).with_tokenizers(tokenizers));
+    let tokenizers =
+        kvaware::Tokenizers::load(&args.tokenizers).map_err(config::ConfigError::Invalid)?;
+    let kv = Arc::new(KvState::new(args.kv_events_port).with_tokenizers(tokenizers));
     let state = Arc::new(RouterState {
-        registry: Registry::new(settings.request_stats_window),
+        registry: Arc::new(Registry::new(settings.request_stats_window)),
         dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone(), &kv))),
         kv,
         args,
@@ -195,6 +195,11 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         }
     }
     discovery::spawn_tasks(state.clone());
+    kvaware::subscriber::spawn(
+        state.kv.clone(),
+        Arc::downgrade(&state.registry),
+        state.settings.connect_timeout,
+    );
     Ok(Bound {
         addr: listener.local_addr()?,
         state,

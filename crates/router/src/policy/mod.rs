@@ -1,15 +1,24 @@
-//! Routing policies. A policy ranks the engines that can serve a request, most preferred
-//! first; the proxy tries them in that order, so failover is just walking the ranking
-//! (pingora's `BackendSelection` idea). A policy is a function of the request, the
+//! Room: routing policies. A policy ranks the engines that can serve a request, most
+//! preferred first; the proxy tries them in that order, so failover is just walking the
+//! ranking (pingora's `BackendSelection` idea). A policy is a function of the request, the
 //! engines' current state and its own small state: unit-testable without sockets.
+//!
+//! This file owns the trait, the request context and [`build`]. The simple policies are a
+//! file each ([`roundrobin`], [`session`], [`leastload`], [`p2c`]); the tree-based ones a
+//! folder each: [`prefix`] (with its prefix tree) and [`kvaware`] (with its KV-cache
+//! index and the subscriber following the engines' KV events). [`decisions`] is the
+//! decision statistics both of those keep.
 
+pub mod decisions;
 pub mod kvaware;
 mod leastload;
 mod p2c;
-mod prefix;
+pub mod prefix;
 mod roundrobin;
 mod session;
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 pub use kvaware::KvAware;
@@ -19,49 +28,67 @@ pub use prefix::PrefixAware;
 pub use roundrobin::RoundRobin;
 pub use session::Session;
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
 use crate::config::{PrefixSettings, RoutingLogic};
 use crate::engines::Endpoint;
-use crate::kv_subscriber::KvState;
+use kvaware::KvState;
 
 /// What a policy may look at in a request.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub struct RouteCtx<'a> {
     pub model: &'a str,
     /// The session id (from the `--session-key` header or body field), if any.
     pub session: Option<&'a str>,
     /// A per-request random value (for randomized policies).
     pub nonce: u64,
+    /// The request body (JSON) as received: `kvaware` renders and tokenizes its prompt.
+    pub body: &'a [u8],
+    /// [`RouteCtx::prompt`], extracted from `body` the first time a policy asks.
+    prompt: OnceCell<Option<String>>,
+}
+
+impl<'a> RouteCtx<'a> {
+    pub fn new(model: &'a str, session: Option<&'a str>, nonce: u64, body: &'a [u8]) -> Self {
+        RouteCtx {
+            model,
+            session,
+            nonce,
+            body,
+            prompt: OnceCell::new(),
+        }
+    }
+
+    /// A context whose prompt text is given rather than read from a body.
+    pub fn with_prompt(model: &'a str, prompt: &str) -> Self {
+        RouteCtx {
+            model,
+            prompt: OnceCell::from(Some(prompt.to_string())),
+            ..RouteCtx::default()
+        }
+    }
+
     /// The prompt as text (chat: role-marked message contents in order; completions: the
-    /// prompt), given only to policies whose [`Policy::needs_prompt`] is true.
-    pub prompt: Option<&'a str>,
+    /// prompt; see [`prompt_text`]), read from the body on the first call only: a policy
+    /// that never asks costs no parse.
+    pub fn prompt(&self) -> Option<&str> {
+        self.prompt
+            .get_or_init(|| prompt_text(self.body))
+            .as_deref()
+    }
 }
 
 pub trait Policy: Send + Sync {
     fn name(&self) -> &'static str;
     /// Fill `order` with indices into `candidates`, best first (every index once).
     fn rank(&self, ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>);
-    /// Whether `rank` reads [`RouteCtx::prompt`] (the request body is parsed for it only
-    /// then).
-    fn needs_prompt(&self) -> bool {
-        false
-    }
     /// The policy's own `/metrics` families (decisions, state size), if it keeps any.
     fn render_metrics(&self, _w: &mut protocol::prom::TextWriter) {}
     /// Its decisions so far by outcome (`cache_hit`, `miss`...), for the dashboard; empty
     /// for policies that do not classify them.
     fn decisions(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
-    }
-    /// [`Policy::rank`] with the request body at hand (for policies that read the prompt
-    /// as the engine will: `kvaware` tokenizes it).
-    fn rank_request(
-        &self,
-        ctx: &RouteCtx<'_>,
-        _body: &[u8],
-        candidates: &[Arc<Endpoint>],
-        order: &mut Vec<usize>,
-    ) {
-        self.rank(ctx, candidates, order)
     }
 }
 
@@ -97,6 +124,79 @@ pub(crate) fn by_load(candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
     order.sort_by_key(|&i| load_key(&candidates[i]));
 }
 
+/// The fields a prompt is read from.
+#[derive(Deserialize)]
+struct PromptFields<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+/// The prompt as text for prefix routing: for chat, each message as `<|role|>` then its
+/// text (a string, or the text parts of a list), in order; for completions, the prompt
+/// (a string; of a batch, the first; token ids as space-terminated numbers, so a token
+/// prefix stays a text prefix). None when the body has neither.
+pub fn prompt_text(body: &[u8]) -> Option<String> {
+    let f: PromptFields<'_> = serde_json::from_slice(body).ok()?;
+    if let Some(messages) = f.messages {
+        let mut out = String::new();
+        for m in &messages {
+            out.push_str("<|");
+            out.push_str(m.role.as_deref().unwrap_or(""));
+            out.push_str("|>");
+            let Some(c) = m.content else { continue };
+            if let Ok(s) = serde_json::from_str::<Cow<'_, str>>(c.get()) {
+                out.push_str(&s);
+            } else if let Ok(parts) = serde_json::from_str::<Vec<Part<'_>>>(c.get()) {
+                for t in parts.iter().filter_map(|p| p.text.as_deref()) {
+                    out.push_str(t);
+                }
+            }
+        }
+        return Some(out);
+    }
+    let raw = f.prompt?;
+    prompt_value(raw.get())
+}
+
+fn prompt_value(raw: &str) -> Option<String> {
+    let raw = raw.trim_start();
+    match raw.as_bytes().first()? {
+        b'"' => serde_json::from_str::<Cow<'_, str>>(raw)
+            .ok()
+            .map(Cow::into_owned),
+        b'[' => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw).ok()?;
+            let first = items.first()?.get();
+            if first.starts_with(['"', '[']) {
+                return prompt_value(first);
+            }
+            let mut out = String::with_capacity(items.len() * 6);
+            for id in items {
+                out.push_str(id.get());
+                out.push(' ');
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     use std::sync::Arc;
@@ -116,5 +216,39 @@ pub(crate) mod testutil {
                 Arc::new(Endpoint::new(&spec, 10, Instant::now()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_text_of_chat_and_completions() {
+        let chat = br#"{"model":"m","messages":[{"role":"system","content":"be \"brief\""},
+            {"role":"user","content":[{"type":"text","text":"look: "},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"a cat"}]},
+            {"role":"assistant","content":null},{"role":"user","content":"ok"}]}"#;
+        assert_eq!(
+            prompt_text(chat).as_deref(),
+            Some("<|system|>be \"brief\"<|user|>look: a cat<|assistant|><|user|>ok")
+        );
+        assert_eq!(
+            prompt_text(br#"{"model":"m","prompt":"once upon"}"#).as_deref(),
+            Some("once upon")
+        );
+        assert_eq!(
+            prompt_text(br#"{"prompt":["first","second"]}"#).as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            prompt_text(br#"{"prompt":[1,22,333]}"#).as_deref(),
+            Some("1 22 333 ")
+        );
+        assert_eq!(
+            prompt_text(br#"{"prompt":[[5,6],[7]]}"#).as_deref(),
+            Some("5 6 ")
+        );
+        assert_eq!(prompt_text(br#"{"model":"m","input":"x"}"#), None);
+        assert_eq!(prompt_text(b"[1,2]"), None);
     }
 }

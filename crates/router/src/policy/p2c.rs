@@ -53,16 +53,7 @@ mod tests {
         let mut firsts = [0; 4];
         let mut order = Vec::new();
         for nonce in 0..400u64 {
-            PowerOfTwo.rank(
-                &RouteCtx {
-                    model: "m",
-                    session: None,
-                    nonce,
-                    prompt: None,
-                },
-                &e,
-                &mut order,
-            );
+            PowerOfTwo.rank(&RouteCtx::new("m", None, nonce, b""), &e, &mut order);
             let mut s = order.clone();
             s.sort();
             assert_eq!(s, vec![0, 1, 2, 3]);

@@ -36,16 +36,7 @@ mod tests {
 
     fn first(p: &Session, e: &[Arc<Endpoint>], s: &str) -> String {
         let mut order = Vec::new();
-        p.rank(
-            &RouteCtx {
-                model: "m",
-                session: Some(s),
-                nonce: 0,
-                prompt: None,
-            },
-            e,
-            &mut order,
-        );
+        p.rank(&RouteCtx::new("m", Some(s), 0, b""), e, &mut order);
         e[order[0]].url.clone()
     }
 

@@ -17,21 +17,25 @@
 //! oldest leaf is oldest. Without a prompt (or an empty one): least load, nothing stored.
 //!
 //! Metrics (rendered by [`Policy::render_metrics`] while this is the routing logic):
-//! decisions per [`Outcome`], the share of the prompt the chosen engine held, and the
-//! trees' size. Updating them is a few relaxed atomics per request (fixed arrays, no
-//! labels taken from requests); the node count is summed only at `/metrics` time.
+//! decisions per [`Outcome`] and the share of the prompt the chosen engine held (the
+//! shared [`Decisions`]), and the trees' size. Updating them is a few relaxed atomics per
+//! request; the node count is summed only at `/metrics` time. The tree itself is
+//! [`tree`].
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use protocol::prom::{Counter, Histogram, TextWriter};
+use protocol::prom::TextWriter;
 
+pub mod tree;
+
+use super::decisions::{self, Decisions, Family};
 use super::{by_load, load_key, Policy, RouteCtx};
 use crate::config::PrefixSettings;
 use crate::engines::Endpoint;
-use crate::prefix_tree::{PrefixTree, Tenant};
+use tree::{PrefixTree, Tenant};
 
 type Tree = Arc<Mutex<PrefixTree>>;
 
@@ -44,14 +48,10 @@ pub struct PrefixAware {
     total: AtomicUsize,
     /// Logical time for LRU order, shared by all trees so their leaves compare.
     clock: AtomicU64,
-    /// Decisions, indexed by `Outcome as usize`.
-    decisions: [Counter; 4],
-    /// Matched prefix of the first-ranked engine / prompt length (requests with a prompt).
-    matched_ratio: Histogram,
+    /// Decisions by outcome, and the matched prefix of the first-ranked engine / prompt
+    /// length (requests with a prompt).
+    stats: Decisions<Outcome, 4>,
 }
-
-/// Bucket bounds of `vllm:router_prefix_matched_prefix_ratio` (as kvaware's).
-pub const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
 /// What the policy decided for one request (for tests and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,22 +66,32 @@ pub enum Outcome {
     NoPrompt,
 }
 
-impl Outcome {
-    pub const ALL: [Outcome; 4] = [
+impl decisions::Outcome for Outcome {
+    const ALL: &'static [Outcome] = &[
         Outcome::CacheHit,
         Outcome::Miss,
         Outcome::Imbalanced,
         Outcome::NoPrompt,
     ];
 
-    /// The `outcome` label value.
-    pub fn label(self) -> &'static str {
+    const FAMILY: Family = Family {
+        decisions: "vllm:router_prefix_decisions_total",
+        decisions_help: "prefixaware routing decisions by outcome",
+        ratio: "vllm:router_prefix_matched_prefix_ratio",
+        ratio_help: "Fraction of the prompt the chosen engine was sent before (prefixaware)",
+    };
+
+    fn label(self) -> &'static str {
         match self {
             Outcome::CacheHit => "cache_hit",
             Outcome::Miss => "miss",
             Outcome::Imbalanced => "imbalanced",
             Outcome::NoPrompt => "no_prompt",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -96,14 +106,13 @@ impl PrefixAware {
             trees: RwLock::new(HashMap::new()),
             total: AtomicUsize::new(0),
             clock: AtomicU64::new(1),
-            decisions: Default::default(),
-            matched_ratio: Histogram::new(RATIO_BUCKETS),
+            stats: Decisions::default(),
         }
     }
 
     /// Decisions so far with this outcome.
     pub fn decisions(&self, outcome: Outcome) -> u64 {
-        self.decisions[outcome as usize].get()
+        self.stats.count(outcome)
     }
 
     /// Live nodes in the trees of all models (locks each tree in turn).
@@ -148,7 +157,7 @@ impl PrefixAware {
         order: &mut Vec<usize>,
     ) -> Outcome {
         let outcome = self.decide_inner(ctx, candidates, order);
-        self.decisions[outcome as usize].inc();
+        self.stats.record(outcome);
         outcome
     }
 
@@ -158,7 +167,7 @@ impl PrefixAware {
         candidates: &[Arc<Endpoint>],
         order: &mut Vec<usize>,
     ) -> Outcome {
-        let text = match ctx.prompt {
+        let text = match ctx.prompt() {
             Some(t) if !t.is_empty() && !candidates.is_empty() => t.as_bytes(),
             _ => {
                 by_load(candidates, order);
@@ -208,7 +217,7 @@ impl PrefixAware {
             let total = self.total.fetch_add(grew, Ordering::Relaxed) + grew;
             (outcome, total > self.cfg.max_chars, ratio)
         };
-        self.matched_ratio.observe(ratio);
+        self.stats.matched_ratio.observe(ratio);
         if over {
             self.evict();
         }
@@ -255,14 +264,7 @@ impl Policy for PrefixAware {
     }
 
     fn decisions(&self) -> Vec<(&'static str, u64)> {
-        Outcome::ALL
-            .iter()
-            .map(|&o| (o.label(), self.decisions(o)))
-            .collect()
-    }
-
-    fn needs_prompt(&self) -> bool {
-        true
+        self.stats.counts()
     }
 
     fn rank(&self, ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
@@ -270,18 +272,7 @@ impl Policy for PrefixAware {
     }
 
     fn render_metrics(&self, w: &mut TextWriter) {
-        const D: &str = "vllm:router_prefix_decisions_total";
-        w.header(D, "counter", "prefixaware routing decisions by outcome");
-        for o in Outcome::ALL {
-            w.sample(D, &[("outcome", o.label())], self.decisions(o) as f64);
-        }
-        const R: &str = "vllm:router_prefix_matched_prefix_ratio";
-        w.header(
-            R,
-            "histogram",
-            "Fraction of the prompt the chosen engine was sent before (prefixaware)",
-        );
-        w.histogram(R, &[], &self.matched_ratio);
+        self.stats.render(w);
         const B: &str = "vllm:router_prefix_tree_bytes";
         w.header(
             B,
@@ -300,18 +291,9 @@ mod tests {
     use super::*;
     use crate::policy::testutil::engines;
 
-    fn ctx(prompt: &str) -> RouteCtx<'_> {
-        RouteCtx {
-            model: "m",
-            session: None,
-            nonce: 0,
-            prompt: Some(prompt),
-        }
-    }
-
     fn route(p: &PrefixAware, e: &[Arc<Endpoint>], prompt: &str) -> (usize, Outcome) {
         let mut order = Vec::new();
-        let o = p.decide(&ctx(prompt), e, &mut order);
+        let o = p.decide(&RouteCtx::with_prompt("m", prompt), e, &mut order);
         let mut s = order.clone();
         s.sort();
         assert_eq!(s, (0..e.len()).collect::<Vec<_>>(), "every engine once");
@@ -455,15 +437,7 @@ mod tests {
                 "z".repeat((i % 200) as usize)
             );
             let mut order = Vec::new();
-            p.decide(
-                &RouteCtx {
-                    model,
-                    prompt: Some(&prompt),
-                    ..RouteCtx::default()
-                },
-                &e,
-                &mut order,
-            );
+            p.decide(&RouteCtx::with_prompt(model, &prompt), &e, &mut order);
             peak = peak.max(p.stored_bytes());
             assert!(p.stored_bytes() <= cap, "{} > {cap}", p.stored_bytes());
         }
@@ -518,11 +492,11 @@ mod tests {
         assert_eq!(p.decisions(Outcome::NoPrompt), 1);
         assert_eq!(p.decisions(Outcome::Imbalanced), 1);
         // One observation per request with a prompt; hits see most of their prompt.
-        assert_eq!(p.matched_ratio.count(), 9);
+        assert_eq!(p.stats.matched_ratio.count(), 9);
         assert!(
-            p.matched_ratio.sum() > 6.0 * 0.5,
+            p.stats.matched_ratio.sum() > 6.0 * 0.5,
             "{}",
-            p.matched_ratio.sum()
+            p.stats.matched_ratio.sum()
         );
         assert!(p.stored_bytes() > 0 && p.stored_nodes() > 0);
         let text = page(&p);

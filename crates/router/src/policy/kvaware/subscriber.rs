@@ -1,6 +1,7 @@
 //! Following the engines' KV-cache events for `kvaware` routing: one ZMQ SUB per engine,
-//! fed into the shared [`KvIndex`], on a thread of its own (the serving threads never
-//! decode events).
+//! fed into the shared [`KvIndex`](super::index::KvIndex), on a thread of its own (the
+//! serving threads never decode events). It is handed what it needs (the [`KvState`],
+//! the registry, the connect timeout), not the router's state.
 //!
 //! - **Where**: a Switchyard engine advertises its sockets on `GET /kv_events`
 //!   (`{"endpoint","replay_endpoint","topic","block_size"}`; a wildcard host means the
@@ -20,152 +21,21 @@
 //!   followed there (from a clean slate, replayed from 0).
 //! - **Leaving**: the manager follows the registry; an engine no longer in it has its
 //!   subscriber stopped and its entries dropped. Nothing is followed unless the routing
-//!   logic is `kvaware`.
+//!   logic is `kvaware` ([`KvState::following`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use kv_events::{decode_batch, END_SEQ};
-use protocol::prom::{Counter, Histogram, TextWriter};
 use serde::Deserialize;
 use zeromq::{Socket, SocketRecv, SocketSend};
 
-use crate::config::RoutingLogic;
+use super::index::EngineKey;
+use super::KvState;
 use crate::engines::{Endpoint, Registry};
-use crate::kv_index::{EngineKey, KvIndex};
 use crate::upstream::{self, HttpClient};
-use crate::RouterState;
-
-/// `matched prefix blocks / prompt blocks` of each decision.
-pub const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
-
-/// How a `kvaware` decision came out (the `outcome` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The first choice holds the longest cached prefix of the prompt.
-    CacheHit,
-    /// Some engine held a longer prefix, but load outweighed it.
-    Balanced,
-    /// No candidate holds any block of the prompt: the least loaded.
-    Miss,
-    /// No event stream (or no prompt to hash): least load.
-    Fallback,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 4] = [
-        Outcome::CacheHit,
-        Outcome::Balanced,
-        Outcome::Miss,
-        Outcome::Fallback,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::CacheHit => "cache_hit",
-            Outcome::Balanced => "balanced",
-            Outcome::Miss => "miss",
-            Outcome::Fallback => "fallback",
-        }
-    }
-}
-
-/// What `kvaware` routing shares between the policy (rebuilt on reloads), the subscribers
-/// and `/metrics`.
-#[derive(Debug)]
-pub struct KvState {
-    pub index: RwLock<KvIndex>,
-    /// `--kv-events-port`: where a real vLLM engine publishes, by convention.
-    pub events_port: u16,
-    decisions: [Counter; 4],
-    pub matched_ratio: Histogram,
-    /// `--tokenizer`: how prompts are tokenized, per model.
-    pub tokenizers: crate::policy::kvaware::Tokenizers,
-}
-
-impl KvState {
-    pub fn new(events_port: u16) -> Self {
-        KvState {
-            index: RwLock::new(KvIndex::default()),
-            events_port,
-            decisions: Default::default(),
-            matched_ratio: Histogram::new(RATIO_BUCKETS),
-            tokenizers: Default::default(),
-        }
-    }
-
-    pub fn with_tokenizers(mut self, t: crate::policy::kvaware::Tokenizers) -> Self {
-        self.tokenizers = t;
-        self
-    }
-
-    pub fn index(&self) -> std::sync::RwLockReadGuard<'_, KvIndex> {
-        self.index.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, KvIndex> {
-        self.index.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn record(&self, outcome: Outcome) {
-        self.decisions[outcome as usize].inc();
-    }
-
-    pub fn decisions(&self, outcome: Outcome) -> u64 {
-        self.decisions[outcome as usize].get()
-    }
-
-    /// The `kvaware` metric families.
-    pub fn render(&self, registry: &Registry) -> String {
-        let mut w = TextWriter::new();
-        w.header(
-            "vllm:router_kv_decisions_total",
-            "counter",
-            "kvaware routing decisions by outcome",
-        );
-        for o in Outcome::ALL {
-            w.sample(
-                "vllm:router_kv_decisions_total",
-                &[("outcome", o.label())],
-                self.decisions(o) as f64,
-            );
-        }
-        w.header(
-            "vllm:router_kv_matched_prefix_ratio",
-            "histogram",
-            "Fraction of the prompt's blocks cached on the chosen engine",
-        );
-        w.histogram(
-            "vllm:router_kv_matched_prefix_ratio",
-            &[],
-            &self.matched_ratio,
-        );
-        let idx = self.index();
-        w.header(
-            "vllm:router_kv_index_blocks",
-            "gauge",
-            "Distinct KV blocks in the router's index",
-        );
-        w.sample("vllm:router_kv_index_blocks", &[], idx.blocks() as f64);
-        w.header(
-            "vllm:router_kv_engine_blocks",
-            "gauge",
-            "KV blocks the index holds for each engine with an event stream",
-        );
-        for e in registry.snapshot().endpoints.iter() {
-            if idx.has_engine(e.key) {
-                w.sample(
-                    "vllm:router_kv_engine_blocks",
-                    &[("server", &e.url)],
-                    idx.engine_blocks(e.key) as f64,
-                );
-            }
-        }
-        w.finish()
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Where an engine publishes
@@ -305,27 +175,27 @@ impl SeqState {
 // ---------------------------------------------------------------------------------------
 // Tasks
 
-/// Start the thread that follows the engines' events while the routing logic is
-/// `kvaware`. It stops when the router state is dropped.
-pub fn spawn(state: &Arc<RouterState>) {
-    let weak = Arc::downgrade(state);
-    let r = httpx::spawn_runtime_thread("kv-events", manager(weak));
+/// Start the thread that follows the engines of `registry` while the routing logic is
+/// `kvaware` (upstream connections with `connect_timeout`). It stops when the registry is
+/// dropped (with the router's state).
+pub fn spawn(kv: Arc<KvState>, registry: Weak<Registry>, connect_timeout: Duration) {
+    let r = httpx::spawn_runtime_thread("kv-events", manager(kv, registry, connect_timeout));
     if let Err(e) = r {
         tracing::error!(error = %e, "KV events: cannot start the subscriber thread");
     }
 }
 
 /// Keep one subscriber per engine in the registry (while `kvaware` is on).
-async fn manager(state: Weak<RouterState>) {
+async fn manager(kv: Arc<KvState>, registry: Weak<Registry>, connect_timeout: Duration) {
     let mut subs: HashMap<EngineKey, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(st) = state.upgrade() else { break };
-        let on = st.dynamic().config.routing_logic == RoutingLogic::Kvaware;
-        let snap = st.registry.snapshot();
-        let want: HashMap<EngineKey, &Arc<Endpoint>> = if on {
+        let Some(snap) = registry.upgrade().map(|r| r.snapshot()) else {
+            break;
+        };
+        let want: HashMap<EngineKey, &Arc<Endpoint>> = if kv.following() {
             snap.endpoints.iter().map(|e| (e.key, e)).collect()
         } else {
             HashMap::new()
@@ -336,28 +206,28 @@ async fn manager(state: Weak<RouterState>) {
             }
             task.abort();
             if !want.contains_key(key) {
-                st.kv.index_mut().remove_engine(*key);
+                kv.index_mut().remove_engine(*key);
                 tracing::info!("KV events: engine left; its blocks dropped from the index");
             }
             false
         });
         // Engines the index follows that no subscriber owns any more (left while a task
         // was being restarted).
-        let stale: Vec<EngineKey> = st
-            .kv
+        let stale: Vec<EngineKey> = kv
             .index()
             .engines()
             .into_iter()
             .filter(|k| !want.contains_key(k))
             .collect();
         for k in stale {
-            st.kv.index_mut().remove_engine(k);
+            kv.index_mut().remove_engine(k);
         }
         for (key, ep) in want {
             if subs.contains_key(&key) {
                 continue;
             }
-            let task = subscribe(st.kv.clone(), st.proxy.client(), ep.clone());
+            let client = upstream::thread_client(connect_timeout);
+            let task = subscribe(kv.clone(), client, ep.clone());
             subs.insert(key, tokio::spawn(task));
         }
     }

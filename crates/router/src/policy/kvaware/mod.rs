@@ -1,14 +1,13 @@
-//! KV-aware routing in Dynamo's manner: the engines' KV-cache events (followed by
-//! `kv_subscriber` into one [`KvIndex`](crate::kv_index::KvIndex)) say which blocks each
-//! engine holds; each request goes to the engine where it costs least, weighing the
-//! prefill work its cache does not save against the work the engine already carries.
+//! Room: KV-aware routing in Dynamo's manner. The engines' KV-cache events (followed by
+//! [`subscriber`] into one [`KvIndex`](index::KvIndex)) say which blocks each engine
+//! holds; each request goes to the engine where it costs least, weighing the prefill work
+//! its cache does not save against the work the engine already carries. This file owns
+//! the policy and [`KvState`], what the policy, the subscriber and `/metrics` share;
+//! [`tokens`] renders prompts as the engine does, [`index`] is the block index.
 //!
 //! Per request:
-//! 1. The prompt is rendered and tokenized exactly as the engine does it (chat: the
-//!    model's template, `add_generation_prompt` defaulting to true; completions: the text
-//!    prompt with the model's BOS where it adds one, or the token ids; a batch: its first
-//!    prompt), with the model's tokenizer from `--tokenizer` (a GGUF file), else the sim
-//!    tokenizer and ChatML, as Switchyard's sim engines do.
+//! 1. The prompt is rendered and tokenized exactly as the engine does it ([`tokens`]),
+//!    from the request body in the [`RouteCtx`].
 //! 2. Its full blocks are hashed with each engine's block size (from the engine's
 //!    advertisement or its events), chained as the engine chains them; each candidate's
 //!    `matched` is the number of leading blocks it holds.
@@ -24,19 +23,141 @@
 //! Without an event stream from any candidate, or without a prompt to hash: least load.
 //! An engine without a stream among others that have one counts as holding nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+pub mod index;
+pub mod subscriber;
+pub mod tokens;
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use protocol::openai::{ChatMessage, Prompt};
-use serde::Deserialize;
-use tokenizer::{BpeTokenizer, SimTokenizer, Tokenizer};
+use protocol::prom::TextWriter;
 
+use super::decisions::{self, Decisions, Family};
 use super::{by_load, load_key, Policy, RouteCtx};
-use crate::engines::Endpoint;
-use crate::kv_index::prompt_hashes;
-use crate::kv_subscriber::{KvState, Outcome};
+use crate::engines::{Endpoint, Registry};
+use index::{prompt_hashes, KvIndex};
+pub use tokens::{prompt_tokens, Tokenizers};
+
+/// How a `kvaware` decision came out (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The first choice holds the longest cached prefix of the prompt.
+    CacheHit,
+    /// Some engine held a longer prefix, but load outweighed it.
+    Balanced,
+    /// No candidate holds any block of the prompt: the least loaded.
+    Miss,
+    /// No event stream (or no prompt to hash): least load.
+    Fallback,
+}
+
+impl decisions::Outcome for Outcome {
+    const ALL: &'static [Outcome] = &[
+        Outcome::CacheHit,
+        Outcome::Balanced,
+        Outcome::Miss,
+        Outcome::Fallback,
+    ];
+
+    const FAMILY: Family = Family {
+        decisions: "vllm:router_kv_decisions_total",
+        decisions_help: "kvaware routing decisions by outcome",
+        ratio: "vllm:router_kv_matched_prefix_ratio",
+        ratio_help: "Fraction of the prompt's blocks cached on the chosen engine",
+    };
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Balanced => "balanced",
+            Outcome::Miss => "miss",
+            Outcome::Fallback => "fallback",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What `kvaware` routing shares between the policy (rebuilt on reloads), the subscribers
+/// and `/metrics`: kept for the router's life.
+#[derive(Debug)]
+pub struct KvState {
+    pub index: RwLock<KvIndex>,
+    /// `--kv-events-port`: where a real vLLM engine publishes, by convention.
+    pub events_port: u16,
+    /// Decisions by outcome and the matched share of the prompt's blocks
+    /// (`vllm:router_kv_*`; kept across reloads).
+    pub decisions: Decisions<Outcome, 4>,
+    /// `--tokenizer`: how prompts are tokenized, per model.
+    pub tokenizers: Tokenizers,
+    /// Whether the routing logic is `kvaware`: the subscriber follows the engines' events
+    /// only then.
+    following: AtomicBool,
+}
+
+impl KvState {
+    pub fn new(events_port: u16) -> Self {
+        KvState {
+            index: RwLock::new(KvIndex::default()),
+            events_port,
+            decisions: Decisions::default(),
+            tokenizers: Default::default(),
+            following: AtomicBool::new(false),
+        }
+    }
+
+    pub fn with_tokenizers(mut self, t: Tokenizers) -> Self {
+        self.tokenizers = t;
+        self
+    }
+
+    pub fn index(&self) -> std::sync::RwLockReadGuard<'_, KvIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, KvIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set when the routing settings change: whether `kvaware` is the routing logic.
+    pub fn set_following(&self, on: bool) {
+        self.following.store(on, Ordering::Relaxed);
+    }
+
+    pub fn following(&self) -> bool {
+        self.following.load(Ordering::Relaxed)
+    }
+
+    /// The `kvaware` metric families.
+    pub fn render(&self, registry: &Registry) -> String {
+        let mut w = TextWriter::new();
+        self.decisions.render(&mut w);
+        let idx = self.index();
+        w.header(
+            "vllm:router_kv_index_blocks",
+            "gauge",
+            "Distinct KV blocks in the router's index",
+        );
+        w.sample("vllm:router_kv_index_blocks", &[], idx.blocks() as f64);
+        w.header(
+            "vllm:router_kv_engine_blocks",
+            "gauge",
+            "KV blocks the index holds for each engine with an event stream",
+        );
+        for e in registry.snapshot().endpoints.iter() {
+            if idx.has_engine(e.key) {
+                w.sample(
+                    "vllm:router_kv_engine_blocks",
+                    &[("server", &e.url)],
+                    idx.engine_blocks(e.key) as f64,
+                );
+            }
+        }
+        w.finish()
+    }
+}
 
 pub struct KvAware {
     kv: Arc<KvState>,
@@ -53,100 +174,6 @@ impl std::fmt::Debug for KvAware {
             .field("overlap_weight", &self.overlap_weight)
             .finish_non_exhaustive()
     }
-}
-
-/// The body fields the engine builds its prompt from.
-#[derive(Deserialize)]
-struct PromptBody {
-    #[serde(default)]
-    messages: Option<Vec<ChatMessage>>,
-    #[serde(default)]
-    prompt: Option<Prompt>,
-    #[serde(default)]
-    add_generation_prompt: Option<bool>,
-}
-
-/// The tokenizers prompts are rendered with, per model (`--tokenizer`), loaded once at
-/// start and kept across reloads.
-pub struct Tokenizers {
-    by_model: HashMap<String, Arc<dyn Tokenizer>>,
-    default: Arc<dyn Tokenizer>,
-}
-
-impl std::fmt::Debug for Tokenizers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizers")
-            .field("models", &self.by_model.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for Tokenizers {
-    fn default() -> Self {
-        Tokenizers {
-            by_model: HashMap::new(),
-            default: Arc::new(SimTokenizer::new()),
-        }
-    }
-}
-
-impl Tokenizers {
-    /// Load `[MODEL=]PATH` specs: a bare path is every other model's tokenizer.
-    pub fn load(specs: &[String]) -> Result<Tokenizers, String> {
-        let mut t = Tokenizers::default();
-        let mut cache: HashMap<&str, Arc<dyn Tokenizer>> = HashMap::new();
-        for spec in specs {
-            let (model, path) = match spec.split_once('=') {
-                Some((m, p)) if !m.is_empty() => (Some(m), p),
-                _ => (None, spec.as_str()),
-            };
-            let tok = match cache.get(path) {
-                Some(t) => t.clone(),
-                None => {
-                    let loaded: Arc<dyn Tokenizer> = Arc::new(
-                        BpeTokenizer::from_gguf_path(std::path::Path::new(path))
-                            .map_err(|e| format!("--tokenizer {spec}: {e}"))?,
-                    );
-                    cache.insert(path, loaded.clone());
-                    loaded
-                }
-            };
-            match model {
-                Some(m) => {
-                    t.by_model.insert(m.to_string(), tok);
-                }
-                None => t.default = tok,
-            }
-        }
-        Ok(t)
-    }
-
-    pub fn for_model(&self, model: &str) -> &dyn Tokenizer {
-        self.by_model.get(model).unwrap_or(&self.default).as_ref()
-    }
-}
-
-/// The prompt's token ids as the engine computes them; `None` when the body has no prompt
-/// (or the template refuses it: the engine will answer that request with an error).
-pub fn prompt_tokens(tokenizer: &dyn Tokenizer, body: &[u8]) -> Option<Vec<u32>> {
-    let b: PromptBody = serde_json::from_slice(body).ok()?;
-    if let Some(messages) = b.messages {
-        let text = tokenizer
-            .apply_chat_template(&messages, b.add_generation_prompt.unwrap_or(true))
-            .ok()?;
-        return Some(tokenizer.encode(&text));
-    }
-    Some(match b.prompt? {
-        Prompt::Text(t) => tokenizer.encode_prompt(&t),
-        Prompt::Tokens(t) => t,
-        Prompt::TextBatch(v) => tokenizer.encode_prompt(v.first()?),
-        Prompt::TokenBatch(mut v) => {
-            if v.is_empty() {
-                return None;
-            }
-            v.swap_remove(0)
-        }
-    })
 }
 
 impl KvAware {
@@ -174,7 +201,7 @@ impl KvAware {
         order: &mut Vec<usize>,
     ) -> Outcome {
         let outcome = self.decide_inner(model, body, candidates, order);
-        self.kv.record(outcome);
+        self.kv.decisions.record(outcome);
         outcome
     }
 
@@ -265,7 +292,7 @@ impl KvAware {
                     .then_with(|| candidates[a].url.cmp(&candidates[b].url))
             });
             let first = order[0];
-            self.kv.matched_ratio.observe(frac(first));
+            self.kv.decisions.matched_ratio.observe(frac(first));
             self.learn_size(avg, prompt_blocks[first]);
             return Outcome::Miss;
         }
@@ -287,6 +314,7 @@ impl KvAware {
             Outcome::Balanced
         };
         self.kv
+            .decisions
             .matched_ratio
             .observe(matched[first] as f64 / prompt_blocks[first].max(1) as f64);
         self.learn_size(avg, prompt_blocks[first]);
@@ -307,24 +335,11 @@ impl Policy for KvAware {
     }
 
     fn decisions(&self) -> Vec<(&'static str, u64)> {
-        crate::kv_subscriber::Outcome::ALL
-            .iter()
-            .map(|&o| (o.label(), self.kv.decisions(o)))
-            .collect()
+        self.kv.decisions.counts()
     }
 
-    fn rank(&self, _ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
-        self.decide(_ctx.model, b"", candidates, order);
-    }
-
-    fn rank_request(
-        &self,
-        ctx: &RouteCtx<'_>,
-        body: &[u8],
-        candidates: &[Arc<Endpoint>],
-        order: &mut Vec<usize>,
-    ) {
-        self.decide(ctx.model, body, candidates, order);
+    fn rank(&self, ctx: &RouteCtx<'_>, candidates: &[Arc<Endpoint>], order: &mut Vec<usize>) {
+        self.decide(ctx.model, ctx.body, candidates, order);
     }
 }
 
@@ -334,6 +349,7 @@ mod tests {
     use crate::policy::testutil::engines;
     use kv_events::{BlockStored, KvEvent};
     use serde_json::json;
+    use tokenizer::SimTokenizer;
 
     const BS: usize = 16;
 
@@ -371,33 +387,6 @@ mod tests {
         s.sort();
         assert_eq!(s, (0..e.len()).collect::<Vec<_>>(), "every engine once");
         (order[0], o)
-    }
-
-    #[test]
-    fn tokenizes_as_the_engine_does() {
-        let t = SimTokenizer::new();
-        let body = chat("be brief", "hi");
-        let msgs: Vec<ChatMessage> = serde_json::from_value(json!([
-            {"role":"system","content":"be brief"},{"role":"user","content":"hi"}]))
-        .unwrap();
-        let expect = t.encode(&tokenizer::chatml(&msgs, true));
-        assert_eq!(prompt_tokens(&t, &body), Some(expect));
-        let no_gen =
-            br#"{"messages":[{"role":"user","content":"hi"}],"add_generation_prompt":false}"#;
-        assert_eq!(
-            prompt_tokens(&t, no_gen),
-            Some(t.encode("<|im_start|>user\nhi<|im_end|>\n"))
-        );
-        assert_eq!(
-            prompt_tokens(&t, br#"{"prompt":"once upon"}"#),
-            Some(t.encode("once upon"))
-        );
-        assert_eq!(
-            prompt_tokens(&t, br#"{"prompt":[5,6,7]}"#),
-            Some(vec![5, 6, 7])
-        );
-        assert_eq!(prompt_tokens(&t, br#"{"prompt":[[1],[2]]}"#), Some(vec![1]));
-        assert_eq!(prompt_tokens(&t, br#"{"input":"x"}"#), None);
     }
 
     #[test]
@@ -439,8 +428,8 @@ mod tests {
         e[0].in_flight.store(1, Ordering::Relaxed);
         let (first, o) = route(&p, &e, &chat("unrelated", "x"));
         assert_eq!((first, o), (1, Outcome::Miss));
-        assert_eq!(kv.decisions(Outcome::CacheHit), 1);
-        assert_eq!(kv.decisions(Outcome::Miss), 1);
+        assert_eq!(kv.decisions.count(Outcome::CacheHit), 1);
+        assert_eq!(kv.decisions.count(Outcome::Miss), 1);
     }
 
     #[test]
@@ -478,7 +467,7 @@ mod tests {
         let (_, kv2, p2) = setup(3);
         let _ = kv2;
         assert_eq!(route(&p2, &e, br#"{"model":"m"}"#).1, Outcome::Fallback);
-        assert_eq!(kv.decisions(Outcome::Fallback), 1);
+        assert_eq!(kv.decisions.count(Outcome::Fallback), 1);
     }
 
     #[test]
