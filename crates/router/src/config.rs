@@ -87,7 +87,7 @@ pub enum K8sDiscoveryType {
     ServiceName,
 }
 
-/// `--service-discovery k8s`: where and what to watch (see `k8s.rs`).
+/// `--service-discovery k8s`: where and what to watch (see `discovery::k8s`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct K8sSettings {
     pub namespace: String,

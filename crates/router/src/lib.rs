@@ -1,27 +1,26 @@
 //! The Switchyard router: one OpenAI endpoint in front of many engines and models.
 //!
+//! Rooms, by feature (each `mod.rs` says what it owns):
+//! - [`api`]: the HTTP surface; [`proxy`]: the per-request forwarding path with failover
+//!   and observation. This file: the router's state, `bind` and serving.
 //! - [`config`]: flags (the Production Stack router's) and the dynamic config file.
-//! - [`engines`]: the engine set (identity, models, health, load, stats) as snapshots.
-//! - [`discovery`]: where engines come from (static lists), model discovery, health
-//!   checks, engine-stats scraping and config reloads: the background tasks.
-//! - [`k8s`]: Kubernetes discovery: the engine set follows a LIST + WATCH of the pods (or
-//!   Services) matching a label selector.
-//! - [`policy`]: routing policies ranking engines per request.
-//! - [`kv_index`], [`kv_subscriber`]: the engines' KV-cache events behind `kvaware`.
-//! - [`prefix_tree`]: the approximate prefix tree behind `prefixaware` routing.
-//! - [`proxy`]: the per-request forwarding path with failover and observation.
-//! - [`stats`]: constant-memory sliding-window request statistics.
-//! - [`metrics`]: the router's `/metrics`.
-//! - [`trace`]: W3C trace context, the per-request log line, OTLP span export.
-//! - [`dashboard`]: the live status page (`/dashboard`).
-//! - [`api`]: the HTTP surface.
+//! - [`engines`]: the engine set (identity, models, health, load, window statistics) as
+//!   snapshots.
+//! - [`discovery`]: where engines come from (static lists, config reloads, the Kubernetes
+//!   watch), model discovery, health checks and engine-stats scraping.
+//! - [`policy`]: routing policies ranking engines per request, `prefixaware` and
+//!   `kvaware` with their trees, index and KV-event subscriber.
+//! - [`observe`]: `/metrics`, the dashboard, trace context, the access log and OTLP
+//!   export.
+//! - [`upstream`]: the HTTP client and header names every call to an engine shares.
+//!
+//! Dependencies go one way: this file and `api` → `proxy`, `discovery`, `policy`,
+//! `observe` → `engines`, `upstream`, `config`.
 
 pub mod api;
 pub mod config;
 pub mod discovery;
 pub mod engines;
-pub mod k8s;
-pub mod kubeconfig;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
@@ -31,7 +30,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 pub use config::RouterArgs;
-use config::{Discovery, Dynamic, Settings};
+use config::{Dynamic, RoutingLogic, Settings};
+use discovery::k8s;
+use discovery::EngineSet;
 use engines::Registry;
 use observe::metrics::RouterMetrics;
 use policy::kvaware::{self, KvState};
@@ -72,10 +73,6 @@ pub struct RouterState {
     dynamic: RwLock<Arc<DynState>>,
     /// Per-process random seed (request ids, randomized policies).
     pub seed: u64,
-    /// `Authorization` for the router's own calls to engines (`VLLM_API_KEY`).
-    pub engine_auth: Option<axum::http::HeaderValue>,
-    /// The Kubernetes watcher, while `--service-discovery k8s`.
-    pub k8s: k8s::Control,
 }
 
 impl RouterState {
@@ -86,20 +83,23 @@ impl RouterState {
             .clone()
     }
 
-    /// Apply new dynamic settings: engines kept keep their state; requests in flight
-    /// hold the old snapshot and finish undisturbed. Under Kubernetes discovery the
-    /// engine set is the watcher's and is left alone here.
-    pub fn apply(&self, config: Dynamic) {
-        if config.discovery == Discovery::Static {
-            self.registry.apply(&config.backends);
-        }
+    /// Apply new routing settings (aliases, known models, routing logic, session key):
+    /// requests in flight keep the policy they were ranked with. The engine set is
+    /// discovery's ([`EngineSet::apply_engines`]).
+    pub fn apply_settings(&self, config: Dynamic) {
         self.registry.set_aliases(config.aliases.clone());
         self.registry.set_pinned(config.known_models.clone());
         self.kv
-            .set_following(config.routing_logic == config::RoutingLogic::Kvaware);
+            .set_following(config.routing_logic == RoutingLogic::Kvaware);
         *self.dynamic.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(DynState::new(config, &self.kv));
         self.metrics.sync(&self.registry);
+    }
+}
+
+impl discovery::Reconfigure for RouterState {
+    fn reconfigure(&self, config: Dynamic) {
+        self.apply_settings(config);
     }
 }
 
@@ -115,9 +115,6 @@ pub enum RouterError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
-
-/// How long `bind` waits for the first Kubernetes LIST before serving anyway.
-const K8S_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A router bound to its port, engines discovered, ready to serve.
 pub struct Bound {
@@ -168,8 +165,15 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     let tokenizers =
         kvaware::Tokenizers::load(&args.tokenizers).map_err(config::ConfigError::Invalid)?;
     let kv = Arc::new(KvState::new(args.kv_events_port).with_tokenizers(tokenizers));
+    let registry = Arc::new(Registry::new(settings.request_stats_window));
+    let engines = Arc::new(EngineSet::new(
+        registry.clone(),
+        metrics.clone(),
+        settings.connect_timeout,
+    ));
+    let k8s = Arc::new(k8s::Watcher::new(engines.clone(), args.clone()));
     let state = Arc::new(RouterState {
-        registry: Arc::new(Registry::new(settings.request_stats_window)),
+        registry,
         dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone(), &kv))),
         kv,
         args,
@@ -177,24 +181,12 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         metrics,
         proxy,
         seed,
-        engine_auth: discovery::engine_auth_from_env(),
-        k8s: k8s::Control::default(),
     });
-    state.apply(dynamic.clone());
-    match dynamic.discovery {
-        Discovery::Static => discovery::refresh_models(&state).await,
-        Discovery::K8s(k) => {
-            // Serve once the first LIST is in (and its engines' models), so a restarted
-            // router does not answer 404 for models it has simply not seen yet.
-            let synced = k8s::start(&state, k).map_err(config::ConfigError::Invalid)?;
-            if tokio::time::timeout(K8S_SYNC_WAIT, synced).await.is_err() {
-                tracing::warn!(
-                    "Kubernetes discovery: no engine list after {K8S_SYNC_WAIT:?}; serving anyway"
-                );
-            }
-        }
-    }
-    discovery::spawn_tasks(state.clone());
+    state.apply_settings(dynamic.clone());
+    discovery::start(&engines, &k8s, &dynamic)
+        .await
+        .map_err(config::ConfigError::Invalid)?;
+    discovery::spawn_tasks(&engines, k8s, &state.settings, &state.args, state.clone());
     kvaware::subscriber::spawn(
         state.kv.clone(),
         Arc::downgrade(&state.registry),

@@ -231,10 +231,13 @@ impl Registry {
             .clone()
     }
 
-    /// Replace the engine set with `specs`, keeping the state of engines that stay.
-    pub fn apply(&self, specs: &[BackendSpec]) {
+    /// Replace the engine set with `specs`, keeping the state of engines that stay;
+    /// returns the engines that joined. (The router changes its set through
+    /// `discovery::EngineSet::apply_engines`, which keeps the rest in step.)
+    pub fn apply(&self, specs: &[BackendSpec]) -> Vec<Arc<Endpoint>> {
         let old = self.snapshot();
         let mut endpoints = Vec::with_capacity(specs.len());
+        let mut joined = Vec::new();
         for spec in specs {
             let kept = old
                 .endpoints
@@ -242,7 +245,11 @@ impl Registry {
                 .find(|e| e.url == spec.url && e.configured_model == spec.model);
             let ep = match kept {
                 Some(e) => e.clone(),
-                None => Arc::new(Endpoint::new(spec, self.window, self.epoch)),
+                None => {
+                    let e = Arc::new(Endpoint::new(spec, self.window, self.epoch));
+                    joined.push(e.clone());
+                    e
+                }
             };
             if let Some(m) = &spec.model {
                 self.remember(m);
@@ -251,6 +258,7 @@ impl Registry {
         }
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) =
             Arc::new(Snapshot { endpoints });
+        joined
     }
 
     pub fn set_aliases(&self, aliases: HashMap<String, String>) {
@@ -342,8 +350,10 @@ mod tests {
         r.apply(&[spec("http://a:1", Some("m")), spec("http://b:2", Some("m"))]);
         let a = r.snapshot().endpoints[0].clone();
         a.in_flight.fetch_add(1, Ordering::Relaxed);
-        r.apply(&[spec("http://a:1", Some("m")), spec("http://c:3", Some("n"))]);
+        let joined = r.apply(&[spec("http://a:1", Some("m")), spec("http://c:3", Some("n"))]);
         let snap = r.snapshot();
+        assert_eq!(joined.len(), 1);
+        assert!(Arc::ptr_eq(&joined[0], &snap.endpoints[1]), "c joined");
         assert!(Arc::ptr_eq(&snap.endpoints[0], &a));
         assert_eq!(snap.endpoints[1].url, "http://c:3");
         assert!(r.is_known("m") && r.is_known("n") && !r.is_known("x"));

@@ -4,7 +4,7 @@
 //! engines' current state and its own small state: unit-testable without sockets.
 //!
 //! This file owns the trait, the request context and [`build`]. The simple policies are a
-//! file each ([`roundrobin`], [`session`], [`leastload`], [`p2c`]); the tree-based ones a
+//! file each (`roundrobin`, `session`, `leastload`, `p2c`); the tree-based ones a
 //! folder each: [`prefix`] (with its prefix tree) and [`kvaware`] (with its KV-cache
 //! index and the subscriber following the engines' KV events). [`decisions`] is the
 //! decision statistics both of those keep.

@@ -1,5 +1,5 @@
 //! Room: KV-aware routing in Dynamo's manner. The engines' KV-cache events (followed by
-//! [`subscriber`] into one [`KvIndex`](index::KvIndex)) say which blocks each engine
+//! [`subscriber`] into one [`index::KvIndex`]) say which blocks each engine
 //! holds; each request goes to the engine where it costs least, weighing the prefill work
 //! its cache does not save against the work the engine already carries. This file owns
 //! the policy and [`KvState`], what the policy, the subscriber and `/metrics` share;

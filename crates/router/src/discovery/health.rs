@@ -1,0 +1,43 @@
+//! Periodic health checks: every `--health-check-interval`, a `GET /health` to each engine.
+//! `--health-failure-threshold` consecutive failures eject it (requests stop going
+//! there; failed connects from the proxy count too), `--health-success-threshold`
+//! consecutive successes readmit it, and a readmitted engine without a configured model
+//! is asked for its models again. Ejection and readmission flip the engine's own health
+//! flag: the set (the registry's snapshot) stays as it is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::EngineSet;
+use crate::upstream;
+
+/// Check every engine every `interval`, forever.
+pub async fn run(engines: Arc<EngineSet>, interval: Duration, successes: u32, failures: u32) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = interval.min(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let snap = engines.registry.snapshot();
+        for e in snap.endpoints.iter() {
+            let (engines, e) = (engines.clone(), e.clone());
+            tokio::spawn(async move {
+                let url = format!("{}/health", e.url);
+                let ok = matches!(
+                    upstream::get(&engines.client(), &url, timeout, None).await,
+                    Ok((s, _)) if s.is_success()
+                );
+                if ok {
+                    if e.record_success(successes) {
+                        tracing::info!(engine = %e.url, "engine readmitted");
+                        if e.configured_model.is_none() {
+                            engines.discover_models(&e).await;
+                        }
+                    }
+                } else if e.record_failure(failures) {
+                    tracing::warn!(engine = %e.url, "engine ejected: health checks failing");
+                }
+            });
+        }
+    }
+}
