@@ -436,69 +436,102 @@ pub fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
 
 /// Build the dynamic part from flags (which win) and a file.
 pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, ConfigError> {
+    let discovery = discovery_from(args, file)?;
+    // Under k8s the engines come from the watch: static lists are not read.
+    let backends = if discovery == Discovery::Static {
+        backends_from(args, file)?
+    } else {
+        Vec::new()
+    };
+    let aliases = aliases_from(args, file)?;
+    let prefix = prefix_from(args)?;
+    check_kvaware(args)?;
+    Ok(Dynamic {
+        discovery,
+        prefix,
+        kv_overlap_weight: args.kv_overlap_weight,
+        kv_min_match: args.kv_min_match,
+        routing_logic: args
+            .routing_logic
+            .or(file.routing_logic)
+            .unwrap_or(RoutingLogic::Roundrobin),
+        session_key: args
+            .session_key
+            .clone()
+            .or_else(|| file.session_key.clone()),
+        backends,
+        aliases,
+        known_models: list(args.known_models.as_ref(), file.known_models.as_ref()),
+    })
+}
+
+/// A list from its flag (comma separated) when given, else from the file.
+fn list(flag: Option<&String>, file: Option<&StrList>) -> Vec<String> {
+    match flag {
+        Some(s) => split_csv(s),
+        None => file.map(StrList::items).unwrap_or_default(),
+    }
+}
+
+/// [`list`], keeping empty entries in their place (lists aligned with the backends).
+fn list_keeping_empty(flag: Option<&String>, file: Option<&StrList>) -> Vec<String> {
+    match flag {
+        Some(s) => StrList::Csv(s.clone()).items_keeping_empty(),
+        None => file.map(StrList::items_keeping_empty).unwrap_or_default(),
+    }
+}
+
+/// Static lists, or the Kubernetes watch and what it watches.
+fn discovery_from(args: &RouterArgs, file: &FileConfig) -> Result<Discovery, ConfigError> {
     let kind = args
         .service_discovery
         .or(file.service_discovery)
         .unwrap_or(DiscoveryKind::Static);
-    let discovery = match kind {
-        DiscoveryKind::Static => Discovery::Static,
-        DiscoveryKind::K8s => Discovery::K8s(K8sSettings {
-            namespace: args
-                .k8s_namespace
-                .clone()
-                .or_else(|| file.k8s_namespace.clone())
-                .or_else(|| {
-                    std::fs::read_to_string(SA_NAMESPACE_FILE)
-                        .ok()
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                })
-                .unwrap_or_else(|| "default".into()),
-            label_selector: args
-                .k8s_label_selector
-                .clone()
-                .or_else(|| file.k8s_label_selector.clone())
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            port: args.k8s_port.or(file.k8s_port).unwrap_or(8000),
-            kind: args
-                .k8s_service_discovery_type
-                .or(file.k8s_service_discovery_type)
-                .unwrap_or(K8sDiscoveryType::PodIp),
-            watcher_timeout_seconds: args
-                .k8s_watcher_timeout_seconds
-                .or(file.k8s_watcher_timeout_seconds)
-                .unwrap_or(0),
-        }),
-    };
-    if let Discovery::K8s(k) = &discovery {
-        if k.namespace.is_empty() || k.port == 0 {
-            return Err(ConfigError::Invalid(
-                "--k8s-namespace must not be empty and --k8s-port must be a port".into(),
-            ));
-        }
+    if kind == DiscoveryKind::Static {
+        return Ok(Discovery::Static);
     }
-    // Under k8s the engines come from the watch: static lists are not read.
-    let is_static = discovery == Discovery::Static;
-    let backends = match &args.static_backends {
-        _ if !is_static => Vec::new(),
-        Some(s) => split_csv(s),
-        None => file
-            .static_backends
-            .as_ref()
-            .map(StrList::items)
-            .unwrap_or_default(),
+    let k = K8sSettings {
+        namespace: args
+            .k8s_namespace
+            .clone()
+            .or_else(|| file.k8s_namespace.clone())
+            .or_else(|| {
+                std::fs::read_to_string(SA_NAMESPACE_FILE)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| "default".into()),
+        label_selector: args
+            .k8s_label_selector
+            .clone()
+            .or_else(|| file.k8s_label_selector.clone())
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        port: args.k8s_port.or(file.k8s_port).unwrap_or(8000),
+        kind: args
+            .k8s_service_discovery_type
+            .or(file.k8s_service_discovery_type)
+            .unwrap_or(K8sDiscoveryType::PodIp),
+        watcher_timeout_seconds: args
+            .k8s_watcher_timeout_seconds
+            .or(file.k8s_watcher_timeout_seconds)
+            .unwrap_or(0),
     };
-    let models = match &args.static_models {
-        _ if !is_static => Vec::new(),
-        Some(s) => split_csv(s),
-        None => file
-            .static_models
-            .as_ref()
-            .map(StrList::items)
-            .unwrap_or_default(),
-    };
+    if k.namespace.is_empty() || k.port == 0 {
+        return Err(ConfigError::Invalid(
+            "--k8s-namespace must not be empty and --k8s-port must be a port".into(),
+        ));
+    }
+    Ok(Discovery::K8s(k))
+}
+
+/// The static backends, each with its model and KV-event endpoint when listed (lists
+/// aligned with the backends, in order).
+fn backends_from(args: &RouterArgs, file: &FileConfig) -> Result<Vec<BackendSpec>, ConfigError> {
+    let backends = list(args.static_backends.as_ref(), file.static_backends.as_ref());
+    let models = list(args.static_models.as_ref(), file.static_models.as_ref());
     if !models.is_empty() && models.len() != backends.len() {
         return Err(ConfigError::Invalid(format!(
             "--static-models lists {} models for {} backends: give one model per backend, in order",
@@ -506,15 +539,10 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             backends.len()
         )));
     }
-    let kv_endpoints = match &args.static_kv_events_endpoints {
-        _ if !is_static => Vec::new(),
-        Some(s) => StrList::Csv(s.clone()).items_keeping_empty(),
-        None => file
-            .static_kv_events_endpoints
-            .as_ref()
-            .map(StrList::items_keeping_empty)
-            .unwrap_or_default(),
-    };
+    let kv_endpoints = list_keeping_empty(
+        args.static_kv_events_endpoints.as_ref(),
+        file.static_kv_events_endpoints.as_ref(),
+    );
     if !kv_endpoints.is_empty() && kv_endpoints.len() != backends.len() {
         return Err(ConfigError::Invalid(format!(
             "--static-kv-events-endpoints lists {} endpoints for {} backends: give one per backend, in order (an empty entry keeps the default)",
@@ -542,21 +570,26 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             kv_events,
         });
     }
-    let alias_items = match &args.static_aliases {
-        Some(s) => split_csv(s),
-        None => file
-            .static_aliases
-            .as_ref()
-            .map(StrList::items)
-            .unwrap_or_default(),
-    };
+    Ok(specs)
+}
+
+/// `alias:model` pairs.
+fn aliases_from(
+    args: &RouterArgs,
+    file: &FileConfig,
+) -> Result<HashMap<String, String>, ConfigError> {
     let mut aliases = HashMap::new();
-    for a in alias_items {
+    for a in list(args.static_aliases.as_ref(), file.static_aliases.as_ref()) {
         let (alias, model) = a
             .split_once(':')
             .ok_or_else(|| ConfigError::Invalid(format!("alias {a:?} is not alias:model")))?;
         aliases.insert(alias.trim().to_string(), model.trim().to_string());
     }
+    Ok(aliases)
+}
+
+/// The `prefixaware` knobs, checked.
+fn prefix_from(args: &RouterArgs) -> Result<PrefixSettings, ConfigError> {
     let prefix = PrefixSettings {
         match_threshold: args.prefix_match_threshold,
         balance_abs: args.balance_abs_threshold,
@@ -574,6 +607,11 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
                 .into(),
         ));
     }
+    Ok(prefix)
+}
+
+/// The `kvaware` knobs are in range.
+fn check_kvaware(args: &RouterArgs) -> Result<(), ConfigError> {
     if !args.kv_overlap_weight.is_finite() || args.kv_overlap_weight < 0.0 {
         return Err(ConfigError::Invalid(
             "--kv-overlap-weight must be a non-negative number".into(),
@@ -584,30 +622,7 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
             "--kv-min-match must be between 0 and 1".into(),
         ));
     }
-    Ok(Dynamic {
-        discovery,
-        prefix,
-        kv_overlap_weight: args.kv_overlap_weight,
-        kv_min_match: args.kv_min_match,
-        routing_logic: args
-            .routing_logic
-            .or(file.routing_logic)
-            .unwrap_or(RoutingLogic::Roundrobin),
-        session_key: args
-            .session_key
-            .clone()
-            .or_else(|| file.session_key.clone()),
-        backends: specs,
-        aliases,
-        known_models: match &args.known_models {
-            Some(s) => split_csv(s),
-            None => file
-                .known_models
-                .as_ref()
-                .map(StrList::items)
-                .unwrap_or_default(),
-        },
-    })
+    Ok(())
 }
 
 /// `http://host:port` with no trailing slash; only plain HTTP upstreams are supported.
