@@ -224,6 +224,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_prompt_is_read_from_the_body_once_when_asked() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let ctx = RouteCtx::new("m", None, 7, body);
+        assert!(
+            ctx.prompt.get().is_none(),
+            "nothing parsed before a policy asks"
+        );
+        let first = ctx.prompt().expect("a prompt");
+        assert_eq!(first, "<|user|>hi");
+        assert!(
+            std::ptr::eq(first, ctx.prompt().expect("again")),
+            "parsed once"
+        );
+        assert_eq!(RouteCtx::default().prompt(), None);
+        assert_eq!(RouteCtx::with_prompt("m", "given").prompt(), Some("given"));
+    }
+
+    #[test]
     fn prompt_text_of_chat_and_completions() {
         let chat = br#"{"model":"m","messages":[{"role":"system","content":"be \"brief\""},
             {"role":"user","content":[{"type":"text","text":"look: "},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"a cat"}]},

@@ -471,6 +471,35 @@ mod tests {
     }
 
     #[test]
+    fn metrics_keep_their_names_and_labels() {
+        let (e, kv, p) = setup(2);
+        route(&p, &e, &chat("a", "b"));
+        let registry = Registry::new(10);
+        let page = kv.render(&registry);
+        for line in [
+            "# TYPE vllm:router_kv_decisions_total counter",
+            "vllm:router_kv_decisions_total{outcome=\"cache_hit\"} 0",
+            "vllm:router_kv_decisions_total{outcome=\"balanced\"} 0",
+            "vllm:router_kv_decisions_total{outcome=\"miss\"} 1",
+            "vllm:router_kv_decisions_total{outcome=\"fallback\"} 0",
+            "# TYPE vllm:router_kv_matched_prefix_ratio histogram",
+            "vllm:router_kv_matched_prefix_ratio_count 1",
+            "# TYPE vllm:router_kv_index_blocks gauge",
+        ] {
+            assert!(page.contains(line), "{line} missing in\n{page}");
+        }
+        assert_eq!(
+            p.decisions(),
+            vec![
+                ("cache_hit", 0),
+                ("balanced", 0),
+                ("miss", 1),
+                ("fallback", 0)
+            ]
+        );
+    }
+
+    #[test]
     fn two_replicas_fed_the_same_events_agree() {
         let e = engines(4);
         let mk = || {
