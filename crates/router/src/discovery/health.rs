@@ -13,31 +13,23 @@ use crate::upstream;
 
 /// Check every engine every `interval`, forever.
 pub async fn run(engines: Arc<EngineSet>, interval: Duration, successes: u32, failures: u32) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = interval.min(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        let snap = engines.registry.snapshot();
-        for e in snap.endpoints.iter() {
-            let (engines, e) = (engines.clone(), e.clone());
-            tokio::spawn(async move {
-                let url = format!("{}/health", e.url);
-                let ok = matches!(
-                    upstream::get(&engines.client(), &url, timeout, None).await,
-                    Ok((s, _)) if s.is_success()
-                );
-                if ok {
-                    if e.record_success(successes) {
-                        tracing::info!(engine = %e.url, "engine readmitted");
-                        if e.configured_model.is_none() {
-                            engines.discover_models(&e).await;
-                        }
-                    }
-                } else if e.record_failure(failures) {
-                    tracing::warn!(engine = %e.url, "engine ejected: health checks failing");
+    super::each_engine_every(engines, interval, move |engines, e| async move {
+        let url = format!("{}/health", e.url);
+        let ok = matches!(
+            upstream::get(&engines.client(), &url, timeout, None).await,
+            Ok((s, _)) if s.is_success()
+        );
+        if ok {
+            if e.record_success(successes) {
+                tracing::info!(engine = %e.url, "engine readmitted");
+                if e.configured_model.is_none() {
+                    engines.discover_models(&e).await;
                 }
-            });
+            }
+        } else if e.record_failure(failures) {
+            tracing::warn!(engine = %e.url, "engine ejected: health checks failing");
         }
-    }
+    })
+    .await
 }

@@ -125,3 +125,21 @@ pub fn spawn_tasks(
         }));
     }
 }
+
+/// Every `interval` (a late tick is not made up), run `probe` on each engine of the set
+/// as it is then, each in its own task so a slow engine delays no other; forever.
+async fn each_engine_every<F, Fut>(engines: Arc<EngineSet>, interval: Duration, probe: F)
+where
+    F: Fn(Arc<EngineSet>, Arc<crate::engines::Endpoint>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = engines.registry.snapshot();
+        for e in snap.endpoints.iter() {
+            tokio::spawn(probe(engines.clone(), e.clone()));
+        }
+    }
+}

@@ -12,28 +12,20 @@ use crate::upstream;
 
 /// Scrape every engine every `interval`, forever.
 pub async fn run(engines: Arc<EngineSet>, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let snap = engines.registry.snapshot();
-        for e in snap.endpoints.iter() {
-            let (engines, e) = (engines.clone(), e.clone());
-            tokio::spawn(async move {
-                let url = format!("{}/metrics", e.url);
-                let client = engines.client();
-                let got = upstream::get(&client, &url, Duration::from_secs(5), None).await;
-                if let Ok((s, body)) = got {
-                    if s.is_success() {
-                        apply_scrape(&e, &body);
-                    }
-                }
-                if e.configured_model.is_none() && e.is_healthy() {
-                    engines.discover_models(&e).await;
-                }
-            });
+    super::each_engine_every(engines, interval, |engines, e| async move {
+        let url = format!("{}/metrics", e.url);
+        let client = engines.client();
+        let got = upstream::get(&client, &url, Duration::from_secs(5), None).await;
+        if let Ok((s, body)) = got {
+            if s.is_success() {
+                apply_scrape(&e, &body);
+            }
         }
-    }
+        if e.configured_model.is_none() && e.is_healthy() {
+            engines.discover_models(&e).await;
+        }
+    })
+    .await
 }
 
 /// Sum the samples of the load metrics on an engine's `/metrics` page. Accepts both the
