@@ -215,7 +215,7 @@ python3 - "$RAW" "$CLK_TCK" "$NOTES" <<'PY'
 import csv, statistics, sys
 raw, tck, notes = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rows = list(csv.DictReader(open(raw), delimiter="\t"))
-order = ["direct", "switchyard", "vllm-router", "sglang-router"]
+order = ["direct", "switchyard", "baseline", "vllm-router", "sglang-router"]
 cells = {}
 for r in rows:
     req, dur = int(r["requests"]), int(r["duration_us"])
@@ -266,4 +266,8 @@ for cs, label in cases:
             added = med(us["p50"]) - med(base["p50"])
             line += f"; p50 added {added:+.3f} ms (goal ≤+0.050: {'met' if added <= 0.05 else 'MISSED'})"
         print(line)
+        bl = cells.get((cs, c, "baseline"))
+        if bl:
+            print(f"  vs baseline: throughput {med(us['rps']) / med(bl['rps']):.2f}x, "
+                  f"CPU {cpu / max(med(bl['cpu']), 1e-9):.2f}x, p50 {med(us['p50']) / max(med(bl['p50']), 1e-9):.2f}x")
 PY
