@@ -47,6 +47,8 @@ enum Command {
     Up(Box<up::UpArgs>),
     /// Load generator: multi-round QA, shared-prefix and random workloads; compare runs.
     Bench(Box<bench::BenchArgs>),
+    /// The shared KV cache tier: a cache server speaking LMCache's `lm://` protocol.
+    CacheServer(Box<cache::ServerArgs>),
 }
 
 #[derive(clap::Args)]
@@ -99,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         Command::Engine(cmd) => multi_thread()?.block_on(run_engine(*cmd)),
         Command::Up(args) => multi_thread()?.block_on(up::run(*args)),
         Command::Bench(args) => multi_thread()?.block_on(bench::run(*args)),
+        Command::CacheServer(args) => Ok(multi_thread()?.block_on(cache::server::run(*args))?),
     }
 }
 

@@ -1,0 +1,11 @@
+//! The shared KV tier (the Production Stack's LMCache tier): LMCache's `lm://` wire
+//! format ([`lm`]), the cache server's bounded store ([`store`]) and server
+//! ([`server`], `switchyard cache-server`), and the client engines and the benchmark use
+//! to reach one or several servers ([`client`]).
+
+pub mod client;
+pub mod lm;
+pub mod server;
+pub mod store;
+
+pub use server::ServerArgs;
