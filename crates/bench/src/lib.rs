@@ -3,8 +3,10 @@
 //! Workloads (`multi-round`, `shared-prefix`, `random`) drive any OpenAI-compatible
 //! server with streaming requests and measure each one (TTFT, ITL, end-to-end, tokens,
 //! errors by kind); the run ends as a table on stdout and, with `--output`, a JSON
-//! report that `switchyard bench compare` reads back.
+//! report that `switchyard bench compare` reads back. `cache` measures a KV cache
+//! server instead.
 
+pub mod cache;
 pub mod client;
 pub mod compare;
 pub mod report;
@@ -36,6 +38,8 @@ pub enum BenchCommand {
     Random(RandomArgs),
     /// Compare JSON reports: ratios against the first, and an SVG chart.
     Compare(compare::CompareArgs),
+    /// A KV cache server's PUT and GET throughput (`lm://`), every chunk checked.
+    Cache(cache::CacheArgs),
 }
 
 /// Flags every workload takes.
@@ -192,6 +196,25 @@ pub struct RandomArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (report, common) = match args.command {
         BenchCommand::Compare(c) => return compare::run(&c),
+        BenchCommand::Cache(c) => {
+            let output = c.output.clone();
+            let report = cache::run(c).await?;
+            print!("{}", report.table());
+            if let Some(path) = &output {
+                let json = serde_json::to_string_pretty(&report)?;
+                std::fs::write(path, json + "\n")
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            }
+            if report.errors > 0 || report.verified != report.chunks {
+                anyhow::bail!(
+                    "{} of {} chunks verified, {} errors",
+                    report.verified,
+                    report.chunks,
+                    report.errors
+                );
+            }
+            return Ok(());
+        }
         BenchCommand::MultiRound(a) => (workload::multi_round(&a).await?, a.common),
         BenchCommand::SharedPrefix(a) => (workload::shared_prefix(&a).await?, a.common),
         BenchCommand::Random(a) => (workload::random(&a).await?, a.common),
