@@ -37,6 +37,9 @@ pub struct CacheArgs {
     /// server that keeps data never see the last run's chunks).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Only PUT (no GET phase, nothing verified): to load a server past its memory bound.
+    #[arg(long)]
+    pub put_only: bool,
     /// Write the JSON summary here.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -70,9 +73,11 @@ fn key(seed: u64, i: usize) -> String {
     format!("switchyard-bench@1@0@{:x}@half", mix(seed ^ mix(i as u64)))
 }
 
-fn payload(seed: u64, i: usize, n: usize) -> Vec<u8> {
+/// Every chunk is the run's base payload with its own 16 leading bytes (or fewer, for a
+/// tiny chunk), so chunks differ and checking one costs a compare, not a regeneration.
+fn base_payload(seed: u64, n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n + 8);
-    let mut x = mix(seed.rotate_left(7) ^ i as u64);
+    let mut x = mix(seed.rotate_left(7));
     while out.len() < n {
         x = mix(x);
         out.extend_from_slice(&x.to_le_bytes());
@@ -81,9 +86,18 @@ fn payload(seed: u64, i: usize, n: usize) -> Vec<u8> {
     out
 }
 
+fn stamp(buf: &mut [u8], seed: u64, i: usize) {
+    let mut tag = [0u8; 16];
+    tag[..8].copy_from_slice(&mix(seed ^ i as u64).to_le_bytes());
+    tag[8..].copy_from_slice(&(i as u64).to_le_bytes());
+    let n = buf.len().min(16);
+    buf[..n].copy_from_slice(&tag[..n]);
+}
+
 struct Shared {
     args: CacheArgs,
     seed: u64,
+    base: Vec<u8>,
     next: AtomicUsize,
     errors: AtomicUsize,
     verified: AtomicUsize,
@@ -126,6 +140,7 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<CacheReport> {
     let shared = Arc::new(Shared {
         args: args.clone(),
         seed,
+        base: base_payload(seed, args.chunk_bytes),
         next: AtomicUsize::new(0),
         errors: AtomicUsize::new(0),
         verified: AtomicUsize::new(0),
@@ -147,7 +162,9 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<CacheReport> {
     let put_seconds = started.elapsed().as_secs_f64();
     shared.next.store(0, Ordering::Relaxed);
     let started = Instant::now();
-    phase(&shared, &remotes, Phase::Get).await;
+    if !args.put_only {
+        phase(&shared, &remotes, Phase::Get).await;
+    }
     let get_seconds = started.elapsed().as_secs_f64();
     let total = (args.chunks * args.chunk_bytes) as f64;
     let report = CacheReport {
@@ -158,7 +175,11 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<CacheReport> {
         put_seconds,
         get_seconds,
         put_gbps: total / put_seconds.max(1e-9) / 1e9,
-        get_gbps: total / get_seconds.max(1e-9) / 1e9,
+        get_gbps: if args.put_only {
+            0.0
+        } else {
+            total / get_seconds.max(1e-9) / 1e9
+        },
         verified: shared.verified.load(Ordering::Relaxed),
         errors: shared.errors.load(Ordering::Relaxed),
         first_error: shared
@@ -183,6 +204,7 @@ async fn phase(shared: &Arc<Shared>, remotes: &[Arc<cache::client::Remote>], pha
             let (shared, remote) = (shared.clone(), remote.clone());
             tokio::spawn(async move {
                 let a = &shared.args;
+                let mut want = shared.base.clone();
                 loop {
                     let i = shared.next.fetch_add(1, Ordering::Relaxed);
                     if i >= a.chunks {
@@ -190,7 +212,7 @@ async fn phase(shared: &Arc<Shared>, remotes: &[Arc<cache::client::Remote>], pha
                     }
                     let k = key(shared.seed, i);
                     let client = remote.shard(&k);
-                    let want = payload(shared.seed, i, a.chunk_bytes);
+                    stamp(&mut want, shared.seed, i);
                     match phase {
                         Phase::Put => {
                             let meta = Meta {
