@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command: builds the binary, runs the Rust tests, then
 # the Python suite (official openai client + Prometheus parser) against the
-# built binary, and the router in front of two real vLLM engines on CPU.
+# built binary, the router in front of two real vLLM engines on CPU, and the
+# cache server against LMCache's own lm:// client and server.
 # Exits non-zero on any failure.
 set -euo pipefail
 
@@ -21,6 +22,10 @@ prom_env="$("$root/scripts/setup-prometheus.sh")"; export $prom_env  # PROMETHEU
 echo "==> real vLLM (cached under ~/.cache/switchyard/vllm; minutes on the first run)"
 vllm_env="$("$root/scripts/setup-vllm.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR|GGUF)=')"
 export $vllm_env
+
+echo "==> LMCache (cached under ~/.cache/switchyard/lmcache; borrows torch from the vLLM venv)"
+lmcache_env="$("$root/scripts/setup-lmcache.sh" | grep -E '^LMCACHE_PYTHON=')"
+export $lmcache_env
 
 echo "==> pytest tests/python"
 bin="${SWITCHYARD_BIN:-$root/target/debug/switchyard}"
