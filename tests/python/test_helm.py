@@ -252,7 +252,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--helm-worker"]:
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-CI_SETS = ["cpu-quickstart", "multi-model-gpu", "keda-scale-from-zero", "observability"]
+CI_SETS = ["cpu-quickstart", "multi-model-gpu", "keda-scale-from-zero", "observability", "cache-server"]
 ERROR = 3  # helm lint severities: 1 info, 2 warning, 3 error
 WARNING = 2
 
@@ -400,6 +400,7 @@ def rendered(helm):
 # Names as the chart makes them (release "sy" does not contain "switchyard").
 FULLNAME = f"{RELEASE}-switchyard"
 ROUTER = f"{FULLNAME}-router"
+CACHE_SERVER = f"{FULLNAME}-cache-server"
 
 
 def engine_name(model: str) -> str:
@@ -421,6 +422,19 @@ def flag(args: list[str], name: str) -> str | None:
 
 def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def label_selector_matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions) against labels."""
+    ops = {
+        "In": lambda k, vs: labels.get(k) in vs,
+        "NotIn": lambda k, vs: labels.get(k) not in vs,
+        "Exists": lambda k, _: k in labels,
+        "DoesNotExist": lambda k, _: k not in labels,
+    }
+    return selector_matches(selector.get("matchLabels", {}), labels) and all(
+        ops[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", [])
+    )
 
 
 def parse_label_selector(s: str) -> dict[str, str]:
@@ -447,14 +461,23 @@ def test_lint_value_sets(helm, name):
     assert not bad, f"helm lint -f ci/{name}-values.yaml: {bad}"
 
 
-def test_lint_fails_on_values_the_schema_rejects(helm):
-    chart = helm.chart_copy({"routerSpec": {"routingLogic": "nonsense"}})
+@pytest.mark.parametrize(
+    "values",
+    [{"routerSpec": {"routingLogic": "nonsense"}}, {"cacheserverSpec": {"enabled": True, "shards": 2}}],
+    ids=["routing-logic", "cacheserver-unknown-key"],
+)
+def test_lint_fails_on_values_the_schema_rejects(helm, values):
+    chart = helm.chart_copy(values)
     msgs = helm.lint(chart)
     assert any(m["Severity"] == ERROR and m["Path"] == "values.yaml" for m in msgs), msgs
 
 
 # ------------------------------------------------------------------------------------
 # values.schema.json: bad values fail with the field named
+
+
+# A vLLM engine for one_model (which defaults to a Switchyard sim engine).
+VLLM_MODEL = {"engine": "vllm", "modelURL": "HuggingFaceTB/SmolLM2-135M-Instruct", "switchyardConfig": None}
 
 
 def one_model(**fields) -> dict:
@@ -482,6 +505,12 @@ SCHEMA_REJECTS = [
     ("static-without-backends", {"routerSpec": {"serviceDiscovery": "static"}}, "/routerSpec/staticBackends"),
     ("router-replicas-type", {"routerSpec": {"replicaCount": "two"}}, "/routerSpec/replicaCount"),
     ("unknown-top-level", {"routrSpec": {}}, "'routrSpec' not allowed"),
+    ("cacheserver-unknown-key", {"cacheserverSpec": {"enabled": True, "shards": 2}}, "'shards' not allowed"),
+    ("cacheserver-port", {"cacheserverSpec": {"containerPort": 70000}}, "/cacheserverSpec/containerPort"),
+    ("cacheserver-max-bytes", {"cacheserverSpec": {"maxBytes": "lots"}}, "/cacheserverSpec/maxBytes"),
+    ("lmcache-unknown-key", one_model(lmcacheConfig={"enabled": True, "cpuOffloadingBuffer": "5"}), "'cpuOffloadingBuffer' not allowed"),
+    ("lmcache-size-unit", one_model(lmcacheConfig={"enabled": True, "cpuOffloadingBufferSize": "20Gi"}), "/servingEngineSpec/modelSpec/0/lmcacheConfig/cpuOffloadingBufferSize"),
+    ("lmcache-kv-role", one_model(lmcacheConfig={"enabled": True, "kvRole": "both"}), "/servingEngineSpec/modelSpec/0/lmcacheConfig/kvRole"),
 ]
 
 
@@ -514,8 +543,26 @@ def test_schema_accepts_what_it_documents(helm):
             one_model(hpa={"enabled": True, "minReplicas": 5, "maxReplicas": 2}),
             "hpa.minReplicas is above hpa.maxReplicas",
         ),
+        (
+            {"cacheserverSpec": {"enabled": True, "containerPort": 8080, "httpPort": 8080}},
+            "containerPort (lm://) and httpPort (/metrics, /health) must differ",
+        ),
+        (
+            {"cacheserverSpec": {"enabled": True, "resources": {"limits": {"memory": "1"}}}},
+            "--max-bytes comes to 0 bytes",
+        ),
+        (
+            # A Production Stack values file's cache server image.
+            {"cacheserverSpec": {"enabled": True, "repository": "lmcache/vllm-openai", "tag": "latest"}},
+            "cacheserverSpec.repository: \"lmcache/vllm-openai\" is LMCache's image",
+        ),
+        (
+            one_model(lmcacheConfig={"enabled": True}),
+            "lmcacheConfig needs engine: vllm for now",
+        ),
     ],
-    ids=["hpa-and-keda", "duplicate-name", "hpa-min-above-max"],
+    ids=["hpa-and-keda", "duplicate-name", "hpa-min-above-max", "cache-server-ports", "cache-server-no-bytes",
+         "cache-server-lmcache-image", "lmcache-on-switchyard"],
 )
 def test_template_rejects_inconsistent_values(helm, values, message):
     err = helm.install_error(values)
@@ -605,7 +652,7 @@ def check_router_discovers_engines(r: Rendered, models: list[str]) -> list[str]:
     assert flag(args, "--service-discovery") == "k8s"
     assert flag(args, "--k8s-namespace") == NAMESPACE
     selector = parse_label_selector(flag(args, "--k8s-label-selector"))
-    engine_deps = [o for o in r.of_kind("Deployment") if o["metadata"]["name"] != ROUTER]
+    engine_deps = [o for o in r.of_kind("Deployment") if o["metadata"]["name"] not in (ROUTER, CACHE_SERVER)]
     assert sorted(d["metadata"]["name"] for d in engine_deps) == sorted(engine_name(m) for m in models)
     for d in engine_deps:
         assert selector_matches(selector, d["spec"]["template"]["metadata"]["labels"]), d["metadata"]["name"]
@@ -865,6 +912,194 @@ def test_sim_engine_and_served_name(helm):
     assert "--kv-events-config" not in c["args"]
     assert c["args"][-2:] == ["--sim-preset", "smollm2-135m-cpu"]
     assert [p["name"] for p in c["ports"]] == ["http"]
+
+
+# ------------------------------------------------------------------------------------
+# The shared KV cache tier: cacheserverSpec and lmcacheConfig
+
+KV_TRANSFER = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+
+
+def env_values(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def test_cache_server(rendered):
+    """`switchyard cache-server` from the Switchyard image: lm:// and http ports, probes on
+    /health of the http port, a Service with both, --max-bytes from the memory limit."""
+    r = rendered("cache-server")
+    values = ci_values("cache-server")
+    spec = values["cacheserverSpec"]
+    dep = r.get("Deployment", CACHE_SERVER)
+    pod = dep["spec"]["template"]
+    assert dep["spec"]["replicas"] == 1
+    assert selector_matches(dep["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "cache-server"
+    c = container(dep)
+    assert c["name"] == "cache-server"
+    assert c["image"] == container(r.get("Deployment", ROUTER))["image"]  # the router's image
+    assert "command" not in c  # the image's ENTRYPOINT is `switchyard`
+    args = c["args"]
+    assert args[0] == "cache-server"
+    assert flag(args, "--host") == "0.0.0.0"
+    assert flag(args, "--port") == "65432"
+    assert flag(args, "--http-port") == "8080"
+    # 3/4 of the 16Gi memory limit.
+    assert flag(args, "--max-bytes") == str(16 * 2**30 * 3 // 4)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"lm": 65432, "http": 8080}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert c["resources"] == spec["resources"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    # The Service: lm:// on 81 (the Production Stack's port), http for scraping.
+    svc = r.get("Service", CACHE_SERVER)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert selector_matches(svc["spec"]["selector"], pod["metadata"]["labels"])
+    svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert svc_ports["lm"]["port"] == 81 and svc_ports["lm"]["targetPort"] == "lm"
+    assert svc_ports["http"]["port"] == 8080 and svc_ports["http"]["targetPort"] == "http"
+    # Not an engine: the router neither discovers it nor routes to it.
+    models = [m["name"] for m in values["servingEngineSpec"]["modelSpec"]]
+    router_args = check_router_discovers_engines(r, models)
+    selector = parse_label_selector(flag(router_args, "--k8s-label-selector"))
+    assert not selector_matches(selector, pod["metadata"]["labels"])
+    assert not selector_matches(selector, svc["metadata"]["labels"])
+    # The engines' ServiceMonitor scrapes it too (its Service port `http`), not the router.
+    sm = r.get("ServiceMonitor", f"{FULLNAME}-engines")
+    assert label_selector_matches(sm["spec"]["selector"], svc["metadata"]["labels"])
+    assert "http" in svc_ports and sm["spec"]["endpoints"][0]["port"] == "http"
+    for m in models:
+        assert label_selector_matches(sm["spec"]["selector"], r.get("Service", engine_name(m))["metadata"]["labels"])
+    assert not label_selector_matches(sm["spec"]["selector"], r.get("Service", ROUTER)["metadata"]["labels"])
+    assert f"lm://{CACHE_SERVER}.{NAMESPACE}.svc.cluster.local:81" in r.notes
+
+
+def test_cache_server_in_the_pod_monitor(helm):
+    values = helm_merge(ci_values("cache-server"), {"servingEngineSpec": {"serviceMonitor": {"enabled": False}, "podMonitor": {"enabled": True}}})
+    r = helm.install(values)
+    pm = r.get("PodMonitor", f"{FULLNAME}-engines")
+    cache_pod = r.get("Deployment", CACHE_SERVER)["spec"]["template"]
+    assert label_selector_matches(pm["spec"]["selector"], cache_pod["metadata"]["labels"])
+    assert "http" in {p["name"] for p in container(r.get("Deployment", CACHE_SERVER))["ports"]}
+    assert pm["spec"]["podMetricsEndpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    for m in ("llama3", "smollm2"):
+        assert label_selector_matches(pm["spec"]["selector"], r.get("Deployment", engine_name(m))["spec"]["template"]["metadata"]["labels"])
+    assert not label_selector_matches(pm["spec"]["selector"], r.get("Deployment", ROUTER)["spec"]["template"]["metadata"]["labels"])
+    assert not r.of_kind("ServiceMonitor")
+
+
+def test_lmcache_engines_use_the_cache_server(rendered):
+    """vLLM engines with lmcacheConfig get LMCache's connector and environment, with the
+    remote URL pointing at the rendered cache-server Service (Switchyard engines have no
+    LMCache connector yet: the chart refuses lmcacheConfig on them, see below)."""
+    r = rendered("cache-server")
+    values = ci_values("cache-server")
+    svc = r.get("Service", CACHE_SERVER)
+    lm_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "lm")
+    target = next(p["targetPort"] for p in svc["spec"]["ports"] if p["name"] == "lm")
+    cache_ports = {p["name"]: p["containerPort"] for p in container(r.get("Deployment", CACHE_SERVER))["ports"]}
+    assert target in cache_ports and flag(container(r.get("Deployment", CACHE_SERVER))["args"], "--port") == str(cache_ports[target])
+    engines = set()
+    for spec in values["servingEngineSpec"]["modelSpec"]:
+        lmc = spec.get("lmcacheConfig")
+        if not lmc:
+            c = check_engine_basics(r, spec["name"])
+            assert "--kv-transfer-config" not in c["args"]
+            assert not any(e["name"].startswith("LMCACHE_") for e in c.get("env", []))
+            continue
+        c = check_engine_basics(r, spec["name"])
+        engines.add(spec["engine"])
+        assert json.loads(flag(c["args"], "--kv-transfer-config")) == KV_TRANSFER
+        env = env_values(c)
+        assert env["LMCACHE_LOCAL_CPU"] == "True"
+        assert env["LMCACHE_MAX_LOCAL_CPU_SIZE"] == str(lmc["cpuOffloadingBufferSize"])
+        assert env["LMCACHE_CHUNK_SIZE"] == str(lmc.get("chunkSize", 256))
+        url = urlsplit(env["LMCACHE_REMOTE_URL"])
+        assert url.scheme == "lm"
+        assert url.hostname == f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+        assert url.port == lm_port == 81
+        assert env["LMCACHE_REMOTE_SERDE"] == "naive"
+        if lmc.get("diskOffloadingBufferSize"):
+            assert env["LMCACHE_MAX_LOCAL_DISK_SIZE"] == str(lmc["diskOffloadingBufferSize"])
+            disk = env["LMCACHE_LOCAL_DISK"]
+            assert disk.startswith("file:///data/"), disk
+            assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+        else:
+            assert "LMCACHE_LOCAL_DISK" not in env and "LMCACHE_MAX_LOCAL_DISK_SIZE" not in env
+        if spec["engine"] == "vllm":
+            # LMCache's vLLM image keeps vllm in its virtualenv.
+            assert c["command"] == ["/opt/venv/bin/vllm", "serve"]
+            assert env["HF_HOME"] == "/data"
+        else:
+            assert "command" not in c and c["args"][0] == "engine"
+    assert engines == {"vllm"}
+
+
+def test_nothing_of_the_cache_tier_by_default(helm, rendered):
+    """Default values (and every other CI set): no cache server, no LMCache flag or env,
+    the monitors select the engines only."""
+    for r in [helm.install(None)] + [rendered(n) for n in CI_SETS if n != "cache-server"]:
+        assert CACHE_SERVER not in r.names("Deployment") | r.names("Service")
+        for o in r.of_kind("Deployment"):
+            for c in o["spec"]["template"]["spec"]["containers"]:
+                assert "--kv-transfer-config" not in c.get("args", [])
+                assert not [n for n in env_values(c) if n.startswith("LMCACHE_")], o["metadata"]["name"]
+        for m in r.of_kind("ServiceMonitor") + r.of_kind("PodMonitor"):
+            assert "matchExpressions" not in m["spec"]["selector"]
+        assert "Shared KV cache" not in r.notes
+    assert default_values()["cacheserverSpec"]["enabled"] is False
+
+
+def test_lmcache_without_the_cache_server(helm):
+    """lmcacheConfig alone: local offloading, no remote tier; remoteUrl names another
+    server; a model's own env wins over the chart's LMCACHE_*."""
+    r = helm.install(one_model(**VLLM_MODEL, lmcacheConfig={"enabled": True, "cpuOffloadingBufferSize": 0, "kvRole": "kv_producer"}))
+    c = container(r.get("Deployment", engine_name("m")))
+    assert json.loads(flag(c["args"], "--kv-transfer-config")) == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_producer"}
+    env = env_values(c)
+    assert env["LMCACHE_LOCAL_CPU"] == "False" and "LMCACHE_MAX_LOCAL_CPU_SIZE" not in env
+    assert env["LMCACHE_CHUNK_SIZE"] == "256"
+    assert "LMCACHE_REMOTE_URL" not in env and "LMCACHE_REMOTE_SERDE" not in env
+    assert CACHE_SERVER not in r.names("Deployment")
+
+    r = helm.install(
+        one_model(
+            **VLLM_MODEL,
+            lmcacheConfig={"enabled": True, "remoteUrl": "lm://cache.other.svc:65432", "remoteSerde": "cachegen"},
+            env=[{"name": "LMCACHE_CHUNK_SIZE", "value": "512"}],
+        )
+    )
+    c = container(r.get("Deployment", engine_name("m")))
+    env = env_values(c)
+    assert env["LMCACHE_REMOTE_URL"] == "lm://cache.other.svc:65432"
+    assert env["LMCACHE_REMOTE_SERDE"] == "cachegen"
+    assert env["LMCACHE_LOCAL_CPU"] == "True"
+    names = [e["name"] for e in c["env"]]
+    assert names.index("LMCACHE_CHUNK_SIZE") < len(names) - 1 - names[::-1].index("LMCACHE_CHUNK_SIZE")
+    assert c["env"][-1] == {"name": "LMCACHE_CHUNK_SIZE", "value": "512"}  # the model's own, last
+
+
+@pytest.mark.parametrize(
+    "spec,max_bytes",
+    [
+        ({"maxBytes": "2Gi"}, 2 * 2**30),
+        ({"maxBytes": 1000000}, 1000000),
+        ({"maxBytes": "1.5G"}, 1500000000),
+        ({"resources": {"limits": {"memory": "8G"}}}, 6000000000),
+        # null removes a default, as in a values file.
+        ({"resources": {"limits": None, "requests": {"memory": "1Gi"}}}, 3 * 2**30 // 4),
+        ({"resources": None}, 2**30),
+        ({}, 3 * 2**30),  # the default resources: a 4Gi limit
+    ],
+    ids=["quantity", "bytes", "decimal", "limit", "request", "no-resources", "default"],
+)
+def test_cache_server_max_bytes(helm, spec, max_bytes):
+    """--max-bytes: maxBytes, else 3/4 of the memory limit (or request), else 1 GiB."""
+    r = helm.install({"cacheserverSpec": {"enabled": True, **spec}})
+    c = container(r.get("Deployment", CACHE_SERVER))
+    assert flag(c["args"], "--max-bytes") == str(max_bytes)
 
 
 # ------------------------------------------------------------------------------------

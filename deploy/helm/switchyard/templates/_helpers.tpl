@@ -160,3 +160,92 @@ model: {{ .model.name }}
       key: {{ .value.secretKey }}
       {{- end }}
 {{- end -}}
+
+{{/* The shared KV cache tier --------------------------------------------------------- */}}
+
+{{- define "switchyard.cacheServerName" -}}
+{{- printf "%s-cache-server" (include "switchyard.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "switchyard.cacheServerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: cache-server
+{{- end -}}
+
+{{- define "switchyard.cacheServerLabels" -}}
+{{ include "switchyard.cacheServerSelectorLabels" . }}
+{{ include "switchyard.commonLabels" . }}
+{{- range $k, $v := .Values.cacheserverSpec.labels }}
+{{ $k }}: {{ $v | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The app.kubernetes.io/component values the engines' ServiceMonitor and PodMonitor
+     select: the engines, and the cache server when it is deployed. */}}
+{{- define "switchyard.scrapedComponents" -}}
+{{- $c := list -}}
+{{- if .Values.servingEngineSpec.enableEngine -}}
+{{- $c = append $c "engine" -}}
+{{- end -}}
+{{- if .Values.cacheserverSpec.enabled -}}
+{{- $c = append $c "cache-server" -}}
+{{- end -}}
+{{- toJson $c -}}
+{{- end -}}
+
+{{/* A Kubernetes quantity (2, 1.5Gi, 500M) as a whole number of bytes. Call with
+     (dict "q" QUANTITY "what" VALUE-PATH). */}}
+{{- define "switchyard.quantityBytes" -}}
+{{- if not (kindIs "string" .q) -}}
+{{- printf "%d" (int64 .q) -}}
+{{- else -}}
+{{- $q := .q -}}
+{{- $num := regexFind "^([0-9]+(\\.[0-9]+)?|\\.[0-9]+)" $q -}}
+{{- $suffix := trimPrefix $num $q -}}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "E" 1000000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976 -}}
+{{- if or (not $num) (not (hasKey $units $suffix)) -}}
+{{- fail (printf "%s: %q is not a byte quantity (e.g. 4Gi, 500M, 1073741824)" .what $q) -}}
+{{- end -}}
+{{- printf "%d" (int64 (floor (mulf $num (get $units $suffix)))) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The cache server's --max-bytes: maxBytes, else 3/4 of the memory limit (or request),
+     else 1 GiB. */}}
+{{- define "switchyard.cacheServerMaxBytes" -}}
+{{- $c := .Values.cacheserverSpec -}}
+{{- $res := default (dict) $c.resources -}}
+{{- $mem := "" -}}
+{{- $what := "" -}}
+{{- if and $res.limits $res.limits.memory -}}
+{{- $mem = $res.limits.memory -}}
+{{- $what = "cacheserverSpec.resources.limits.memory" -}}
+{{- else if and $res.requests $res.requests.memory -}}
+{{- $mem = $res.requests.memory -}}
+{{- $what = "cacheserverSpec.resources.requests.memory" -}}
+{{- end -}}
+{{- if and $c.maxBytes (ne (toString $c.maxBytes) "0") -}}
+{{- include "switchyard.quantityBytes" (dict "q" $c.maxBytes "what" "cacheserverSpec.maxBytes") -}}
+{{- else if $mem -}}
+{{- $bytes := include "switchyard.quantityBytes" (dict "q" $mem "what" $what) -}}
+{{- printf "%d" (div (mul (int64 $bytes) 3) 4) -}}
+{{- else -}}
+1073741824
+{{- end -}}
+{{- end -}}
+
+{{/* A model's LMCACHE_REMOTE_URL: lmcacheConfig.remoteUrl, else the chart's cache server
+     when enabled, else empty (no remote tier). Call with (dict "root" $ "lmc" $lmcacheConfig). */}}
+{{- define "switchyard.lmcacheRemoteUrl" -}}
+{{- if .lmc.remoteUrl -}}
+{{- .lmc.remoteUrl -}}
+{{- else if .root.Values.cacheserverSpec.enabled -}}
+{{- printf "lm://%s.%s.svc.cluster.local:%v" (include "switchyard.cacheServerName" .root) .root.Release.Namespace .root.Values.cacheserverSpec.servicePort -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The --kv-transfer-config JSON for LMCache. Call with the model's lmcacheConfig. */}}
+{{- define "switchyard.kvTransferConfig" -}}
+{{- dict "kv_connector" "LMCacheConnectorV1" "kv_role" (default "kv_both" .kvRole) | toJson -}}
+{{- end -}}
