@@ -100,6 +100,43 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         args.prefix_caching(),
     );
     metrics.cache_dtype = args.kv_cache_dtype.trim().to_string();
+    let offload = match &args.kv_transfer_config {
+        None => None,
+        Some(transfer) => {
+            let layout = backend.kv_layout().ok_or_else(|| {
+                StartError::Flag(
+                    "--kv-transfer-config: this backend keeps no KV to offload (use --backend gguf)"
+                        .into(),
+                )
+            })?;
+            if !args.prefix_caching() {
+                return Err(StartError::Flag(
+                    "--kv-transfer-config needs prefix caching (loaded chunks are prefix hits)"
+                        .into(),
+                ));
+            }
+            let settings =
+                crate::kv_offload::LmCacheSettings::from_env().map_err(StartError::Flag)?;
+            let off = crate::kv_offload::Offload::new(
+                transfer.clone(),
+                settings.clone(),
+                layout,
+                args.block_size,
+                &served[0],
+            )
+            .map_err(StartError::Flag)?;
+            tracing::info!(
+                role = %transfer.kv_role,
+                chunk_size = settings.chunk_size,
+                cpu_bytes = if settings.local_cpu { settings.max_local_cpu_bytes() } else { 0 },
+                disk = ?settings.local_disk,
+                remote = ?settings.remote_url,
+                "KV offloading on"
+            );
+            metrics.offload = Some(off.metrics.clone());
+            Some(off)
+        }
+    };
     let metrics = Arc::new(metrics);
     let (kv_sink, kv_events) = match &args.kv_events_config {
         Some(c) if c.enabled() => {
@@ -120,6 +157,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         prefix_caching: args.prefix_caching(),
         eos_token_ids: tokenizer.eos_token_ids().to_vec(),
         kv_events: kv_sink,
+        offload,
     };
     let handle = spawn_engine(config, backend, metrics)?;
     Ok(Engine {

@@ -101,6 +101,14 @@ pub struct EngineArgs {
     /// "buffer_steps":10000,"hwm":100000,"topic":"kv"}'.
     #[arg(long, value_parser = KvEventsConfig::parse)]
     pub kv_events_config: Option<KvEventsConfig>,
+    /// KV offloading as vLLM + LMCache configure it:
+    /// '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}' (or kv_producer,
+    /// kv_consumer). The tiers follow LMCache's settings from `LMCACHE_*` variables or
+    /// the YAML file `LMCACHE_CONFIG_FILE` names: `chunk_size` (256), `local_cpu` (true),
+    /// `max_local_cpu_size` (GiB, 5), `local_disk` (file:///path), `max_local_disk_size`
+    /// (GiB), `remote_url` (lm://host:port[,lm://...]), `blocking_timeout_secs` (10).
+    #[arg(long, value_parser = crate::kv_offload::KvTransferConfig::parse)]
+    pub kv_transfer_config: Option<crate::kv_offload::KvTransferConfig>,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_request_body_bytes: usize,

@@ -23,6 +23,7 @@ use crate::core::block_manager::BlockManager;
 use crate::core::request::{EngineEvent, FinishReason, NewRequest, Request};
 use crate::core::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
 use crate::core::step::TokenLogprobs;
+use crate::kv_offload::Offload;
 use crate::kv_publisher::KvEventSink;
 use crate::metrics::EngineMetrics;
 
@@ -68,6 +69,8 @@ pub struct CoreConfig {
     pub eos_token_ids: Vec<u32>,
     /// Where KV-cache events go (`--kv-events-config`); `None`: not recorded at all.
     pub kv_events: Option<KvEventSink>,
+    /// KV offloading tiers (`--kv-transfer-config`), when on.
+    pub offload: Option<Offload>,
 }
 
 /// Start the engine loop on its own thread.
@@ -85,6 +88,7 @@ pub fn spawn_engine(
     let m = metrics.clone();
     let eos = config.eos_token_ids;
     let kv_events = config.kv_events;
+    let offload = config.offload;
     std::thread::Builder::new()
         .name("engine-core".into())
         .spawn(move || {
@@ -92,6 +96,7 @@ pub fn spawn_engine(
             if let Some(sink) = kv_events {
                 lp.set_kv_events(sink);
             }
+            lp.offload = offload;
             lp.run(rx)
         })?;
     // Ids start at a per-process random point, so two engines never hand out the same
@@ -119,6 +124,7 @@ pub struct EngineLoop {
     finished: Vec<Finished>,
     stats: StepStats,
     kv_events: Option<KvEventSink>,
+    offload: Option<Offload>,
     /// Nanoseconds spent in `schedule` + `update` (the core's own work), for benchmarks.
     sched_nanos: u64,
     steps: u64,
@@ -142,6 +148,7 @@ impl EngineLoop {
             finished: Vec::new(),
             stats: StepStats::default(),
             kv_events: None,
+            offload: None,
             sched_nanos: 0,
             steps: 0,
         }
@@ -214,7 +221,12 @@ impl EngineLoop {
                     )));
                     return;
                 }
-                self.sched.add(Request::new(r));
+                let mut req = Request::new(r);
+                if self.offload.as_ref().is_some_and(Offload::loads) {
+                    self.sched.hash_blocks(&mut req);
+                    self.load_chunks(&req);
+                }
+                self.sched.add(req);
             }
             EngineCommand::Abort {
                 id,
@@ -258,6 +270,9 @@ impl EngineLoop {
         let result = self.backend.execute(&steps, &mut self.sampled);
         drop(steps);
         let t2 = Instant::now();
+        if result.is_ok() {
+            self.save_chunks();
+        }
         if let Err(e) = result {
             tracing::error!(error = %e, "backend step failed; failing its requests");
             for req in self.sched.fail_step(&self.scheduled) {
@@ -298,6 +313,97 @@ impl EngineLoop {
         self.steps += 1;
         self.sched_nanos += (t1 - t0).as_nanos() as u64 + t2.elapsed().as_nanos() as u64;
         true
+    }
+
+    /// Load the chunks of `req`'s prompt that follow its own prefix-cache hit from the
+    /// offloading tiers into free blocks registered as cached (see [`crate::kv_offload`]),
+    /// stopping at the first chunk no tier has.
+    fn load_chunks(&mut self, req: &Request) {
+        let Some(off) = self.offload.as_mut() else {
+            return;
+        };
+        let bs = self.sched.block_manager().block_size();
+        let cs = off.chunk_size();
+        let bpc = cs / bs;
+        let chunks = req.tokens.len().saturating_sub(1) / cs;
+        if chunks == 0 {
+            return;
+        }
+        let mut local = self.sched.cached_prefix_blocks(req);
+        off.metrics
+            .queries
+            .add((chunks * cs).saturating_sub(local * bs) as u64);
+        if local >= chunks * bpc {
+            return;
+        }
+        for (c, key) in off.chunk_keys(&req.tokens, chunks).into_iter().enumerate() {
+            let end = (c + 1) * bpc;
+            if local >= end {
+                continue;
+            }
+            let Some((_, chunk)) = off.fetch(&key) else {
+                break;
+            };
+            let first = local.max(c * bpc);
+            let parent = first.checked_sub(1).map(|p| req.blocks.hashes[p]);
+            let Some(ids) = self.sched.import_cached(
+                &req.blocks.hashes[first..end],
+                parent,
+                &req.tokens[first * bs..end * bs],
+            ) else {
+                break;
+            };
+            if !self
+                .backend
+                .import_kv(&ids, &chunk.data, cs, (first - c * bpc) * bs)
+            {
+                self.sched.forget_blocks(&ids);
+                break;
+            }
+            off.metrics.hits.add(((end - first) * bs) as u64);
+            off.remember(key);
+            local = end;
+        }
+    }
+
+    /// After a step's forward pass: save the full chunks of every prompt whose prefill
+    /// this step completed (their KV is all written now), unless saved before.
+    fn save_chunks(&mut self) {
+        let Some(off) = self.offload.as_mut() else {
+            return;
+        };
+        if !off.stores() {
+            return;
+        }
+        let bs = self.sched.block_manager().block_size();
+        let cs = off.chunk_size();
+        let bpc = cs / bs;
+        let running = self.sched.running();
+        for s in &self.scheduled {
+            let req = &running[s.idx];
+            let done = req.num_computed + s.num_new;
+            if !(req.num_computed < req.num_prompt && done >= req.num_prompt) {
+                continue;
+            }
+            let full = req.num_prompt / cs;
+            for (c, key) in off
+                .chunk_keys(&req.tokens[..req.num_prompt], full)
+                .into_iter()
+                .enumerate()
+            {
+                if off.saved(&key) {
+                    continue;
+                }
+                let Some(blocks) = req.blocks.ids.get(c * bpc..(c + 1) * bpc) else {
+                    break;
+                };
+                let mut data = Vec::with_capacity(off.chunk_meta().length as usize);
+                if !self.backend.export_kv(blocks, &mut data) {
+                    return;
+                }
+                off.save(key, data);
+            }
+        }
     }
 
     /// Latency histograms of a request leaving the core. Finish reasons are counted by

@@ -15,7 +15,8 @@
 //! - [`api`]: the OpenAI/vLLM HTTP surface ([`serve`]).
 //!
 //! Alongside: [`config`] (the `switchyard engine` flags), [`generation`] (default
-//! sampling parameters, `--generation-config`), [`metrics`] (`vllm:*` Prometheus
+//! sampling parameters, `--generation-config`), [`kv_offload`] (KV offloading tiers:
+//! host memory, disk, remote cache servers; `--kv-transfer-config`), [`metrics`] (`vllm:*` Prometheus
 //! metrics), [`kv_publisher`] (KV-cache events published as vLLM publishes them, ZMQ +
 //! msgpack; the wire format is the `kv_events` crate's), [`model_store`] (where model
 //! files are found and the default one fetched).
@@ -27,6 +28,7 @@ pub mod config;
 pub mod core;
 pub mod engine_loop;
 pub mod generation;
+pub mod kv_offload;
 pub mod kv_publisher;
 pub mod metrics;
 pub mod model_store;

@@ -28,6 +28,8 @@ pub struct EngineMetrics {
     pub e2e: Histogram,
     pub queue_time: Histogram,
     pub start_time: f64,
+    /// KV offloading's own families, when `--kv-transfer-config` is on.
+    pub offload: Option<std::sync::Arc<crate::kv_offload::OffloadMetrics>>,
 }
 
 impl EngineMetrics {
@@ -61,6 +63,7 @@ impl EngineMetrics {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
+            offload: None,
         }
     }
 
@@ -212,6 +215,9 @@ impl EngineMetrics {
             ],
             1.0,
         );
+        if let Some(o) = &self.offload {
+            o.render(&mut w, l);
+        }
         httpx::process::write_process_metrics(&mut w, Some(self.start_time));
         w.finish()
     }

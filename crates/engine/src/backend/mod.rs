@@ -13,7 +13,7 @@ pub mod gguf;
 pub mod sampling;
 pub mod sim;
 
-use crate::core::step::{SeqStep, TokenLogprobs};
+use crate::core::step::{KvLayout, SeqStep, TokenLogprobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -28,4 +28,26 @@ pub trait Backend: Send {
     /// The log-probabilities of the last step's sampled tokens, aligned with `sampled`
     /// (`None` where the request did not ask). Backends without a model give none.
     fn take_logprobs(&mut self, _out: &mut Vec<Option<Box<TokenLogprobs>>>) {}
+    /// How this backend keeps KV, when it keeps real KV that can be moved out and back
+    /// (offloading); `None` for backends without.
+    fn kv_layout(&self) -> Option<KvLayout> {
+        None
+    }
+    /// Append the KV of `blocks` (every slot of each, in order) to `out`, laid out as
+    /// [`KvLayout`] says. False when this backend keeps none.
+    fn export_kv(&self, _blocks: &[u32], _out: &mut Vec<u8>) -> bool {
+        false
+    }
+    /// Write KV laid out as [`KvLayout`] says into `blocks`: `data` holds a chunk of
+    /// `chunk_tokens` tokens, of which those from `first_token` on fill the blocks in
+    /// order. False (nothing written) when the sizes do not fit.
+    fn import_kv(
+        &mut self,
+        _blocks: &[u32],
+        _data: &[u8],
+        _chunk_tokens: usize,
+        _first_token: usize,
+    ) -> bool {
+        false
+    }
 }

@@ -218,6 +218,70 @@ impl BlockManager {
         seq.num_cached = full;
     }
 
+    /// Fill free blocks with content that came from outside (an offloading tier) and
+    /// register them in the prefix cache as free, cached blocks, as if a sequence had
+    /// computed and released them: `hashes` are consecutive full blocks continuing the
+    /// chain after `parent`, `tokens` their tokens. A request admitted next finds them as
+    /// an ordinary prefix hit. Returns the blocks (in order), for the caller to write
+    /// their KV; `None`, changing nothing, when caching is off, a hash is already cached,
+    /// or there are not enough free blocks.
+    pub fn import_cached(
+        &mut self,
+        hashes: &[u64],
+        parent: Option<u64>,
+        tokens: &[u32],
+    ) -> Option<Vec<BlockId>> {
+        if !self.caching
+            || hashes.is_empty()
+            || tokens.len() != hashes.len() * self.block_size
+            || hashes.len() > self.num_free
+            || hashes.iter().any(|h| self.cached.contains_key(h))
+        {
+            return None;
+        }
+        // Take them all first, so none of the new blocks is itself evicted.
+        let ids: Vec<BlockId> = (0..hashes.len()).map(|_| self.pop_free()).collect();
+        for (i, (&b, &h)) in ids.iter().zip(hashes).enumerate() {
+            self.cached.insert(h, b);
+            let blk = &mut self.blocks[b as usize];
+            blk.hash = Some(h);
+            blk.ref_cnt = 0;
+            self.push_free_back(b);
+            if let Some(ev) = self.events.as_mut() {
+                let parent = if i == 0 { parent } else { Some(hashes[i - 1]) };
+                let chunk = tokens[i * self.block_size..(i + 1) * self.block_size].to_vec();
+                ev.push(CacheEvent::Stored {
+                    hash: h,
+                    parent,
+                    tokens: chunk,
+                });
+            }
+        }
+        Some(ids)
+    }
+
+    /// Take free, cached blocks back out of the prefix cache (content that was imported
+    /// but could not be written).
+    pub fn forget(&mut self, ids: &[BlockId]) {
+        for &b in ids {
+            let blk = &mut self.blocks[b as usize];
+            if blk.ref_cnt != 0 {
+                continue;
+            }
+            if let Some(h) = blk.hash.take() {
+                if self.cached.get(&h) == Some(&b) {
+                    self.cached.remove(&h);
+                    if let Some(ev) = self.events.as_mut() {
+                        ev.push(CacheEvent::Removed { hash: h });
+                    }
+                }
+                // Without a hash it is reused first.
+                self.unlink(b);
+                self.push_free_front(b);
+            }
+        }
+    }
+
     /// Take the blocks of `seq` from index `first` on out of the prefix cache (their
     /// content was registered but never computed: the step that would have written it
     /// failed).
@@ -400,6 +464,42 @@ impl BlockManager {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn imported_blocks_are_cached_free_blocks_a_request_hits() {
+        let mut bm = BlockManager::new(8, 4, true);
+        bm.enable_events();
+        let tokens: Vec<u32> = (0..12).collect();
+        let mut seq = SeqBlocks::default();
+        bm.update_hashes(&mut seq, &tokens);
+        let ids = bm
+            .import_cached(&seq.hashes[..2], None, &tokens[..8])
+            .expect("imported");
+        assert_eq!(ids.len(), 2);
+        assert_eq!(bm.num_free(), 8, "imported blocks are free, cached");
+        let mut hits = Vec::new();
+        bm.find_cached_prefix(&seq.hashes, tokens.len(), &mut hits);
+        assert_eq!(hits, ids);
+        assert!(
+            bm.import_cached(&seq.hashes[..1], None, &tokens[..4])
+                .is_none(),
+            "already cached"
+        );
+        let stored = bm
+            .drain_events()
+            .into_iter()
+            .filter(|e| matches!(e, CacheEvent::Stored { .. }))
+            .count();
+        assert_eq!(stored, 2);
+        bm.forget(&ids);
+        bm.find_cached_prefix(&seq.hashes, tokens.len(), &mut hits);
+        assert!(hits.is_empty());
+        bm.check_invariants(std::iter::empty());
+        assert!(
+            bm.import_cached(&[1; 9], None, &[0; 36]).is_none(),
+            "more than the pool"
+        );
+    }
+
     use super::*;
 
     fn toks(n: usize, salt: u32) -> Vec<u32> {

@@ -97,6 +97,34 @@ impl Scheduler {
         self.waiting.push_back(req);
     }
 
+    /// Hash `req`'s full prompt blocks now (`add` would), so its cached prefix and the
+    /// chunks beyond it can be looked up before it is queued.
+    pub fn hash_blocks(&self, req: &mut Request) {
+        self.bm.update_hashes(&mut req.blocks, &req.tokens);
+    }
+
+    /// How many of `req`'s leading blocks the prefix cache holds now.
+    pub fn cached_prefix_blocks(&mut self, req: &Request) -> usize {
+        self.bm
+            .find_cached_prefix(&req.blocks.hashes, req.tokens.len(), &mut self.hits);
+        self.hits.len()
+    }
+
+    /// [`BlockManager::import_cached`].
+    pub fn import_cached(
+        &mut self,
+        hashes: &[u64],
+        parent: Option<u64>,
+        tokens: &[u32],
+    ) -> Option<Vec<BlockId>> {
+        self.bm.import_cached(hashes, parent, tokens)
+    }
+
+    /// [`BlockManager::forget`].
+    pub fn forget_blocks(&mut self, ids: &[BlockId]) {
+        self.bm.forget(ids);
+    }
+
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
     }

@@ -42,3 +42,21 @@ pub struct TokenLogprobs {
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
 }
+
+/// How a backend keeps one token's keys and values, for moving KV out of and into the
+/// paged cache (offloading). A chunk of `t` tokens travels as `[2][layers][t][width]`
+/// elements (keys, then values), LMCache's `KV_2LTD` layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub layers: usize,
+    /// `kv_heads × head_dim`.
+    pub width: usize,
+    /// Bytes per element: 2 (f16) or 4 (f32).
+    pub elem_bytes: usize,
+}
+
+impl KvLayout {
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.width * self.elem_bytes
+    }
+}

@@ -145,6 +145,29 @@ impl Backend for GgufBackend {
         out.append(&mut self.logprobs);
     }
 
+    fn kv_layout(&self) -> Option<crate::core::step::KvLayout> {
+        let (layers, width, elem_bytes) = self.cache.layout();
+        Some(crate::core::step::KvLayout {
+            layers,
+            width,
+            elem_bytes,
+        })
+    }
+
+    fn export_kv(&self, blocks: &[u32], out: &mut Vec<u8>) -> bool {
+        self.cache.export(blocks, out)
+    }
+
+    fn import_kv(
+        &mut self,
+        blocks: &[u32],
+        data: &[u8],
+        chunk_tokens: usize,
+        first_token: usize,
+    ) -> bool {
+        self.cache.import(blocks, data, chunk_tokens, first_token)
+    }
+
     fn execute(
         &mut self,
         seqs: &[SeqStep<'_>],

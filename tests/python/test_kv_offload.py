@@ -1,0 +1,205 @@
+"""KV offloading on the real CPU engine, configured as vLLM + LMCache users configure it
+(`--kv-transfer-config` + `LMCACHE_*`): chunks of a long prompt served from the host
+tier, the disk tier (across a restart) and a remote `switchyard cache-server` give the
+same greedy text as computing them, the metrics prove where they came from, and a cache
+server that is down or never answers costs a recompute, never a failed request or a hang.
+Timings are not asserted (BENCHMARKS.md has them); tokens computed are.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import urllib.request
+import json
+
+import pytest
+
+from conftest import _stop, start_switchyard
+
+MODEL = "SmolLM2-135M-Instruct"
+TRANSFER = '{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}'
+# ~810 tokens: three full 256-token chunks, and a tail to compute.
+PROMPT = "The history of the river valley is long. " * 90
+OTHER = "A lighthouse keeper writes letters to the sea. " * 80
+
+
+def engine_args(*extra: str) -> list[str]:
+    return ["engine", "--host", "127.0.0.1", "--port", "0", "--max-model-len", "2048",
+            "--kv-cache-memory-bytes", str(256 << 20), "--kv-transfer-config", TRANSFER, *extra]
+
+
+def complete(e, prompt: str) -> tuple[str, dict]:
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{e.url}/v1/completions", body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        d = json.load(r)
+    return d["choices"][0]["text"], d["usage"]
+
+
+def metrics(e) -> str:
+    return e.get("/metrics")[1]
+
+
+def value(page: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in page.splitlines():
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def computed_prompt_tokens(page: str) -> float:
+    """Prompt tokens the engine computed itself: prompt tokens minus its prefix hits
+    (imported chunks are prefix hits)."""
+    return value(page, "vllm:prompt_tokens_total") - value(page, "vllm:prefix_cache_hits_total")
+
+
+@pytest.fixture
+def cache_server(tmp_path):
+    s = start_switchyard(["cache-server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+                          "--max-bytes", str(256 << 20)], tmp_path)
+    lm = next(re.search(r"lm://\S+", l).group(0) for l in s.stdout_lines if l.startswith("LM "))
+    yield s, lm
+    _stop(s.proc)
+
+
+def test_a_prompt_computed_on_one_engine_is_a_remote_hit_on_another(tmp_path, monkeypatch, cache_server):
+    server, lm = cache_server
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", lm)
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    a = start_switchyard(engine_args(), tmp_path)
+    b = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, usage = complete(a, PROMPT)
+        assert usage["prompt_tokens"] > 3 * 256, usage
+        # A saved its three full chunks to the server (off the request path: wait for them).
+        for _ in range(200):
+            if value(metrics(server), "switchyard_cache_server_entries") >= 3:
+                break
+            threading.Event().wait(0.05)
+        assert value(metrics(server), "switchyard_cache_server_entries") == 3
+        before = metrics(b)
+        got, _ = complete(b, PROMPT)
+        after = metrics(b)
+        assert got == want, (got, want)
+        assert value(after, "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
+        assert value(after, "vllm:external_prefix_cache_hits_total") == 3 * 256
+        computed = computed_prompt_tokens(after) - computed_prompt_tokens(before)
+        assert computed == usage["prompt_tokens"] - 3 * 256, (computed, usage)
+        # Computed from scratch on B too (no tier): the same text.
+        plain = start_switchyard(["engine", "--host", "127.0.0.1", "--port", "0", "--max-model-len", "2048",
+                                  "--kv-cache-memory-bytes", str(256 << 20)], tmp_path)
+        try:
+            assert complete(plain, PROMPT)[0] == want
+        finally:
+            _stop(plain.proc)
+    finally:
+        _stop(a.proc)
+        _stop(b.proc)
+
+
+def test_host_tier_serves_what_the_paged_cache_dropped(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "True")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "0.5")
+    e = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, usage = complete(e, PROMPT)
+        # Drop the engine's own prefix cache: only the host tier still has the chunks.
+        req = urllib.request.Request(f"{e.url}/reset_prefix_cache", b"", method="POST")
+        urllib.request.urlopen(req, timeout=30).read()
+        before = metrics(e)
+        got, _ = complete(e, PROMPT)
+        after = metrics(e)
+        assert got == want
+        assert value(after, "switchyard:kv_offload_hit_chunks_total", tier="cpu") == 3
+        assert computed_prompt_tokens(after) - computed_prompt_tokens(before) == usage["prompt_tokens"] - 768
+        assert value(after, "switchyard:kv_offload_tier_bytes", tier="cpu") == 3 * 256 * 2 * 30 * 192 * 2
+    finally:
+        _stop(e.proc)
+
+
+def test_disk_tier_survives_an_engine_restart(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    monkeypatch.setenv("LMCACHE_LOCAL_DISK", f"file://{tmp_path}/kv")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_DISK_SIZE", "1")
+    e = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, usage = complete(e, PROMPT)
+        for _ in range(200):
+            if value(metrics(e), "switchyard:kv_offload_saved_chunks_total", tier="disk") >= 3:
+                break
+            threading.Event().wait(0.05)
+        assert value(metrics(e), "switchyard:kv_offload_saved_chunks_total", tier="disk") == 3
+    finally:
+        _stop(e.proc)
+    assert len(list((tmp_path / "kv").glob("*.kvchunk"))) == 3
+    e = start_switchyard(engine_args(), tmp_path)
+    try:
+        got, _ = complete(e, PROMPT)
+        page = metrics(e)
+        assert got == want
+        assert value(page, "switchyard:kv_offload_hit_chunks_total", tier="disk") == 3
+        assert computed_prompt_tokens(page) == usage["prompt_tokens"] - 768
+    finally:
+        _stop(e.proc)
+
+
+def test_a_server_down_or_silent_costs_a_recompute_not_a_request(tmp_path, monkeypatch, cache_server):
+    # A server that accepts connections and never answers: loads time out.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"lm://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    monkeypatch.setenv("LMCACHE_BLOCKING_TIMEOUT_SECS", "1")
+    e = start_switchyard(engine_args(), tmp_path)
+    try:
+        text, usage = complete(e, PROMPT)
+        assert usage["completion_tokens"] == 12 and text
+        assert value(metrics(e), "switchyard:kv_offload_failures_total", tier="remote") >= 1
+        assert value(metrics(e), "vllm:external_prefix_cache_hits_total") == 0
+    finally:
+        _stop(e.proc)
+        stop.set()
+        silent.close()
+        for c in held:
+            c.close()
+
+    # A real server, killed under the engine and started again on the same port.
+    server, lm = cache_server
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", lm)
+    e = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, _ = complete(e, PROMPT)
+        _stop(server.proc)
+        got, _ = complete(e, OTHER)  # the server is gone: saves fail, the request does not
+        assert got
+        port = lm.rsplit(":", 1)[1]
+        again = start_switchyard(["cache-server", "--host", "127.0.0.1", "--port", port, "--http-port", "0"], tmp_path)
+        try:
+            # After the reconnect backoff (at most 5 s) saves reach the new server.
+            for i in range(120):
+                complete(e, f"Note {i}. " + OTHER)
+                if value(metrics(again), "switchyard_cache_server_entries") >= 1:
+                    break
+            assert value(metrics(again), "switchyard_cache_server_entries") >= 1
+            assert value(metrics(e), "switchyard:kv_offload_failures_total", tier="remote") >= 1
+        finally:
+            _stop(again.proc)
+    finally:
+        _stop(e.proc)
