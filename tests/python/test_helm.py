@@ -556,13 +556,9 @@ def test_schema_accepts_what_it_documents(helm):
             {"cacheserverSpec": {"enabled": True, "repository": "lmcache/vllm-openai", "tag": "latest"}},
             "cacheserverSpec.repository: \"lmcache/vllm-openai\" is LMCache's image",
         ),
-        (
-            one_model(lmcacheConfig={"enabled": True}),
-            "lmcacheConfig needs engine: vllm for now",
-        ),
     ],
     ids=["hpa-and-keda", "duplicate-name", "hpa-min-above-max", "cache-server-ports", "cache-server-no-bytes",
-         "cache-server-lmcache-image", "lmcache-on-switchyard"],
+         "cache-server-lmcache-image"],
 )
 def test_template_rejects_inconsistent_values(helm, values, message):
     err = helm.install_error(values)
@@ -991,9 +987,8 @@ def test_cache_server_in_the_pod_monitor(helm):
 
 
 def test_lmcache_engines_use_the_cache_server(rendered):
-    """vLLM engines with lmcacheConfig get LMCache's connector and environment, with the
-    remote URL pointing at the rendered cache-server Service (Switchyard engines have no
-    LMCache connector yet: the chart refuses lmcacheConfig on them, see below)."""
+    """Both engine kinds get LMCache's connector and environment, with the remote URL
+    pointing at the rendered cache-server Service."""
     r = rendered("cache-server")
     values = ci_values("cache-server")
     svc = r.get("Service", CACHE_SERVER)
@@ -1034,7 +1029,7 @@ def test_lmcache_engines_use_the_cache_server(rendered):
             assert env["HF_HOME"] == "/data"
         else:
             assert "command" not in c and c["args"][0] == "engine"
-    assert engines == {"vllm"}
+    assert engines == {"vllm", "switchyard"}
 
 
 def test_nothing_of_the_cache_tier_by_default(helm, rendered):
