@@ -203,3 +203,28 @@ def test_a_server_down_or_silent_costs_a_recompute_not_a_request(tmp_path, monke
             _stop(again.proc)
     finally:
         _stop(e.proc)
+
+
+def test_up_with_a_kv_cache_server_shares_prompts_across_engines(tmp_path):
+    """`switchyard up --kv-cache-server`: a prompt computed on one engine (round robin
+    sends the next request to the other) is loaded there from the cache server."""
+    stack = start_switchyard(["up", "--host", "127.0.0.1", "--port", "0", "--engines", "2", "--kv-cache-server",
+                              "--engine-arg=--kv-cache-memory-bytes=268435456",
+                              "--engine-arg=--max-model-len=2048"], tmp_path)
+    try:
+        engines = re.findall(r"engine (http://\S+)", stack.log_path.read_text())
+        assert len(engines) == 2, stack.log_path.read_text()[-2000:]
+        texts = [complete(stack, PROMPT)[0]]
+        for _ in range(100):  # the first engine's chunks reach the server off the request path
+            saved = sum(value(urllib.request.urlopen(f"{u}/metrics", timeout=10).read().decode(),
+                              "switchyard:kv_offload_saved_chunks_total", tier="remote") for u in engines)
+            if saved >= 3:
+                break
+            threading.Event().wait(0.05)
+        texts.append(complete(stack, PROMPT)[0])
+        assert texts[0] == texts[1]
+        remote_hits = sum(value(urllib.request.urlopen(f"{u}/metrics", timeout=10).read().decode(),
+                                "switchyard:kv_offload_hit_chunks_total", tier="remote") for u in engines)
+        assert remote_hits == 3
+    finally:
+        _stop(stack.proc)

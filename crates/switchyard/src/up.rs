@@ -40,6 +40,50 @@ pub struct UpArgs {
     /// Extra flags passed to every engine (e.g. `--engine-arg=--time-scale=0.1`).
     #[arg(long = "engine-arg", allow_hyphen_values = true)]
     pub engine_args: Vec<String>,
+    /// Share KV across the engines: start a `switchyard cache-server` (holding at most this
+    /// many bytes) and turn on every engine's offloading to it (LMCache's settings:
+    /// `LMCACHE_REMOTE_URL`, host memory on), so a prompt computed on one engine is a
+    /// remote hit on the others.
+    #[arg(long, value_name = "MAX_BYTES", num_args = 0..=1, default_missing_value = "1073741824")]
+    pub kv_cache_server: Option<u64>,
+}
+
+/// A KV cache server for `--kv-cache-server`, as a child process: its `lm://` URL.
+fn start_cache_server(exe: &std::path::Path, max_bytes: u64) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .args([
+            "cache-server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+        ])
+        .args(["--max-bytes", &max_bytes.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the cache server")?;
+    let stdout = child.stdout.take().context("cache server stdout")?;
+    let mut lm = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if let Some(url) = line.strip_prefix("LM ") {
+            lm = Some(url.trim().to_string());
+        }
+        if line.starts_with("READY ") {
+            break;
+        }
+    }
+    match lm {
+        Some(url) => Ok((child, url)),
+        None => {
+            let _ = child.kill();
+            bail!("the cache server did not start")
+        }
+    }
 }
 
 /// Child engines, killed on drop.
@@ -60,11 +104,15 @@ impl Drop for Children {
 /// free loopback ports, which the router learns from the engine's `GET /kv_events`.
 const KV_EVENTS_CONFIG: &str = r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:0","replay_endpoint":"tcp://127.0.0.1:0"}"#;
 
+/// Every engine's offloading to a shared cache server.
+const KV_TRANSFER_CONFIG: &str = r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}"#;
+
 fn start_engine(
     exe: &std::path::Path,
     args: &UpArgs,
     model: Option<&str>,
     served: &str,
+    cache_url: Option<&str>,
 ) -> anyhow::Result<(Child, String)> {
     let mut cmd = Command::new(exe);
     let backend = args
@@ -90,6 +138,13 @@ fn start_engine(
             .into_iter()
             .flatten(),
     )
+    .args(
+        cache_url
+            .map(|_| ["--kv-transfer-config", KV_TRANSFER_CONFIG])
+            .into_iter()
+            .flatten(),
+    )
+    .envs(cache_url.map(|u| ("LMCACHE_REMOTE_URL", u)))
     .args(&args.engine_args)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
@@ -141,8 +196,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let served = args.served_model_name.clone().unwrap_or(served);
+    if args.kv_cache_server.is_some() && args.backend == engine::config::BackendKind::Sim {
+        bail!("--kv-cache-server needs engines that keep real KV (--backend gguf)");
+    }
+    let cache_url = match args.kv_cache_server {
+        Some(max_bytes) => {
+            let (child, url) = start_cache_server(&exe, max_bytes)?;
+            children.0.push(child);
+            eprintln!("switchyard up: KV cache server at {url}");
+            Some(url)
+        }
+        None => None,
+    };
     for _ in 0..args.engines {
-        let (child, url) = start_engine(&exe, &args, model.as_deref(), &served)?;
+        let (child, url) =
+            start_engine(&exe, &args, model.as_deref(), &served, cache_url.as_deref())?;
         children.0.push(child);
         urls.push(url);
     }
