@@ -18,6 +18,7 @@ cargo test --workspace
 echo "==> python test environment"
 venv="$("$root/scripts/setup-test-env.sh")"
 prom_env="$("$root/scripts/setup-prometheus.sh")"; export $prom_env  # PROMETHEUS_BIN, PROMTOOL_BIN
+redis_env="$("$root/scripts/setup-redis.sh")"; export $redis_env     # REDIS_SERVER_BIN
 
 echo "==> real vLLM (cached under ~/.cache/switchyard/vllm; minutes on the first run)"
 vllm_env="$("$root/scripts/setup-vllm.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR|GGUF)=')"

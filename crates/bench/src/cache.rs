@@ -10,15 +10,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache::client::LmClient;
 use cache::lm::{self, Meta};
 use clap::Args;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Args)]
 pub struct CacheArgs {
-    /// The server(s): `lm://HOST:PORT[,lm://HOST:PORT...]` (keys spread by consistent
-    /// hashing, as engines spread them).
+    /// The server(s): `lm://HOST:PORT[,lm://HOST:PORT...]`, or `redis://HOST:PORT` (keys
+    /// spread by consistent hashing, as engines spread them).
     #[arg(long)]
     pub url: String,
     /// Concurrent connections (per server).
@@ -122,14 +121,8 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<CacheReport> {
         "--chunk-bytes must be 1..2^31"
     );
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
-    let servers: Vec<String> = args
-        .url
-        .split(',')
-        .filter(|u| !u.trim().is_empty())
-        .map(cache::client::parse_lm_url)
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(!servers.is_empty(), "--url: no server");
+    // Checked once here; each task then gets its own connection to every server.
+    cache::client::Remote::from_urls(&args.url, timeout).map_err(anyhow::Error::msg)?;
     // Each task gets its own connection to every server; keys go where the ring says.
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -147,16 +140,9 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<CacheReport> {
         first_error: std::sync::Mutex::new(None),
     });
     let remotes: Vec<Arc<cache::client::Remote>> = (0..args.clients)
-        .map(|_| {
-            Arc::new(cache::client::Remote::new(
-                servers
-                    .iter()
-                    .map(|s| LmClient::new(s.clone(), timeout))
-                    .collect(),
-            ))
-        })
-        .collect();
-
+        .map(|_| cache::client::Remote::from_urls(&args.url, timeout).map(Arc::new))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     phase(&shared, &remotes, Phase::Put).await;
     let put_seconds = started.elapsed().as_secs_f64();
