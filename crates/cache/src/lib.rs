@@ -1,9 +1,10 @@
 //! The shared KV tier (the Production Stack's LMCache tier): LMCache's `lm://` wire
 //! format ([`lm`]), the cache server's bounded store ([`store`]) and server
 //! ([`server`], `switchyard cache-server`), and the client engines and the benchmark use
-//! to reach one or several servers ([`client`]).
+//! to reach one or several servers ([`client`]); chunks on local disk ([`disk`]).
 
 pub mod client;
+pub mod disk;
 pub mod lm;
 pub mod server;
 pub mod store;

@@ -6,7 +6,9 @@
 //! - a PUT is stored only once its whole body has arrived: a short body changes nothing;
 //!   the buffer grows with the bytes received, never with the length a header claims;
 //! - a header it cannot parse closes that connection only;
-//! - `GET /metrics` and `GET /health` on an HTTP port.
+//! - `GET /metrics` and `GET /health` on an HTTP port;
+//! - optionally every chunk in a directory too (`--persist-dir`), served after memory
+//!   evicted it and across restarts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +39,13 @@ pub struct ServerArgs {
     /// Payload bytes held at most; past it the least recently used chunks are evicted.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_bytes: u64,
+    /// Also keep every chunk in this directory (written off the request path), and serve
+    /// from it what memory evicted; chunks there survive a restart.
+    #[arg(long)]
+    pub persist_dir: Option<std::path::PathBuf>,
+    /// Bytes `--persist-dir` holds at most (least recently used files go first).
+    #[arg(long, default_value_t = 16 << 30)]
+    pub persist_max_bytes: u64,
 }
 
 /// The server's counters (`/metrics`).
@@ -62,6 +71,8 @@ pub struct Metrics {
 pub struct State {
     pub store: Store,
     pub metrics: Metrics,
+    /// `--persist-dir`.
+    pub disk: Option<Arc<crate::disk::DiskTier>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +105,13 @@ async fn listen(host: &str, port: u16) -> Result<TcpListener, ServerError> {
 }
 
 pub async fn bind(args: &ServerArgs) -> Result<Bound, ServerError> {
+    let disk = match &args.persist_dir {
+        Some(dir) => Some(Arc::new(crate::disk::DiskTier::open(
+            dir,
+            args.persist_max_bytes,
+        )?)),
+        None => None,
+    };
     let lm = listen(&args.host, args.port).await?;
     let http = listen(&args.host, args.http_port).await?;
     Ok(Bound {
@@ -102,6 +120,7 @@ pub async fn bind(args: &ServerArgs) -> Result<Bound, ServerError> {
         state: Arc::new(State {
             store: Store::new(args.max_bytes),
             metrics: Metrics::default(),
+            disk,
         }),
         lm,
         http,
@@ -177,7 +196,7 @@ async fn connection(mut sock: TcpStream, state: Arc<State>) {
         };
         let ok = match req.command {
             lm::PUT => put(&mut sock, &state, req).await,
-            lm::GET => match state.store.get(&req.key) {
+            lm::GET => match lookup(&state, &req.key).await {
                 Some(o) => {
                     m.get_hit.inc();
                     m.bytes_out.add(o.data.len() as u64);
@@ -197,7 +216,8 @@ async fn connection(mut sock: TcpStream, state: Arc<State>) {
                 }
             },
             lm::EXIST => {
-                let code = if state.store.contains(&req.key) {
+                let on_disk = state.disk.as_ref().is_some_and(|d| d.contains(&req.key));
+                let code = if state.store.contains(&req.key) || on_disk {
                     m.exist_hit.inc();
                     lm::SUCCESS
                 } else {
@@ -225,9 +245,26 @@ async fn connection(mut sock: TcpStream, state: Arc<State>) {
     m.closed.inc();
 }
 
+/// A chunk from memory, else from `--persist-dir` (read on the blocking pool, and kept
+/// in memory again).
+async fn lookup(state: &Arc<State>, key: &str) -> Option<Object> {
+    if let Some(o) = state.store.get(key) {
+        return Some(o);
+    }
+    let disk = state.disk.clone()?;
+    let k = key.to_string();
+    let o = tokio::task::spawn_blocking(move || disk.get(&k))
+        .await
+        .ok()??;
+    if let PutOutcome::Stored { evicted } = state.store.put(key, o.clone()) {
+        state.metrics.evictions.add(evicted as u64);
+    }
+    Some(o)
+}
+
 /// Read a PUT's body and store it. False when the connection must close (the body was
 /// cut short: nothing is stored).
-async fn put(sock: &mut TcpStream, state: &State, req: Request) -> bool {
+async fn put(sock: &mut TcpStream, state: &Arc<State>, req: Request) -> bool {
     let m = &state.metrics;
     let len = req.meta.length as u64;
     if len > state.store.max_bytes() {
@@ -258,6 +295,14 @@ async fn put(sock: &mut TcpStream, state: &State, req: Request) -> bool {
         meta: req.meta,
         data: buf.freeze(),
     };
+    if let Some(disk) = &state.disk {
+        let (disk, key, o) = (disk.clone(), req.key.clone(), object.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = disk.put(&key, &o) {
+                tracing::warn!(error = %e, "cache server: writing to --persist-dir failed");
+            }
+        });
+    }
     match state.store.put(&req.key, object) {
         PutOutcome::Stored { evicted } => {
             m.put_stored.inc();
@@ -385,6 +430,8 @@ mod tests {
             port,
             http_port: 0,
             max_bytes,
+            persist_dir: None,
+            persist_max_bytes: 1 << 30,
         };
         let bound = bind(&args).await.expect("bind");
         let (addr, state) = (bound.lm_addr, bound.state.clone());
@@ -528,5 +575,57 @@ mod tests {
             }
         }
         assert_eq!(back, Some(false), "reconnected to the new, empty server");
+    }
+
+    #[tokio::test]
+    async fn persisted_chunks_outlive_memory_and_restarts() {
+        let dir = std::env::temp_dir().join(format!("switchyard-persist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let args = |port| ServerArgs {
+            host: "127.0.0.1".into(),
+            port,
+            http_port: 0,
+            max_bytes: 3000,
+            persist_dir: Some(dir.clone()),
+            persist_max_bytes: 1 << 20,
+        };
+        let start = |a: ServerArgs| async move {
+            let bound = bind(&a).await.expect("bind");
+            let (addr, state) = (bound.lm_addr, bound.state.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(bound.serve(async move {
+                let _ = rx.await;
+            }));
+            (addr, state, tx)
+        };
+        let (addr, state, stop) = start(args(0)).await;
+        let c = LmClient::new(addr.to_string(), Duration::from_secs(5));
+        for i in 0..5u8 {
+            c.put(&format!("k{i}"), meta(1), &[i; 1000])
+                .await
+                .expect("put");
+        }
+        // Memory holds three; the first two come back from the directory.
+        let disk = state.disk.clone().expect("disk");
+        for _ in 0..500 {
+            if disk.bytes() == 5000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(disk.bytes(), 5000);
+        assert_eq!(state.store.usage().0, 3);
+        assert!(c.exists("k0").await.expect("exist"));
+        let o = c.get("k0").await.expect("get").expect("from disk");
+        assert_eq!(
+            (o.data.len(), o.data[0], o.meta.shape),
+            (1000, 0, [1, 2, 4, 8])
+        );
+        let _ = stop.send(());
+        let (addr2, _state2, _stop2) = start(args(0)).await;
+        let c2 = LmClient::new(addr2.to_string(), Duration::from_secs(5));
+        let o = c2.get("k4").await.expect("get").expect("after a restart");
+        assert_eq!(o.data[..], [4u8; 1000][..]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,7 +13,8 @@
 //!
 //! - **Load** (engine loop, when a request arrives): after the engine's own prefix-cache
 //!   hit, the following chunks are looked up tier by tier (host memory, then disk, then
-//!   the remote servers, waiting at most `blocking_timeout_secs`), and each one found is
+//!   the remote servers, waiting at most `blocking_timeout_secs`; the tiers are the
+//!   `cache` crate's `Store`, `DiskTier` and `Remote`), and each one found is
 //!   written into free blocks registered as cached, so the scheduler admits the request
 //!   with an ordinary prefix hit and computes only the rest. The first miss ends it.
 //! - **Save** (engine loop, the step a prompt's prefill completes): each full chunk not
@@ -22,7 +23,6 @@
 //!   request's critical path beyond that copy. A full queue drops the chunk (counted).
 
 pub mod config;
-pub mod tiers;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
@@ -36,8 +36,8 @@ use cache::store::{Object, Store};
 use protocol::prom::{Counter, Gauge, Histogram, TextWriter};
 
 use crate::core::step::KvLayout;
+use cache::disk::DiskTier;
 pub use config::{KvTransferConfig, LmCacheSettings};
-use tiers::DiskTier;
 
 /// Where a chunk was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

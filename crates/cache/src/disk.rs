@@ -1,17 +1,15 @@
-//! The offloading tiers below the engine's own paged blocks, each holding whole chunks
-//! (key → LMCache `Meta` + payload): host memory ([`cache::store::Store`], LRU, bounded by
-//! `max_local_cpu_size`), local disk ([`DiskTier`], LRU, bounded by
-//! `max_local_disk_size`, kept across restarts), and the remote cache servers
-//! ([`cache::client::Remote`], `lm://`, consistent hashing over several).
+//! Chunks on local disk (key → LMCache `Meta` + payload), LRU-bounded and kept across
+//! restarts: an engine's disk tier (`LMCACHE_LOCAL_DISK`) and the cache server's
+//! `--persist-dir`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::lm::Meta;
+use crate::store::Object;
 use bytes::Bytes;
-use cache::lm::Meta;
-use cache::store::Object;
 
 const MAGIC: &[u8; 8] = b"SYKVCHK1";
 
@@ -151,11 +149,19 @@ impl DiskTier {
         }
     }
 
-    /// Write a chunk (off the engine loop: the saver thread calls this).
+    /// Write a chunk (blocking: callers run it off their request path).
     pub fn put(&self, key: &str, object: &Object) -> std::io::Result<()> {
         let len = object.data.len() as u64;
-        if len > self.max_bytes || self.contains(key) {
+        if len > self.max_bytes {
             return Ok(());
+        }
+        {
+            // A key written again replaces its file (last write wins, as a PUT does).
+            let mut ix = self.lock();
+            if let Some((old, t)) = ix.map.remove(key) {
+                ix.order.remove(&t);
+                ix.bytes -= old;
+            }
         }
         self.evict_to(len);
         let path = self.dir.join(file_name(key));
