@@ -68,6 +68,16 @@ impl Store {
     /// Store `object` under `key` (a later PUT of the same key replaces it, as LMCache's
     /// server does), evicting the least recently used objects until it fits.
     pub fn put(&self, key: &str, object: Object) -> PutOutcome {
+        self.put_evicting(key, object, None)
+    }
+
+    /// [`Store::put`], also handing back the keys it evicted.
+    pub fn put_evicting(
+        &self,
+        key: &str,
+        object: Object,
+        mut evicted_keys: Option<&mut Vec<Arc<str>>>,
+    ) -> PutOutcome {
         let size = object.data.len() as u64;
         if size > self.max_bytes {
             return PutOutcome::TooLarge;
@@ -86,6 +96,9 @@ impl Store {
             if let Some(slot) = inner.map.remove(&oldest) {
                 inner.bytes -= slot.object.data.len() as u64;
                 evicted += 1;
+                if let Some(keys) = evicted_keys.as_deref_mut() {
+                    keys.push(oldest);
+                }
             }
         }
         inner.tick += 1;

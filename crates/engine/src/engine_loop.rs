@@ -97,6 +97,11 @@ pub fn spawn_engine(
                 lp.set_kv_events(sink);
             }
             lp.offload = offload;
+            if lp.kv_events.is_some() {
+                if let Some(off) = lp.offload.as_mut() {
+                    off.enable_events();
+                }
+            }
             lp.run(rx)
         })?;
     // Ids start at a per-process random point, so two engines never hand out the same
@@ -179,7 +184,12 @@ impl EngineLoop {
     /// (a channel send: never blocks on I/O).
     fn publish_kv_events(&mut self) {
         if let Some(sink) = self.kv_events.as_mut() {
-            sink.publish(self.sched.drain_kv_events());
+            let extra = self
+                .offload
+                .as_mut()
+                .map(Offload::take_events)
+                .unwrap_or_default();
+            sink.publish_with(self.sched.drain_kv_events(), extra);
         }
     }
 
@@ -401,7 +411,17 @@ impl EngineLoop {
                 if !self.backend.export_kv(blocks, &mut data) {
                     return;
                 }
-                off.save(key, data);
+                let first = c * bpc;
+                off.save(
+                    key,
+                    data,
+                    crate::kv_offload::ChunkBlocks {
+                        hashes: &req.blocks.hashes[first..first + bpc],
+                        parent: first.checked_sub(1).map(|p| req.blocks.hashes[p]),
+                        tokens: &req.tokens[first * bs..(first + bpc) * bs],
+                        block_size: bs,
+                    },
+                );
             }
         }
     }

@@ -152,10 +152,17 @@ pub struct KvEventSink {
 impl KvEventSink {
     /// Publish the block manager's events of one step (nothing when there are none).
     pub fn publish(&mut self, events: Vec<CacheEvent>) {
-        if events.is_empty() {
+        self.publish_with(events, Vec::new());
+    }
+
+    /// [`KvEventSink::publish`], followed in the same batch by `extra` events already in
+    /// vLLM's form (the offloading tier's, `medium: "CPU"`).
+    pub fn publish_with(&mut self, events: Vec<CacheEvent>, extra: Vec<KvEvent>) {
+        if events.is_empty() && extra.is_empty() {
             return;
         }
         let mut evs = from_cache_events(events, self.block_size);
+        evs.extend(extra);
         if self.lost {
             evs.insert(0, KvEvent::AllBlocksCleared);
         }

@@ -26,6 +26,8 @@ use rmpv::Value;
 
 /// vLLM's `MEDIUM_GPU`.
 pub const MEDIUM_GPU: &str = "GPU";
+/// vLLM's `MEDIUM_CPU`: blocks offloaded to host memory.
+pub const MEDIUM_CPU: &str = "CPU";
 /// The end-of-replay marker: -1 as an 8-byte big-endian signed integer.
 pub const END_SEQ: [u8; 8] = [0xff; 8];
 

@@ -24,7 +24,7 @@
 
 pub mod config;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ use bytes::Bytes;
 use cache::client::Remote;
 use cache::lm::{self, Meta};
 use cache::store::{Object, Store};
+use kv_events::{BlockRemoved, BlockStored, KvEvent, MEDIUM_CPU};
 use protocol::prom::{Counter, Gauge, Histogram, TextWriter};
 
 use crate::core::step::KvLayout;
@@ -204,6 +205,14 @@ impl OffloadMetrics {
     }
 }
 
+/// A chunk's blocks as the engine hashes them, for KV events.
+pub struct ChunkBlocks<'a> {
+    pub hashes: &'a [u64],
+    pub parent: Option<u64>,
+    pub tokens: &'a [u32],
+    pub block_size: usize,
+}
+
 struct SaveJob {
     key: String,
     object: Object,
@@ -225,6 +234,10 @@ pub struct Offload {
     /// Keys saved lately (bounded): a prompt seen again is not saved again.
     saved: HashSet<String>,
     saved_order: VecDeque<String>,
+    /// While KV events are published: each host-tier chunk's block hashes (to announce
+    /// its eviction), and the events not handed to the publisher yet.
+    cpu_blocks: Option<HashMap<String, Vec<u64>>>,
+    cpu_events: Vec<KvEvent>,
     pub metrics: Arc<OffloadMetrics>,
 }
 
@@ -329,6 +342,8 @@ impl Offload {
             saver,
             saved: HashSet::new(),
             saved_order: VecDeque::new(),
+            cpu_blocks: None,
+            cpu_events: Vec::new(),
             metrics,
         })
     }
@@ -401,11 +416,8 @@ impl Offload {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.hit_chunks[tier as usize].inc();
         self.metrics.loaded_bytes.add(object.data.len() as u64);
-        if tier != Tier::Cpu {
-            if let Some(h) = &self.host {
-                h.put(key, object.clone());
-                self.metrics.cpu_bytes.set(h.usage().1 as f64);
-            }
+        if tier != Tier::Cpu && self.host.is_some() {
+            self.host_put(key, object.clone(), None);
         }
         Some((tier, object))
     }
@@ -434,18 +446,29 @@ impl Offload {
         self.saved.contains(key)
     }
 
+    /// Announce host-tier chunks as KV events with `medium: "CPU"` (as vLLM announces
+    /// offloaded blocks), so a KV-aware router can count them.
+    pub fn enable_events(&mut self) {
+        self.cpu_blocks = Some(HashMap::new());
+    }
+
+    /// The host tier's KV events since the last call.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        std::mem::take(&mut self.cpu_events)
+    }
+
     /// Save a chunk copied out of the paged cache: host memory now, disk and remote on
-    /// the saver thread.
-    pub fn save(&mut self, key: String, data: Vec<u8>) {
+    /// the saver thread. `blocks` is the chunk's blocks as the engine hashes them (with
+    /// the hash before the chunk and its tokens), for the host tier's KV events.
+    pub fn save(&mut self, key: String, data: Vec<u8>, blocks: ChunkBlocks<'_>) {
         let object = Object {
             meta: self.chunk_meta(),
             data: Bytes::from(data),
         };
         self.metrics.saved_bytes.add(object.data.len() as u64);
-        if let Some(h) = &self.host {
-            h.put(&key, object.clone());
+        if self.host.is_some() {
+            self.host_put(&key, object.clone(), Some(blocks));
             self.metrics.saved_chunks[Tier::Cpu as usize].inc();
-            self.metrics.cpu_bytes.set(h.usage().1 as f64);
         }
         if let Some(tx) = &self.saver {
             match tx.try_send(SaveJob {
@@ -458,6 +481,39 @@ impl Offload {
             }
         }
         self.remember(key);
+    }
+
+    /// Put a chunk in host memory; with KV events on, announce it (when its blocks are
+    /// given) and the eviction of every chunk it pushed out.
+    fn host_put(&mut self, key: &str, object: Object, blocks: Option<ChunkBlocks<'_>>) {
+        let Some(h) = &self.host else {
+            return;
+        };
+        let mut evicted = Vec::new();
+        let events = self.cpu_blocks.is_some();
+        h.put_evicting(key, object, events.then_some(&mut evicted));
+        self.metrics.cpu_bytes.set(h.usage().1 as f64);
+        let Some(map) = self.cpu_blocks.as_mut() else {
+            return;
+        };
+        for k in evicted {
+            if let Some(hashes) = map.remove(k.as_ref()) {
+                self.cpu_events.push(KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: hashes,
+                    medium: Some(MEDIUM_CPU.into()),
+                    group_idx: Some(0),
+                }));
+            }
+        }
+        if let Some(b) = blocks {
+            if !map.contains_key(key) {
+                let mut stored =
+                    BlockStored::new(b.hashes.to_vec(), b.parent, b.tokens.to_vec(), b.block_size);
+                stored.medium = Some(MEDIUM_CPU.into());
+                self.cpu_events.push(KvEvent::BlockStored(stored));
+                map.insert(key.to_string(), b.hashes.to_vec());
+            }
+        }
     }
 
     /// Note a chunk as present (loaded from a tier): not to be saved again.
@@ -521,7 +577,16 @@ mod tests {
     fn a_chunk_of_another_layout_is_refused_not_loaded() {
         let mut o = offload(2);
         let good = vec![1u8; o.chunk_meta().length as usize];
-        o.save("good".into(), good.clone());
+        o.save(
+            "good".into(),
+            good.clone(),
+            ChunkBlocks {
+                hashes: &[1, 2],
+                parent: None,
+                tokens: &[0; 32],
+                block_size: 16,
+            },
+        );
         let (tier, got) = o.fetch("good").expect("hit");
         assert_eq!((tier, got.data.len()), (Tier::Cpu, good.len()));
         // Same key space, another model's shape (say, 3 layers), or a short payload.
@@ -547,5 +612,46 @@ mod tests {
         assert_eq!(o.metrics.rejected.get(), 2);
         assert!(o.fetch("absent").is_none());
         assert_eq!(o.metrics.rejected.get(), 2);
+    }
+
+    #[test]
+    fn host_tier_chunks_are_announced_with_medium_cpu_and_their_eviction_too() {
+        let mut o = offload(2);
+        o.enable_events();
+        // Chunks of over half the host tier's size: the second evicts the first.
+        let per = o.host.as_ref().map(|h| h.max_bytes()).unwrap_or(0) as usize / 2 + 1;
+        let tokens = [0u32; 32];
+        let (ha, hb) = ([10u64, 11], [20u64, 21]);
+        let blocks = |hashes| ChunkBlocks {
+            hashes,
+            parent: None,
+            tokens: &tokens,
+            block_size: 16,
+        };
+        o.save("a".into(), vec![0; per], blocks(&ha));
+        o.save("b".into(), vec![0; per], blocks(&hb));
+        let ev = o.take_events();
+        let stored: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                KvEvent::BlockStored(s) => Some((s.block_hashes.clone(), s.medium.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 2);
+        assert!(stored.iter().all(|(_, m)| m.as_deref() == Some(MEDIUM_CPU)));
+        let removed: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                KvEvent::BlockRemoved(r) => Some((r.block_hashes.clone(), r.medium.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            removed,
+            vec![(vec![10, 11], Some(MEDIUM_CPU.to_string()))],
+            "a was evicted for b"
+        );
+        assert!(o.take_events().is_empty());
     }
 }

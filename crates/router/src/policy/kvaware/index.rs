@@ -24,6 +24,10 @@
 //!
 //! LoRA ids and vLLM's `extra_keys` are not part of the content hash: blocks of the same
 //! tokens under different adapters count as the same.
+//!
+//! Blocks an engine announces with `medium: "CPU"` (offloaded to host memory: loadable,
+//! not computed) are kept apart under [`cpu_key`] of the engine, with the same semantics;
+//! `AllBlocksCleared` (the paged cache's reset) leaves them.
 
 use std::collections::HashMap;
 
@@ -33,6 +37,15 @@ use kv_events::{BlockStored, KvEvent};
 /// An engine's identity in the index (its `Endpoint::key`).
 pub type EngineKey = u64;
 
+/// The key under which an engine's host-memory (`medium: "CPU"`) blocks are indexed.
+pub fn cpu_key(engine: EngineKey) -> EngineKey {
+    kv_events::hash::mix64(engine ^ 0x4350_5521_4350_5521)
+}
+
+fn is_cpu(medium: &Option<String>) -> bool {
+    medium.as_deref() == Some(kv_events::MEDIUM_CPU)
+}
+
 #[derive(Debug, Default)]
 struct EngineBlocks {
     /// The engine's block hash → (our content hash, times stored).
@@ -41,6 +54,8 @@ struct EngineBlocks {
     held: HashMap<u64, u32>,
     /// Tokens per block (from the engine's advertisement or its events).
     block_size: Option<usize>,
+    /// This entry is an engine's host-memory blocks ([`cpu_key`]), not an engine.
+    cpu: bool,
 }
 
 #[derive(Debug, Default)]
@@ -98,7 +113,12 @@ impl KvIndex {
 
     /// The engines followed, in key order.
     pub fn engines(&self) -> Vec<EngineKey> {
-        let mut v: Vec<_> = self.engines.keys().copied().collect();
+        let mut v: Vec<_> = self
+            .engines
+            .iter()
+            .filter(|(_, eb)| !eb.cpu)
+            .map(|(k, _)| *k)
+            .collect();
         v.sort_unstable();
         v
     }
@@ -106,7 +126,15 @@ impl KvIndex {
     /// Apply one event of `engine`'s stream.
     pub fn apply(&mut self, engine: EngineKey, ev: &KvEvent) {
         match ev {
+            KvEvent::BlockStored(s) if is_cpu(&s.medium) => {
+                let k = cpu_key(engine);
+                self.engines.entry(k).or_default().cpu = true;
+                self.store(k, s)
+            }
             KvEvent::BlockStored(s) => self.store(engine, s),
+            KvEvent::BlockRemoved(r) if is_cpu(&r.medium) => {
+                self.remove(cpu_key(engine), &r.block_hashes)
+            }
             KvEvent::BlockRemoved(r) => self.remove(engine, &r.block_hashes),
             KvEvent::AllBlocksCleared => self.clear(engine),
         }
@@ -192,10 +220,19 @@ impl KvIndex {
         eb.ids.clear();
     }
 
+    /// Drop what is known of `engine`, its host-memory blocks included (a new stream or a
+    /// restart: its replay says it all again).
+    pub fn clear_all(&mut self, engine: EngineKey) {
+        self.clear(engine);
+        self.clear(cpu_key(engine));
+    }
+
     /// The engine left: forget it entirely.
     pub fn remove_engine(&mut self, engine: EngineKey) {
-        self.clear(engine);
-        self.engines.remove(&engine);
+        for k in [engine, cpu_key(engine)] {
+            self.clear(k);
+            self.engines.remove(&k);
+        }
     }
 
     /// For each of `engines`, how many leading blocks of `hashes` it holds.

@@ -35,7 +35,11 @@ use protocol::prom::TextWriter;
 use super::decisions::{self, Decisions, Family};
 use super::{by_load, load_key, Policy, RouteCtx};
 use crate::engines::{Endpoint, Registry};
-use index::{prompt_hashes, KvIndex};
+use index::{cpu_key, prompt_hashes, EngineKey, KvIndex};
+
+/// What a block an engine holds only in host memory (`medium: "CPU"`) is worth against one
+/// in its paged cache: it need not be computed, but it must be loaded.
+pub const CPU_BLOCK_WORTH: f64 = 0.5;
 pub use tokens::{prompt_tokens, Tokenizers};
 
 /// How a `kvaware` decision came out (the `outcome` label).
@@ -223,6 +227,8 @@ impl KvAware {
         // Per candidate: its block size (None: no stream, or nothing learned yet).
         let mut bs: Vec<Option<usize>> = Vec::with_capacity(n);
         let mut matched = vec![0usize; n];
+        // Leading blocks each candidate holds in host memory (loadable, not computed).
+        let mut in_cpu = vec![0usize; n];
         let held: Vec<usize>;
         {
             let idx = self.kv.index();
@@ -257,6 +263,11 @@ impl KvAware {
                 for (j, &i) in which.iter().enumerate() {
                     matched[i] = m[j];
                 }
+                let cpu: Vec<EngineKey> = keys.iter().map(|&k| cpu_key(k)).collect();
+                idx.matched(&hashes, &cpu, &mut m);
+                for (j, &i) in which.iter().enumerate() {
+                    in_cpu[i] = m[j];
+                }
             }
         }
         let Some(default_bs) = bs.iter().flatten().copied().min() else {
@@ -272,15 +283,20 @@ impl KvAware {
             _ => prompt_blocks.iter().copied().min().unwrap_or(1) as f64,
         };
         let loads: Vec<(u64, u64)> = candidates.iter().map(|e| load_key(e)).collect();
+        // Blocks only in host memory count at a discount: loading them is cheaper than
+        // computing them, dearer than having them in the paged cache.
+        let effective = |i: usize| {
+            matched[i] as f64 + CPU_BLOCK_WORTH * in_cpu[i].saturating_sub(matched[i]) as f64
+        };
         let cost: Vec<f64> = (0..n)
             .map(|i| {
-                self.overlap_weight * (prompt_blocks[i] - matched[i]) as f64
+                self.overlap_weight * (prompt_blocks[i] as f64 - effective(i)).max(0.0)
                     + loads[i].0 as f64 * avg
             })
             .collect();
         order.clear();
         order.extend(0..n);
-        let frac = |i: usize| matched[i] as f64 / prompt_blocks[i].max(1) as f64;
+        let frac = |i: usize| effective(i) / prompt_blocks[i].max(1) as f64;
         let shallow = (0..n).all(|i| frac(i) <= self.min_match);
         if shallow {
             // Nothing worth following (at most a prefix every conversation shares): spread
@@ -387,6 +403,43 @@ mod tests {
         s.sort();
         assert_eq!(s, (0..e.len()).collect::<Vec<_>>(), "every engine once");
         (order[0], o)
+    }
+
+    #[test]
+    fn blocks_in_host_memory_count_at_a_discount() {
+        let (e, kv, p) = setup(3);
+        let body = chat(&"Long shared context words. ".repeat(40), "q");
+        let tokens = prompt_tokens(&SimTokenizer::new(), &body).expect("tokens");
+        // Engine 1 holds the prompt's blocks only in host memory (medium CPU); engine 2
+        // in its paged cache; engine 0 nothing.
+        let hashes = prompt_hashes(&tokens, BS);
+        let full = hashes.len() * BS;
+        let mut cpu = BlockStored::new(hashes.clone(), None, tokens[..full].to_vec(), BS);
+        cpu.medium = Some(kv_events::MEDIUM_CPU.into());
+        kv.index_mut().apply(e[1].key, &KvEvent::BlockStored(cpu));
+        cache(&kv, &e[2], &tokens);
+        assert_eq!(route(&p, &e, &body).0, 2, "the paged cache first");
+        kv.index_mut().apply(e[2].key, &KvEvent::AllBlocksCleared);
+        assert_eq!(route(&p, &e, &body).0, 1, "then host memory, over nothing");
+        // The paged cache's reset leaves host memory; the engine's own removal does not.
+        kv.index_mut().apply(e[1].key, &KvEvent::AllBlocksCleared);
+        assert_eq!(route(&p, &e, &body).0, 1);
+        kv.index_mut().apply(
+            e[1].key,
+            &KvEvent::BlockRemoved(kv_events::BlockRemoved {
+                block_hashes: hashes.clone(),
+                medium: Some(kv_events::MEDIUM_CPU.into()),
+                group_idx: Some(0),
+            }),
+        );
+        assert_eq!(kv.index().engine_blocks(index::cpu_key(e[1].key)), 0);
+        assert_eq!(
+            kv.index().engines().len(),
+            3,
+            "host-memory entries are not engines"
+        );
+        kv.index_mut().remove_engine(e[1].key);
+        kv.index().check();
     }
 
     #[test]

@@ -285,7 +285,7 @@ async fn follow(
     {
         let mut idx = kv.index_mut();
         // A new stream: whatever was known of this engine is replaced by its replay.
-        idx.clear(key);
+        idx.clear_all(key);
         idx.attach(key);
         if let Some(bs) = info.block_size {
             idx.set_block_size(key, bs);
@@ -335,7 +335,7 @@ async fn follow(
             Step::Resync { restart, .. } => {
                 if restart {
                     tracing::info!(engine = %ep.url, "KV events: engine restarted; resyncing");
-                    kv.index_mut().clear(key);
+                    kv.index_mut().clear_all(key);
                 }
                 replay_into(kv, key, info, &mut seq).await;
                 if n < seq.next {
@@ -344,7 +344,7 @@ async fn follow(
                 if n > seq.next {
                     // Lost for good: what we hold may include blocks since removed.
                     tracing::warn!(engine = %ep.url, missed = n - seq.next, "KV events: batches lost; dropping the engine's entries");
-                    kv.index_mut().clear(key);
+                    kv.index_mut().clear_all(key);
                     seq.next = n;
                 }
             }
