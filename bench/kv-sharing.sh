@@ -11,7 +11,7 @@
 # HISTORY-token per-user histories, ANSWER-token answers, at QPS for TIME seconds.
 #
 # Usage: bench/kv-sharing.sh   (env: TARGETS USERS=4 ROUNDS=5 SYSTEM_PROMPT=300
-#        HISTORY=600 ANSWER=20 QPS=0.25 TIME=60 BASE_PORT=27700 OUT_DIR SWITCHYARD_BIN
+#        HISTORY=600 ANSWER=20 QPS=0.25 TIME=60 KV_BYTES BASE_PORT=27700 OUT_DIR SWITCHYARD_BIN
 #        SKIP_BUILD)
 set -euo pipefail
 
@@ -25,6 +25,7 @@ ANSWER=${ANSWER:-20}
 QPS=${QPS:-0.25}
 TIME=${TIME:-60}
 BASE_PORT=${BASE_PORT:-27700}
+KV_BYTES=${KV_BYTES:-268435456}   # each engine's paged KV cache
 OUT_DIR=${OUT_DIR:-$ROOT/target/kv-sharing}
 BIN=${SWITCHYARD_BIN:-$ROOT/target/release/switchyard}
 mkdir -p "$OUT_DIR"
@@ -44,7 +45,7 @@ for t in $TARGETS; do
   [[ $t == *+cache ]] && extra=(--kv-cache-server)
   port=$((BASE_PORT + i)); i=$((i + 1))
   "$BIN" up --host 127.0.0.1 --port "$port" --engines 2 --routing-logic "$logic" "${extra[@]}" \
-    --engine-arg=--kv-cache-memory-bytes=268435456 --engine-arg=--max-model-len=4096 \
+    --engine-arg=--kv-cache-memory-bytes="$KV_BYTES" --engine-arg=--max-model-len=2048 \
     --log-level warn >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
   PID=$!
   wait_ready_line "$OUT_DIR/$t.out" "$PID" 300 || { echo "$t did not start" >&2; tail "$OUT_DIR/$t.err" >&2; exit 1; }
