@@ -24,7 +24,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "switchyard-sim"
-READY_RE = re.compile(r"^READY (http://\S+)\s*$")
+READY_RE = re.compile(r"^READY (https?://\S+)\s*$")
 READY_TIMEOUT_S = float(os.environ.get("SWITCHYARD_READY_TIMEOUT", "30"))
 BASE_ARGS = ["engine", "--backend", "sim", "--host", "127.0.0.1", "--port", "0", "--time-scale", "0.01"]
 

@@ -1112,6 +1112,29 @@ def _leaf_paths(v, prefix=""):
         yield prefix
 
 
+def test_pods_drain_on_termination(helm, rendered):
+    """Grace period, preStop sleep and the matching --shutdown-timeout for the router and
+    Switchyard engines; vLLM engines get the grace period and the sleep."""
+    r = rendered("cpu-quickstart")
+    router = r.get("Deployment", ROUTER)
+    engine = r.get("Deployment", engine_name("smollm2"))
+    for dep, grace, sleep in ((router, 60, 5), (engine, 120, 10)):
+        pod = dep["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert pod["terminationGracePeriodSeconds"] == grace
+        assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": sleep}}
+        assert flag(c["args"], "--shutdown-timeout") == str(grace - sleep - 5)
+    r = helm.install(
+        helm_merge(
+            ci_values("cpu-quickstart"),
+            {"routerSpec": {"terminationGracePeriodSeconds": 3, "preStopSleepSeconds": 0}},
+        )
+    )
+    c = container(r.get("Deployment", ROUTER))
+    assert "lifecycle" not in c
+    assert flag(c["args"], "--shutdown-timeout") == "1"
+
+
 def test_chart_readme_lists_every_value():
     readme = (CHART / "README.md").read_text()
     # Keys under free-form maps (labels, probes, resources, ...) are examples, not values.

@@ -162,10 +162,15 @@ impl Bound {
             .route("/health", get(|| async { httpx::json_ok(&serde_health()) }))
             .route("/metrics", get(render_metrics))
             .with_state(self.state.clone());
-        let result = httpx::serve(self.http, routes, async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
+        let result = httpx::serve(
+            self.http,
+            routes,
+            async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            },
+            &httpx::Serving::default(),
+        )
         .await;
         let _ = accept.await;
         result

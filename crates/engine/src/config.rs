@@ -23,6 +23,9 @@ pub struct EngineArgs {
     /// Port to listen on (0 picks a free one; the chosen port is logged).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// TLS and the shutdown drain (`--ssl-certfile`, `--ssl-keyfile`, `--shutdown-timeout`).
+    #[command(flatten)]
+    pub serve: httpx::ServeArgs,
     /// The model. `gguf`: a GGUF file's path (default: SmolLM2-135M-Instruct, fetched
     /// into the cache on first use); `sim`: a name (default `switchyard-sim`).
     #[arg(long)]

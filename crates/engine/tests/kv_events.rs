@@ -358,9 +358,14 @@ async fn start_engine(num_blocks: usize, kv_config: &str) -> Live {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(switchyard_engine::serve(listener, engine, async move {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(switchyard_engine::serve(
+        listener,
+        engine,
+        async move {
+            let _ = stopped.await;
+        },
+        Default::default(),
+    ));
     Live {
         base,
         http: reqwest::Client::new(),

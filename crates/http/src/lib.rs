@@ -1,8 +1,10 @@
 //! HTTP plumbing shared by the engine and the router: OpenAI error responses, JSON
 //! responses, size-limited body reading, FastAPI-style 404/405 bodies, serving with
-//! TCP_NODELAY and graceful shutdown on SIGINT/SIGTERM; the `process_*` metrics.
+//! TLS, TCP_NODELAY and a bounded drain on SIGINT/SIGTERM (`serving`); the `process_*`
+//! metrics.
 
 pub mod process;
+pub mod serving;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -108,21 +110,7 @@ pub async fn method_not_allowed() -> Response {
     )
 }
 
-/// Serve `app` until `shutdown` resolves, with TCP_NODELAY on every connection (small
-/// streamed chunks must not wait for Nagle).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use serving::{serve, ServeArgs, Serving, TlsError};
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

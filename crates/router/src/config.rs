@@ -118,6 +118,9 @@ pub struct RouterArgs {
     pub host: String,
     #[arg(long, default_value_t = 8001)]
     pub port: u16,
+    /// TLS and the shutdown drain (`--ssl-certfile`, `--ssl-keyfile`, `--shutdown-timeout`).
+    #[command(flatten)]
+    pub serve: httpx::ServeArgs,
     /// `static` (the default) or `k8s`.
     #[arg(long, value_enum)]
     pub service_discovery: Option<DiscoveryKind>,

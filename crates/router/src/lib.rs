@@ -121,11 +121,16 @@ pub struct Bound {
     pub addr: SocketAddr,
     pub state: Arc<RouterState>,
     listener: tokio::net::TcpListener,
+    serving: httpx::Serving,
 }
 
 /// Validate flags, bind, discover the engines' models, and start background tasks.
 pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     let settings = Settings::from_args(&args)?;
+    let serving = args
+        .serve
+        .serving()
+        .map_err(|e| config::ConfigError::Invalid(e.to_string()))?;
     let addr = format!("{}:{}", settings.host, settings.port);
     let resolved = tokio::net::lookup_host(&addr)
         .await
@@ -196,6 +201,7 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         addr: listener.local_addr()?,
         state,
         listener,
+        serving,
     })
 }
 
@@ -217,6 +223,11 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListen
 }
 
 impl Bound {
+    /// `https` when the listener speaks TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        self.serving.scheme()
+    }
+
     /// Serve on `workers` threads, each a single-threaded runtime with its own listener
     /// (SO_REUSEPORT: the kernel spreads connections) and its own upstream pool, so a
     /// request never hops between threads. This thread serves too; call it from a
@@ -239,6 +250,7 @@ impl Bound {
             let listener = reuseport_listener(self.addr)?.into_std()?;
             let state = self.state.clone();
             let mut stop = stop_rx.clone();
+            let serving = self.serving.clone();
             threads.push(httpx::spawn_runtime_thread(
                 format!("router-{i}"),
                 async move {
@@ -246,15 +258,20 @@ impl Bound {
                     let until = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
-                    httpx::serve(listener, api::router(state), until).await
+                    httpx::serve(listener, api::router(state), until, &serving).await
                 },
             )?);
         }
         let state = self.state.clone();
-        let result = httpx::serve(self.listener, api::router(self.state), async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
+        let result = httpx::serve(
+            self.listener,
+            api::router(self.state),
+            async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            },
+            &self.serving,
+        )
         .await;
         for t in threads {
             let _ = t.join();
@@ -269,7 +286,13 @@ impl Bound {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let result = httpx::serve(self.listener, api::router(self.state), shutdown).await;
+        let result = httpx::serve(
+            self.listener,
+            api::router(self.state),
+            shutdown,
+            &self.serving,
+        )
+        .await;
         state.proxy.telemetry.flush(SHUTDOWN_FLUSH).await;
         result
     }

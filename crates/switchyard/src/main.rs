@@ -134,6 +134,7 @@ async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
             );
         }
     }
+    let serving = args.serve.serving()?;
     let engine = engine::build_engine(&args)?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -141,8 +142,8 @@ async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, model = %args.served_names()[0], backend = ?args.backend, "engine listening");
     // A machine-readable readiness line for supervisors and tests.
-    println!("READY http://{addr}");
-    engine::serve(listener, engine, httpx::shutdown_signal()).await?;
+    println!("READY {}://{addr}", serving.scheme());
+    engine::serve(listener, engine, httpx::shutdown_signal(), serving).await?;
     tracing::info!("engine stopped");
     Ok(())
 }
@@ -152,7 +153,7 @@ async fn run_router(args: router::RouterArgs) -> anyhow::Result<()> {
     let bound = router::bind(args).await?;
     let addr = bound.addr;
     tracing::info!(%addr, engines = bound.state.registry.snapshot().endpoints.len(), "router listening");
-    println!("READY http://{addr}");
+    println!("READY {}://{addr}", bound.scheme());
     bound
         .serve_workers(workers, httpx::shutdown_signal())
         .await?;

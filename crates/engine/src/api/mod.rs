@@ -49,13 +49,14 @@ pub fn router(engine: Engine) -> Router {
         .with_state(engine)
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve until `shutdown` resolves, then drain (bounded by `serving.grace`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Engine,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    serving: httpx::Serving,
 ) -> std::io::Result<()> {
-    httpx::serve(listener, router(engine), shutdown).await
+    httpx::serve(listener, router(engine), shutdown, &serving).await
 }
 
 /// Read a JSON body: JSON content type required, size limited (413), parsed with

@@ -249,3 +249,31 @@ app.kubernetes.io/component: cache-server
 {{- define "switchyard.kvTransferConfig" -}}
 {{- dict "kv_connector" "LMCacheConnectorV1" "kv_role" (default "kv_both" .kvRole) | toJson -}}
 {{- end -}}
+
+{{/*
+Graceful termination for a pod spec: the grace period. Takes a spec with
+terminationGracePeriodSeconds / preStopSleepSeconds.
+*/}}
+{{- define "switchyard.terminationGrace" -}}
+terminationGracePeriodSeconds: {{ int .terminationGracePeriodSeconds }}
+{{- end }}
+
+{{/*
+The container's preStop sleep (nothing when preStopSleepSeconds is 0).
+*/}}
+{{- define "switchyard.preStop" -}}
+{{- if gt (int .preStopSleepSeconds) 0 }}
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ int .preStopSleepSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+--shutdown-timeout for a Switchyard process: what the grace period leaves after the
+preStop sleep, less 5 s of margin, at least 1.
+*/}}
+{{- define "switchyard.shutdownTimeout" -}}
+{{- max 1 (sub (int .terminationGracePeriodSeconds) (add (int .preStopSleepSeconds) 5)) -}}
+{{- end }}
