@@ -9,6 +9,7 @@ Timings are not asserted (BENCHMARKS.md has them); tokens computed are.
 from __future__ import annotations
 
 import re
+import struct
 import socket
 import threading
 import urllib.request
@@ -321,3 +322,107 @@ def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, r
     finally:
         _stop(a.proc)
         _stop(b.proc)
+
+
+class DyingServer:
+    """An `lm://` server that stores PUTs and answers EXIST and HEALTH like LMCache's, but
+    on a GET sends the reply header and half the payload, then drops the connection: a
+    server killed in the middle of a load."""
+
+    HEADER = struct.Struct("=9i150s")
+    REPLY = struct.Struct("=9i")
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.objects: dict[bytes, tuple[tuple[int, ...], bytes]] = {}
+        self.cut_gets = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"lm://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read(conn: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            got = conn.recv(n - len(buf))
+            if not got:
+                raise ConnectionError("closed")
+            buf += got
+        return buf
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                cmd, length, fmt, dtype, loc, s0, s1, s2, s3, key = self.HEADER.unpack(
+                    self._read(conn, self.HEADER.size))
+                if cmd == 1:  # PUT
+                    payload = self._read(conn, length)
+                    with self.lock:
+                        self.objects[key] = ((length, fmt, dtype, s0, s1, s2, s3), payload)
+                elif cmd in (3, 5):  # EXIST, HEALTH
+                    code = 200 if cmd == 5 or key in self.objects else 400
+                    conn.sendall(self.REPLY.pack(code, 0, 1, 2, 0, 0, 0, 0, 0))
+                elif cmd == 2:  # GET: half the object, then gone
+                    with self.lock:
+                        found = self.objects.get(key)
+                    if found is None:
+                        conn.sendall(self.REPLY.pack(400, 0, 1, 2, 0, 0, 0, 0, 0))
+                        continue
+                    meta, payload = found
+                    conn.sendall(self.REPLY.pack(200, *meta, 0) + payload[: len(payload) // 2])
+                    with self.lock:
+                        self.cut_gets += 1
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+        except (ConnectionError, OSError, struct.error):
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_server_dying_in_the_middle_of_a_load_costs_a_recompute(tmp_path, monkeypatch):
+    server = DyingServer()
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", server.url)
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    monkeypatch.setenv("LMCACHE_BLOCKING_TIMEOUT_SECS", "5")
+    a = start_switchyard(engine_args(), tmp_path)
+    b = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, usage = complete(a, PROMPT)
+        for _ in range(200):  # A's saves are off the request path
+            if len(server.objects) >= 3:
+                break
+            threading.Event().wait(0.05)
+        assert len(server.objects) == 3
+        before = metrics(b)
+        got, _ = complete(b, PROMPT)
+        after = metrics(b)
+        # B asked for the first chunk, got half of it, and computed the whole prompt itself.
+        assert server.cut_gets >= 1
+        assert got == want, (got, want)
+        assert value(after, "switchyard:kv_offload_failures_total", tier="remote") > value(
+            before, "switchyard:kv_offload_failures_total", tier="remote")
+        assert value(after, "vllm:external_prefix_cache_hits_total") == 0
+        assert computed_prompt_tokens(after) - computed_prompt_tokens(before) == usage["prompt_tokens"]
+        # And B keeps serving.
+        assert complete(b, OTHER)[0]
+    finally:
+        _stop(a.proc)
+        _stop(b.proc)
+        server.close()
