@@ -98,7 +98,8 @@ pub struct Target {
     pub timeout: Duration,
 }
 
-type Fail = (ErrorKind, String);
+/// Why a request failed, and the detail.
+pub type Fail = (ErrorKind, String);
 
 impl Target {
     pub fn new(base_url: &str, api_key: Option<String>, timeout: Duration) -> Self {
@@ -234,31 +235,58 @@ impl Target {
             let text = String::from_utf8_lossy(&text);
             return Err((kind, format!("{status}: {}", clip(&text, 300))));
         }
-        let mut sse = SseState {
-            start,
-            last: None,
-            done: false,
-            finished: false,
-            keep_text,
-        };
-        let mut buf = BytesMut::new();
+        let mut sse = SseParser::new(start, keep_text);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| (ErrorKind::Truncated, error_chain(&e)))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let now = Instant::now();
-            buf.extend_from_slice(&data);
-            while let Some((end, skip)) = event_end(&buf) {
-                let event = buf.split_to(end + skip);
-                sse.event(&event[..end], now, o)?;
-            }
+            sse.feed(&data, Instant::now(), o)?;
         }
-        if !buf.iter().all(|b| b.is_ascii_whitespace()) {
-            let rest = buf.split();
-            sse.event(&rest, Instant::now(), o)?;
+        sse.finish(Instant::now(), o)
+    }
+}
+
+/// An OpenAI stream's server-sent events, fed as the body's frames arrive (split
+/// anywhere): text, TTFT/ITL, usage and errors go into an [`Outcome`]. Also a fuzz target
+/// (`fuzz/fuzz_targets/sse.rs`: any split gives the same outcome as the whole).
+pub struct SseParser {
+    buf: BytesMut,
+    state: SseState,
+}
+
+impl SseParser {
+    pub fn new(start: Instant, keep_text: bool) -> Self {
+        SseParser {
+            buf: BytesMut::new(),
+            state: SseState {
+                start,
+                last: None,
+                done: false,
+                finished: false,
+                keep_text,
+            },
         }
-        if !sse.done && !sse.finished {
+    }
+
+    /// Take the next piece of the body; every complete event in it is applied to `o`.
+    pub fn feed(&mut self, data: &[u8], now: Instant, o: &mut Outcome) -> Result<(), Fail> {
+        self.buf.extend_from_slice(data);
+        while let Some((end, skip)) = event_end(&self.buf) {
+            let event = self.buf.split_to(end + skip);
+            self.state.event(&event[..end], now, o)?;
+        }
+        Ok(())
+    }
+
+    /// The body ended: apply an unterminated last event, and fail a stream that never
+    /// finished (no finish reason and no `[DONE]`).
+    pub fn finish(&mut self, now: Instant, o: &mut Outcome) -> Result<(), Fail> {
+        if !self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+            let rest = self.buf.split();
+            self.state.event(&rest, now, o)?;
+        }
+        if !self.state.done && !self.state.finished {
             return Err((
                 ErrorKind::Truncated,
                 format!(

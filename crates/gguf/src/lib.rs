@@ -124,8 +124,19 @@ impl Gguf {
         };
         let file = std::fs::File::open(path).map_err(io)?;
         let file_size = file.metadata().map_err(io)?.len();
+        Self::read(BufReader::with_capacity(1 << 16, file), file_size, p)
+    }
+
+    /// Read a header from bytes in memory (`name` stands for the path in errors). The
+    /// same checks as [`Gguf::open`]: counts and lengths against the size before any
+    /// allocation.
+    pub fn parse(bytes: &[u8], name: &str) -> Result<Gguf, GgufError> {
+        Self::read(bytes, bytes.len() as u64, name.to_string())
+    }
+
+    fn read<R: Read>(inner: R, file_size: u64, p: String) -> Result<Gguf, GgufError> {
         let mut r = Reader {
-            inner: BufReader::with_capacity(1 << 16, file),
+            inner,
             pos: 0,
             size: file_size,
             path: p.clone(),

@@ -183,7 +183,7 @@ fn encode_event(buf: &mut Vec<u8>, ev: &KvEvent) {
                 w_str(buf, "extra_keys");
                 rmp::encode::write_array_len(buf, keys.len() as u32).expect("write to Vec");
                 for k in keys {
-                    rmpv::encode::write_value(buf, k).expect("write to Vec");
+                    write_opaque(buf, k);
                 }
             }
             if let Some(g) = s.group_idx {
@@ -251,6 +251,33 @@ pub enum DecodeError {
     Msgpack(String),
     #[error("unexpected shape: {0}")]
     Shape(String),
+}
+
+/// Write a value passed through untouched (`extra_keys`) back as it came: a msgpack str
+/// holding invalid UTF-8 stays a str with the same bytes (rmpv would write it as bin),
+/// inside arrays and maps too. Found by the `kv_events` fuzz target.
+fn write_opaque(buf: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::String(s) if s.as_str().is_none() => {
+            let b = s.as_bytes();
+            rmp::encode::write_str_len(buf, b.len() as u32).expect("write to Vec");
+            buf.extend_from_slice(b);
+        }
+        Value::Array(items) => {
+            rmp::encode::write_array_len(buf, items.len() as u32).expect("write to Vec");
+            for i in items {
+                write_opaque(buf, i);
+            }
+        }
+        Value::Map(pairs) => {
+            rmp::encode::write_map_len(buf, pairs.len() as u32).expect("write to Vec");
+            for (k, x) in pairs {
+                write_opaque(buf, k);
+                write_opaque(buf, x);
+            }
+        }
+        other => rmpv::encode::write_value(buf, other).expect("write to Vec"),
+    }
 }
 
 fn shape(msg: impl Into<String>) -> DecodeError {
