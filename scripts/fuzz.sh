@@ -3,7 +3,8 @@
 # KV-event decoder, the bench's SSE parser, the tokenizer and the engine's request path.
 #   scripts/fuzz.sh [SECONDS_PER_TARGET=120] [TARGET...]
 # Needs the nightly toolchain; installs cargo-fuzz once. Corpora live in fuzz/corpus/
-# (kept in the repo, minimized); a crash is written to fuzz/artifacts/TARGET/ and must
+# (seeds/ holds the starting inputs and the smallest 150 of each corpus, kept in the repo;
+# corpus/ is the local working corpus); a crash is written to fuzz/artifacts/TARGET/ and must
 # become a regression test before it is fixed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +28,7 @@ for t in "${targets[@]}"; do
   [ -d "seeds/$t" ] && seeds=("seeds/$t")
   echo "==> $t (${secs}s)"
   if ! cargo +nightly fuzz run --sanitizer none -O "$t" "corpus/$t" "${seeds[@]}" -- \
-      -max_total_time="$secs" -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 2>&1 | tail -n 12; then
+      -max_total_time="$secs" -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 2>&1 | tail -n 40; then
     echo "!! $t: a crash; see fuzz/artifacts/$t/"; status=1
   fi
 done

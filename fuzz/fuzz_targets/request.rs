@@ -64,7 +64,13 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             o.entry("max_tokens").or_insert(8.into());
-            o.insert("n".into(), o.get("n").and_then(|v| v.as_i64()).map_or(1, |n| n.clamp(-1, 3)).into());
+            o.insert(
+                "n".into(),
+                o.get("n")
+                    .and_then(|v| v.as_i64())
+                    .map_or(1, |n| n.clamp(-1, 3))
+                    .into(),
+            );
             serde_json::to_vec(&o).expect("re-encodes")
         }
         _ => body.to_vec(),
@@ -83,17 +89,25 @@ fuzz_target!(|data: &[u8]| {
         .expect("answered within 20 s")
         .expect("infallible");
         let status = resp.status();
-        let bytes = tokio::time::timeout(std::time::Duration::from_secs(20), resp.into_body().collect())
-            .await
-            .expect("body within 20 s")
-            .expect("body")
-            .to_bytes();
+        let bytes = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            resp.into_body().collect(),
+        )
+        .await
+        .expect("body within 20 s")
+        .expect("body")
+        .to_bytes();
         (status, bytes)
     });
-    assert!(!status.is_server_error(), "{status}: {}", String::from_utf8_lossy(&bytes));
+    assert!(
+        !status.is_server_error(),
+        "{status}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
     if status.is_client_error() {
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("error body is JSON");
-        let has_error = v.get("error").is_some() || v.get("detail").is_some() || v.get("message").is_some();
+        let has_error =
+            v.get("error").is_some() || v.get("detail").is_some() || v.get("message").is_some();
         assert!(has_error, "{status}: {v}");
     } else {
         assert_eq!(status, StatusCode::OK);

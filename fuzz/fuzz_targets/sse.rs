@@ -19,7 +19,9 @@ fn run(pieces: &[&[u8]]) -> (Result<(), String>, Outcome) {
         }
     }
     if r.is_ok() {
-        r = p.finish(now, &mut o).map_err(|e| format!("{:?}: {}", e.0, e.1));
+        r = p
+            .finish(now, &mut o)
+            .map_err(|e| format!("{:?}: {}", e.0, e.1));
     }
     (r, o)
 }

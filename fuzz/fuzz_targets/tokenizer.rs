@@ -29,7 +29,12 @@ fuzz_target!(|data: &[u8]| {
     // decodes back to the same marker text.
     let t = tokenizer();
     let ids = t.encode(text);
-    assert_eq!(t.decode(&ids, false), text);
+    // Bytes the vocabulary has no token for (SmolLM2 lacks some C0 controls and UTF-8
+    // lead bytes no training text had) become the unknown token, as in Hugging Face's
+    // tokenizer: no round trip for those.
+    if t.can_spell(text) {
+        assert_eq!(t.decode(&ids, false), text);
+    }
     let mut inc = IncrementalDecoder::new();
     let mut pieces = String::new();
     for &id in &ids {

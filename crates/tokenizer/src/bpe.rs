@@ -357,6 +357,18 @@ impl BpeTokenizer {
         self.special_ids.get(text).copied()
     }
 
+    /// The token bytes the vocabulary cannot spell become (`tokenizer.ggml.unknown_token_id`;
+    /// SmolLM2's is `<|endoftext|>`, as in its Hugging Face tokenizer), if the file names one.
+    pub fn unknown_id(&self) -> Option<u32> {
+        self.unk
+    }
+
+    /// Whether every byte of `text` has a token of its own; a byte without one encodes as
+    /// [`BpeTokenizer::unknown_id`] (or nothing), so only such text round-trips exactly.
+    pub fn can_spell(&self, text: &str) -> bool {
+        text.bytes().all(|b| self.byte_ids[b as usize] != NO_TOKEN)
+    }
+
     /// The bytes one token decodes to.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.token_bytes.get(id as usize).map_or(&[], |b| b)
