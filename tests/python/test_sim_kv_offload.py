@@ -112,3 +112,37 @@ def test_two_sim_engines_share_a_cache_server(tmp_path, monkeypatch, cache_serve
     finally:
         for p in (a, b, c):
             _stop(p.proc)
+
+
+def test_up_with_sim_engines_and_a_kv_cache_server_shares_prompts(tmp_path):
+    """`switchyard up --backend sim --kv-cache-server`: round robin sends the second ask
+    to the other engine, which loads the prompt's chunks from the server."""
+    stack = start_switchyard(["up", "--backend", "sim", "--host", "127.0.0.1", "--port", "0", "--engines", "2",
+                              "--served-model-name", "sim-kv", "--kv-cache-server=268435456",
+                              "--engine-arg=--sim-preset=smollm2-135m-cpu", "--engine-arg=--time-scale=0.25"],
+                             tmp_path)
+    try:
+        engines = re.findall(r"engine (http://\S+)", stack.log_path.read_text())
+        assert len(engines) == 2, stack.log_path.read_text()[-2000:]
+
+        def total(name: str, **labels: str) -> float:
+            return sum(value(urllib.request.urlopen(f"{u}/metrics", timeout=10).read().decode(), name, **labels)
+                       for u in engines)
+
+        body = json.dumps({"model": "sim-kv", "prompt": PROMPT, "max_tokens": 1}).encode()
+
+        def complete() -> None:
+            req = urllib.request.Request(f"{stack.url}/v1/completions", body, {"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                assert json.load(r)["usage"]["prompt_tokens"] == 1000
+
+        complete()
+        for _ in range(200):  # the first engine's chunks reach the server off the request path
+            if total("switchyard:kv_offload_saved_chunks_total", tier="remote") >= 3:
+                break
+            threading.Event().wait(0.05)
+        complete()
+        assert total("switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
+        assert total("vllm:external_prefix_cache_hits_total") == 3 * 256
+    finally:
+        _stop(stack.proc)
