@@ -88,11 +88,12 @@ def test_two_sim_engines_share_a_cache_server(tmp_path, monkeypatch, cache_serve
     server, lm = cache_server
     monkeypatch.setenv("LMCACHE_REMOTE_URL", lm)
     monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
-    a = start_switchyard(sim_engine(), tmp_path)
-    b = start_switchyard(sim_engine(), tmp_path)
-    # The same served name with another model's shape (Llama-3.1-8B's): same keys.
-    c = start_switchyard(sim_engine(preset="llama-3.1-8b-h100"), tmp_path)
+    started = []
     try:
+        # C: the same served name with another model's shape (Llama-3.1-8B's): same keys.
+        for args in (sim_engine(), sim_engine(), sim_engine(preset="llama-3.1-8b-h100")):
+            started.append(start_switchyard(args, tmp_path))
+        a, b, c = started
         cold, _ = ask(a, PROMPT)
         for _ in range(200):  # A saves off the request path: wait for its chunks
             if value(metrics(server), "switchyard_cache_server_entries") >= 3:
@@ -110,7 +111,7 @@ def test_two_sim_engines_share_a_cache_server(tmp_path, monkeypatch, cache_serve
         assert value(page, "switchyard:kv_offload_hit_chunks_total", tier="remote") == 0
         assert value(page, "vllm:external_prefix_cache_hits_total") == 0
     finally:
-        for p in (a, b, c):
+        for p in started:
             _stop(p.proc)
 
 
