@@ -104,10 +104,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         None => None,
         Some(transfer) => {
             let layout = backend.kv_layout().ok_or_else(|| {
-                StartError::Flag(
-                    "--kv-transfer-config: this backend keeps no KV to offload (use --backend gguf)"
-                        .into(),
-                )
+                StartError::Flag("--kv-transfer-config: this backend keeps no KV to offload".into())
             })?;
             if !args.prefix_caching() {
                 return Err(StartError::Flag(
@@ -191,11 +188,10 @@ fn build_sim(args: &EngineArgs) -> Result<Parts, StartError> {
         .with_overrides(&args.sim_latency);
     Ok(Parts {
         tokenizer: Arc::new(SimTokenizer::new()),
-        backend: Box::new(SimBackend::new(
-            latency,
-            args.time_scale,
-            args.sim_eos_prob.clamp(0.0, 1.0),
-        )),
+        backend: Box::new(
+            SimBackend::new(latency, args.time_scale, args.sim_eos_prob.clamp(0.0, 1.0))
+                .with_block_size(args.block_size),
+        ),
         max_model_len: args.max_model_len.unwrap_or(8192),
         num_blocks: args.num_gpu_blocks.unwrap_or(16384),
         generation: crate::generation::resolve(

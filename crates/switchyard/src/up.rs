@@ -196,9 +196,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let served = args.served_model_name.clone().unwrap_or(served);
-    if args.kv_cache_server.is_some() && args.backend == engine::config::BackendKind::Sim {
-        bail!("--kv-cache-server needs engines that keep real KV (--backend gguf)");
-    }
     let cache_url = match args.kv_cache_server {
         Some(max_bytes) => {
             let (child, url) = start_cache_server(&exe, max_bytes)?;
