@@ -324,6 +324,228 @@ def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, r
         _stop(b.proc)
 
 
+class RedisError(Exception):
+    pass
+
+
+def resp(port: int, *args, timeout: float = 10):
+    """One RESP command on a fresh connection, its reply parsed (errors raise RedisError)."""
+    raw = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    out = b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in raw)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(out)
+        f = c.makefile("rb")
+
+        def read():
+            line = f.readline()
+            if not line.endswith(b"\r\n"):
+                raise ConnectionError(f"redis :{port} closed the connection")
+            kind, rest = line[:1], line[1:-2]
+            if kind == b"+":
+                return rest
+            if kind == b"-":
+                raise RedisError(rest.decode())
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                n = int(rest)
+                return None if n < 0 else f.read(n + 2)[:-2]
+            if kind == b"*":
+                n = int(rest)
+                return None if n < 0 else [read() for _ in range(n)]
+            raise RedisError(f"unexpected reply {line!r}")
+
+        return read()
+
+
+def free_port(below: int = 65536) -> int:
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port < below:
+            return port
+
+
+def wait_for(what: str, check, timeout: float = 30):
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+            if got:
+                return got
+        except (OSError, RedisError):
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_farm(tmp_path):
+    """Starts real redis-servers (and sentinels) on free loopback ports; every one it
+    started is stopped at the end, whatever happened."""
+    import os
+    import subprocess
+
+    binary = os.environ.get("REDIS_SERVER_BIN") or "redis-server"
+    procs: list[subprocess.Popen] = []
+
+    def start(*extra: str, sentinel_conf: str | None = None) -> int:
+        port = free_port()
+        d = tmp_path / f"redis-{port}"
+        d.mkdir()
+        if sentinel_conf is not None:
+            conf = d / "sentinel.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {d}\n{sentinel_conf}")
+            argv = [binary, str(conf), "--sentinel"]
+        else:
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", str(d), *extra]
+        log = open(d / "log", "wb")
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+        proc = procs[-1]
+        wait_for(f"redis on :{port}", lambda: proc.poll() is None and resp(port, "PING", timeout=1) == b"PONG"
+                 or (proc.poll() is not None and pytest.fail(f"redis-server exited: {(d / 'log').read_text()}")))
+        return port
+
+    yield start
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def chunk_keys(ports: list[int]) -> dict[int, list[bytes]]:
+    return {p: sorted(resp(p, "KEYS", "*")) for p in ports}
+
+
+def wait_saved(e, n: int):
+    for _ in range(400):
+        if value(metrics(e), "switchyard:kv_offload_saved_chunks_total", tier="remote") >= n:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"{n} chunks not saved: {metrics(e)}")
+
+
+def test_redis_cluster_remote_tier_routes_chunks_by_slot(tmp_path, monkeypatch, redis_farm):
+    """redis-cluster:// (one seed given): a 3-master Redis Cluster; engine A's chunks land
+    on several masters by CRC16 slot, engine B loads them for the same greedy text, also
+    after one slot moved under B's map (MOVED) and with another in mid-migration (ASK)."""
+    nodes = []
+    for _ in range(3):
+        bus = free_port()
+        port = redis_farm("--cluster-enabled", "yes", "--cluster-port", str(bus),
+                          "--cluster-config-file", str(tmp_path / f"nodes-{bus}.conf"))
+        nodes.append((port, bus))
+    ports = [p for p, _ in nodes]
+    ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
+    for p, (first, last) in zip(ports, ranges):
+        resp(p, "CLUSTER", "ADDSLOTSRANGE", first, last)
+    for p, bus in nodes[1:]:
+        resp(ports[0], "CLUSTER", "MEET", "127.0.0.1", p, bus)
+    for p in ports:
+        wait_for(f"cluster ok on :{p}", lambda: b"cluster_state:ok" in resp(p, "CLUSTER", "INFO")
+                 and b"cluster_known_nodes:3" in resp(p, "CLUSTER", "INFO"))
+    ids = [resp(p, "CLUSTER", "MYID") for p in ports]
+
+    def owner(slot: int) -> int:
+        return next(i for i, (first, last) in enumerate(ranges) if first <= slot <= last)
+
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"redis-cluster://127.0.0.1:{ports[0]}")
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    a = start_switchyard(engine_args(), tmp_path)
+    b = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, _ = complete(a, PROMPT)
+        wait_saved(a, 3)
+        held = chunk_keys(ports)
+        assert sum(len(k) for k in held.values()) == 6, held
+        assert sum(1 for k in held.values() if k) >= 2, f"all chunks on one master: {held}"
+        for p, keys in held.items():
+            for k in keys:
+                assert owner(resp(p, "CLUSTER", "KEYSLOT", k)) == ports.index(p)
+        meta = sorted(k[:-len(b"metadata")] for ks in held.values() for k in ks if k.endswith(b"metadata"))
+        assert len(meta) == 3
+        # B loads the slot map (a miss, its own chunks saved), then slots move under it.
+        other = complete(b, OTHER)[1]["prompt_tokens"] // 256
+        wait_saved(b, other)
+
+        def migrate(key: bytes, finish: bool):
+            slot = resp(ports[0], "CLUSTER", "KEYSLOT", key)
+            src = owner(slot)
+            dst = (src + 1) % 3
+            resp(ports[dst], "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+            resp(ports[src], "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+            keys = resp(ports[src], "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            assert key in keys
+            resp(ports[src], "MIGRATE", "127.0.0.1", ports[dst], "", 0, 5000, "KEYS", *keys)
+            if finish:
+                for i in (dst, src, 3 - src - dst):
+                    resp(ports[i], "CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+            return slot
+
+        moved = migrate(meta[0] + b"kv_bytes", finish=True)
+        asked = migrate(meta[1] + b"metadata", finish=False)
+        assert moved != asked
+        with pytest.raises(RedisError, match="^ASK "):
+            resp(ports[owner(asked)], "GET", meta[1] + b"metadata")
+        got, _ = complete(b, PROMPT)
+        page = metrics(b)
+        assert got == want, (got, want)
+        assert value(page, "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
+        assert value(page, "switchyard:kv_offload_failures_total", tier="remote") == 0
+    finally:
+        _stop(a.proc)
+        _stop(b.proc)
+
+
+def test_redis_sentinel_remote_tier_follows_a_failover(tmp_path, monkeypatch, redis_farm):
+    """redis-sentinel:// with LMCache's REDIS_SERVICE_NAME: the engines find the master
+    through a real Sentinel; after a failover (the replica promoted, the old master made a
+    replica: -READONLY) engine A asks the sentinel again and saves to the new master."""
+    master = redis_farm()
+    replica = redis_farm("--replicaof", "127.0.0.1", str(master))
+    wait_for("replica in sync", lambda: b"master_link_status:up" in resp(replica, "INFO", "replication"))
+    sentinel = redis_farm(sentinel_conf=f"sentinel monitor mymaster 127.0.0.1 {master} 1\n"
+                                        "sentinel down-after-milliseconds mymaster 2000\n"
+                                        "sentinel failover-timeout mymaster 10000\n")
+    monkeypatch.setenv("REDIS_SERVICE_NAME", "mymaster")
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"redis-sentinel://127.0.0.1:{sentinel}")
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    a = start_switchyard(engine_args(), tmp_path)
+    b = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, _ = complete(a, PROMPT)
+        wait_saved(a, 3)
+        assert len(resp(master, "KEYS", "*")) == 6
+        got, _ = complete(b, PROMPT)
+        assert got == want
+        assert value(metrics(b), "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
+        # Fail over: the replica becomes the master, the old master its replica.
+        wait_for("sentinel sees the replica", lambda: resp(sentinel, "SENTINEL", "REPLICAS", "mymaster"))
+        wait_for("failover started", lambda: resp(sentinel, "SENTINEL", "FAILOVER", "mymaster") == b"OK")
+        wait_for("replica promoted", lambda: resp(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+                 == [b"127.0.0.1", str(replica).encode()])
+        wait_for("old master demoted", lambda: resp(master, "ROLE")[0] == b"slave")
+        with pytest.raises(RedisError, match="^READONLY"):
+            resp(master, "SET", "x", "y")
+        # A still talks to the old master: its next saves meet READONLY, then go to the new one.
+        other = complete(a, OTHER)[1]["prompt_tokens"] // 256
+        wait_saved(a, 3 + other)
+        assert value(metrics(a), "switchyard:kv_offload_failures_total", tier="remote") == 0
+        assert len(resp(replica, "KEYS", "*")) == 2 * (3 + other)
+    finally:
+        _stop(a.proc)
+        _stop(b.proc)
+
+
 class DyingServer:
     """An `lm://` server that stores PUTs and answers EXIST and HEALTH like LMCache's, but
     on a GET sends the reply header and half the payload, then drops the connection: a
