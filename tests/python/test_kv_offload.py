@@ -232,51 +232,9 @@ def test_up_with_a_kv_cache_server_shares_prompts_across_engines(tmp_path):
 
 
 @pytest.fixture
-def redis_server(tmp_path):
+def redis_server(redis_farm):
     """A real redis-server (Debian's; scripts/setup-redis.sh) on a free loopback port."""
-    import os
-    import subprocess
-    import time
-
-    binary = os.environ.get("REDIS_SERVER_BIN") or "redis-server"
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def redis_cmd(port: int, *args: bytes) -> bytes:
-    """One RESP command, the raw reply (enough for KEYS/STRLEN/GET of small values)."""
-    out = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-        c.sendall(out)
-        data = b""
-        c.settimeout(0.5)
-        try:
-            while True:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-    return data
+    return redis_farm()
 
 
 def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, redis_server):
@@ -293,19 +251,19 @@ def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, r
             if value(metrics(a), "switchyard:kv_offload_saved_chunks_total", tier="remote") >= 3:
                 break
             threading.Event().wait(0.05)
-        keys = redis_cmd(redis_server, b"KEYS", b"*")
+        keys = b" ".join(resp(redis_server, "KEYS", "*"))
         meta_keys = re.findall(rb"(SmolLM2-135M-Instruct@1@0@[0-9a-f]+@half)metadata", keys)
         assert len(meta_keys) == 3, keys
         for k in meta_keys:
-            assert b":28\r\n" in redis_cmd(redis_server, b"STRLEN", k + b"metadata")
-            assert b":%d\r\n" % (256 * 2 * 30 * 192 * 2) in redis_cmd(redis_server, b"STRLEN", k + b"kv_bytes")
+            assert resp(redis_server, "STRLEN", k + b"metadata") == 28
+            assert resp(redis_server, "STRLEN", k + b"kv_bytes") == 256 * 2 * 30 * 192 * 2
         got, _ = complete(b, PROMPT)
         assert got == want
         assert value(metrics(b), "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
         # A chunk whose payload is gone is a miss, not an error: the prompt is computed
         # again and its chunks saved again, whole.
         first = meta_keys[0]
-        redis_cmd(redis_server, b"DEL", first + b"kv_bytes")
+        resp(redis_server, "DEL", first + b"kv_bytes")
         c = start_switchyard(engine_args(), tmp_path)
         try:
             assert complete(c, PROMPT)[0] == want
@@ -316,7 +274,7 @@ def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, r
                 if value(metrics(c), "switchyard:kv_offload_saved_chunks_total", tier="remote") >= 3:
                     break
                 threading.Event().wait(0.05)
-            assert b":%d\r\n" % (256 * 2 * 30 * 192 * 2) in redis_cmd(redis_server, b"STRLEN", first + b"kv_bytes")
+            assert resp(redis_server, "STRLEN", first + b"kv_bytes") == 256 * 2 * 30 * 192 * 2
         finally:
             _stop(c.proc)
     finally:
