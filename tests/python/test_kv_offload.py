@@ -286,10 +286,13 @@ class RedisError(Exception):
     pass
 
 
-def resp(port: int, *args, timeout: float = 10):
-    """One RESP command on a fresh connection, its reply parsed (errors raise RedisError)."""
-    raw = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    out = b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in raw)
+def resp(port: int, *args, timeout: float = 10, before: tuple = ()):
+    """One RESP command on a fresh connection (after the commands in `before`, e.g.
+    AUTH), its reply parsed (errors raise RedisError)."""
+    out = b""
+    for cmd in (*before, args):
+        raw = [a if isinstance(a, bytes) else str(a).encode() for a in cmd]
+        out += b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in raw)
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
         c.sendall(out)
         f = c.makefile("rb")
@@ -313,6 +316,8 @@ def resp(port: int, *args, timeout: float = 10):
                 return None if n < 0 else [read() for _ in range(n)]
             raise RedisError(f"unexpected reply {line!r}")
 
+        for _ in before:
+            read()
         return read()
 
 
@@ -365,8 +370,15 @@ def redis_farm(tmp_path):
         procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
         log.close()
         proc = procs[-1]
-        wait_for(f"redis on :{port}", lambda: proc.poll() is None and resp(port, "PING", timeout=1) == b"PONG"
-                 or (proc.poll() is not None and pytest.fail(f"redis-server exited: {(d / 'log').read_text()}")))
+        def up():
+            if proc.poll() is not None:
+                pytest.fail(f"redis-server exited: {(d / 'log').read_text()}")
+            try:
+                return resp(port, "PING", timeout=1) == b"PONG"
+            except RedisError as e:
+                return str(e).startswith("NOAUTH")  # up, with a password
+
+        wait_for(f"redis on :{port}", up)
         return port
 
     yield start
@@ -502,6 +514,59 @@ def test_redis_sentinel_remote_tier_follows_a_failover(tmp_path, monkeypatch, re
     finally:
         _stop(a.proc)
         _stop(b.proc)
+
+
+def bench_cache(url: str, tmp_path, chunks: int = 16) -> dict:
+    """`switchyard bench cache` (PUT then GET and verify `chunks` chunks) against `url`."""
+    import os
+    import subprocess
+    from conftest import engine_binary
+
+    out = tmp_path / f"bench-{len(list(tmp_path.iterdir()))}.json"
+    proc = subprocess.run([str(engine_binary()), "bench", "cache", "--url", url, "--clients", "2",
+                           "--chunk-bytes", "65536", "--chunks", str(chunks), "--timeout", "2",
+                           "--output", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    assert out.exists(), f"bench cache {url}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(out.read_text())
+
+
+def test_redis_urls_log_in_as_lmcache_writes_them(tmp_path, monkeypatch, redis_farm):
+    """`user:password@` (or `:password@`) before the hosts, as LMCache's Redis adapters
+    take it, and redis://'s `/DB`: a password-protected server, a password-protected
+    master behind Sentinel (the sentinels asked without one) and a one-node cluster; a
+    wrong password fails every request, fast."""
+    secret = "s3cr3t:with-colon"
+    plain = redis_farm("--requirepass", secret)
+    auth = (("AUTH", secret),)
+    r = bench_cache(f"redis://:{secret}@127.0.0.1:{plain}/3", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+    assert resp(plain, "DBSIZE", before=auth + (("SELECT", 3),)) == 32
+    assert resp(plain, "DBSIZE", before=auth) == 0
+    r = bench_cache(f"redis://default:{secret}@127.0.0.1:{plain}", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+
+    master = redis_farm("--requirepass", secret)
+    sentinel = redis_farm(sentinel_conf=f"sentinel monitor m 127.0.0.1 {master} 1\n"
+                                        f"sentinel auth-pass m {secret}\n")
+    monkeypatch.setenv("REDIS_SERVICE_NAME", "ignored-the-url-names-it")
+    r = bench_cache(f"redis-sentinel://:{secret}@127.0.0.1:{sentinel}/m", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+    assert resp(master, "DBSIZE", before=auth) == 32
+
+    bus = free_port()
+    node = redis_farm("--requirepass", secret, "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                      "--cluster-config-file", str(tmp_path / f"nodes-{bus}.conf"))
+    resp(node, "CLUSTER", "ADDSLOTSRANGE", 0, 16383, before=auth)
+    wait_for("cluster ok", lambda: b"cluster_state:ok" in resp(node, "CLUSTER", "INFO", before=auth))
+    r = bench_cache(f"redis-cluster://:{secret}@127.0.0.1:{node}", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+
+    import time
+    started = time.monotonic()
+    r = bench_cache(f"redis://:wrong@127.0.0.1:{plain}", tmp_path)
+    assert r["verified"] == 0 and r["errors"] > 0, r
+    assert time.monotonic() - started < 10
 
 
 class DyingServer:

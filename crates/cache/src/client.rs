@@ -46,6 +46,8 @@ pub enum ClientError {
 
 pub(crate) struct Conn {
     pub(crate) stream: Option<TcpStream>,
+    /// Opened and not used yet (a Redis connection logs in first).
+    pub(crate) fresh: bool,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -67,6 +69,7 @@ impl Link {
             timeout,
             conn: tokio::sync::Mutex::new(Conn {
                 stream: None,
+                fresh: false,
                 retry_at: None,
                 backoff: BACKOFF_MIN,
             }),
@@ -90,6 +93,7 @@ impl Link {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     conn.stream = Some(s);
+                    conn.fresh = true;
                     conn.retry_at = None;
                     conn.backoff = BACKOFF_MIN;
                 }
@@ -238,9 +242,11 @@ impl Shard {
 /// `RedisSentinelConnector` reads it from this variable (default `redismaster`).
 pub const SENTINEL_NAME_ENV: &str = "REDIS_SERVICE_NAME";
 
-/// `lm://HOST:PORT`, `redis://HOST:PORT`, `redis-sentinel://H:P[,H:P...][/NAME]` or
-/// `redis-cluster://H:P[,H:P...]` → a shard. A Sentinel URL without `/NAME` uses
-/// `$REDIS_SERVICE_NAME`, else `redismaster` (as LMCache).
+/// `lm://HOST:PORT`, `redis://[USER:PASSWORD@]HOST:PORT[/DB]`,
+/// `redis-sentinel://[USER:PASSWORD@]H:P[,H:P...][/NAME]` or
+/// `redis-cluster://[USER:PASSWORD@]H:P[,H:P...]` → a shard (`:PASSWORD@` alone works
+/// too). A Sentinel URL without `/NAME` uses `$REDIS_SERVICE_NAME`, else `redismaster`
+/// (as LMCache); its credentials are the master's (the sentinels are asked without).
 pub fn parse_url(url: &str, timeout: Duration) -> Result<Shard, String> {
     let name = std::env::var(SENTINEL_NAME_ENV).ok();
     parse_url_with(url, timeout, name.as_deref())
@@ -261,28 +267,46 @@ pub fn parse_url_with(
         if !h.is_empty() && !h.contains([',', '/', '@']) && p.parse::<u16>().is_ok());
     match scheme {
         "lm" if ok => Ok(Shard::Lm(LmClient::new(rest, timeout))),
-        "redis" if ok => Ok(Shard::Redis(RedisClient::new(rest, timeout))),
-        "redis" => Err(format!(
-            "{url}: expected redis://HOST:PORT (no database or password)"
-        )),
+        "redis" => {
+            let h = crate::redis::parse_hosts(scheme, rest).map_err(|e| format!("{url}: {e}"))?;
+            let [host] = h.hosts.as_slice() else {
+                return Err(format!(
+                    "{url}: expected redis://[USER:PASSWORD@]HOST:PORT[/DB] (one server; redis-cluster:// for several)"
+                ));
+            };
+            let db = match h.path.as_deref() {
+                None => None,
+                Some(db) => Some(
+                    db.parse::<u32>()
+                        .map_err(|_| format!("{url}: {db:?} is not a database number"))?,
+                ),
+            };
+            let login = crate::redis::Login { db, ..h.login };
+            Ok(Shard::Redis(RedisClient::with_login(
+                host.clone(),
+                login,
+                timeout,
+            )))
+        }
         "redis-sentinel" => {
-            let (hosts, name) = crate::redis::parse_hosts(scheme, rest)
-                .map_err(|e| format!("{url}: {e}"))?;
-            let name = name
+            let h = crate::redis::parse_hosts(scheme, rest).map_err(|e| format!("{url}: {e}"))?;
+            let name = h
+                .path
                 .or(sentinel_name.map(str::to_string))
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| crate::redis::DEFAULT_SENTINEL_NAME.to_string());
-            Ok(Shard::Redis(RedisClient::sentinel(hosts, name, timeout)))
+            Ok(Shard::Redis(RedisClient::sentinel(
+                h.hosts, name, h.login, timeout,
+            )))
         }
         "redis-cluster" => {
-            let (hosts, path) = crate::redis::parse_hosts(scheme, rest)
-                .map_err(|e| format!("{url}: {e}"))?;
-            if path.is_some() {
+            let h = crate::redis::parse_hosts(scheme, rest).map_err(|e| format!("{url}: {e}"))?;
+            if h.path.is_some() {
                 return Err(format!(
-                    "{url}: expected redis-cluster://HOST:PORT[,HOST:PORT...] (no database)"
+                    "{url}: expected redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...] (no database)"
                 ));
             }
-            Ok(Shard::Redis(RedisClient::cluster(hosts, timeout)))
+            Ok(Shard::Redis(RedisClient::cluster(h.hosts, h.login, timeout)))
         }
         "rediss" => Err(format!(
             "{url}: rediss:// (TLS) is not supported yet (lm://, redis://, redis-sentinel:// and redis-cluster:// are)"
@@ -479,7 +503,15 @@ mod tests {
             "redis-cluster://a:7000,b:7001"
         );
         assert_eq!(name("redis-cluster://a:7000/0", None), "refused");
-        assert_eq!(name("redis-sentinel://u:p@a:1", None), "refused");
+        // Credentials (LMCache's `user:password@`) are used, never shown.
+        assert_eq!(
+            name("redis-sentinel://u:secret@a:1", None),
+            "redis-sentinel://a:1/redismaster"
+        );
+        assert_eq!(name("redis://:secret@h:1/3", None), "h:1");
+        assert_eq!(name("redis://h:1/x", None), "refused");
+        assert_eq!(name("redis://h:1,h:2", None), "refused");
+        assert_eq!(name("redis-cluster://secret@a:1", None), "refused");
         assert_eq!(name("redis-sentinel://a", None), "refused");
         assert!(parse_url("http://a:1", t).is_err());
         assert!(parse_lm_url("lm://cache").is_err());

@@ -15,6 +15,10 @@
 //!   `-MOVED` updates the map (and the next call reloads it whole), `-ASK` is followed by
 //!   `ASKING` on the named node. One connection per node.
 //!
+//! Credentials come before the hosts as in LMCache (`USER:PASSWORD@` or `:PASSWORD@`; for
+//! Sentinel they are the master's), `redis://`'s `/DB` selects a database: each new
+//! connection sends `AUTH` and `SELECT` first.
+//!
 //! Every operation has one deadline (LMCache's `blocking_timeout_secs`) covering all of its
 //! round trips, redirects and re-resolutions; a node that failed to connect is not tried
 //! again within its backoff (0.1 s doubling to 5 s), so a down tier costs one fast error.
@@ -190,15 +194,55 @@ fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
 
-/// One connection to one Redis server (kept open, reopened with backoff).
+/// How to log in on each new connection: `AUTH [USER] PASSWORD`, then `SELECT DB`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Login {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub db: Option<u32>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "..."))
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+impl Login {
+    /// The commands a new connection starts with.
+    fn commands(&self) -> Vec<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        if let Some(password) = &self.password {
+            let mut auth = vec![b"AUTH".to_vec()];
+            if let Some(user) = &self.user {
+                auth.push(user.as_bytes().to_vec());
+            }
+            auth.push(password.as_bytes().to_vec());
+            out.push(auth);
+        }
+        if let Some(db) = self.db.filter(|db| *db != 0) {
+            out.push(vec![b"SELECT".to_vec(), db.to_string().into_bytes()]);
+        }
+        out
+    }
+}
+
+/// One connection to one Redis server (kept open, reopened with backoff; logged in
+/// first when it is new).
 pub(crate) struct Node {
     link: Link,
+    hello: Arc<Vec<Vec<Vec<u8>>>>,
 }
 
 impl Node {
-    fn new(addr: String, timeout: Duration) -> Node {
+    fn new(addr: String, timeout: Duration, hello: Arc<Vec<Vec<Vec<u8>>>>) -> Node {
         Node {
             link: Link::new(addr, timeout),
+            hello,
         }
     }
 
@@ -215,16 +259,26 @@ impl Node {
         if Instant::now() >= deadline {
             return Err(ClientError::Timeout(self.link.addr.clone()));
         }
+        let mut conn = self.link.connected(deadline).await?;
+        let hello: &[Vec<Vec<u8>>] = if conn.fresh { &self.hello } else { &[] };
         let mut out = Vec::new();
+        for h in hello {
+            let args: Vec<&[u8]> = h.iter().map(Vec::as_slice).collect();
+            encode(&mut out, &args);
+        }
         for args in cmds {
             encode(&mut out, args);
         }
-        let mut conn = self.link.connected(deadline).await?;
         let Some(stream) = conn.stream.as_mut() else {
             return Err(ClientError::Down(self.link.addr.clone()));
         };
         let io = async {
             stream.write_all(&out).await?;
+            for _ in hello {
+                if let Resp::Error(e) = read_reply(stream, 0).await? {
+                    return Err(bad(&format!("login refused: {e}")));
+                }
+            }
             let mut got = Vec::with_capacity(cmds.len());
             for _ in 0..cmds.len() {
                 got.push(read_reply(stream, 0).await?);
@@ -232,7 +286,11 @@ impl Node {
             Ok(got)
         };
         let r = tokio::time::timeout_at(deadline, io).await;
-        self.link.settle(&mut conn, r)
+        let r = self.link.settle(&mut conn, r);
+        if r.is_ok() {
+            conn.fresh = false;
+        }
+        r
     }
 
     async fn call(&self, args: &[&[u8]], deadline: Instant) -> Result<Resp, ClientError> {
@@ -246,40 +304,64 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `[user[:password]@]HOST:PORT[,[scheme://]HOST:PORT...][/NAME]` (the part after
-/// `scheme://`) → the hosts and the path's name, if any. Credentials are refused (not
-/// supported yet), as are ports that are not numbers.
-pub fn parse_hosts(scheme: &str, rest: &str) -> Result<(Vec<String>, Option<String>), String> {
+/// A Redis URL's hosts, path and credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hosts {
+    pub hosts: Vec<String>,
+    /// After the last host's `/`: a Sentinel master name, a database number.
+    pub path: Option<String>,
+    pub login: Login,
+}
+
+/// `[USER:PASSWORD@ | :PASSWORD@]HOST:PORT[,[scheme://]HOST:PORT...][/PATH]` (the part
+/// after `scheme://`), split as LMCache's Redis adapters split it: the credentials before
+/// the first `@` (not percent-decoded), the hosts between commas.
+pub fn parse_hosts(scheme: &str, rest: &str) -> Result<Hosts, String> {
     let prefix = format!("{scheme}://");
+    let mut login = Login::default();
+    let rest = match rest.split_once('@') {
+        Some((auth, rest)) => {
+            let (user, password) = auth
+                .split_once(':')
+                .filter(|(_, p)| !p.is_empty())
+                .ok_or("expected USER:PASSWORD@ or :PASSWORD@ before the hosts")?;
+            login.user = (!user.is_empty()).then(|| user.to_string());
+            login.password = Some(password.to_string());
+            rest
+        }
+        None => rest,
+    };
     let mut hosts = Vec::new();
-    let mut name = None;
+    let mut path = None;
     for piece in rest.split(',').map(str::trim) {
         let piece = piece.strip_prefix(&prefix).unwrap_or(piece);
         if piece.contains('@') {
-            return Err("user names and passwords are not supported yet".into());
+            return Err("credentials go before the first host only".into());
         }
-        if name.is_some() {
-            return Err("the /NAME goes after the last host".into());
+        if path.is_some() {
+            return Err("the /PATH goes after the last host".into());
         }
-        let (hp, path) = match piece.split_once('/') {
+        let (hp, p) = match piece.split_once('/') {
             Some((hp, p)) => (hp, Some(p.trim_matches('/'))),
             None => (piece, None),
         };
         match hp.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => hosts.push(hp.to_string()),
+            Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => {
+                hosts.push(hp.to_string())
+            }
             _ => return Err(format!("{hp:?} is not HOST:PORT")),
         }
-        if let Some(p) = path.filter(|p| !p.is_empty()) {
-            if p.contains('/') || p.contains('?') {
-                return Err(format!("{p:?}: expected a master name"));
+        if let Some(p) = p.filter(|p| !p.is_empty()) {
+            if p.contains(['/', '?', '#']) {
+                return Err(format!("{p:?}: expected a name (no options)"));
             }
-            name = Some(p.to_string());
+            path = Some(p.to_string());
         }
     }
     if hosts.is_empty() {
         return Err("no HOST:PORT".into());
     }
-    Ok((hosts, name))
+    Ok(Hosts { hosts, path, login })
 }
 
 /// CRC16-CCITT (XMODEM: polynomial 0x1021, initial 0, no reflection), Redis Cluster's key
@@ -390,6 +472,8 @@ struct Sentinel {
     sentinels: Vec<Node>,
     name: String,
     timeout: Duration,
+    /// The master's login.
+    hello: Arc<Vec<Vec<Vec<u8>>>>,
     master: Mutex<Option<Arc<Node>>>,
 }
 
@@ -417,7 +501,7 @@ impl Sentinel {
                             return Ok(m.clone());
                         }
                         tracing::info!(master = %addr, name = %self.name, sentinel = %s.addr(), "redis sentinel: master found");
-                        let m = Arc::new(Node::new(addr, self.timeout));
+                        let m = Arc::new(Node::new(addr, self.timeout, self.hello.clone()));
                         *master = Some(m.clone());
                         return Ok(m);
                     }
@@ -484,6 +568,7 @@ struct SlotMap {
 /// Redis Cluster: keys routed by slot.
 struct Cluster {
     seeds: Vec<Arc<Node>>,
+    hello: Arc<Vec<Vec<Vec<u8>>>>,
     timeout: Duration,
     map: Mutex<SlotMap>,
 }
@@ -498,7 +583,13 @@ impl Cluster {
             .iter()
             .find(|s| s.addr() == addr)
             .cloned()
-            .unwrap_or_else(|| Arc::new(Node::new(addr.to_string(), self.timeout)));
+            .unwrap_or_else(|| {
+                Arc::new(Node::new(
+                    addr.to_string(),
+                    self.timeout,
+                    self.hello.clone(),
+                ))
+            });
         map.nodes.insert(addr.to_string(), n.clone());
         n
     }
@@ -655,40 +746,55 @@ pub struct RedisClient {
 impl RedisClient {
     /// One server at `addr` (`HOST:PORT`); each call gives up after `timeout`.
     pub fn new(addr: impl Into<String>, timeout: Duration) -> RedisClient {
-        let addr = addr.into();
+        RedisClient::with_login(addr.into(), Login::default(), timeout)
+    }
+
+    /// One server at `addr`, each new connection logged in with `login`.
+    pub fn with_login(addr: String, login: Login, timeout: Duration) -> RedisClient {
         RedisClient {
             label: addr.clone(),
-            mode: Mode::Single(Node::new(addr, timeout)),
+            mode: Mode::Single(Node::new(addr, timeout, Arc::new(login.commands()))),
             timeout,
         }
     }
 
-    /// The master named `name`, found through `sentinels` (`HOST:PORT` each).
-    pub fn sentinel(sentinels: Vec<String>, name: String, timeout: Duration) -> RedisClient {
+    /// The master named `name`, found through `sentinels` (`HOST:PORT` each; asked
+    /// without credentials), logged in with `login`.
+    pub fn sentinel(
+        sentinels: Vec<String>,
+        name: String,
+        login: Login,
+        timeout: Duration,
+    ) -> RedisClient {
+        let none = Arc::new(Vec::new());
         RedisClient {
             label: format!("redis-sentinel://{}/{name}", sentinels.join(",")),
             mode: Mode::Sentinel(Sentinel {
                 sentinels: sentinels
                     .into_iter()
-                    .map(|a| Node::new(a, timeout))
+                    .map(|a| Node::new(a, timeout, none.clone()))
                     .collect(),
                 name,
                 timeout,
+                hello: Arc::new(login.commands()),
                 master: Mutex::new(None),
             }),
             timeout,
         }
     }
 
-    /// A Redis Cluster, its slot map asked of `seeds` (`HOST:PORT` each) first.
-    pub fn cluster(seeds: Vec<String>, timeout: Duration) -> RedisClient {
+    /// A Redis Cluster, its slot map asked of `seeds` (`HOST:PORT` each) first; every
+    /// node logged in with `login`.
+    pub fn cluster(seeds: Vec<String>, login: Login, timeout: Duration) -> RedisClient {
+        let hello = Arc::new(login.commands());
         RedisClient {
             label: format!("redis-cluster://{}", seeds.join(",")),
             mode: Mode::Cluster(Cluster {
                 seeds: seeds
                     .into_iter()
-                    .map(|a| Arc::new(Node::new(a, timeout)))
+                    .map(|a| Arc::new(Node::new(a, timeout, hello.clone())))
                     .collect(),
+                hello,
                 timeout,
                 map: Mutex::new(SlotMap {
                     owner: Vec::new(),
@@ -854,21 +960,50 @@ mod tests {
 
     #[test]
     fn hosts_parse_as_lmcache_writes_them() {
-        let (h, n) = parse_hosts("redis-sentinel", "a:26379,b:26380").expect("ok");
-        assert_eq!(h, ["a:26379", "b:26380"]);
-        assert_eq!(n, None);
-        let (h, n) = parse_hosts(
+        let h = parse_hosts("redis-sentinel", "a:26379,b:26380").expect("ok");
+        assert_eq!(h.hosts, ["a:26379", "b:26380"]);
+        assert_eq!((h.path, h.login), (None, Login::default()));
+        let h = parse_hosts(
             "redis-sentinel",
-            "a:26379,redis-sentinel://b:26380/mymaster",
+            "u:p@w@a:26379,redis-sentinel://b:26380/mymaster",
+        );
+        assert!(h.is_err(), "an @ in the hosts");
+        let h = parse_hosts(
+            "redis-sentinel",
+            "u:p:w@a:26379,redis-sentinel://b:26380/mymaster",
         )
         .expect("ok");
-        assert_eq!(h, ["a:26379", "b:26380"]);
-        assert_eq!(n.as_deref(), Some("mymaster"));
-        assert!(parse_hosts("redis-cluster", "u:p@a:1").is_err());
+        assert_eq!(h.hosts, ["a:26379", "b:26380"]);
+        assert_eq!(h.path.as_deref(), Some("mymaster"));
+        assert_eq!(h.login.user.as_deref(), Some("u"));
+        assert_eq!(h.login.password.as_deref(), Some("p:w"));
+        assert!(
+            !format!("{:?}", h.login).contains("p:w"),
+            "no password in logs"
+        );
+        let h = parse_hosts("redis-cluster", ":secret@a:1").expect("ok");
+        assert_eq!(
+            (h.login.user, h.login.password.as_deref()),
+            (None, Some("secret"))
+        );
+        assert!(parse_hosts("redis-cluster", "user@a:1").is_err());
+        assert!(parse_hosts("redis-cluster", "user:@a:1").is_err());
         assert!(parse_hosts("redis-cluster", "a:1/x,b:2").is_err());
+        assert!(parse_hosts("redis", "a:1/0?x=1").is_err());
         assert!(parse_hosts("redis-cluster", "a").is_err());
         assert!(parse_hosts("redis-cluster", "a:70000").is_err());
         assert!(parse_hosts("redis-cluster", "").is_err());
+        let login = Login {
+            user: Some("u".into()),
+            password: Some("p".into()),
+            db: Some(2),
+        };
+        let want: Vec<Vec<Vec<u8>>> = vec![
+            vec![b"AUTH".to_vec(), b"u".to_vec(), b"p".to_vec()],
+            vec![b"SELECT".to_vec(), b"2".to_vec()],
+        ];
+        assert_eq!(login.commands(), want);
+        assert!(Login::default().commands().is_empty());
     }
 
     async fn parse(bytes: &[u8]) -> Result<Resp, Exchange> {
@@ -911,8 +1046,8 @@ mod tests {
         let down = free.local_addr().expect("addr").to_string();
         drop(free);
         for c in [
-            RedisClient::sentinel(vec![down.clone()], "m".into(), t),
-            RedisClient::cluster(vec![down.clone()], t),
+            RedisClient::sentinel(vec![down.clone()], "m".into(), Login::default(), t),
+            RedisClient::cluster(vec![down.clone()], Login::default(), t),
         ] {
             assert!(c.get("k").await.is_err(), "{}", c.addr());
             assert!(
@@ -927,8 +1062,13 @@ mod tests {
             .expect("bind");
         let addr = silent.local_addr().expect("addr").to_string();
         for c in [
-            RedisClient::sentinel(vec![addr.clone(), addr.clone()], "m".into(), t),
-            RedisClient::cluster(vec![addr.clone(), addr.clone()], t),
+            RedisClient::sentinel(
+                vec![addr.clone(), addr.clone()],
+                "m".into(),
+                Login::default(),
+                t,
+            ),
+            RedisClient::cluster(vec![addr.clone(), addr.clone()], Login::default(), t),
             RedisClient::new(addr.clone(), t),
         ] {
             let started = std::time::Instant::now();
