@@ -511,6 +511,7 @@ def test_redis_sentinel_remote_tier_follows_a_failover(tmp_path, monkeypatch, re
         wait_saved(a, 3 + other)
         assert value(metrics(a), "switchyard:kv_offload_failures_total", tier="remote") == 0
         assert len(resp(replica, "KEYS", "*")) == 2 * (3 + other)
+        assert f"master found master=127.0.0.1:{replica}" in a.log_path.read_text(errors="replace")
     finally:
         _stop(a.proc)
         _stop(b.proc)
