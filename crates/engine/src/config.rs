@@ -109,7 +109,8 @@ pub struct EngineArgs {
     /// kv_consumer). The tiers follow LMCache's settings from `LMCACHE_*` variables or
     /// the YAML file `LMCACHE_CONFIG_FILE` names: `chunk_size` (256), `local_cpu` (true),
     /// `max_local_cpu_size` (GiB, 5), `local_disk` (file:///path), `max_local_disk_size`
-    /// (GiB), `remote_url` (lm://host:port[,lm://...]), `blocking_timeout_secs` (10).
+    /// (GiB), `remote_url` (lm://host:port[,lm://...], redis://, redis-sentinel://,
+    /// redis-cluster://), `blocking_timeout_secs` (10).
     #[arg(long, value_parser = crate::kv_offload::KvTransferConfig::parse)]
     pub kv_transfer_config: Option<crate::kv_offload::KvTransferConfig>,
     /// Largest accepted request body, in bytes (larger: 413).
