@@ -435,4 +435,29 @@ mod tests {
         assert_eq!(body_field(br#"{"user":7}"#, "user").as_deref(), Some("7"));
         assert_eq!(body_field(b"not json", "user"), None);
     }
+
+    #[test]
+    fn token_counts_never_fail_the_head() {
+        let h: Head<'_> =
+            serde_json::from_slice(br#"{"model":"m","max_tokens":12,"n":2,"stream":true}"#)
+                .expect("head");
+        assert_eq!(
+            (h.max_tokens, h.n, h.stream),
+            (Some(12), Some(2), Some(true))
+        );
+        for odd in [
+            r#"{"model":"m","max_tokens":"12"}"#,
+            r#"{"model":"m","max_tokens":-1,"n":1.5}"#,
+            r#"{"model":"m","max_tokens":null,"max_completion_tokens":[1,{"a":2}]}"#,
+            r#"{"model":"m","max_tokens":{"x":[true]}}"#,
+        ] {
+            let h: Head<'_> = serde_json::from_str(odd).expect(odd);
+            assert_eq!(h.model.as_deref(), Some("m"));
+            assert_eq!(
+                (h.max_tokens, h.max_completion_tokens),
+                (None, None),
+                "{odd}"
+            );
+        }
+    }
 }
