@@ -115,12 +115,12 @@ fn secs(v: f64, name: &str) -> Result<Duration, String> {
 impl Admission {
     /// Validate the flags and read the keys file (a bad file at start is an error).
     pub fn from_args(args: &AdmissionArgs) -> Result<Self, String> {
-        let shared = args
-            .api_key
-            .as_ref()
-            .map(|k| k.0.trim())
-            .filter(|k| !k.is_empty())
-            .map(|k| keys::sha256(k.as_bytes()));
+        // An empty --api-key (say an unset variable in a script) must not open the door.
+        let shared = match args.api_key.as_ref().map(|k| k.0.trim()) {
+            Some("") => return Err("--api-key is empty".to_string()),
+            Some(k) => Some(keys::sha256(k.as_bytes())),
+            None => None,
+        };
         let keys = if shared.is_some() || args.api_keys_file.is_some() {
             let k = Keys {
                 set: RwLock::new(Arc::new(KeySet::default())),
@@ -501,6 +501,11 @@ mod tests {
         let mut h = bearer("client");
         a.upstream_headers(&mut h);
         assert_eq!(h[header::AUTHORIZATION], "Bearer client");
+    }
+
+    #[test]
+    fn an_empty_shared_key_is_refused() {
+        assert!(Admission::from_args(&args(None, Some(" "))).is_err());
     }
 
     #[test]

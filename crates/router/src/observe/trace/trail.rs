@@ -150,6 +150,9 @@ impl Trail {
         if let Some(t) = ttft_s {
             attrs.push(("gen_ai.latency.time_to_first_token", Attr::F64(t)));
         }
+        if let Some(k) = &self.key {
+            attrs.push(("switchyard.api_key.name", Attr::Str(k.to_string())));
+        }
         x.push(SpanRecord {
             trace_id: self.ctx.trace_id,
             span_id: self.ctx.span_id,
