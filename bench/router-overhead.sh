@@ -139,7 +139,7 @@ for t in $TARGETS; do
         [ -x "$rbin" ] || { note "baseline: not measured (set BASELINE_BIN)"; continue; }
       fi
       "$rbin" router --host 127.0.0.1 --port $port --static-backends "$UP" --static-models $MODEL \
-        --routing-logic roundrobin --log-level warn "${extra[@]}" >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
+        --routing-logic roundrobin --log-level warn ${extra[@]+"${extra[@]}"} >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
       pid=$!; PIDS+=("$pid")
       wait_ready_line "$OUT_DIR/$t.out" "$pid" 30 && wait_http $port "$pid" 30 || pid= ;;
     vllm-router|sglang-router)

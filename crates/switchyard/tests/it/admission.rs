@@ -418,7 +418,7 @@ async fn the_queue_bounds_concurrency_answering_429_when_full_and_408_after_wait
     const QUEUED: &str = "vllm:router_admission_queue_depth";
 
     // The first holds the slot for as long as its stream lasts, headers or not.
-    let first = slow_stream(&c, &r, 60).await;
+    let first = slow_stream(&c, &r, 200).await;
     assert_eq!(first.status(), 200);
     assert_eq!(gauge(&c, &r, IN_FLIGHT).await, Some(1.0));
     // The second waits in the queue.
