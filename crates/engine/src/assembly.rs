@@ -32,6 +32,9 @@ pub struct Engine {
     pub block_size: usize,
     /// Sampling defaults for fields a request leaves out (`--generation-config`).
     pub generation: Arc<GenerationDefaults>,
+    /// `--api-key` (or `VLLM_API_KEY`): the bearer tokens `/v1/*` and the other
+    /// non-public paths require; empty: no authentication.
+    pub api_keys: Arc<[String]>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +170,12 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         kv_events,
         block_size: args.block_size,
         generation: Arc::new(generation),
+        api_keys: args
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
     })
 }
 

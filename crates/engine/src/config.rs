@@ -116,6 +116,11 @@ pub struct EngineArgs {
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on every path but /health, /ping, /version,
+    /// /metrics and /kv_events (else 401 `{"error":"Unauthorized"}`), as `vllm serve
+    /// --api-key`; repeat for several keys. Default: `$VLLM_API_KEY`.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Vec<String>,
     /// Accepted for vLLM compatibility; no effect here.
     #[arg(long, hide = true)]
     pub dtype: Option<String>,

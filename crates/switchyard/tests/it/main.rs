@@ -1,6 +1,7 @@
 //! End-to-end tests: real `switchyard` processes on loopback with OS-chosen ports.
 //! One test binary for the crate; each module covers one area.
 
+mod admission;
 mod bench;
 mod common;
 mod deps;
