@@ -112,6 +112,9 @@ pub struct EngineArgs {
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
+    /// Fault injection for resilience tests (hidden knobs, see `crate::fault`).
+    #[command(flatten)]
+    pub fault: crate::fault::FaultArgs,
     /// Accepted for vLLM compatibility; no effect here.
     #[arg(long, hide = true)]
     pub dtype: Option<String>,
