@@ -2,6 +2,7 @@
 //! One test binary for the crate; each module covers one area.
 
 mod bench;
+mod chaos;
 mod common;
 mod deps;
 mod engine_http;
