@@ -248,7 +248,8 @@ pub struct RouterArgs {
     /// Seconds to wait for an upstream TCP connection.
     #[arg(long, default_value_t = 3.0)]
     pub connect_timeout: f64,
-    /// Seconds to wait for an upstream's response headers.
+    /// Seconds to wait for an upstream's first byte: its response headers and the first
+    /// frame of its body (until then the request can still go to another engine).
     #[arg(long, default_value_t = 600.0)]
     pub first_byte_timeout: f64,
     /// Upstream attempts per request (the first try plus retries), over the ranking's
