@@ -26,9 +26,9 @@
 #                                           sources wired per engine: not done here)
 # Reported per case: requests completed, lost (failed, by kind: `connect`,
 # `disconnected`, `http_5xx`, `timeout` are before the first byte or hung; `truncated`
-# is a stream cut mid-way), throughput (completed/s) and its ratio to the same router
-# and logic without a fault. Requests still running DRAIN s after the run are dropped
-# (not counted either way); a request taking over REQUEST_TIMEOUT s counts as lost.
+# is a stream cut mid-way), hung (still running DRAIN s after the run: stuck on a
+# frozen engine), throughput (completed/s) and its ratio to the same router and logic
+# without a fault. A request taking over REQUEST_TIMEOUT s counts as lost (`timeout`).
 #
 # Usage: bench/chaos.sh     (env: DURATION FAULT_AT CONCURRENCY ROUTERS LOGICS FAULTS
 #                            SLOW_MS REQUEST_TIMEOUT DRAIN BASE_PORT OUT_DIR
@@ -196,7 +196,7 @@ print(q["launched"], q["completed"], q["failed"], q["unfinished"],
 EOF
       ) || row="0	0	0	0	0	no-report"
       printf '%s\t%s\t%s\t%s\n' "$router" "$logic" "$fault" "$row" >>"$RAW"
-      note "$router $logic $fault: $(echo "$row" | awk -F'\t' '{printf "completed %s lost %s (%s) %s req/s", $2, $3, $6, $5}')"
+      note "$router $logic $fault: $(echo "$row" | awk -F'\t' '{printf "completed %s lost %s (%s) hung %s, %s req/s", $2, $3, $6, $4, $5}')"
     done
   done
 done
@@ -225,7 +225,8 @@ for router, logic in seen:
             continue
         rps = float(c["rps"])
         ratio = f" ({rps / base_rps:.2f}x)" if base_rps and f != "none" else ""
-        lost = c["failed"] if c["errors"] in ("-", "") else f'{c["failed"]} {c["errors"]}'
-        out.append(f"lost {lost}; {rps:.1f} req/s{ratio}")
+        lost = c["failed"] if c["errors"] in ("-", "") else f'{c["failed"]} ({c["errors"]})'
+        hung = f', hung {c["unfinished"]}' if c["unfinished"] != "0" else ""
+        out.append(f"lost {lost}{hung}; {rps:.1f} req/s{ratio}")
     print(f"| {router} | {logic} | " + " | ".join(out) + " |")
 EOF
