@@ -140,11 +140,12 @@ start_stack() { # router logic fault
         --health-failure-threshold 2 --log-level warn >"$OUT_DIR/router.out" 2>"$OUT_DIR/router.err" &
       ;;
     vllm-router | sglang-router)
-      local module=${router//-/_}
+      local module=${router//-/_} level=warn
+      [ "$router" = vllm-router ] && level=warning
       "$VENV/bin/python" -m "$module.launch_router" --host 127.0.0.1 --port $ROUTER_PORT \
         --worker-urls "${urls[@]}" --policy "$(peer_policy "$router" "$logic")" \
         --health-check-interval-secs 1 --health-check-timeout-secs 1 --health-failure-threshold 2 \
-        --log-level warn --prometheus-host 127.0.0.1 --prometheus-port $((BASE_PORT + 10)) \
+        --log-level $level --prometheus-host 127.0.0.1 --prometheus-port $((BASE_PORT + 10)) \
         >"$OUT_DIR/router.out" 2>"$OUT_DIR/router.err" &
       ;;
   esac

@@ -321,3 +321,76 @@ async fn chaos_prefixaware() {
 async fn chaos_kvaware() {
     chaos("kvaware").await;
 }
+
+/// The breaker on its own: an engine answering only 500s, with passive ejection out of
+/// the way (a high health threshold), opens its breaker after `--cb-failure-threshold`
+/// failures; every request is still served (retried on the good engine), the breaker's
+/// gauge and the ejection and retry counters say so, and the open engine gets no more
+/// requests.
+#[tokio::test]
+async fn an_engine_answering_500s_opens_its_breaker_and_no_request_fails() {
+    let good = Proc::engine(&["--sim-preset", "zero"]);
+    let bad = Proc::engine(&["--sim-preset", "zero", "--fault-http-500-rate", "1"]);
+    let r = Proc::router(
+        &[&bad.url, &good.url],
+        &[
+            "--routing-logic",
+            "roundrobin",
+            "--health-failure-threshold",
+            "1000",
+            "--cb-failure-threshold",
+            "3",
+            "--retry-initial-backoff-ms",
+            "1",
+        ],
+    );
+    let c = crate::common::client();
+    let body = json!({"model":"switchyard-sim","prompt":"x","max_tokens":2});
+    for _ in 0..12 {
+        let resp = c
+            .post(r.url("/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()
+                .get("x-switchyard-engine")
+                .and_then(|v| v.to_str().ok()),
+            Some(good.host_port().as_str())
+        );
+    }
+    let page = c
+        .get(r.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&page, name, labels);
+    assert_eq!(
+        m("vllm:router_circuit_breaker_state", &[("server", &bad.url)]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m(
+            "vllm:router_circuit_breaker_state",
+            &[("server", &good.url)]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        m(
+            "vllm:router_engine_ejections_total",
+            &[("server", &bad.url), ("cause", "circuit_breaker")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(m("vllm:router_retries_total", &[]), Some(3.0), "{page}");
+    assert_eq!(
+        m("vllm:healthy_pods_total", &[("server", &bad.url)]),
+        Some(1.0)
+    );
+}
