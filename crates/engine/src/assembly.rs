@@ -32,6 +32,8 @@ pub struct Engine {
     pub block_size: usize,
     /// Sampling defaults for fields a request leaves out (`--generation-config`).
     pub generation: Arc<GenerationDefaults>,
+    /// Fault injection for resilience tests (hidden knobs; off by default).
+    pub faults: crate::fault::FaultArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             "--time-scale must be a non-negative number".into(),
         ));
     }
+    args.fault.validate().map_err(StartError::Flag)?;
     let Parts {
         tokenizer,
         backend,
@@ -170,6 +173,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         kv_events,
         block_size: args.block_size,
         generation: Arc::new(generation),
+        faults: args.fault.clone(),
     })
 }
 

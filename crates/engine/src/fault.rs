@@ -56,8 +56,8 @@ struct Faults {
 }
 
 /// `router` with the faults of `args` in front of every route (unchanged when none is
-/// asked for). Call from within the runtime that serves it (the SIGUSR1 listener is a
-/// task).
+/// asked for). With `--fault-on-signal`, call from within the runtime that serves it
+/// (the SIGUSR1 listener is a task).
 pub fn wrap(router: Router, args: &FaultArgs) -> Router {
     if !args.any() {
         return router;

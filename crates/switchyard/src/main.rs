@@ -134,7 +134,6 @@ async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
             );
         }
     }
-    args.fault.validate().map_err(anyhow::Error::msg)?;
     let engine = engine::build_engine(&args)?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -143,8 +142,7 @@ async fn run_engine(cmd: EngineCmd) -> anyhow::Result<()> {
     tracing::info!(%addr, model = %args.served_names()[0], backend = ?args.backend, "engine listening");
     // A machine-readable readiness line for supervisors and tests.
     println!("READY http://{addr}");
-    let app = engine::fault::wrap(engine::api::router(engine), &args.fault);
-    httpx::serve(listener, app, httpx::shutdown_signal()).await?;
+    engine::serve(listener, engine, httpx::shutdown_signal()).await?;
     tracing::info!("engine stopped");
     Ok(())
 }

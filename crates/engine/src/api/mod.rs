@@ -30,8 +30,14 @@ use crate::engine_loop::EngineCommand;
 /// The version string `/version` reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The HTTP routes.
+/// The HTTP routes, behind the fault-injection knobs when a test sets them
+/// ([`crate::fault`]).
 pub fn router(engine: Engine) -> Router {
+    let faults = engine.faults.clone();
+    crate::fault::wrap(routes(engine), &faults)
+}
+
+fn routes(engine: Engine) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/completions", post(generate::completions))
