@@ -35,6 +35,8 @@ pub struct Engine {
     /// `--api-key` (or `VLLM_API_KEY`): the bearer tokens `/v1/*` and the other
     /// non-public paths require; empty: no authentication.
     pub api_keys: Arc<[String]>,
+    /// Fault injection for resilience tests (hidden knobs; off by default).
+    pub faults: crate::fault::FaultArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             "--time-scale must be a non-negative number".into(),
         ));
     }
+    args.fault.validate().map_err(StartError::Flag)?;
     let Parts {
         tokenizer,
         backend,
@@ -176,6 +179,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             .filter(|k| !k.is_empty())
             .cloned()
             .collect(),
+        faults: args.fault.clone(),
     })
 }
 

@@ -121,6 +121,9 @@ pub struct EngineArgs {
     /// --api-key`; repeat for several keys. Default: `$VLLM_API_KEY`.
     #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
     pub api_key: Vec<String>,
+    /// Fault injection for resilience tests (hidden knobs, see `crate::fault`).
+    #[command(flatten)]
+    pub fault: crate::fault::FaultArgs,
     /// Accepted for vLLM compatibility; no effect here.
     #[arg(long, hide = true)]
     pub dtype: Option<String>,

@@ -13,6 +13,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+mod resilience;
+pub use resilience::{BreakerSettings, Resilience, ResilienceArgs, RetrySettings};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RoutingLogic {
@@ -248,11 +251,13 @@ pub struct RouterArgs {
     /// Seconds to wait for an upstream TCP connection.
     #[arg(long, default_value_t = 3.0)]
     pub connect_timeout: f64,
-    /// Seconds to wait for an upstream's response headers.
+    /// Seconds to wait for an upstream's first byte: its response headers and the first
+    /// frame of its body (until then the request can still go to another engine).
     #[arg(long, default_value_t = 600.0)]
     pub first_byte_timeout: f64,
-    /// Upstream attempts per request (the first try plus failovers).
-    #[arg(long, default_value_t = 3)]
+    /// Upstream attempts per request (the first try plus retries), over the ranking's
+    /// engines in order (SGLang: --retry-max-retries).
+    #[arg(long, alias = "retry-max-retries", default_value_t = 3)]
     pub max_attempts: usize,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
@@ -281,6 +286,9 @@ pub struct RouterArgs {
     /// URL has no path). Batched, from a bounded queue that drops when full.
     #[arg(long, value_name = "URL")]
     pub otlp_traces_endpoint: Option<String>,
+    /// Health-check timeout, circuit breaker, retries (`config::resilience`).
+    #[command(flatten)]
+    pub resilience: ResilienceArgs,
 }
 
 /// A secret from the command line or the environment: never printed (`Debug` hides it).
@@ -462,6 +470,8 @@ pub struct Settings {
     pub retry_after: u64,
     pub config_file: Option<PathBuf>,
     pub config_interval: Duration,
+    /// Health-check timeout, circuit breaker, retries.
+    pub resilience: Resilience,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, ConfigError> {
@@ -741,6 +751,7 @@ impl Settings {
                 .clone()
                 .or_else(|| args.dynamic_config_yaml.clone()),
             config_interval: secs(args.dynamic_config_interval, "dynamic-config-interval")?,
+            resilience: args.resilience.settings()?,
         })
     }
 }

@@ -164,8 +164,15 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
     let proxy = Proxy {
         connect_timeout: settings.connect_timeout,
         first_byte_timeout: settings.first_byte_timeout,
-        max_attempts: settings.max_attempts,
+        max_attempts: if settings.resilience.disable_retries {
+            1
+        } else {
+            settings.max_attempts
+        },
         failure_threshold: settings.health_failures,
+        stall_timeout: settings.resilience.health_timeout,
+        breaker: settings.resilience.breaker,
+        retries: proxy::Retries::new(settings.resilience.retry),
         metrics: metrics.clone(),
         telemetry,
     };

@@ -58,8 +58,14 @@ async fn require_key(
     )
 }
 
-/// The HTTP routes.
+/// The HTTP routes (behind `--api-key` when set), inside the fault-injection knobs when a
+/// test sets them ([`crate::fault`]).
 pub fn router(engine: Engine) -> Router {
+    let faults = engine.faults.clone();
+    crate::fault::wrap(routes(engine), &faults)
+}
+
+fn routes(engine: Engine) -> Router {
     let keyed = !engine.api_keys.is_empty();
     let r = Router::new()
         .route("/v1/chat/completions", post(generate::chat_completions))

@@ -3,6 +3,7 @@
 
 mod admission;
 mod bench;
+mod chaos;
 mod common;
 mod deps;
 mod engine_http;
