@@ -118,6 +118,10 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// Leave the final (assistant) message open and continue it, as vLLM's
+    /// `continue_final_message`; exclusive with an explicit `add_generation_prompt: true`.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
     /// Return the chosen tokens' log-probabilities.
     #[serde(default)]
     pub logprobs: Option<bool>,

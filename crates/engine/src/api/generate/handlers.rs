@@ -23,6 +23,46 @@ fn fingerprint() -> Option<String> {
     Some(format!("switchyard-{}", crate::api::VERSION))
 }
 
+/// The chat prompt: the template with a generation prompt (default), or, with
+/// `continue_final_message` (and `add_generation_prompt: false`, which vLLM requires),
+/// without one and cut after the final message's text (vLLM's and transformers' way), so
+/// the model continues that message.
+fn render_chat(engine: &Engine, body: &ChatCompletionRequest) -> Result<String, ApiError> {
+    let cont = body.continue_final_message.unwrap_or(false);
+    if cont && body.add_generation_prompt == Some(true) {
+        return Err(ApiError::validation(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            None,
+        ));
+    }
+    let add_generation_prompt = body.add_generation_prompt.unwrap_or(true);
+    if cont && add_generation_prompt {
+        // vLLM's default generation prompt left on: transformers refuses the render.
+        return Err(ApiError::bad_request(
+            "continue_final_message and add_generation_prompt are not compatible. Use \
+             continue_final_message when you want the model to continue the final message, \
+             and add_generation_prompt when you want to add a header that will prompt it to \
+             start a new assistant message instead.",
+            None,
+        ));
+    }
+    let text = engine
+        .tokenizer
+        .apply_chat_template(&body.messages, add_generation_prompt)
+        .map_err(|e| ApiError::bad_request(e, None))?;
+    if !cont {
+        return Ok(text);
+    }
+    let last = body
+        .messages
+        .last()
+        .and_then(|m| m.content.as_ref())
+        .map(|c| c.text())
+        .unwrap_or_default();
+    tokenizer::template::continue_final_message(&text, &last)
+        .map_err(|e| ApiError::bad_request(e, None))
+}
+
 pub async fn chat_completions(
     State(engine): State<Engine>,
     req: Request,
@@ -36,10 +76,7 @@ pub async fn chat_completions(
         )
         .into());
     }
-    let text = engine
-        .tokenizer
-        .apply_chat_template(&body.messages, body.add_generation_prompt.unwrap_or(true))
-        .map_err(|e| ApiError::bad_request(e, None))?;
+    let text = render_chat(&engine, &body)?;
     let prompt = engine.tokenizer.encode(&text);
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;
