@@ -302,6 +302,7 @@ async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     let mut w = protocol::prom::TextWriter::new();
     st.dynamic().policy.render_metrics(&mut w);
     st.proxy.telemetry.render_metrics(&mut w);
+    st.proxy.resume.render_metrics(&mut w);
     httpx::process::write_process_metrics(&mut w, None);
     page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));

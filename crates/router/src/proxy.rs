@@ -27,7 +27,7 @@ use crate::observe::trace::{self, Telemetry, TraceCtx, Trail};
 use crate::upstream::{self, HttpClient, ENGINE_HEADER, REQUEST_ID, TRACEPARENT, TRACESTATE};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those we set ourselves.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -64,6 +64,8 @@ pub struct Proxy {
     pub metrics: Arc<RouterMetrics>,
     /// The access log and span export.
     pub telemetry: Arc<Telemetry>,
+    /// Mid-stream failover settings and counters.
+    pub resume: Arc<crate::resume::Resume>,
 }
 
 /// A failed attempt that another engine may retry: why, and the engine's status if it
@@ -124,6 +126,15 @@ impl Proxy {
                         .headers
                         .insert(HeaderName::from_static(ENGINE_HEADER), ep.header.clone());
                     let body = ObservedBody::new(incoming, obs);
+                    if let Some(origin) = crate::resume::origin(self, f, ranked, parts.status) {
+                        let body = crate::resume::ResumableBody::new(
+                            body,
+                            ep.clone(),
+                            self.resume.clone(),
+                            origin,
+                        );
+                        return Response::from_parts(parts, Body::new(body));
+                    }
                     return Response::from_parts(parts, Body::new(body));
                 }
                 Err(AttemptError::Timeout) => {
@@ -254,7 +265,7 @@ pub struct Observer {
 }
 
 impl Observer {
-    fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
+    pub(crate) fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
         ep.in_prefill.fetch_add(1, Ordering::Relaxed);
         ep.routed.inc();
@@ -278,7 +289,7 @@ impl Observer {
         }
     }
 
-    fn failed(mut self) {
+    pub(crate) fn failed(mut self) {
         self.failed = true;
     }
 
@@ -380,7 +391,7 @@ fn find_completion_tokens(d: &[u8]) -> Option<u64> {
 }
 
 /// The upstream body, passed through frame by frame (never buffered) under observation.
-struct ObservedBody {
+pub(crate) struct ObservedBody {
     inner: Incoming,
     obs: Observer,
     /// What the inner body yielded after the frames merged into the last one.
@@ -392,7 +403,7 @@ struct ObservedBody {
 const MERGE_LIMIT: usize = 64 * 1024;
 
 impl ObservedBody {
-    fn new(inner: Incoming, obs: Observer) -> Self {
+    pub(crate) fn new(inner: Incoming, obs: Observer) -> Self {
         ObservedBody {
             inner,
             obs,

@@ -9,4 +9,5 @@ mod k8s;
 mod kvaware;
 mod observe;
 mod prefix;
+mod resume;
 mod router;
