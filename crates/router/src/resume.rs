@@ -274,8 +274,12 @@ pub struct ResumableBody {
     spliced: bool,
     /// The current continuation's role-only chunk is still to be dropped (chat).
     drop_role: bool,
-    /// Events sent before the current continuation began.
+    /// Events sent before the current continuation began that are in its prompt.
     base_events: u64,
+    /// Text sent to the client but held back from the continuation's prompt (trailing
+    /// whitespace, whose tokens merge differently when re-tokenized): the continuation
+    /// writes it again first, and that is dropped.
+    skip: String,
     /// Parsing stopped (limits passed): frames go through untouched, no resume.
     passthrough: bool,
     /// The current upstream has sent a token: from then on a silence is a stall (before
@@ -296,6 +300,8 @@ struct Accounting {
     object: Option<String>,
     text: String,
     events: u64,
+    /// Bytes of the last content event (the end of `text`).
+    last_len: usize,
     finished: bool,
     done: bool,
 }
@@ -351,19 +357,38 @@ struct Seen {
 }
 
 impl Accounting {
-    /// Read one complete frame; false when the text limit is passed.
+    /// Read one complete frame and count its content; false when the text limit is
+    /// passed.
     fn read(&mut self, frame: &[u8]) -> (Seen, bool) {
+        let seen = self.parse(frame);
+        let ok = seen.content.as_deref().is_none_or(|t| self.add(t));
+        (seen, ok)
+    }
+
+    /// Count one content event; false when the text limit is passed.
+    fn add(&mut self, t: &str) -> bool {
+        self.events += 1;
+        self.last_len = t.len();
+        if self.text.len() + t.len() > MAX_TEXT {
+            return false;
+        }
+        self.text.push_str(t);
+        true
+    }
+
+    /// What one complete frame says (identity kept from the first one).
+    fn parse(&mut self, frame: &[u8]) -> Seen {
         let mut seen = Seen::default();
         let Some(data) = data_of(frame) else {
-            return (seen, true);
+            return seen;
         };
         if data.trim_ascii() == b"[DONE]" {
             self.done = true;
             seen.done = true;
-            return (seen, true);
+            return seen;
         }
         let Ok(c) = serde_json::from_slice::<ChunkView<'_>>(data) else {
-            return (seen, true);
+            return seen;
         };
         if self.id.is_none() {
             self.id = c.id.map(Cow::into_owned);
@@ -372,7 +397,7 @@ impl Accounting {
             self.object = c.object.map(Cow::into_owned);
         }
         let Some(ch) = c.choices.into_iter().next() else {
-            return (seen, true);
+            return seen;
         };
         let (content, role) = match ch.delta {
             Some(d) => (d.content, d.role.is_some()),
@@ -384,17 +409,8 @@ impl Accounting {
         if seen.finish {
             self.finished = true;
         }
-        let mut ok = true;
-        if let Some(t) = content {
-            self.events += 1;
-            if self.text.len() + t.len() > MAX_TEXT {
-                ok = false;
-            } else {
-                self.text.push_str(&t);
-            }
-            seen.content = Some(t.into_owned());
-        }
-        (seen, ok)
+        seen.content = content.map(Cow::into_owned);
+        seen
     }
 }
 
@@ -423,6 +439,7 @@ impl ResumableBody {
             spliced: false,
             drop_role: false,
             base_events: 0,
+            skip: String::new(),
             passthrough: false,
             flowing: false,
             closing: None,
@@ -496,10 +513,7 @@ impl ResumableBody {
         }
         let mut out = BytesMut::with_capacity(complete.len() + 64);
         for frame in FrameIter(&complete) {
-            let (seen, ok) = self.acc.read(frame);
-            if !ok {
-                self.passthrough = true;
-            }
+            let seen = self.acc.parse(frame);
             if self.drop_role && seen.role_only {
                 self.drop_role = false;
                 continue;
@@ -507,9 +521,41 @@ impl ResumableBody {
             if seen.content.is_some() || seen.finish {
                 self.drop_role = false;
             }
-            self.rewrite(frame, &mut out);
+            let mut replaced = None;
+            if let Some(t) = seen.content.as_deref() {
+                let rest = self.unskip(t);
+                if rest.is_empty() && !seen.finish {
+                    continue;
+                }
+                if !rest.is_empty() && !self.acc.add(rest) {
+                    self.passthrough = true;
+                }
+                if rest.len() != t.len() {
+                    replaced = Some(rest.to_string());
+                }
+            }
+            self.rewrite(frame, replaced.as_deref(), &mut out);
         }
         (!out.is_empty()).then(|| out.freeze())
+    }
+
+    /// What of a continuation's content `t` is new to the client: the text held back from
+    /// the continuation's prompt (and already sent) comes again first and is dropped.
+    fn unskip<'t>(&mut self, t: &'t str) -> &'t str {
+        if self.skip.is_empty() {
+            return t;
+        }
+        if let Some(rest) = t.strip_prefix(self.skip.as_str()) {
+            self.skip.clear();
+            rest
+        } else if let Some(left) = self.skip.strip_prefix(t) {
+            self.skip = left.to_string();
+            ""
+        } else {
+            tracing::debug!(held = ?self.skip, got = ?t, "the continuation did not repeat the held-back text");
+            self.skip.clear();
+            t
+        }
     }
 
     /// Give up parsing: send what is held back as it is, from now on untouched.
@@ -523,7 +569,7 @@ impl ResumableBody {
 
     /// A continuation's frame with the original's identity (and usage with the events
     /// sent before it counted as completion tokens).
-    fn rewrite(&self, frame: &[u8], out: &mut BytesMut) {
+    fn rewrite(&self, frame: &[u8], content: Option<&str>, out: &mut BytesMut) {
         let Some(data) = data_of(frame) else {
             out.extend_from_slice(frame);
             return;
@@ -540,6 +586,13 @@ impl ResumableBody {
         }
         if let (Some(model), true) = (&self.acc.model, m.contains_key("model")) {
             m.insert("model".into(), Value::from(model.as_str()));
+        }
+        if let Some(ch) = content.and_then(|_| m.get_mut("choices")?.get_mut(0)) {
+            let t = Value::from(content.unwrap_or_default());
+            match ch.get_mut("delta") {
+                Some(d) => d["content"] = t,
+                None => ch["text"] = t,
+            }
         }
         if let Some(Value::Object(u)) = m.get_mut("usage") {
             let moved = self.base_events;
@@ -582,7 +635,11 @@ impl ResumableBody {
             .into()))));
         }
         let body = match continuation(&self.origin, &self.acc) {
-            Ok(Some(b)) => b,
+            Ok(Some(c)) => {
+                self.base_events = self.acc.events - u64::from(!c.held.is_empty());
+                self.skip = c.held;
+                c.body
+            }
             Ok(None) => {
                 // Every allowed token was sent: end as the engine would have.
                 self.resume.resumed.inc();
@@ -686,13 +743,38 @@ pub enum ContinuationError {
     FinalMessage,
 }
 
+/// A continuation request.
+#[derive(Debug)]
+struct Continuation {
+    body: Bytes,
+    /// The end of the text sent, left out of the prompt for the engine to write again.
+    held: String,
+}
+
 /// The continuation request's body: the original with the text so far appended, token
-/// limits reduced by the events sent; `None` when no token is left to generate.
-fn continuation(o: &Origin, acc: &Accounting) -> Result<Option<Bytes>, ContinuationError> {
+/// limits reduced by the events sent; `None` when no token is left to generate. A last
+/// event of only whitespace is held back (its tokens would merge with what follows when
+/// the engine re-tokenizes the prompt, which changes a greedy answer): the engine
+/// generates it again.
+fn continuation(o: &Origin, acc: &Accounting) -> Result<Option<Continuation>, ContinuationError> {
     if acc.text.is_empty() {
         // Nothing reached the client yet: send the request as it was.
-        return Ok(Some(o.body.clone()));
+        return Ok(Some(Continuation {
+            body: o.body.clone(),
+            held: String::new(),
+        }));
     }
+    let hold = acc.last_len > 0
+        && acc.last_len < acc.text.len()
+        && acc.text[acc.text.len() - acc.last_len..]
+            .chars()
+            .all(char::is_whitespace);
+    let (text, held) = if hold {
+        acc.text.split_at(acc.text.len() - acc.last_len)
+    } else {
+        (acc.text.as_str(), "")
+    };
+    let events = acc.events - u64::from(hold);
     let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(&o.body) else {
         return Err(ContinuationError::NotObject);
     };
@@ -701,7 +783,7 @@ fn continuation(o: &Origin, acc: &Accounting) -> Result<Option<Bytes>, Continuat
             let Some(Value::String(p)) = m.get_mut("prompt") else {
                 return Err(ContinuationError::Prompt);
             };
-            p.push_str(&acc.text);
+            p.push_str(text);
         }
         Kind::Chat => {
             let continuing = m
@@ -716,9 +798,9 @@ fn continuation(o: &Origin, acc: &Accounting) -> Result<Option<Bytes>, Continuat
                 else {
                     return Err(ContinuationError::FinalMessage);
                 };
-                c.push_str(&acc.text);
+                c.push_str(text);
             } else {
-                msgs.push(serde_json::json!({"role": "assistant", "content": acc.text}));
+                msgs.push(serde_json::json!({"role": "assistant", "content": text}));
             }
             m.insert("continue_final_message".into(), Value::Bool(true));
             m.insert("add_generation_prompt".into(), Value::Bool(false));
@@ -730,19 +812,18 @@ fn continuation(o: &Origin, acc: &Accounting) -> Result<Option<Bytes>, Continuat
             if left == 0 {
                 return Ok(None);
             }
-            m.insert(key.into(), Value::from(left));
+            m.insert(key.into(), Value::from(left + u64::from(hold)));
         }
     }
     if let Some(min) = m.get("min_tokens").and_then(Value::as_u64) {
-        m.insert(
-            "min_tokens".into(),
-            Value::from(min.saturating_sub(acc.events)),
-        );
+        m.insert("min_tokens".into(), Value::from(min.saturating_sub(events)));
     }
     m.insert("stream".into(), Value::Bool(true));
-    serde_json::to_vec(&Value::Object(m))
-        .map(|v| Some(Bytes::from(v)))
-        .map_err(|_| ContinuationError::NotObject)
+    let body = serde_json::to_vec(&Value::Object(m)).map_err(|_| ContinuationError::NotObject)?;
+    Ok(Some(Continuation {
+        body: Bytes::from(body),
+        held: held.to_string(),
+    }))
 }
 
 /// One continuation's trip to the engines left, in ranking order.
@@ -839,7 +920,6 @@ impl HttpBody for ResumableBody {
                         this.resume.resumed.inc();
                         this.spliced = true;
                         this.drop_role = this.origin.kind == Kind::Chat;
-                        this.base_events = this.acc.events;
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
@@ -1027,7 +1107,8 @@ mod tests {
             r#"{"prompt":"Hello","max_tokens":10,"min_tokens":2,"seed":7,"stream":true}"#,
         );
         let b = continuation(&o, &acc).unwrap().unwrap();
-        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(b.held.is_empty());
+        let v: Value = serde_json::from_slice(&b.body).unwrap();
         assert_eq!(v["prompt"], "Hello wor");
         assert_eq!(v["max_tokens"], 7);
         assert_eq!(v["min_tokens"], 0);
@@ -1042,7 +1123,8 @@ mod tests {
             Kind::Chat,
             r#"{"messages":[{"role":"user","content":"hi"}]}"#,
         );
-        let v: Value = serde_json::from_slice(&continuation(&o, &acc).unwrap().unwrap()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&continuation(&o, &acc).unwrap().unwrap().body).unwrap();
         assert_eq!(v["messages"][1]["role"], "assistant");
         assert_eq!(v["messages"][1]["content"], " wor");
         assert_eq!(v["continue_final_message"], true);
@@ -1052,7 +1134,8 @@ mod tests {
             Kind::Chat,
             r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Sure,"}],"continue_final_message":true,"add_generation_prompt":false}"#,
         );
-        let v: Value = serde_json::from_slice(&continuation(&o, &acc).unwrap().unwrap()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&continuation(&o, &acc).unwrap().unwrap().body).unwrap();
         assert_eq!(v["messages"].as_array().unwrap().len(), 2);
         assert_eq!(v["messages"][1]["content"], "Sure, wor");
         let o = origin(Kind::Completions, r#"{"prompt":[1,2]}"#);
@@ -1107,6 +1190,51 @@ mod tests {
         assert_eq!(b.acc.text, " a b");
     }
 
+    #[test]
+    fn trailing_whitespace_is_held_back_and_its_repeat_dropped() {
+        let mut acc = Accounting::default();
+        assert!(acc.add("Hello."));
+        assert!(acc.add("\n\n"));
+        let o = origin(
+            Kind::Completions,
+            r#"{"prompt":"Hi","max_tokens":10,"stream":true}"#,
+        );
+        let c = continuation(&o, &acc).unwrap().unwrap();
+        assert_eq!(c.held, "\n\n");
+        let v: Value = serde_json::from_slice(&c.body).unwrap();
+        assert_eq!(v["prompt"], "HiHello.");
+        assert_eq!(v["max_tokens"], 9, "the held-back token is generated again");
+
+        let mut b = test_body();
+        b.origin.kind = Kind::Completions;
+        b.acc = acc;
+        b.spliced = true;
+        b.skip = c.held;
+        let frame = |t: &str| {
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({"id":"x","choices":[{"text":t}]})
+            )
+        };
+        assert_eq!(
+            b.on_data(Bytes::from(frame("\n"))),
+            None,
+            "part of the held text"
+        );
+        let out = b.on_data(Bytes::from(frame("\nThe"))).unwrap();
+        let v: Value =
+            serde_json::from_str(std::str::from_utf8(&out).unwrap()["data: ".len()..].trim())
+                .unwrap();
+        assert_eq!(v["choices"][0]["text"], "The");
+        assert_eq!(b.acc.text, "Hello.\n\nThe");
+        assert_eq!(b.acc.events, 3);
+        // Text that does not repeat the held part goes through as it is.
+        b.skip = "\n".into();
+        let out = b.on_data(Bytes::from(frame(" end"))).unwrap();
+        assert!(std::str::from_utf8(&out).unwrap().contains("\" end\""));
+        assert!(b.skip.is_empty());
+    }
+
     /// A body in the accounting state only (no upstream), for the frame logic.
     fn test_body() -> ResumableBody {
         ResumableBody {
@@ -1122,6 +1250,7 @@ mod tests {
             spliced: false,
             drop_role: false,
             base_events: 0,
+            skip: String::new(),
             passthrough: false,
             flowing: false,
             closing: None,
