@@ -261,6 +261,8 @@ pub struct ResumableBody {
     inner: Option<ObservedBody>,
     connecting: Option<Connecting>,
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the current upstream last sent something.
+    last_activity: tokio::time::Instant,
     resume: Arc<Resume>,
     origin: Box<Origin>,
     /// Engines that served (or failed) this request.
@@ -282,8 +284,9 @@ pub struct ResumableBody {
     skip: String,
     /// Parsing stopped (limits passed): frames go through untouched, no resume.
     passthrough: bool,
-    /// The current upstream has sent a token: from then on a silence is a stall (before
-    /// it, the wait is the prefill, bounded by the engine and the health checks).
+    /// The current upstream has sent a token: from then on a silence of
+    /// `--stream-stall-timeout-secs` is a stall (before it, the wait is the prefill,
+    /// allowed the first-byte timeout).
     flowing: bool,
     /// Send `[DONE]` then end (a cut after the finish, or a continuation with nothing
     /// left to generate).
@@ -317,7 +320,35 @@ struct ChunkView<'a> {
     #[serde(default, borrow)]
     object: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    choices: Vec<ChoiceView<'a>>,
+    choices: First<'a>,
+}
+
+/// The first of `choices`, the rest skipped unparsed (no allocation per frame).
+#[derive(Default)]
+struct First<'a>(Option<ChoiceView<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for First<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = First<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<First<'a>, A::Error> {
+                let first = seq.next_element::<ChoiceView<'a>>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(First(first))
+            }
+            fn visit_unit<E>(self) -> Result<First<'a>, E> {
+                Ok(First(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -349,8 +380,8 @@ fn data_of(frame: &[u8]) -> Option<&[u8]> {
 
 /// What one frame says, for the accounting and the splice.
 #[derive(Debug, Default, PartialEq)]
-struct Seen {
-    content: Option<String>,
+struct Seen<'a> {
+    content: Option<Cow<'a, str>>,
     role_only: bool,
     finish: bool,
     done: bool,
@@ -359,7 +390,7 @@ struct Seen {
 impl Accounting {
     /// Read one complete frame and count its content; false when the text limit is
     /// passed.
-    fn read(&mut self, frame: &[u8]) -> (Seen, bool) {
+    fn read<'a>(&mut self, frame: &'a [u8]) -> (Seen<'a>, bool) {
         let seen = self.parse(frame);
         let ok = seen.content.as_deref().is_none_or(|t| self.add(t));
         (seen, ok)
@@ -377,7 +408,7 @@ impl Accounting {
     }
 
     /// What one complete frame says (identity kept from the first one).
-    fn parse(&mut self, frame: &[u8]) -> Seen {
+    fn parse<'a>(&mut self, frame: &'a [u8]) -> Seen<'a> {
         let mut seen = Seen::default();
         let Some(data) = data_of(frame) else {
             return seen;
@@ -396,7 +427,7 @@ impl Accounting {
             self.model = c.model.map(Cow::into_owned);
             self.object = c.object.map(Cow::into_owned);
         }
-        let Some(ch) = c.choices.into_iter().next() else {
+        let Some(ch) = c.choices.0 else {
             return seen;
         };
         let (content, role) = match ch.delta {
@@ -409,7 +440,7 @@ impl Accounting {
         if seen.finish {
             self.finished = true;
         }
-        seen.content = content.map(Cow::into_owned);
+        seen.content = content;
         seen
     }
 }
@@ -426,10 +457,11 @@ impl ResumableBody {
         resume: Arc<Resume>,
         origin: Origin,
     ) -> Self {
-        ResumableBody {
+        let mut body = ResumableBody {
             inner: Some(inner),
             connecting: None,
             stall: None,
+            last_activity: tokio::time::Instant::now(),
             resume,
             origin: Box::new(origin),
             tried: vec![served_by],
@@ -444,18 +476,57 @@ impl ResumableBody {
             flowing: false,
             closing: None,
             ended: false,
+        };
+        body.arm_stall();
+        body
+    }
+
+    /// The silence allowed: `--stream-stall-timeout-secs` once tokens flow; before the
+    /// first token (the prompt's prefill) the longer first-byte timeout.
+    fn silence(&self) -> Option<Duration> {
+        let stall = self.resume.stall?;
+        Some(if self.flowing {
+            stall
+        } else {
+            self.origin.first_byte_timeout.max(stall)
+        })
+    }
+
+    /// Note upstream activity. The timer is not moved per frame: when it fires early it
+    /// is set again from the last activity (`poll_stall`).
+    fn arm_stall(&mut self) {
+        let Some(d) = self.silence() else { return };
+        self.last_activity = tokio::time::Instant::now();
+        if self.stall.is_none() {
+            self.stall = Some(Box::pin(tokio::time::sleep_until(self.last_activity + d)));
         }
     }
 
-    fn arm_stall(&mut self) {
-        let Some(d) = self.resume.stall else { return };
-        if !self.flowing {
-            return;
+    /// Tokens started to flow: the (shorter) stall timeout applies from now.
+    fn tighten_stall(&mut self) {
+        if let (Some(d), Some(s)) = (self.silence(), &mut self.stall) {
+            s.as_mut().reset(self.last_activity + d);
         }
-        let at = tokio::time::Instant::now() + d;
-        match &mut self.stall {
-            Some(s) => s.as_mut().reset(at),
-            None => self.stall = Some(Box::pin(tokio::time::sleep_until(at))),
+    }
+
+    /// Whether the upstream has been silent for longer than allowed (registers the
+    /// waker otherwise).
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(d) = self.silence() else {
+            return false;
+        };
+        let deadline = self.last_activity + d;
+        let Some(s) = &mut self.stall else {
+            return false;
+        };
+        loop {
+            if s.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+            s.as_mut().reset(deadline);
         }
     }
 
@@ -920,6 +991,7 @@ impl HttpBody for ResumableBody {
                         this.resume.resumed.inc();
                         this.spliced = true;
                         this.drop_role = this.origin.kind == Kind::Chat;
+                        this.arm_stall();
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
@@ -946,8 +1018,11 @@ impl HttpBody for ResumableBody {
                     };
                     let before = this.acc.events;
                     let out = this.on_data(data);
-                    this.flowing |= this.acc.events > before;
                     this.arm_stall();
+                    if !this.flowing && this.acc.events > before {
+                        this.flowing = true;
+                        this.tighten_stall();
+                    }
                     if let Some(out) = out {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
@@ -977,17 +1052,15 @@ impl HttpBody for ResumableBody {
                     }
                 }
                 Poll::Pending => {
-                    if let Some(s) = &mut this.stall {
-                        if s.as_mut().poll(cx).is_ready() {
-                            if let Some(ep) = this.tried.last() {
-                                ep.record_failure(this.origin.failure_threshold);
-                            }
-                            if let Some(p) = this.on_cut("the engine stalled") {
-                                this.ended = true;
-                                return p;
-                            }
-                            continue;
+                    if this.poll_stall(cx) {
+                        if let Some(ep) = this.tried.last() {
+                            ep.record_failure(this.origin.failure_threshold);
                         }
+                        if let Some(p) = this.on_cut("the engine stalled") {
+                            this.ended = true;
+                            return p;
+                        }
+                        continue;
                     }
                     return Poll::Pending;
                 }
@@ -1241,6 +1314,7 @@ mod tests {
             inner: None,
             connecting: None,
             stall: None,
+            last_activity: tokio::time::Instant::now(),
             resume: Arc::new(Resume::default()),
             origin: Box::new(origin(Kind::Chat, "{}")),
             tried: Vec::new(),

@@ -224,3 +224,31 @@ async fn a_stream_that_cannot_be_continued_is_cut_and_counted() {
     .await;
     assert!(!got.done);
 }
+
+#[tokio::test]
+async fn an_engine_frozen_before_its_first_token_is_replaced() {
+    // A slow prefill (about 1 s for this prompt) and a 1 s first-byte timeout: the
+    // engine is frozen after its role chunk, before any token.
+    let slow = ["--sim-prefill-us-per-token", "60000"];
+    let engines = vec![Proc::engine(&slow), Proc::engine(&slow)];
+    let backends: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
+    let router = Proc::router(
+        &backends,
+        &[
+            "--stream-stall-timeout-secs",
+            "1",
+            "--first-byte-timeout",
+            "1",
+        ],
+    );
+    let mut body = chat();
+    body["max_tokens"] = json!(20);
+    let want = stream(&engines[0].url, "/v1/chat/completions", &body, 0, |_| {}).await;
+    let got = stream(&router.url, "/v1/chat/completions", &body, 0, |host| {
+        signal(by_host(&engines, host), "-STOP");
+    })
+    .await;
+    assert_one_answer(&got, &want);
+    assert_eq!(got.roles, 1);
+    assert_eq!(resumes(&router, "resumed").await, 1.0);
+}
