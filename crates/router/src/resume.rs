@@ -33,7 +33,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -284,6 +284,8 @@ pub struct ResumableBody {
     skip: String,
     /// Parsing stopped (limits passed): frames go through untouched, no resume.
     passthrough: bool,
+    /// The text limit passed after a resume: frames are still rewritten, no resume.
+    full: bool,
     /// The current upstream has sent a token: from then on a silence of
     /// `--stream-stall-timeout-secs` is a stall (before it, the wait is the prefill,
     /// allowed the first-byte timeout).
@@ -301,12 +303,18 @@ struct Accounting {
     created: Option<u64>,
     model: Option<String>,
     object: Option<String>,
-    text: String,
+    /// The content sent: the JSON-escaped bodies of its strings, concatenated as they
+    /// came (unescaped only for a continuation).
+    raw: Vec<u8>,
+    /// Where the last content event starts in `raw`.
+    last_start: usize,
     events: u64,
-    /// Bytes of the last content event (the end of `text`).
-    last_len: usize,
     finished: bool,
     done: bool,
+    /// The identity was read from a first frame.
+    identified: bool,
+    /// Frames are not compact JSON: each is parsed instead of scanned.
+    loose: bool,
 }
 
 #[derive(Deserialize)]
@@ -371,6 +379,15 @@ struct DeltaView<'a> {
 
 /// One complete SSE event's `data:` payload, if it has one.
 fn data_of(frame: &[u8]) -> Option<&[u8]> {
+    // The usual frame: one `data: ` line.
+    if let Some(d) = frame.strip_prefix(b"data: ") {
+        if let Some(i) = memchr::memchr(b'\n', d) {
+            if d.get(i + 1).is_none_or(|&c| c == b'\n' || c == b'\r') {
+                let line = &d[..i];
+                return Some(line.strip_suffix(b"\r").unwrap_or(line));
+            }
+        }
+    }
     frame.split(|&b| b == b'\n').find_map(|line| {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let d = line.strip_prefix(b"data:")?;
@@ -389,22 +406,57 @@ struct Seen<'a> {
 
 impl Accounting {
     /// Read one complete frame and count its content; false when the text limit is
-    /// passed.
-    fn read<'a>(&mut self, frame: &'a [u8]) -> (Seen<'a>, bool) {
-        let seen = self.parse(frame);
-        let ok = seen.content.as_deref().is_none_or(|t| self.add(t));
-        (seen, ok)
+    /// passed. Compact JSON (what vLLM and Switchyard write) is scanned, not parsed: the
+    /// content's escaped string is copied as it is.
+    fn read(&mut self, frame: &[u8]) -> bool {
+        if self.loose || !self.identified {
+            let seen = self.parse(frame);
+            return seen.content.as_deref().is_none_or(|t| self.add(t));
+        }
+        let Some(data) = data_of(frame) else {
+            return true;
+        };
+        if data.trim_ascii() == b"[DONE]" {
+            self.done = true;
+            return true;
+        }
+        if FINISH.find(data).is_some() {
+            self.finished = true;
+        }
+        let piece = json_string_at(data, &CONTENT).or_else(|| json_string_at(data, &TEXT));
+        match piece {
+            Some(p) if !p.is_empty() => self.add_raw(p),
+            _ => true,
+        }
     }
 
-    /// Count one content event; false when the text limit is passed.
+    /// Count one content event given as text; false when the text limit is passed.
     fn add(&mut self, t: &str) -> bool {
+        match serde_json::to_string(t) {
+            Ok(quoted) => self.add_raw(&quoted.as_bytes()[1..quoted.len() - 1]),
+            Err(_) => false,
+        }
+    }
+
+    /// Count one content event given as an escaped JSON string body.
+    fn add_raw(&mut self, escaped: &[u8]) -> bool {
         self.events += 1;
-        self.last_len = t.len();
-        if self.text.len() + t.len() > MAX_TEXT {
+        if self.raw.len() + escaped.len() > MAX_TEXT {
             return false;
         }
-        self.text.push_str(t);
+        self.last_start = self.raw.len();
+        self.raw.extend_from_slice(escaped);
         true
+    }
+
+    /// The text sent so far.
+    fn text(&self) -> Option<String> {
+        unescape(&self.raw)
+    }
+
+    /// The last content event's text.
+    fn last_piece(&self) -> Option<String> {
+        unescape(&self.raw[self.last_start..])
     }
 
     /// What one complete frame says (identity kept from the first one).
@@ -421,7 +473,9 @@ impl Accounting {
         let Ok(c) = serde_json::from_slice::<ChunkView<'_>>(data) else {
             return seen;
         };
-        if self.id.is_none() {
+        if !self.identified {
+            self.identified = c.id.is_some();
+            self.loose = memmem::find(data, b"\": ").is_some();
             self.id = c.id.map(Cow::into_owned);
             self.created = c.created;
             self.model = c.model.map(Cow::into_owned);
@@ -445,8 +499,42 @@ impl Accounting {
     }
 }
 
+static FINISH: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"finish_reason\":\""));
+static CONTENT: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"content\":\""));
+static TEXT: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"text\":\""));
+static FRAME_END: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+
+/// The escaped body of the JSON string that follows the first `key` (`"name":"`).
+fn json_string_at<'a>(data: &'a [u8], key: &memmem::Finder<'_>) -> Option<&'a [u8]> {
+    let start = key.find(data)? + key.needle().len();
+    let mut i = start;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', data.get(i..)?)?;
+        if data[i] == b'"' {
+            return Some(&data[start..i]);
+        }
+        i += 2;
+    }
+}
+
+/// The text of an escaped JSON string body.
+fn unescape(escaped: &[u8]) -> Option<String> {
+    let mut quoted = Vec::with_capacity(escaped.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(escaped);
+    quoted.push(b'"');
+    serde_json::from_slice(&quoted).ok()
+}
+
 /// The end of the last complete frame in `b` (after its blank line), if any.
 fn last_boundary(b: &[u8]) -> Option<usize> {
+    if b.ends_with(b"\n\n") {
+        return Some(b.len());
+    }
     memmem::rfind(b, b"\n\n").map(|i| i + 2)
 }
 
@@ -473,6 +561,7 @@ impl ResumableBody {
             base_events: 0,
             skip: String::new(),
             passthrough: false,
+            full: false,
             flowing: false,
             closing: None,
             ended: false,
@@ -575,7 +664,7 @@ impl ResumableBody {
         }
         if !self.spliced {
             for frame in FrameIter(&complete) {
-                if !self.acc.read(frame).1 {
+                if !self.acc.read(frame) {
                     self.passthrough = true;
                     break;
                 }
@@ -598,8 +687,10 @@ impl ResumableBody {
                 if rest.is_empty() && !seen.finish {
                     continue;
                 }
-                if !rest.is_empty() && !self.acc.add(rest) {
-                    self.passthrough = true;
+                if !rest.is_empty() && !self.full && !self.acc.add(rest) {
+                    // Past the text limit: no further resume, but frames keep the
+                    // original's identity.
+                    self.full = true;
                 }
                 if rest.len() != t.len() {
                     replaced = Some(rest.to_string());
@@ -681,7 +772,7 @@ impl ResumableBody {
     }
 
     fn can_resume(&self) -> bool {
-        !self.passthrough && self.resumes < self.resume.attempts && !self.acc.done
+        !self.passthrough && !self.full && self.resumes < self.resume.attempts && !self.acc.done
     }
 
     /// The stream was cut (`why`): resume, or say how it ends.
@@ -761,7 +852,7 @@ impl<'a> Iterator for FrameIter<'a> {
         if self.0.is_empty() {
             return None;
         }
-        let end = memmem::find(self.0, b"\n\n").map_or(self.0.len(), |i| i + 2);
+        let end = FRAME_END.find(self.0).map_or(self.0.len(), |i| i + 2);
         let (frame, rest) = self.0.split_at(end);
         self.0 = rest;
         Some(frame)
@@ -812,6 +903,8 @@ pub enum ContinuationError {
     Messages,
     #[error("the final message to continue has no text content")]
     FinalMessage,
+    #[error("the text sent is not valid JSON string content")]
+    Text,
 }
 
 /// A continuation request.
@@ -828,22 +921,20 @@ struct Continuation {
 /// the engine re-tokenizes the prompt, which changes a greedy answer): the engine
 /// generates it again.
 fn continuation(o: &Origin, acc: &Accounting) -> Result<Option<Continuation>, ContinuationError> {
-    if acc.text.is_empty() {
+    let all = acc.text().ok_or(ContinuationError::Text)?;
+    let last = acc.last_piece().ok_or(ContinuationError::Text)?;
+    if all.is_empty() {
         // Nothing reached the client yet: send the request as it was.
         return Ok(Some(Continuation {
             body: o.body.clone(),
             held: String::new(),
         }));
     }
-    let hold = acc.last_len > 0
-        && acc.last_len < acc.text.len()
-        && acc.text[acc.text.len() - acc.last_len..]
-            .chars()
-            .all(char::is_whitespace);
+    let hold = !last.is_empty() && last.len() < all.len() && last.chars().all(char::is_whitespace);
     let (text, held) = if hold {
-        acc.text.split_at(acc.text.len() - acc.last_len)
+        all.split_at(all.len() - last.len())
     } else {
-        (acc.text.as_str(), "")
+        (all.as_str(), "")
     };
     let events = acc.events - u64::from(hold);
     let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(&o.body) else {
@@ -1136,20 +1227,83 @@ mod tests {
     fn accounting_reads_text_events_and_ends() {
         let mut a = Accounting::default();
         let role = br#"data: {"id":"c1","object":"chat.completion.chunk","created":5,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
-        let (s, _) = a.read(role);
-        assert!(s.role_only);
+        assert!(a.parse(role).role_only);
         assert_eq!(a.id.as_deref(), Some("c1"));
         a.read(br#"data: {"id":"c1","choices":[{"delta":{"content":" he\"llo"}}]}"#);
         a.read(
             br#"data: {"id":"c1","choices":[{"delta":{"content":" you"},"finish_reason":null}]}"#,
         );
-        assert_eq!(a.text, " he\"llo you");
+        assert_eq!(a.text().unwrap(), " he\"llo you");
         assert_eq!(a.events, 2);
         assert!(!a.finished);
         a.read(br#"data: {"choices":[{"delta":{"content":""},"finish_reason":"stop"}]}"#);
         assert!(a.finished);
         a.read(b"data: [DONE]");
         assert!(a.done);
+    }
+
+    #[test]
+    fn scanned_and_parsed_frames_read_alike() {
+        let frames: [&[u8]; 4] = [
+            br#"data: {"id":"c","choices":[{"index":0,"text":"a\"b\\","finish_reason":null}]}"#,
+            br#"data: {"id":"c","choices":[{"index":0,"text":"\u00e9\n","logprobs":null}]}"#,
+            br#"data: {"id":"c","choices":[{"index":0,"text":"","finish_reason":"length"}]}"#,
+            b"data: [DONE]",
+        ];
+        let mut compact = Accounting::default();
+        for f in frames {
+            assert!(compact.read(f));
+        }
+        assert!(!compact.loose);
+        let mut loose = Accounting::default();
+        for f in frames {
+            let spaced = String::from_utf8(f.to_vec())
+                .unwrap()
+                .replace("\":", "\": ");
+            assert!(loose.read(spaced.as_bytes()));
+        }
+        assert!(loose.loose);
+        for a in [&compact, &loose] {
+            assert_eq!(a.text().unwrap(), "a\"b\\\u{e9}\n");
+            assert_eq!(a.last_piece().unwrap(), "\u{e9}\n");
+            assert_eq!(a.events, 2);
+            assert!(a.finished && a.done);
+        }
+        assert_eq!(
+            json_string_at(br#"{"text":"x\\"}"#, &TEXT),
+            Some(&br"x\\"[..])
+        );
+        assert_eq!(json_string_at(br#"{"text":"unterminated"#, &TEXT), None);
+        assert_eq!(data_of(b"data: {}\r\n\r\n"), Some(&b"{}"[..]));
+        assert_eq!(
+            data_of(b": keep-alive\ndata: [DONE]\n\n"),
+            Some(&b"[DONE]"[..])
+        );
+        assert_eq!(data_of(b"event: x\n\n"), None);
+    }
+
+    /// The wrapper's cost per frame on the normal path (run with `--release --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore]
+    fn cost_per_frame() {
+        let frames: Vec<Bytes> = (0..64)
+            .map(|i| {
+                Bytes::from(format!(
+                    "data: {{\"id\":\"cmpl-1f0c4b7e\",\"object\":\"text_completion\",\"created\":1764730000,\"model\":\"switchyard-sim\",\"choices\":[{{\"index\":0,\"text\":\" w{i}\",\"logprobs\":null,\"finish_reason\":null,\"stop_reason\":null}}],\"usage\":null}}\n\n"
+                ))
+            })
+            .collect();
+        let rounds = 5000;
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            let mut b = test_body();
+            for f in &frames {
+                std::hint::black_box(b.on_data(f.clone()));
+            }
+        }
+        let ns = t.elapsed().as_nanos() as f64 / (rounds * frames.len()) as f64;
+        println!("{ns:.0} ns per frame");
     }
 
     fn origin(kind: Kind, body: &str) -> Origin {
@@ -1170,11 +1324,10 @@ mod tests {
 
     #[test]
     fn continuations_append_the_text_and_reduce_the_limits() {
-        let acc = Accounting {
-            text: " wor".into(),
-            events: 3,
-            ..Accounting::default()
-        };
+        let mut acc = Accounting::default();
+        for piece in [" w", "o", "r"] {
+            assert!(acc.add(piece));
+        }
         let o = origin(
             Kind::Completions,
             r#"{"prompt":"Hello","max_tokens":10,"min_tokens":2,"seed":7,"stream":true}"#,
@@ -1227,7 +1380,7 @@ mod tests {
                 }
             }
             assert_eq!(out, stream, "cut at {cut}");
-            assert_eq!(b.acc.text, "xy");
+            assert_eq!(b.acc.text().unwrap(), "xy");
             assert!(b.acc.done);
             assert!(b.pending.is_empty());
         }
@@ -1260,7 +1413,7 @@ mod tests {
         assert_eq!(u["usage"]["completion_tokens"], 5);
         assert_eq!(u["usage"]["total_tokens"], 15);
         assert_eq!(frames[2], "data: [DONE]");
-        assert_eq!(b.acc.text, " a b");
+        assert_eq!(b.acc.text().unwrap(), " a b");
     }
 
     #[test]
@@ -1299,7 +1452,7 @@ mod tests {
             serde_json::from_str(std::str::from_utf8(&out).unwrap()["data: ".len()..].trim())
                 .unwrap();
         assert_eq!(v["choices"][0]["text"], "The");
-        assert_eq!(b.acc.text, "Hello.\n\nThe");
+        assert_eq!(b.acc.text().unwrap(), "Hello.\n\nThe");
         assert_eq!(b.acc.events, 3);
         // Text that does not repeat the held part goes through as it is.
         b.skip = "\n".into();
@@ -1326,6 +1479,7 @@ mod tests {
             base_events: 0,
             skip: String::new(),
             passthrough: false,
+            full: false,
             flowing: false,
             closing: None,
             ended: false,
