@@ -297,6 +297,9 @@ pub struct TokenizeRequest {
     pub add_special_tokens: Option<bool>,
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// As in chat: leave the final message open.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
     #[serde(default)]
     pub return_token_strs: Option<bool>,
 }

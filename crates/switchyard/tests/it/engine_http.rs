@@ -842,6 +842,17 @@ async fn chat_continues_the_final_message() {
     .await;
     let toks: Value = serde_json::from_str(&toks).expect("json");
     assert_eq!(v["usage"]["prompt_tokens"], toks["count"], "{v}");
+    // /tokenize renders chat the same way.
+    let (_, chat_toks) = post(
+        &c,
+        &e.url("/tokenize"),
+        &json!({"model":"smollm2","continue_final_message":true,"add_generation_prompt":false,
+                "messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Hello wor"}]})
+        .to_string(),
+    )
+    .await;
+    let chat_toks: Value = serde_json::from_str(&chat_toks).expect("json");
+    assert_eq!(chat_toks["tokens"], toks["tokens"]);
     // vLLM's default generation prompt must be turned off explicitly.
     let (status, text) = post(&c, &url, &body(json!({"continue_final_message":true}))).await;
     assert_eq!(status, 400, "{text}");

@@ -6,8 +6,8 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use protocol::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice, CompletionRequest,
-    CompletionResponse, Prompt, SamplingFields, StopReason, Usage,
+    ChatCompletionResponse, ChatDelta, ChatMessage, ChatResponseMessage, CompletionChoice,
+    CompletionRequest, CompletionResponse, Prompt, SamplingFields, StopReason, Usage,
 };
 use protocol::ApiError;
 
@@ -27,15 +27,20 @@ fn fingerprint() -> Option<String> {
 /// `continue_final_message` (and `add_generation_prompt: false`, which vLLM requires),
 /// without one and cut after the final message's text (vLLM's and transformers' way), so
 /// the model continues that message.
-fn render_chat(engine: &Engine, body: &ChatCompletionRequest) -> Result<String, ApiError> {
-    let cont = body.continue_final_message.unwrap_or(false);
-    if cont && body.add_generation_prompt == Some(true) {
+pub(crate) fn render_chat(
+    engine: &Engine,
+    messages: &[ChatMessage],
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+) -> Result<String, ApiError> {
+    let cont = continue_final_message.unwrap_or(false);
+    if cont && add_generation_prompt == Some(true) {
         return Err(ApiError::validation(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
             None,
         ));
     }
-    let add_generation_prompt = body.add_generation_prompt.unwrap_or(true);
+    let add_generation_prompt = add_generation_prompt.unwrap_or(true);
     if cont && add_generation_prompt {
         // vLLM's default generation prompt left on: transformers refuses the render.
         return Err(ApiError::bad_request(
@@ -48,13 +53,12 @@ fn render_chat(engine: &Engine, body: &ChatCompletionRequest) -> Result<String, 
     }
     let text = engine
         .tokenizer
-        .apply_chat_template(&body.messages, add_generation_prompt)
+        .apply_chat_template(messages, add_generation_prompt)
         .map_err(|e| ApiError::bad_request(e, None))?;
     if !cont {
         return Ok(text);
     }
-    let last = body
-        .messages
+    let last = messages
         .last()
         .and_then(|m| m.content.as_ref())
         .map(|c| c.text())
@@ -76,7 +80,12 @@ pub async fn chat_completions(
         )
         .into());
     }
-    let text = render_chat(&engine, &body)?;
+    let text = render_chat(
+        &engine,
+        &body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+    )?;
     let prompt = engine.tokenizer.encode(&text);
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;
