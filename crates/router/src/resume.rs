@@ -7,8 +7,9 @@
 //! leaves half a frame with the client) and reads each one: the original `id`,
 //! `created` and `model`, the text sent so far, the number of content events (≈ tokens)
 //! and whether a `finish_reason` or `data: [DONE]` came. When the upstream body errors,
-//! ends early, or sends nothing for `--stream-stall-timeout-secs` once tokens flow, it
-//! asks the next engine of the request's ranking for a continuation:
+//! ends early, or sends nothing for `--stream-stall-timeout-secs` once tokens flow
+//! (before the first token: `--first-byte-timeout`), it asks the next healthy engine of
+//! the request's ranking not yet tried for a continuation:
 //! - `/v1/completions`: `prompt` = the original prompt + the text so far;
 //! - `/v1/chat/completions`: the messages + `{"role":"assistant","content": text}` with
 //!   `continue_final_message: true, add_generation_prompt: false` (vLLM's way to continue
@@ -16,7 +17,9 @@
 //!   appended to it);
 //!
 //! with `max_tokens`/`max_completion_tokens` (and `min_tokens`) reduced by the events
-//! already sent, everything else as the client sent it (seed, sampling, stop strings).
+//! already sent, everything else as the client sent it (seed, sampling, stop strings). A
+//! last event of only whitespace is left out of the prompt (re-tokenized, it would merge
+//! with what follows) and its repeat dropped from the continuation.
 //! The continuation's frames are rewritten to the original's `id`, `created` and `model`
 //! (chat: its role-only first chunk dropped; usage: the already-sent events moved from
 //! prompt to completion tokens) and the stream ends with `[DONE]` as usual.
@@ -27,8 +30,9 @@
 //! passed through as before and counted as `not_resumable`. Memory is bounded: the text
 //! kept is at most [`MAX_TEXT`] bytes and a partial frame at most [`MAX_PENDING`]; past
 //! either the stream is passed through unparsed and no longer resumable. The normal path
-//! allocates no more than a small parse per frame; JSON is re-serialized only after a
-//! resume.
+//! costs a copy of the request's headers per request and, per frame, `memchr` scans of
+//! compact JSON (the content's escaped text appended as it is); JSON is parsed for the
+//! first frame and re-serialized only after a resume.
 
 use std::borrow::Cow;
 use std::future::Future;
