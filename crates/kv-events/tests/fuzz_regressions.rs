@@ -5,7 +5,10 @@
 use switchyard_kv_events::{decode_batch, encode_batch};
 
 fn round_trips(name: &str) {
-    let path = format!("{}/../../tests/fixtures/fuzz/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../../tests/fixtures/fuzz/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let data = std::fs::read(&path).expect("fixture");
     let batch = decode_batch(&data).expect("decodes");
     let again = decode_batch(&encode_batch(&batch)).expect("our own encoding decodes");

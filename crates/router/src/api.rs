@@ -410,6 +410,7 @@ async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     st.proxy.telemetry.render_metrics(&mut w);
     st.admission.render(&mut w);
     st.proxy.retries.render_metrics(&mut w);
+    st.proxy.resume.render_metrics(&mut w);
     httpx::process::write_process_metrics(&mut w, None);
     page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));

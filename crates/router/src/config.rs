@@ -268,6 +268,15 @@ pub struct RouterArgs {
     /// API keys, rate limits and admission control (see `admission`).
     #[command(flatten)]
     pub admission: AdmissionArgs,
+    /// Mid-stream failover: when an engine dies or stalls after part of a streamed
+    /// completion reached the client, continue the answer on another engine (prompt +
+    /// text so far), at most this many times per request; 0 turns it off.
+    #[arg(long, default_value_t = 2)]
+    pub stream_resume_attempts: u32,
+    /// Seconds without a frame from an engine that is streaming tokens after which the
+    /// stream counts as stalled and is continued elsewhere (0: never).
+    #[arg(long, default_value_t = 5.0)]
+    pub stream_stall_timeout_secs: f64,
     /// Worker threads serving requests, each with its own listener and upstream pool
     /// (0: one per core).
     #[arg(long, default_value_t = 0)]

@@ -2,7 +2,8 @@
 //!
 //! Rooms, by feature (each `mod.rs` says what it owns):
 //! - [`api`]: the HTTP surface; [`proxy`]: the per-request forwarding path with failover
-//!   and observation. This file: the router's state, `bind` and serving.
+//!   and observation; [`resume`]: mid-stream failover (a cut stream continued on another
+//!   engine). This file: the router's state, `bind` and serving.
 //! - [`admission`]: the front door: API keys, per-key rate limits, the concurrency limit
 //!   and its queue.
 //! - [`config`]: flags (the Production Stack router's) and the dynamic config file.
@@ -27,6 +28,7 @@ pub mod engines;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod resume;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -161,7 +163,20 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
             .map_err(config::ConfigError::Invalid)?,
     );
     telemetry.spawn();
+    let stall = args.stream_stall_timeout_secs;
+    if !stall.is_finite() || stall < 0.0 {
+        return Err(config::ConfigError::Invalid(
+            "--stream-stall-timeout-secs must be a number of seconds (0: off)".into(),
+        )
+        .into());
+    }
+    let resume = Arc::new(resume::Resume {
+        attempts: args.stream_resume_attempts,
+        stall: (stall > 0.0).then(|| std::time::Duration::from_secs_f64(stall)),
+        ..resume::Resume::default()
+    });
     let proxy = Proxy {
+        resume,
         connect_timeout: settings.connect_timeout,
         first_byte_timeout: settings.first_byte_timeout,
         max_attempts: if settings.resilience.disable_retries {

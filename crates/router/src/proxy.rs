@@ -47,7 +47,7 @@ use crate::observe::trace::{self, Telemetry, TraceCtx, Trail};
 use crate::upstream::{self, HttpClient, ENGINE_HEADER, REQUEST_ID, TRACEPARENT, TRACESTATE};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those we set ourselves.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -91,6 +91,8 @@ pub struct Proxy {
     pub metrics: Arc<RouterMetrics>,
     /// The access log and span export.
     pub telemetry: Arc<Telemetry>,
+    /// Mid-stream failover settings and counters.
+    pub resume: Arc<crate::resume::Resume>,
 }
 
 /// A failed attempt that another engine may retry: why, and the engine's status if it
@@ -273,6 +275,15 @@ impl Proxy {
                         )
                     });
                     let body = ObservedBody::new(body, obs, first, cut);
+                    if let Some(origin) = crate::resume::origin(self, f, ranked, parts.status) {
+                        let body = crate::resume::ResumableBody::new(
+                            body,
+                            ep.clone(),
+                            self.resume.clone(),
+                            origin,
+                        );
+                        return Response::from_parts(parts, Body::new(body));
+                    }
                     return Response::from_parts(parts, Body::new(body));
                 }
                 Err(AttemptError::Timeout) => {
@@ -477,7 +488,7 @@ pub struct Observer {
 }
 
 impl Observer {
-    fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
+    pub(crate) fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
         ep.in_prefill.fetch_add(1, Ordering::Relaxed);
         ep.routed.inc();
@@ -501,7 +512,7 @@ impl Observer {
         }
     }
 
-    fn failed(mut self) {
+    pub(crate) fn failed(mut self) {
         self.failed = true;
     }
 
@@ -621,7 +632,7 @@ struct CutWatch {
 }
 
 /// The upstream body, passed through frame by frame (never buffered) under observation.
-struct ObservedBody {
+pub(crate) struct ObservedBody {
     inner: Incoming,
     obs: Observer,
     /// What the inner body yielded after the frames merged into the last one (at the
@@ -635,7 +646,7 @@ struct ObservedBody {
 const MERGE_LIMIT: usize = 64 * 1024;
 
 impl ObservedBody {
-    fn new(
+    pub(crate) fn new(
         inner: Incoming,
         mut obs: Observer,
         first: Option<Result<Frame<Bytes>, hyper::Error>>,
@@ -653,6 +664,17 @@ impl ObservedBody {
                 stall,
                 deadline: None,
             }),
+        }
+    }
+
+    /// A body no frame of which was read yet, with no ejection watch (mid-stream
+    /// failover's continuation, which has its own stall watch).
+    pub(crate) fn fresh(inner: Incoming, obs: Observer) -> Self {
+        ObservedBody {
+            inner,
+            obs,
+            stashed: None,
+            cut: None,
         }
     }
 

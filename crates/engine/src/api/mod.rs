@@ -169,10 +169,12 @@ async fn tokenize(State(engine): State<Engine>, req: Request) -> Result<Response
     engine.check_model(body.model.as_deref())?;
     let tokens = match (&body.messages, &body.prompt) {
         (Some(messages), _) => {
-            let text = engine
-                .tokenizer
-                .apply_chat_template(messages, body.add_generation_prompt.unwrap_or(true))
-                .map_err(|e| ApiError::bad_request(e, None))?;
+            let text = generate::render_chat(
+                &engine,
+                messages,
+                body.add_generation_prompt,
+                body.continue_final_message,
+            )?;
             engine.tokenizer.encode(&text)
         }
         (None, Some(prompt)) if body.add_special_tokens.unwrap_or(true) => {

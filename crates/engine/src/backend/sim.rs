@@ -3,7 +3,7 @@
 //! A step lasts `overhead + prefill_per_token × new prefill tokens (cached ones are
 //! free) + decode_per_seq × decodes + decode_per_ctx_token × their context length`,
 //! times an optional seeded jitter, times `time_scale`. Tokens are a pure function of the
-//! request's sampling seed and the output position, so outputs are reproducible and do
+//! request's sampling seed and the position, so outputs are reproducible and do
 //! not depend on batching.
 //!
 //! KV offloading: each preset names the KV shape of the model it stands for
@@ -315,9 +315,12 @@ impl SimBackend {
         }
     }
 
-    /// The token at output position `pos` for a sequence with this seed.
-    pub fn token_at(&self, rng_seed: u64, pos: usize, ignore_eos: bool) -> u32 {
-        let x = mix64(rng_seed ^ mix64(pos as u64 + 1));
+    /// The token at sequence position `at` (prompt and output together), output position
+    /// `pos`, for a sequence with this seed. Drawn by absolute position, as the gguf
+    /// sampler draws, so a continuation (prompt + the text so far, same seed) goes on
+    /// with the same tokens; the first output token is never EOS.
+    pub fn token_at(&self, rng_seed: u64, at: usize, pos: usize, ignore_eos: bool) -> u32 {
+        let x = mix64(rng_seed ^ mix64(at as u64 + 1));
         if !ignore_eos && pos > 0 && unit_f64(mix64(x)) < self.eos_prob {
             return self.eos_token;
         }
@@ -390,7 +393,7 @@ impl Backend for SimBackend {
         self.logprobs.clear();
         for s in seqs.iter().filter(|s| s.sample) {
             let pos = s.tokens.len() - s.num_prompt;
-            let tok = self.token_at(s.rng_seed, pos, s.params.ignore_eos);
+            let tok = self.token_at(s.rng_seed, s.tokens.len(), pos, s.params.ignore_eos);
             sampled.push(tok);
             let lp = s
                 .params

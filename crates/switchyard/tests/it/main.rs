@@ -11,4 +11,5 @@ mod k8s;
 mod kvaware;
 mod observe;
 mod prefix;
+mod resume;
 mod router;
