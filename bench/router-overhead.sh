@@ -8,6 +8,10 @@
 #   sglang-router  PyPI sglang-router (python -m sglang_router.launch_router, round_robin)
 #   baseline       `switchyard router` from another build, $BASELINE_BIN (e.g. the commit
 #                  before a refactor), to check for regressions side by side
+#   switchyard-keys  `switchyard router` with the front door on: a keys file of 1,000 keys,
+#                  the caller's with a rate limit (never reached); every target gets the
+#                  same `Authorization: Bearer` header, so only this one checks it.
+#                  TARGETS="direct switchyard switchyard-keys" for the cost of the checks
 # Cases: a non-streamed completion (max_tokens 4) and a streamed one with 16 token
 # chunks (max_tokens 16, i.e. 16 data frames + [DONE]), both ignore_eos, each at 1 and
 # 64 connections, loaded by wrk (one thread) with a Lua script doing the POST.
@@ -77,11 +81,13 @@ trap cleanup EXIT INT TERM
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # wait until a POST /v1/completions answers 200 through the port
+AUTH_KEY=sk-bench-0500-0123456789abcdef
 wait_http() { # port pid secs
   local i
   for ((i = 0; i < $3 * 5; i++)); do
     kill -0 "$2" 2>/dev/null || return 1
     code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 -H 'content-type: application/json' \
+      -H "authorization: Bearer $AUTH_KEY" \
       -d "{\"model\":\"$MODEL\",\"prompt\":\"hi\",\"max_tokens\":1}" "http://127.0.0.1:$1/v1/completions" || true)
     [ "$code" = 200 ] && return 0
     sleep 0.2
@@ -119,13 +125,21 @@ ACTIVE=()
 for t in $TARGETS; do
   case $t in
     direct) ACTIVE+=(direct); continue ;;
-    switchyard|baseline)
-      if [ $t = switchyard ]; then port=$((BASE_PORT + 1)); rbin=$BIN; else
+    switchyard|baseline|switchyard-keys)
+      extra=()
+      if [ $t = switchyard ]; then port=$((BASE_PORT + 1)); rbin=$BIN
+      elif [ $t = switchyard-keys ]; then port=$((BASE_PORT + 5)); rbin=$BIN
+        { echo "keys:"; for i in $(seq 0 999); do
+            printf '  - name: user-%d\n    key: sk-bench-%04d-0123456789abcdef\n' "$i" "$i"
+            printf '    limits: {requests_per_minute: 1000000000000, tokens_per_minute: 1000000000000000}\n'
+          done; } >"$OUT_DIR/keys.yaml"
+        extra=(--api-keys-file "$OUT_DIR/keys.yaml")
+      else
         port=$((BASE_PORT + 4)); rbin=${BASELINE_BIN:-}
         [ -x "$rbin" ] || { note "baseline: not measured (set BASELINE_BIN)"; continue; }
       fi
       "$rbin" router --host 127.0.0.1 --port $port --static-backends "$UP" --static-models $MODEL \
-        --routing-logic roundrobin --log-level warn >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
+        --routing-logic roundrobin --log-level warn ${extra[@]+"${extra[@]}"} >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
       pid=$!; PIDS+=("$pid")
       wait_ready_line "$OUT_DIR/$t.out" "$pid" 30 && wait_http $port "$pid" 30 || pid= ;;
     vllm-router|sglang-router)
@@ -163,6 +177,7 @@ mklua() { # name body
   cat >"$LUA_DIR/$1.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $AUTH_KEY"
 wrk.body = '$2'
 done = function(s, lat, req)
   io.write(string.format("RESULT %d %d %d %d %d %d\n", s.requests, s.duration, s.errors.status,
@@ -176,7 +191,7 @@ mklua stream16 "{\"model\":\"$MODEL\",\"prompt\":\"The quick brown fox jumps ove
 
 # sanity: every target answers the stream case with 16 data frames + [DONE]
 for t in "${ACTIVE[@]}"; do
-  n=$(curl -sN -m 5 -H 'content-type: application/json' \
+  n=$(curl -sN -m 5 -H 'content-type: application/json' -H "authorization: Bearer $AUTH_KEY" \
     -d "{\"model\":\"$MODEL\",\"prompt\":\"x\",\"max_tokens\":16,\"ignore_eos\":true,\"stream\":true}" \
     "http://127.0.0.1:${PORT[$t]}/v1/completions" | grep -c '^data: ' || true)
   note "$t: stream16 gives $n data frames (16 tokens + [DONE] = 17 expected)"
@@ -215,7 +230,7 @@ python3 - "$RAW" "$CLK_TCK" "$NOTES" <<'PY'
 import csv, statistics, sys
 raw, tck, notes = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rows = list(csv.DictReader(open(raw), delimiter="\t"))
-order = ["direct", "switchyard", "baseline", "vllm-router", "sglang-router"]
+order = ["direct", "switchyard", "switchyard-keys", "baseline", "vllm-router", "sglang-router"]
 cells = {}
 for r in rows:
     req, dur = int(r["requests"]), int(r["duration_us"])
@@ -266,6 +281,11 @@ for cs, label in cases:
             added = med(us["p50"]) - med(base["p50"])
             line += f"; p50 added {added:+.3f} ms (goal ≤+0.050: {'met' if added <= 0.05 else 'MISSED'})"
         print(line)
+        keys = cells.get((cs, c, "switchyard-keys"))
+        if keys:
+            extra = med(keys["cpu"]) - cpu
+            print(f"  with keys and a rate limit: CPU {extra:+.1f} µs/req (goal ≤+3: {'met' if extra <= 3 else 'MISSED'}), "
+                  f"throughput {med(keys['rps']) / med(us['rps']):.2f}x")
         bl = cells.get((cs, c, "baseline"))
         if bl:
             print(f"  vs baseline: throughput {med(us['rps']) / med(bl['rps']):.2f}x, "

@@ -232,51 +232,9 @@ def test_up_with_a_kv_cache_server_shares_prompts_across_engines(tmp_path):
 
 
 @pytest.fixture
-def redis_server(tmp_path):
+def redis_server(redis_farm):
     """A real redis-server (Debian's; scripts/setup-redis.sh) on a free loopback port."""
-    import os
-    import subprocess
-    import time
-
-    binary = os.environ.get("REDIS_SERVER_BIN") or "redis-server"
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def redis_cmd(port: int, *args: bytes) -> bytes:
-    """One RESP command, the raw reply (enough for KEYS/STRLEN/GET of small values)."""
-    out = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-        c.sendall(out)
-        data = b""
-        c.settimeout(0.5)
-        try:
-            while True:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-    return data
+    return redis_farm()
 
 
 def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, redis_server):
@@ -293,19 +251,19 @@ def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, r
             if value(metrics(a), "switchyard:kv_offload_saved_chunks_total", tier="remote") >= 3:
                 break
             threading.Event().wait(0.05)
-        keys = redis_cmd(redis_server, b"KEYS", b"*")
+        keys = b" ".join(resp(redis_server, "KEYS", "*"))
         meta_keys = re.findall(rb"(SmolLM2-135M-Instruct@1@0@[0-9a-f]+@half)metadata", keys)
         assert len(meta_keys) == 3, keys
         for k in meta_keys:
-            assert b":28\r\n" in redis_cmd(redis_server, b"STRLEN", k + b"metadata")
-            assert b":%d\r\n" % (256 * 2 * 30 * 192 * 2) in redis_cmd(redis_server, b"STRLEN", k + b"kv_bytes")
+            assert resp(redis_server, "STRLEN", k + b"metadata") == 28
+            assert resp(redis_server, "STRLEN", k + b"kv_bytes") == 256 * 2 * 30 * 192 * 2
         got, _ = complete(b, PROMPT)
         assert got == want
         assert value(metrics(b), "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
         # A chunk whose payload is gone is a miss, not an error: the prompt is computed
         # again and its chunks saved again, whole.
         first = meta_keys[0]
-        redis_cmd(redis_server, b"DEL", first + b"kv_bytes")
+        resp(redis_server, "DEL", first + b"kv_bytes")
         c = start_switchyard(engine_args(), tmp_path)
         try:
             assert complete(c, PROMPT)[0] == want
@@ -316,12 +274,300 @@ def test_redis_remote_tier_keeps_chunks_as_lmcache_does(tmp_path, monkeypatch, r
                 if value(metrics(c), "switchyard:kv_offload_saved_chunks_total", tier="remote") >= 3:
                     break
                 threading.Event().wait(0.05)
-            assert b":%d\r\n" % (256 * 2 * 30 * 192 * 2) in redis_cmd(redis_server, b"STRLEN", first + b"kv_bytes")
+            assert resp(redis_server, "STRLEN", first + b"kv_bytes") == 256 * 2 * 30 * 192 * 2
         finally:
             _stop(c.proc)
     finally:
         _stop(a.proc)
         _stop(b.proc)
+
+
+class RedisError(Exception):
+    pass
+
+
+def resp(port: int, *args, timeout: float = 10, before: tuple = ()):
+    """One RESP command on a fresh connection (after the commands in `before`, e.g.
+    AUTH), its reply parsed (errors raise RedisError)."""
+    out = b""
+    for cmd in (*before, args):
+        raw = [a if isinstance(a, bytes) else str(a).encode() for a in cmd]
+        out += b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in raw)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(out)
+        f = c.makefile("rb")
+
+        def read():
+            line = f.readline()
+            if not line.endswith(b"\r\n"):
+                raise ConnectionError(f"redis :{port} closed the connection")
+            kind, rest = line[:1], line[1:-2]
+            if kind == b"+":
+                return rest
+            if kind == b"-":
+                raise RedisError(rest.decode())
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                n = int(rest)
+                return None if n < 0 else f.read(n + 2)[:-2]
+            if kind == b"*":
+                n = int(rest)
+                return None if n < 0 else [read() for _ in range(n)]
+            raise RedisError(f"unexpected reply {line!r}")
+
+        for _ in before:
+            read()
+        return read()
+
+
+def free_port(below: int = 65536) -> int:
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port < below:
+            return port
+
+
+def wait_for(what: str, check, timeout: float = 30):
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+            if got:
+                return got
+        except (OSError, RedisError):
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def redis_farm(tmp_path):
+    """Starts real redis-servers (and sentinels) on free loopback ports; every one it
+    started is stopped at the end, whatever happened."""
+    import os
+    import subprocess
+
+    binary = os.environ.get("REDIS_SERVER_BIN") or "redis-server"
+    procs: list[subprocess.Popen] = []
+
+    def start(*extra: str, sentinel_conf: str | None = None) -> int:
+        port = free_port()
+        d = tmp_path / f"redis-{port}"
+        d.mkdir()
+        if sentinel_conf is not None:
+            conf = d / "sentinel.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {d}\n{sentinel_conf}")
+            argv = [binary, str(conf), "--sentinel"]
+        else:
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                    "--dir", str(d), *extra]
+        log = open(d / "log", "wb")
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+        proc = procs[-1]
+        def up():
+            if proc.poll() is not None:
+                pytest.fail(f"redis-server exited: {(d / 'log').read_text()}")
+            try:
+                return resp(port, "PING", timeout=1) == b"PONG"
+            except RedisError as e:
+                return str(e).startswith("NOAUTH")  # up, with a password
+
+        wait_for(f"redis on :{port}", up)
+        return port
+
+    yield start
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def chunk_keys(ports: list[int]) -> dict[int, list[bytes]]:
+    return {p: sorted(resp(p, "KEYS", "*")) for p in ports}
+
+
+def wait_saved(e, n: int):
+    for _ in range(400):
+        if value(metrics(e), "switchyard:kv_offload_saved_chunks_total", tier="remote") >= n:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"{n} chunks not saved: {metrics(e)}")
+
+
+def test_redis_cluster_remote_tier_routes_chunks_by_slot(tmp_path, monkeypatch, redis_farm):
+    """redis-cluster:// (one seed given): a 3-master Redis Cluster; engine A's chunks land
+    on several masters by CRC16 slot, engine B loads them for the same greedy text, also
+    after one slot moved under B's map (MOVED) and with another in mid-migration (ASK)."""
+    nodes = []
+    for _ in range(3):
+        bus = free_port()
+        port = redis_farm("--cluster-enabled", "yes", "--cluster-port", str(bus),
+                          "--cluster-config-file", str(tmp_path / f"nodes-{bus}.conf"))
+        nodes.append((port, bus))
+    ports = [p for p, _ in nodes]
+    ranges = [(0, 5460), (5461, 10922), (10923, 16383)]
+    for p, (first, last) in zip(ports, ranges):
+        resp(p, "CLUSTER", "ADDSLOTSRANGE", first, last)
+    for p, bus in nodes[1:]:
+        resp(ports[0], "CLUSTER", "MEET", "127.0.0.1", p, bus)
+    for p in ports:
+        wait_for(f"cluster ok on :{p}", lambda: b"cluster_state:ok" in resp(p, "CLUSTER", "INFO")
+                 and b"cluster_known_nodes:3" in resp(p, "CLUSTER", "INFO"))
+    ids = [resp(p, "CLUSTER", "MYID") for p in ports]
+
+    def owner(slot: int) -> int:
+        return next(i for i, (first, last) in enumerate(ranges) if first <= slot <= last)
+
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"redis-cluster://127.0.0.1:{ports[0]}")
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    a = start_switchyard(engine_args(), tmp_path)
+    b = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, _ = complete(a, PROMPT)
+        wait_saved(a, 3)
+        held = chunk_keys(ports)
+        assert sum(len(k) for k in held.values()) == 6, held
+        assert sum(1 for k in held.values() if k) >= 2, f"all chunks on one master: {held}"
+        for p, keys in held.items():
+            for k in keys:
+                assert owner(resp(p, "CLUSTER", "KEYSLOT", k)) == ports.index(p)
+        meta = sorted(k[:-len(b"metadata")] for ks in held.values() for k in ks if k.endswith(b"metadata"))
+        assert len(meta) == 3
+        # B loads the slot map (a miss, its own chunks saved), then slots move under it.
+        other = complete(b, OTHER)[1]["prompt_tokens"] // 256
+        wait_saved(b, other)
+
+        def migrate(key: bytes, finish: bool):
+            slot = resp(ports[0], "CLUSTER", "KEYSLOT", key)
+            src = owner(slot)
+            dst = (src + 1) % 3
+            resp(ports[dst], "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+            resp(ports[src], "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+            keys = resp(ports[src], "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            assert key in keys
+            resp(ports[src], "MIGRATE", "127.0.0.1", ports[dst], "", 0, 5000, "KEYS", *keys)
+            if finish:
+                for i in (dst, src, 3 - src - dst):
+                    resp(ports[i], "CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+            return slot
+
+        moved = migrate(meta[0] + b"kv_bytes", finish=True)
+        asked = migrate(meta[1] + b"metadata", finish=False)
+        assert moved != asked
+        with pytest.raises(RedisError, match="^ASK "):
+            resp(ports[owner(asked)], "GET", meta[1] + b"metadata")
+        got, _ = complete(b, PROMPT)
+        page = metrics(b)
+        assert got == want, (got, want)
+        assert value(page, "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
+        assert value(page, "switchyard:kv_offload_failures_total", tier="remote") == 0
+    finally:
+        _stop(a.proc)
+        _stop(b.proc)
+
+
+def test_redis_sentinel_remote_tier_follows_a_failover(tmp_path, monkeypatch, redis_farm):
+    """redis-sentinel:// with LMCache's REDIS_SERVICE_NAME: the engines find the master
+    through a real Sentinel; after a failover (the replica promoted, the old master made a
+    replica: -READONLY) engine A asks the sentinel again and saves to the new master."""
+    master = redis_farm()
+    replica = redis_farm("--replicaof", "127.0.0.1", str(master))
+    wait_for("replica in sync", lambda: b"master_link_status:up" in resp(replica, "INFO", "replication"))
+    sentinel = redis_farm(sentinel_conf=f"sentinel monitor mymaster 127.0.0.1 {master} 1\n"
+                                        "sentinel down-after-milliseconds mymaster 2000\n"
+                                        "sentinel failover-timeout mymaster 10000\n")
+    monkeypatch.setenv("REDIS_SERVICE_NAME", "mymaster")
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"redis-sentinel://127.0.0.1:{sentinel}")
+    monkeypatch.setenv("LMCACHE_LOCAL_CPU", "False")
+    a = start_switchyard(engine_args(), tmp_path)
+    b = start_switchyard(engine_args(), tmp_path)
+    try:
+        want, _ = complete(a, PROMPT)
+        wait_saved(a, 3)
+        assert len(resp(master, "KEYS", "*")) == 6
+        got, _ = complete(b, PROMPT)
+        assert got == want
+        assert value(metrics(b), "switchyard:kv_offload_hit_chunks_total", tier="remote") == 3
+        # Fail over: the replica becomes the master, the old master its replica.
+        wait_for("sentinel sees the replica", lambda: resp(sentinel, "SENTINEL", "REPLICAS", "mymaster"))
+        wait_for("failover started", lambda: resp(sentinel, "SENTINEL", "FAILOVER", "mymaster") == b"OK")
+        wait_for("replica promoted", lambda: resp(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+                 == [b"127.0.0.1", str(replica).encode()])
+        wait_for("old master demoted", lambda: resp(master, "ROLE")[0] == b"slave")
+        with pytest.raises(RedisError, match="^READONLY"):
+            resp(master, "SET", "x", "y")
+        # A still talks to the old master: its next saves meet READONLY, then go to the new one.
+        other = complete(a, OTHER)[1]["prompt_tokens"] // 256
+        wait_saved(a, 3 + other)
+        assert value(metrics(a), "switchyard:kv_offload_failures_total", tier="remote") == 0
+        assert len(resp(replica, "KEYS", "*")) == 2 * (3 + other)
+        assert f"master found master=127.0.0.1:{replica}" in a.log_path.read_text(errors="replace")
+    finally:
+        _stop(a.proc)
+        _stop(b.proc)
+
+
+def bench_cache(url: str, tmp_path, chunks: int = 16) -> dict:
+    """`switchyard bench cache` (PUT then GET and verify `chunks` chunks) against `url`."""
+    import os
+    import subprocess
+    from conftest import engine_binary
+
+    out = tmp_path / f"bench-{len(list(tmp_path.iterdir()))}.json"
+    proc = subprocess.run([str(engine_binary()), "bench", "cache", "--url", url, "--clients", "2",
+                           "--chunk-bytes", "65536", "--chunks", str(chunks), "--timeout", "2",
+                           "--output", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    assert out.exists(), f"bench cache {url}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(out.read_text())
+
+
+def test_redis_urls_log_in_as_lmcache_writes_them(tmp_path, monkeypatch, redis_farm):
+    """`user:password@` (or `:password@`) before the hosts, as LMCache's Redis adapters
+    take it, and redis://'s `/DB`: a password-protected server, a password-protected
+    master behind Sentinel (the sentinels asked without one) and a one-node cluster; a
+    wrong password fails every request, fast."""
+    secret = "s3cr3t:with-colon"
+    plain = redis_farm("--requirepass", secret)
+    auth = (("AUTH", secret),)
+    r = bench_cache(f"redis://:{secret}@127.0.0.1:{plain}/3", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+    assert resp(plain, "DBSIZE", before=auth + (("SELECT", 3),)) == 32
+    assert resp(plain, "DBSIZE", before=auth) == 0
+    r = bench_cache(f"redis://default:{secret}@127.0.0.1:{plain}", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+
+    master = redis_farm("--requirepass", secret)
+    sentinel = redis_farm(sentinel_conf=f"sentinel monitor m 127.0.0.1 {master} 1\n"
+                                        f"sentinel auth-pass m {secret}\n")
+    monkeypatch.setenv("REDIS_SERVICE_NAME", "ignored-the-url-names-it")
+    r = bench_cache(f"redis-sentinel://:{secret}@127.0.0.1:{sentinel}/m", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+    assert resp(master, "DBSIZE", before=auth) == 32
+
+    bus = free_port()
+    node = redis_farm("--requirepass", secret, "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                      "--cluster-config-file", str(tmp_path / f"nodes-{bus}.conf"))
+    resp(node, "CLUSTER", "ADDSLOTSRANGE", 0, 16383, before=auth)
+    wait_for("cluster ok", lambda: b"cluster_state:ok" in resp(node, "CLUSTER", "INFO", before=auth))
+    r = bench_cache(f"redis-cluster://:{secret}@127.0.0.1:{node}", tmp_path)
+    assert (r["verified"], r["errors"]) == (16, 0), r
+
+    import time
+    started = time.monotonic()
+    r = bench_cache(f"redis://:wrong@127.0.0.1:{plain}", tmp_path)
+    assert r["verified"] == 0 and r["errors"] > 0, r
+    assert time.monotonic() - started < 10
 
 
 class DyingServer:

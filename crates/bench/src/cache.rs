@@ -16,8 +16,9 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Args)]
 pub struct CacheArgs {
-    /// The server(s): `lm://HOST:PORT[,lm://HOST:PORT...]`, or `redis://HOST:PORT` (keys
-    /// spread by consistent hashing, as engines spread them).
+    /// The server(s): `lm://HOST:PORT[,lm://HOST:PORT...]`, or Redis (`redis://`,
+    /// `redis-sentinel://`, `redis-cluster://`) (keys spread by consistent hashing, as
+    /// engines spread them).
     #[arg(long)]
     pub url: String,
     /// Concurrent connections (per server).

@@ -5,10 +5,13 @@
 //!   protocol has no request ids). Every call has a deadline; a connection that failed
 //!   or timed out is dropped, and reconnecting backs off (0.1 s doubling to 5 s), so a
 //!   server that is down costs a caller one fast error, not a hang.
-//! - [`RedisClient`]: chunks in Redis as LMCache's Redis connector keeps them.
-//! - [`Remote`]: several servers (`lm://a:1,lm://b:2`, `redis://` too), chunks spread by
+//! - [`RedisClient`] (in [`crate::redis`]): chunks in Redis as LMCache's Redis connectors
+//!   keep them, on one server (`redis://`), behind Sentinel (`redis-sentinel://`) or in a
+//!   Redis Cluster (`redis-cluster://`).
+//! - [`Remote`]: several servers (`lm://a:1,lm://b:2`, Redis too), chunks spread by
 //!   consistent hashing of the key (64 points per server on a ring), so adding a server
-//!   moves only its share of the keys.
+//!   moves only its share of the keys. A Sentinel or Cluster URL lists its hosts with
+//!   commas as LMCache's do (`redis-cluster://a:1,b:2`): it is one member of the ring.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lm::{self, Meta, Reply, Request, WireError};
+pub use crate::redis::RedisClient;
 use crate::store::Object;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +36,18 @@ pub enum ClientError {
     Timeout(String),
     #[error("cache server {addr}: {source}")]
     Wire { addr: String, source: WireError },
+    /// An error reply from Redis (`-ERR ...`, `-READONLY ...`, a redirect not followed).
+    #[error("redis {addr}: {message}")]
+    Reply { addr: String, message: String },
+    /// Redis Sentinel or Cluster could not say where a key lives.
+    #[error("{0}")]
+    Topology(String),
 }
 
-struct Conn {
-    stream: Option<TcpStream>,
+pub(crate) struct Conn {
+    pub(crate) stream: Option<TcpStream>,
+    /// Opened and not used yet (a Redis connection logs in first).
+    pub(crate) fresh: bool,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -44,38 +56,44 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// One connection to one server, kept open and reopened with backoff.
-struct Link {
-    addr: String,
-    timeout: Duration,
+pub(crate) struct Link {
+    pub(crate) addr: String,
+    pub(crate) timeout: Duration,
     conn: tokio::sync::Mutex<Conn>,
 }
 
 impl Link {
-    fn new(addr: String, timeout: Duration) -> Link {
+    pub(crate) fn new(addr: String, timeout: Duration) -> Link {
         Link {
             addr,
             timeout,
             conn: tokio::sync::Mutex::new(Conn {
                 stream: None,
+                fresh: false,
                 retry_at: None,
                 backoff: BACKOFF_MIN,
             }),
         }
     }
 
-    /// The connection, opened first if need be (at most one attempt per backoff period).
-    async fn connected(&self) -> Result<tokio::sync::MutexGuard<'_, Conn>, ClientError> {
+    /// The connection, opened first if need be (at most one attempt per backoff period,
+    /// given up at `deadline`).
+    pub(crate) async fn connected(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::MutexGuard<'_, Conn>, ClientError> {
         let mut conn = self.conn.lock().await;
         let now = Instant::now();
         if conn.stream.is_none() {
             if conn.retry_at.is_some_and(|t| now < t) {
                 return Err(ClientError::Down(self.addr.clone()));
             }
-            let connect = tokio::time::timeout(self.timeout, TcpStream::connect(&self.addr)).await;
+            let connect = tokio::time::timeout_at(deadline, TcpStream::connect(&self.addr)).await;
             match connect {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     conn.stream = Some(s);
+                    conn.fresh = true;
                     conn.retry_at = None;
                     conn.backoff = BACKOFF_MIN;
                 }
@@ -97,7 +115,7 @@ impl Link {
 
     /// The outcome of one exchange run within the deadline; any failure drops the
     /// connection (where the stream stands is unknown), so the next call starts over.
-    fn settle<T>(
+    pub(crate) fn settle<T>(
         &self,
         conn: &mut Conn,
         r: Result<Result<T, Exchange>, tokio::time::error::Elapsed>,
@@ -174,185 +192,13 @@ impl LmClient {
     async fn call(&self, req: Request, body: &[u8]) -> Result<Option<Object>, ClientError> {
         let header = req.encode().map_err(|e| self.wire(e))?;
         let command = req.command;
-        let mut conn = self.link.connected().await?;
+        let deadline = tokio::time::Instant::now() + self.link.timeout;
+        let mut conn = self.link.connected(deadline).await?;
         let Some(stream) = conn.stream.as_mut() else {
             return Err(ClientError::Down(self.link.addr.clone()));
         };
-        let r =
-            tokio::time::timeout(self.link.timeout, exchange(stream, &header, body, command)).await;
+        let r = tokio::time::timeout_at(deadline, exchange(stream, &header, body, command)).await;
         self.link.settle(&mut conn, r)
-    }
-}
-
-/// One connection to a Redis server holding chunks the way LMCache's Redis connector
-/// does: `SET <key>kv_bytes <payload>` and `SET <key>metadata <meta>`, where the metadata
-/// is LMCache's `RemoteMetadata` for one group, seven native-endian `i32`s: length, fmt,
-/// dtype, shape[4]. A chunk exists when its metadata does; a GET whose payload is gone
-/// deletes the metadata too (as LMCache's does).
-pub struct RedisClient {
-    link: Link,
-}
-
-const METADATA_LEN: usize = 28;
-
-fn meta_bytes(m: &Meta) -> [u8; METADATA_LEN] {
-    let mut out = [0u8; METADATA_LEN];
-    for (chunk, v) in out.chunks_exact_mut(4).zip([
-        m.length, m.fmt, m.dtype, m.shape[0], m.shape[1], m.shape[2], m.shape[3],
-    ]) {
-        chunk.copy_from_slice(&v.to_ne_bytes());
-    }
-    out
-}
-
-fn meta_from(b: &[u8]) -> Option<Meta> {
-    if b.len() < METADATA_LEN {
-        return None;
-    }
-    let i = |n: usize| i32::from_ne_bytes([b[n * 4], b[n * 4 + 1], b[n * 4 + 2], b[n * 4 + 3]]);
-    Some(Meta {
-        length: i(0),
-        fmt: i(1),
-        dtype: i(2),
-        shape: [i(3), i(4), i(5), i(6)],
-    })
-}
-
-/// A RESP2 reply, as far as these commands need.
-enum Resp {
-    Ok,
-    Int(i64),
-    Bulk(Option<BytesMut>),
-}
-
-fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-async fn read_line(stream: &mut TcpStream) -> Result<Vec<u8>, Exchange> {
-    let mut line = Vec::with_capacity(16);
-    loop {
-        let b = stream.read_u8().await?;
-        if b == b'\n' && line.last() == Some(&b'\r') {
-            line.pop();
-            return Ok(line);
-        }
-        line.push(b);
-        if line.len() > 4096 {
-            return Err(Exchange::Io(std::io::Error::other(
-                "redis: reply line too long",
-            )));
-        }
-    }
-}
-
-async fn read_reply(stream: &mut TcpStream) -> Result<Resp, Exchange> {
-    let line = read_line(stream).await?;
-    let bad = || Exchange::Io(std::io::Error::other("redis: unexpected reply"));
-    let (kind, rest) = line.split_first().ok_or_else(bad)?;
-    let rest = std::str::from_utf8(rest).map_err(|_| bad())?;
-    match kind {
-        b'+' => Ok(Resp::Ok),
-        b'-' => Err(Exchange::Io(std::io::Error::other(format!(
-            "redis: {rest}"
-        )))),
-        b':' => rest.parse().map(Resp::Int).map_err(|_| bad()),
-        b'$' => {
-            let n: i64 = rest.parse().map_err(|_| bad())?;
-            if n < 0 {
-                return Ok(Resp::Bulk(None));
-            }
-            let mut data = BytesMut::new();
-            data.resize(n as usize + 2, 0);
-            stream.read_exact(&mut data).await?;
-            data.truncate(n as usize);
-            Ok(Resp::Bulk(Some(data)))
-        }
-        _ => Err(bad()),
-    }
-}
-
-impl RedisClient {
-    pub fn new(addr: impl Into<String>, timeout: Duration) -> RedisClient {
-        RedisClient {
-            link: Link::new(addr.into(), timeout),
-        }
-    }
-
-    pub fn addr(&self) -> &str {
-        &self.link.addr
-    }
-
-    async fn roundtrip(&self, args: &[&[u8]], replies: usize) -> Result<Vec<Resp>, ClientError> {
-        let mut out = Vec::new();
-        command(&mut out, args);
-        let mut conn = self.link.connected().await?;
-        let Some(stream) = conn.stream.as_mut() else {
-            return Err(ClientError::Down(self.link.addr.clone()));
-        };
-        let io = async {
-            stream.write_all(&out).await?;
-            let mut got = Vec::with_capacity(replies);
-            for _ in 0..replies {
-                got.push(read_reply(stream).await?);
-            }
-            Ok(got)
-        };
-        let r = tokio::time::timeout(self.link.timeout, io).await;
-        self.link.settle(&mut conn, r)
-    }
-
-    pub async fn put(&self, key: &str, meta: Meta, data: &[u8]) -> Result<(), ClientError> {
-        let meta = Meta {
-            length: data.len() as i32,
-            ..meta
-        };
-        let kv = format!("{key}kv_bytes");
-        let md = format!("{key}metadata");
-        self.roundtrip(&[b"SET", kv.as_bytes(), data], 1).await?;
-        self.roundtrip(&[b"SET", md.as_bytes(), &meta_bytes(&meta)], 1)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn exists(&self, key: &str) -> Result<bool, ClientError> {
-        let md = format!("{key}metadata");
-        let r = self.roundtrip(&[b"EXISTS", md.as_bytes()], 1).await?;
-        Ok(matches!(r.first(), Some(Resp::Int(n)) if *n > 0))
-    }
-
-    pub async fn get(&self, key: &str) -> Result<Option<Object>, ClientError> {
-        let md = format!("{key}metadata");
-        let r = self.roundtrip(&[b"GET", md.as_bytes()], 1).await?;
-        let Some(Resp::Bulk(Some(m))) = r.into_iter().next() else {
-            return Ok(None);
-        };
-        let Some(meta) = meta_from(&m) else {
-            return Ok(None);
-        };
-        let kv = format!("{key}kv_bytes");
-        let r = self.roundtrip(&[b"GET", kv.as_bytes()], 1).await?;
-        match r.into_iter().next() {
-            Some(Resp::Bulk(Some(data))) => Ok(Some(Object {
-                meta,
-                data: data.freeze(),
-            })),
-            _ => {
-                self.roundtrip(&[b"DEL", md.as_bytes()], 1).await?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// `PING`: true when the server answers.
-    pub async fn ping(&self) -> Result<bool, ClientError> {
-        let r = self.roundtrip(&[b"PING"], 1).await?;
-        Ok(matches!(r.first(), Some(Resp::Ok)))
     }
 }
 
@@ -392,30 +238,112 @@ impl Shard {
     }
 }
 
-/// `lm://HOST:PORT` or `redis://HOST:PORT` → a shard.
+/// The Sentinel master name used when a `redis-sentinel://` URL names none: LMCache's
+/// `RedisSentinelConnector` reads it from this variable (default `redismaster`).
+pub const SENTINEL_NAME_ENV: &str = "REDIS_SERVICE_NAME";
+
+/// `lm://HOST:PORT`, `redis://[USER:PASSWORD@]HOST:PORT[/DB]`,
+/// `redis-sentinel://[USER:PASSWORD@]H:P[,H:P...][/NAME]` or
+/// `redis-cluster://[USER:PASSWORD@]H:P[,H:P...]` → a shard (`:PASSWORD@` alone works
+/// too). A Sentinel URL without `/NAME` uses `$REDIS_SERVICE_NAME`, else `redismaster`
+/// (as LMCache); its credentials are the master's (the sentinels are asked without).
 pub fn parse_url(url: &str, timeout: Duration) -> Result<Shard, String> {
+    let name = std::env::var(SENTINEL_NAME_ENV).ok();
+    parse_url_with(url, timeout, name.as_deref())
+}
+
+/// [`parse_url`] with the Sentinel master name's fallback given (instead of read from
+/// the environment).
+pub fn parse_url_with(
+    url: &str,
+    timeout: Duration,
+    sentinel_name: Option<&str>,
+) -> Result<Shard, String> {
     let u = url.trim().trim_end_matches('/');
     let (scheme, rest) = u
         .split_once("://")
         .ok_or_else(|| format!("{url}: expected lm://HOST:PORT or redis://HOST:PORT"))?;
-    let ok =
-        matches!(rest.rsplit_once(':'), Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok());
+    let ok = matches!(rest.rsplit_once(':'), Some((h, p))
+        if !h.is_empty() && !h.contains([',', '/', '@']) && p.parse::<u16>().is_ok());
     match scheme {
         "lm" if ok => Ok(Shard::Lm(LmClient::new(rest, timeout))),
-        "redis" if ok => Ok(Shard::Redis(RedisClient::new(rest, timeout))),
-        "redis" => Err(format!(
-            "{url}: expected redis://HOST:PORT (no database or password)"
-        )),
-        "redis-cluster" | "redis-sentinel" | "rediss" => Err(format!(
-            "{url}: {scheme}:// is not supported yet (redis:// and lm:// are)"
+        "redis" => {
+            let h = crate::redis::parse_hosts(scheme, rest).map_err(|e| format!("{url}: {e}"))?;
+            let [host] = h.hosts.as_slice() else {
+                return Err(format!(
+                    "{url}: expected redis://[USER:PASSWORD@]HOST:PORT[/DB] (one server; redis-cluster:// for several)"
+                ));
+            };
+            let db = match h.path.as_deref() {
+                None => None,
+                Some(db) => Some(
+                    db.parse::<u32>()
+                        .map_err(|_| format!("{url}: {db:?} is not a database number"))?,
+                ),
+            };
+            let login = crate::redis::Login { db, ..h.login };
+            Ok(Shard::Redis(RedisClient::with_login(
+                host.clone(),
+                login,
+                timeout,
+            )))
+        }
+        "redis-sentinel" => {
+            let h = crate::redis::parse_hosts(scheme, rest).map_err(|e| format!("{url}: {e}"))?;
+            let name = h
+                .path
+                .or(sentinel_name.map(str::to_string))
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| crate::redis::DEFAULT_SENTINEL_NAME.to_string());
+            Ok(Shard::Redis(RedisClient::sentinel(
+                h.hosts, name, h.login, timeout,
+            )))
+        }
+        "redis-cluster" => {
+            let h = crate::redis::parse_hosts(scheme, rest).map_err(|e| format!("{url}: {e}"))?;
+            if h.path.is_some() {
+                return Err(format!(
+                    "{url}: expected redis-cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...] (no database)"
+                ));
+            }
+            Ok(Shard::Redis(RedisClient::cluster(h.hosts, h.login, timeout)))
+        }
+        "rediss" => Err(format!(
+            "{url}: rediss:// (TLS) is not supported yet (lm://, redis://, redis-sentinel:// and redis-cluster:// are)"
         )),
         _ => Err(format!(
-            "{url}: expected lm://HOST:PORT or redis://HOST:PORT"
+            "{url}: expected lm://HOST:PORT, redis://HOST:PORT, redis-sentinel://HOST:PORT[,...] or redis-cluster://HOST:PORT[,...]"
         )),
     }
 }
 
-enum Exchange {
+/// Split a `remote_url` list into URLs: commas separate servers (`lm://a:1,lm://b:2`), but
+/// a bare `HOST:PORT`, or a piece with the same Sentinel/Cluster scheme as the one before,
+/// continues that URL's host list (`redis-cluster://a:1,b:2` and
+/// `redis-cluster://a:1,redis-cluster://b:2` are one cluster, as in LMCache).
+pub fn split_urls(urls: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for piece in urls.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let scheme = piece.split_once("://").map(|(s, _)| s);
+        let joins = match (out.last(), scheme) {
+            (Some(_), None) => true,
+            (Some(prev), Some(s @ ("redis-sentinel" | "redis-cluster"))) => {
+                prev.starts_with(&format!("{s}://"))
+            }
+            _ => false,
+        };
+        match out.last_mut() {
+            Some(prev) if joins => {
+                prev.push(',');
+                prev.push_str(piece);
+            }
+            _ => out.push(piece.to_string()),
+        }
+    }
+    out
+}
+
+pub(crate) enum Exchange {
     Io(std::io::Error),
     Wire(WireError),
 }
@@ -498,11 +426,10 @@ fn hash64(s: &[u8]) -> u64 {
 }
 
 impl Remote {
-    /// From `lm://a:1[,lm://b:2...]` (or `redis://` servers).
+    /// From `lm://a:1[,lm://b:2...]` (or Redis URLs; see [`split_urls`]).
     pub fn from_urls(urls: &str, timeout: Duration) -> Result<Remote, String> {
-        let shards: Vec<Shard> = urls
-            .split(',')
-            .filter(|u| !u.trim().is_empty())
+        let shards: Vec<Shard> = split_urls(urls)
+            .iter()
             .map(|u| parse_url(u, timeout))
             .collect::<Result<_, _>>()?;
         if shards.is_empty() {
@@ -552,12 +479,61 @@ mod tests {
             Ok(Shard::Redis(_))
         ));
         assert!(matches!(parse_url("lm://cache:1", t), Ok(Shard::Lm(_))));
-        assert!(parse_url("redis-cluster://a:1", t).is_err());
+        assert!(parse_url("rediss://a:1", t).is_err());
+        let name = |u: &str, env: Option<&str>| match parse_url_with(u, t, env) {
+            Ok(Shard::Redis(c)) => c.addr().to_string(),
+            _ => "refused".to_string(),
+        };
+        // LMCache's forms: the master name from REDIS_SERVICE_NAME, else `redismaster`;
+        // a `/NAME` path (as LMCache's CreateConnector documents) wins.
+        assert_eq!(
+            name("redis-sentinel://s1:26379,s2:26380", None),
+            "redis-sentinel://s1:26379,s2:26380/redismaster"
+        );
+        assert_eq!(
+            name("redis-sentinel://s1:26379", Some("mymaster")),
+            "redis-sentinel://s1:26379/mymaster"
+        );
+        assert_eq!(
+            name("redis-sentinel://s1:26379,s2:1/other", Some("mymaster")),
+            "redis-sentinel://s1:26379,s2:1/other"
+        );
+        assert_eq!(
+            name("redis-cluster://a:7000,b:7001", None),
+            "redis-cluster://a:7000,b:7001"
+        );
+        assert_eq!(name("redis-cluster://a:7000/0", None), "refused");
+        // Credentials (LMCache's `user:password@`) are used, never shown.
+        assert_eq!(
+            name("redis-sentinel://u:secret@a:1", None),
+            "redis-sentinel://a:1/redismaster"
+        );
+        assert_eq!(name("redis://:secret@h:1/3", None), "h:1");
+        assert_eq!(name("redis://h:1/x", None), "refused");
+        assert_eq!(name("redis://h:1,h:2", None), "refused");
+        assert_eq!(name("redis-cluster://secret@a:1", None), "refused");
+        assert_eq!(name("redis-sentinel://a", None), "refused");
         assert!(parse_url("http://a:1", t).is_err());
         assert!(parse_lm_url("lm://cache").is_err());
         let r = Remote::from_urls("lm://a:1, lm://b:2", Duration::from_secs(1)).expect("ok");
         assert_eq!(r.shards().len(), 2);
         assert!(Remote::from_urls("", Duration::from_secs(1)).is_err());
+        // A Sentinel or Cluster host list is one URL (one member of the ring).
+        assert_eq!(
+            split_urls("redis-cluster://a:1,b:2, redis-cluster://c:3,lm://d:4,lm://e:5"),
+            [
+                "redis-cluster://a:1,b:2,redis-cluster://c:3",
+                "lm://d:4",
+                "lm://e:5"
+            ]
+        );
+        assert_eq!(
+            split_urls("redis-sentinel://a:1,b:2/m,redis://c:3"),
+            ["redis-sentinel://a:1,b:2/m", "redis://c:3"]
+        );
+        let r = Remote::from_urls("redis-cluster://a:1,b:2,lm://c:3", t).expect("ok");
+        assert_eq!(r.shards().len(), 2);
+        assert!(Remote::from_urls("lm://a:1,b:2", t).is_err());
     }
 
     #[test]

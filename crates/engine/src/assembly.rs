@@ -32,6 +32,11 @@ pub struct Engine {
     pub block_size: usize,
     /// Sampling defaults for fields a request leaves out (`--generation-config`).
     pub generation: Arc<GenerationDefaults>,
+    /// `--api-key` (or `VLLM_API_KEY`): the bearer tokens `/v1/*` and the other
+    /// non-public paths require; empty: no authentication.
+    pub api_keys: Arc<[String]>,
+    /// Fault injection for resilience tests (hidden knobs; off by default).
+    pub faults: crate::fault::FaultArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             "--time-scale must be a non-negative number".into(),
         ));
     }
+    args.fault.validate().map_err(StartError::Flag)?;
     let Parts {
         tokenizer,
         backend,
@@ -104,10 +110,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         None => None,
         Some(transfer) => {
             let layout = backend.kv_layout().ok_or_else(|| {
-                StartError::Flag(
-                    "--kv-transfer-config: this backend keeps no KV to offload (use --backend gguf)"
-                        .into(),
-                )
+                StartError::Flag("--kv-transfer-config: this backend keeps no KV to offload".into())
             })?;
             if !args.prefix_caching() {
                 return Err(StartError::Flag(
@@ -170,6 +173,13 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         kv_events,
         block_size: args.block_size,
         generation: Arc::new(generation),
+        api_keys: args
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
+        faults: args.fault.clone(),
     })
 }
 
@@ -191,11 +201,10 @@ fn build_sim(args: &EngineArgs) -> Result<Parts, StartError> {
         .with_overrides(&args.sim_latency);
     Ok(Parts {
         tokenizer: Arc::new(SimTokenizer::new()),
-        backend: Box::new(SimBackend::new(
-            latency,
-            args.time_scale,
-            args.sim_eos_prob.clamp(0.0, 1.0),
-        )),
+        backend: Box::new(
+            SimBackend::new(latency, args.time_scale, args.sim_eos_prob.clamp(0.0, 1.0))
+                .with_block_size(args.block_size),
+        ),
         max_model_len: args.max_model_len.unwrap_or(8192),
         num_blocks: args.num_gpu_blocks.unwrap_or(16384),
         generation: crate::generation::resolve(

@@ -109,12 +109,21 @@ pub struct EngineArgs {
     /// kv_consumer). The tiers follow LMCache's settings from `LMCACHE_*` variables or
     /// the YAML file `LMCACHE_CONFIG_FILE` names: `chunk_size` (256), `local_cpu` (true),
     /// `max_local_cpu_size` (GiB, 5), `local_disk` (file:///path), `max_local_disk_size`
-    /// (GiB), `remote_url` (lm://host:port[,lm://...]), `blocking_timeout_secs` (10).
+    /// (GiB), `remote_url` (lm://host:port[,lm://...], redis://, redis-sentinel://,
+    /// redis-cluster://), `blocking_timeout_secs` (10).
     #[arg(long, value_parser = crate::kv_offload::KvTransferConfig::parse)]
     pub kv_transfer_config: Option<crate::kv_offload::KvTransferConfig>,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on every path but /health, /ping, /version,
+    /// /metrics and /kv_events (else 401 `{"error":"Unauthorized"}`), as `vllm serve
+    /// --api-key`; repeat for several keys. Default: `$VLLM_API_KEY`.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Vec<String>,
+    /// Fault injection for resilience tests (hidden knobs, see `crate::fault`).
+    #[command(flatten)]
+    pub fault: crate::fault::FaultArgs,
     /// Accepted for vLLM compatibility; no effect here.
     #[arg(long, hide = true)]
     pub dtype: Option<String>,

@@ -351,7 +351,8 @@ impl EngineLoop {
             if local >= end {
                 continue;
             }
-            let Some((_, chunk)) = off.fetch(&key) else {
+            let started = Instant::now();
+            let Some((tier, chunk)) = off.fetch(&key) else {
                 break;
             };
             let first = local.max(c * bpc);
@@ -370,6 +371,8 @@ impl EngineLoop {
                 self.sched.forget_blocks(&ids);
                 break;
             }
+            self.backend
+                .kv_loaded(tier, chunk.data.len(), started.elapsed());
             off.metrics.hits.add(((end - first) * bs) as u64);
             off.remember(key);
             local = end;

@@ -19,7 +19,8 @@
 //! host memory, disk, remote cache servers; `--kv-transfer-config`), [`metrics`] (`vllm:*` Prometheus
 //! metrics), [`kv_publisher`] (KV-cache events published as vLLM publishes them, ZMQ +
 //! msgpack; the wire format is the `kv_events` crate's), [`model_store`] (where model
-//! files are found and the default one fetched).
+//! files are found and the default one fetched), [`fault`] (hidden fault-injection
+//! knobs for resilience tests).
 
 pub mod api;
 pub mod assembly;
@@ -27,6 +28,7 @@ pub mod backend;
 pub mod config;
 pub mod core;
 pub mod engine_loop;
+pub mod fault;
 pub mod generation;
 pub mod kv_offload;
 pub mod kv_publisher;

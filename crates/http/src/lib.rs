@@ -1,8 +1,9 @@
 //! HTTP plumbing shared by the engine and the router: OpenAI error responses, JSON
 //! responses, size-limited body reading, FastAPI-style 404/405 bodies, serving with
 //! TLS, TCP_NODELAY and a bounded drain on SIGINT/SIGTERM (`serving`); the `process_*`
-//! metrics.
+//! metrics; bearer tokens compared in constant time (`auth`).
 
+pub mod auth;
 pub mod process;
 pub mod serving;
 

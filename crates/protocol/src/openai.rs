@@ -118,6 +118,10 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// Leave the final (assistant) message open and continue it, as vLLM's
+    /// `continue_final_message`; exclusive with an explicit `add_generation_prompt: true`.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
     /// Return the chosen tokens' log-probabilities.
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -293,6 +297,9 @@ pub struct TokenizeRequest {
     pub add_special_tokens: Option<bool>,
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
+    /// As in chat: leave the final message open.
+    #[serde(default)]
+    pub continue_final_message: Option<bool>,
     #[serde(default)]
     pub return_token_strs: Option<bool>,
 }

@@ -1,7 +1,8 @@
 //! The router's HTTP surface: the proxied OpenAI/vLLM paths (routed by the body's
 //! `model`), and what it answers itself: `/v1/models` (merged), `/engines`, `/health`,
 //! `/version`, `/metrics`, `/dashboard` (and its `/dashboard/data`). Errors are
-//! OpenAI-format JSON.
+//! OpenAI-format JSON. With API keys on (`admission`), the proxied paths and `/v1/models`
+//! need a key; `/health`, `/version`, `/metrics`, `/engines` and `/dashboard` stay open.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Response, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use axum::routing::{get, post};
 use protocol::ApiError;
 use serde::Deserialize;
@@ -19,6 +20,7 @@ use serde_json::json;
 
 use kv_events::hash::mix64;
 
+use crate::admission::{self, limits, Rejection};
 use crate::engines::Endpoint;
 use crate::observe::dashboard;
 use crate::observe::metrics::NO_HEALTHY_ENGINE;
@@ -59,13 +61,72 @@ pub fn router(state: Arc<RouterState>) -> axum::Router {
         .with_state(state)
 }
 
-/// The few body fields routing needs; everything else is skipped unparsed.
+/// The few body fields routing and rate limits need; everything else is skipped
+/// unparsed.
 #[derive(Deserialize)]
 struct Head<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    /// For the token estimate only: a value that is not a count is the engine's to
+    /// refuse, not the router's.
+    #[serde(default, deserialize_with = "lenient_count")]
+    max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    max_completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_count")]
+    n: Option<u64>,
+}
+
+/// A non-negative integer, or `None` for anything else (never an error).
+fn lenient_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("anything")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(u64::try_from(v).ok())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -104,11 +165,27 @@ fn body_field<'a>(body: &'a [u8], key: &str) -> Option<Cow<'a, str>> {
 
 async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Body> {
     let start = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The key, before the body is read.
+    let who = match st.admission.authenticate(&parts.headers) {
+        Ok(w) => w,
+        Err(r) => {
+            log_rejected(&parts.headers, None, "", r.error.status, start);
+            let mut resp = error(r.error);
+            admission::set_retry_after(&mut resp, r.retry_after);
+            return resp;
+        }
+    };
+    let key_name = who.as_ref().map(|c| &*c.name);
     // Answered here, before routing: logged (no trace span).
     let reject = |model: &str, e: ApiError| {
-        log_rejected(&parts.headers, model, e.status, start);
+        log_rejected(&parts.headers, key_name, model, e.status, start);
         error(e)
+    };
+    let refuse = |model: &str, r: Rejection| {
+        let mut resp = reject(model, r.error);
+        admission::set_retry_after(&mut resp, r.retry_after);
+        resp
     };
     let bytes = match httpx::read_body(&parts.headers, body, st.settings.body_limit).await {
         Ok(b) => b,
@@ -134,6 +211,19 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
     };
     let model = st.registry.resolve(requested);
     let model: &str = &model;
+    // The key's models (403) and rate limits (429).
+    if let Err(r) = st
+        .admission
+        .authorize(who.as_deref(), requested, model, || {
+            limits::estimate_tokens(
+                bytes.len(),
+                head.max_tokens.or(head.max_completion_tokens),
+                head.n,
+            )
+        })
+    {
+        return refuse(requested, r);
+    }
     if !st.registry.is_known(model) {
         return reject(
             requested,
@@ -146,6 +236,12 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         );
     }
     st.metrics.incoming(model);
+    // A slot under --max-concurrent-requests (429 queue full, 408 waited too long), held
+    // by the response body.
+    let permit = match st.admission.enter(who.as_deref()).await {
+        Ok(p) => p,
+        Err(r) => return refuse(model, r),
+    };
 
     let snap = st.registry.snapshot();
     let pinned = query_param(parts.uri.query(), "id");
@@ -190,6 +286,8 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         dynamic.policy.rank(&ctx, &candidates, &mut order);
     }
     let ranked: Vec<Arc<Endpoint>> = order.iter().map(|&i| candidates[i].clone()).collect();
+    // With keys on, engines get the engine key, not the client's.
+    st.admission.upstream_headers(&mut parts.headers);
 
     let path_and_query = parts
         .uri
@@ -199,14 +297,16 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
     let trace = TraceCtx::from_headers(&parts.headers);
     let tel = &st.proxy.telemetry;
     let trail = Trail::wanted(tel).then(|| {
-        Box::new(Trail::new(
+        let mut t = Trail::new(
             tel.clone(),
             request_id.clone(),
             model,
             format!("{} {}", parts.method, parts.uri.path()),
             trace,
             start,
-        ))
+        );
+        t.key = who.as_ref().map(|c| c.name.clone());
+        Box::new(t)
     });
     let f = Forward {
         method: parts.method.clone(),
@@ -218,17 +318,23 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         stream: head.stream.unwrap_or(false),
         trace,
     };
-    st.proxy.forward(&f, &ranked, trail).await
+    admission::hold(st.proxy.forward(&f, &ranked, trail).await, permit)
 }
 
-async fn models(State(st): State<Arc<RouterState>>) -> Response<Body> {
+async fn models(State(st): State<Arc<RouterState>>, headers: HeaderMap) -> Response<Body> {
+    // With keys on: a key, and only the models it may use are listed.
+    let who = match st.admission.authenticate(&headers) {
+        Ok(w) => w,
+        Err(r) => return error(r.error),
+    };
+    let allowed = |id: &str| who.as_ref().is_none_or(|c| c.allows(id, id));
     let snap = st.registry.snapshot();
     let mut seen = HashSet::new();
     let mut data = Vec::new();
     for e in snap.endpoints.iter().filter(|e| e.is_healthy()) {
         let cards = e.cards.read().unwrap_or_else(|p| p.into_inner()).clone();
         if cards.is_empty() {
-            for m in e.models().iter() {
+            for m in e.models().iter().filter(|m| allowed(m)) {
                 if seen.insert(m.clone()) {
                     data.push(json!({"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m, "parent": null}));
                 }
@@ -236,7 +342,7 @@ async fn models(State(st): State<Arc<RouterState>>) -> Response<Body> {
         } else {
             for c in cards.iter() {
                 if let Some(id) = c.get("id").and_then(|v| v.as_str()) {
-                    if seen.insert(id.to_string()) {
+                    if allowed(id) && seen.insert(id.to_string()) {
                         data.push(c.clone());
                     }
                 }
@@ -302,6 +408,9 @@ async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     let mut w = protocol::prom::TextWriter::new();
     st.dynamic().policy.render_metrics(&mut w);
     st.proxy.telemetry.render_metrics(&mut w);
+    st.admission.render(&mut w);
+    st.proxy.retries.render_metrics(&mut w);
+    st.proxy.resume.render_metrics(&mut w);
     httpx::process::write_process_metrics(&mut w, None);
     page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));
@@ -327,5 +436,30 @@ mod tests {
         );
         assert_eq!(body_field(br#"{"user":7}"#, "user").as_deref(), Some("7"));
         assert_eq!(body_field(b"not json", "user"), None);
+    }
+
+    #[test]
+    fn token_counts_never_fail_the_head() {
+        let h: Head<'_> =
+            serde_json::from_slice(br#"{"model":"m","max_tokens":12,"n":2,"stream":true}"#)
+                .expect("head");
+        assert_eq!(
+            (h.max_tokens, h.n, h.stream),
+            (Some(12), Some(2), Some(true))
+        );
+        for odd in [
+            r#"{"model":"m","max_tokens":"12"}"#,
+            r#"{"model":"m","max_tokens":-1,"n":1.5}"#,
+            r#"{"model":"m","max_tokens":null,"max_completion_tokens":[1,{"a":2}]}"#,
+            r#"{"model":"m","max_tokens":{"x":[true]}}"#,
+        ] {
+            let h: Head<'_> = serde_json::from_str(odd).expect(odd);
+            assert_eq!(h.model.as_deref(), Some("m"));
+            assert_eq!(
+                (h.max_tokens, h.max_completion_tokens),
+                (None, None),
+                "{odd}"
+            );
+        }
     }
 }

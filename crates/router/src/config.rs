@@ -13,6 +13,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+mod resilience;
+pub use resilience::{BreakerSettings, Resilience, ResilienceArgs, RetrySettings};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RoutingLogic {
@@ -248,11 +251,13 @@ pub struct RouterArgs {
     /// Seconds to wait for an upstream TCP connection.
     #[arg(long, default_value_t = 3.0)]
     pub connect_timeout: f64,
-    /// Seconds to wait for an upstream's response headers.
+    /// Seconds to wait for an upstream's first byte: its response headers and the first
+    /// frame of its body (until then the request can still go to another engine).
     #[arg(long, default_value_t = 600.0)]
     pub first_byte_timeout: f64,
-    /// Upstream attempts per request (the first try plus failovers).
-    #[arg(long, default_value_t = 3)]
+    /// Upstream attempts per request (the first try plus retries), over the ranking's
+    /// engines in order (SGLang: --retry-max-retries).
+    #[arg(long, alias = "retry-max-retries", default_value_t = 3)]
     pub max_attempts: usize,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
@@ -260,6 +265,18 @@ pub struct RouterArgs {
     /// `Retry-After` seconds on a 503 for a known model with no healthy engine.
     #[arg(long, default_value_t = 5)]
     pub retry_after: u64,
+    /// API keys, rate limits and admission control (see `admission`).
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+    /// Mid-stream failover: when an engine dies or stalls after part of a streamed
+    /// completion reached the client, continue the answer on another engine (prompt +
+    /// text so far), at most this many times per request; 0 turns it off.
+    #[arg(long, default_value_t = 2)]
+    pub stream_resume_attempts: u32,
+    /// Seconds without a frame from an engine that is streaming tokens after which the
+    /// stream counts as stalled and is continued elsewhere (0: never).
+    #[arg(long, default_value_t = 5.0)]
+    pub stream_stall_timeout_secs: f64,
     /// Worker threads serving requests, each with its own listener and upstream pool
     /// (0: one per core).
     #[arg(long, default_value_t = 0)]
@@ -278,6 +295,60 @@ pub struct RouterArgs {
     /// URL has no path). Batched, from a bounded queue that drops when full.
     #[arg(long, value_name = "URL")]
     pub otlp_traces_endpoint: Option<String>,
+    /// Health-check timeout, circuit breaker, retries (`config::resilience`).
+    #[command(flatten)]
+    pub resilience: ResilienceArgs,
+}
+
+/// A secret from the command line or the environment: never printed (`Debug` hides it).
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+/// The front door's flags: API keys, rate limits, admission control (`admission`).
+#[derive(Debug, Clone, Args)]
+pub struct AdmissionArgs {
+    /// API keys (YAML, or JSON when the name ends in .json): `keys:` a list of `name`,
+    /// `key` or `key_sha256`, optional `models` and `limits` (`requests_per_minute`,
+    /// `tokens_per_minute`). Every path but /health, /version, /metrics, /engines and
+    /// /dashboard then needs `Authorization: Bearer KEY`. Re-read when it changes; a
+    /// file that does not parse keeps the keys in force.
+    #[arg(long, value_name = "PATH")]
+    pub api_keys_file: Option<PathBuf>,
+    /// One key every client may use (named `shared`), as `vllm serve --api-key`.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<Secret>,
+    /// The bearer token the router sends to engines (model discovery, and proxied
+    /// requests when router keys are on; without router keys the client's header is
+    /// forwarded) [default: $VLLM_API_KEY].
+    #[arg(long, value_name = "KEY", env = "VLLM_API_KEY", hide_env_values = true)]
+    pub engine_api_key: Option<Secret>,
+    /// Seconds between checks of --api-keys-file.
+    #[arg(long, default_value_t = 5.0)]
+    pub api_keys_interval: f64,
+    /// Requests the router handles at once, from admission to the end of the response
+    /// body (streams included); 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_concurrent_requests: usize,
+    /// With --max-concurrent-requests: requests that may wait for a slot (FIFO); more
+    /// get 429 with `Retry-After`.
+    #[arg(long, default_value_t = 100)]
+    pub queue_size: usize,
+    /// With --max-concurrent-requests: seconds a request may wait for a slot, then 408.
+    #[arg(long, default_value_t = 60.0)]
+    pub queue_timeout_secs: f64,
 }
 
 /// The dynamic config file. Lists may be JSON arrays or comma-separated strings.
@@ -408,6 +479,8 @@ pub struct Settings {
     pub retry_after: u64,
     pub config_file: Option<PathBuf>,
     pub config_interval: Duration,
+    /// Health-check timeout, circuit breaker, retries.
+    pub resilience: Resilience,
 }
 
 fn secs(v: f64, name: &str) -> Result<Duration, ConfigError> {
@@ -687,6 +760,7 @@ impl Settings {
                 .clone()
                 .or_else(|| args.dynamic_config_yaml.clone()),
             config_interval: secs(args.dynamic_config_interval, "dynamic-config-interval")?,
+            resilience: args.resilience.settings()?,
         })
     }
 }

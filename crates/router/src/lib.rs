@@ -2,7 +2,10 @@
 //!
 //! Rooms, by feature (each `mod.rs` says what it owns):
 //! - [`api`]: the HTTP surface; [`proxy`]: the per-request forwarding path with failover
-//!   and observation. This file: the router's state, `bind` and serving.
+//!   and observation; [`resume`]: mid-stream failover (a cut stream continued on another
+//!   engine). This file: the router's state, `bind` and serving.
+//! - [`admission`]: the front door: API keys, per-key rate limits, the concurrency limit
+//!   and its queue.
 //! - [`config`]: flags (the Production Stack router's) and the dynamic config file.
 //! - [`engines`]: the engine set (identity, models, health, load, window statistics) as
 //!   snapshots.
@@ -14,9 +17,10 @@
 //!   export.
 //! - [`upstream`]: the HTTP client and header names every call to an engine shares.
 //!
-//! Dependencies go one way: this file and `api` → `proxy`, `discovery`, `policy`,
-//! `observe` → `engines`, `upstream`, `config`.
+//! Dependencies go one way: this file and `api` → `admission`, `proxy`, `discovery`,
+//! `policy`, `observe` → `engines`, `upstream`, `config`.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod discovery;
@@ -24,6 +28,7 @@ pub mod engines;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod resume;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -64,6 +69,8 @@ impl DynState {
 
 pub struct RouterState {
     pub args: RouterArgs,
+    /// API keys, rate limits, the concurrency limit.
+    pub admission: Arc<admission::Admission>,
     pub settings: Settings,
     pub registry: Arc<Registry>,
     pub metrics: Arc<RouterMetrics>,
@@ -147,17 +154,40 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         addr: addr.clone(),
         source,
     })?;
+    let admission = Arc::new(
+        admission::Admission::from_args(&args.admission).map_err(config::ConfigError::Invalid)?,
+    );
     let metrics = Arc::new(RouterMetrics::default());
     let telemetry = Arc::new(
         observe::trace::Telemetry::new(args.otlp_traces_endpoint.as_deref())
             .map_err(config::ConfigError::Invalid)?,
     );
     telemetry.spawn();
+    let stall = args.stream_stall_timeout_secs;
+    if !stall.is_finite() || stall < 0.0 {
+        return Err(config::ConfigError::Invalid(
+            "--stream-stall-timeout-secs must be a number of seconds (0: off)".into(),
+        )
+        .into());
+    }
+    let resume = Arc::new(resume::Resume {
+        attempts: args.stream_resume_attempts,
+        stall: (stall > 0.0).then(|| std::time::Duration::from_secs_f64(stall)),
+        ..resume::Resume::default()
+    });
     let proxy = Proxy {
+        resume,
         connect_timeout: settings.connect_timeout,
         first_byte_timeout: settings.first_byte_timeout,
-        max_attempts: settings.max_attempts,
+        max_attempts: if settings.resilience.disable_retries {
+            1
+        } else {
+            settings.max_attempts
+        },
         failure_threshold: settings.health_failures,
+        stall_timeout: settings.resilience.health_timeout,
+        breaker: settings.resilience.breaker,
+        retries: proxy::Retries::new(settings.resilience.retry),
         metrics: metrics.clone(),
         telemetry,
     };
@@ -171,13 +201,15 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         kvaware::Tokenizers::load(&args.tokenizers).map_err(config::ConfigError::Invalid)?;
     let kv = Arc::new(KvState::new(args.kv_events_port).with_tokenizers(tokenizers));
     let registry = Arc::new(Registry::new(settings.request_stats_window));
-    let engines = Arc::new(EngineSet::new(
-        registry.clone(),
-        metrics.clone(),
-        settings.connect_timeout,
-    ));
+    let mut engine_set =
+        EngineSet::new(registry.clone(), metrics.clone(), settings.connect_timeout);
+    // `--engine-api-key` (default `$VLLM_API_KEY`) for the router's own calls too.
+    engine_set.auth = admission.engine_auth();
+    let engines = Arc::new(engine_set);
     let k8s = Arc::new(k8s::Watcher::new(engines.clone(), args.clone()));
+    admission.spawn_reload();
     let state = Arc::new(RouterState {
+        admission,
         registry,
         dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone(), &kv))),
         kv,

@@ -1,9 +1,22 @@
 //! The per-request path: send the request to the first usable engine of the policy's
-//! ranking, fail over on errors before response headers, and stream the response back
-//! untouched while a small observer records first-token time, inter-token gaps and the
-//! end. The observer's drop releases the engine's in-flight count however the response
-//! ends (finished, error, client gone), and nothing per request outlives the request.
+//! ranking and stream the response back untouched while a small observer records
+//! first-token time, inter-token gaps and the end. The observer's drop releases the
+//! engine's in-flight count however the response ends (finished, error, client gone),
+//! and nothing per request outlives the request.
+//!
+//! Engines that fail or hang: nothing goes to the client before the engine's first byte
+//! (the response head *and* the body's first frame), so until then the request can be
+//! re-sent. Ejected engines and open circuit breakers are skipped (when every engine is
+//! out, the policy's first choice is still tried); a connect error, reset, 5xx or 429
+//! is retried on the next engine after a jittered exponential backoff while the retry
+//! budget ([`retry`]) allows; failures count toward the engine's ejection and breaker.
+//! A request waiting for the first byte of an engine that gets ejected (health checks,
+//! failures of other requests, its breaker) is moved elsewhere at once instead of
+//! waiting for `--first-byte-timeout`; a stream already started from it is cut once it
+//! stays silent for `--health-check-timeout-secs`. Streams that started are never
+//! re-sent.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,18 +29,25 @@ use axum::http::{
 };
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use memchr::memmem;
 use protocol::ApiError;
+use tokio::sync::futures::OwnedNotified;
 
-use crate::engines::Endpoint;
+mod retry;
+
+pub use retry::Retries;
+
+use crate::config::BreakerSettings;
+use crate::engines::breaker::{self, Permit};
+use crate::engines::{EjectCause, Endpoint};
 use crate::observe::metrics::RouterMetrics;
 use crate::observe::trace::{self, Telemetry, TraceCtx, Trail};
 use crate::upstream::{self, HttpClient, ENGINE_HEADER, REQUEST_ID, TRACEPARENT, TRACESTATE};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those we set ourselves.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
@@ -60,10 +80,19 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub max_attempts: usize,
+    /// `--health-failure-threshold`: consecutive failed requests that eject an engine.
     pub failure_threshold: u32,
+    /// `--health-check-timeout-secs`: how long a stream from an ejected engine may stay
+    /// silent before it is cut.
+    pub stall_timeout: Duration,
+    pub breaker: BreakerSettings,
+    /// Backoff and the retry budget.
+    pub retries: Retries,
     pub metrics: Arc<RouterMetrics>,
     /// The access log and span export.
     pub telemetry: Arc<Telemetry>,
+    /// Mid-stream failover settings and counters.
+    pub resume: Arc<crate::resume::Resume>,
 }
 
 /// A failed attempt that another engine may retry: why, and the engine's status if it
@@ -80,10 +109,40 @@ impl Failure {
 }
 
 enum AttemptError {
-    /// Nothing reached the client: the next engine may be tried.
-    Retryable(Failure),
-    /// The engine took the request but did not answer in time.
+    /// Nothing reached the client: the request may be retried. `engine_failed`: the
+    /// engine is to blame (connect error, reset, 5xx), which counts toward its ejection
+    /// and its circuit breaker; a 429 is back-pressure and does not.
+    Retryable {
+        failure: Failure,
+        engine_failed: bool,
+    },
+    /// The engine was ejected (or its breaker opened) while the request waited for its
+    /// first byte: it goes elsewhere at once.
+    Moved,
+    /// The engine took the request but sent no first byte in time.
     Timeout,
+}
+
+/// What an attempt got: the response head, its body, and the body's first frame (read
+/// before anything goes to the client, so that until then the request can be re-sent).
+struct Answer {
+    parts: axum::http::response::Parts,
+    body: Incoming,
+    first: Option<Result<Frame<Bytes>, hyper::Error>>,
+}
+
+/// A half-open breaker's trial: freed if the attempt ends without an outcome.
+struct TrialGuard<'a> {
+    ep: &'a Endpoint,
+    active: bool,
+}
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            self.ep.breaker.trial_abandoned();
+        }
+    }
 }
 
 impl Proxy {
@@ -92,30 +151,116 @@ impl Proxy {
         upstream::thread_client(self.connect_timeout)
     }
 
-    /// Try `ranked` engines in order; return the first response with headers. `trail`
-    /// (when the access log or span export is on) goes with the response body and logs
-    /// the request when it ends.
+    /// The next engine of `ranked` to try, cycling from `next`: healthy and with its
+    /// breaker letting the request through. When none is and nothing was tried yet, the
+    /// policy's first choice anyway (a request is never refused only because every
+    /// breaker is open: one of them may have recovered); returned with `false`, its
+    /// ejection not watched.
+    fn pick<'r>(
+        &self,
+        ranked: &'r [Arc<Endpoint>],
+        next: &mut usize,
+        first: bool,
+    ) -> Option<(&'r Arc<Endpoint>, Permit, bool)> {
+        let n = ranked.len();
+        let now = Instant::now();
+        for k in 0..n {
+            let i = (*next + k) % n;
+            let ep = &ranked[i];
+            if !ep.is_healthy() {
+                continue;
+            }
+            match ep.breaker.permit(&self.breaker, now) {
+                Permit::Denied => continue,
+                p => {
+                    *next = i + 1;
+                    return Some((ep, p, true));
+                }
+            }
+        }
+        if first {
+            *next = 1;
+            return ranked.first().map(|ep| (ep, Permit::Go, false));
+        }
+        None
+    }
+
+    /// A live request failed at `ep`: toward its ejection and its breaker.
+    fn engine_failed(&self, ep: &Endpoint) {
+        if ep.record_failure(self.failure_threshold, EjectCause::Traffic) {
+            tracing::warn!(engine = %ep.url, "engine ejected after consecutive failed requests");
+        }
+        if ep.breaker.on_failure(&self.breaker, Instant::now()) {
+            tracing::warn!(engine = %ep.url, "circuit breaker opened");
+            ep.ejected(EjectCause::CircuitBreaker);
+        }
+    }
+
+    /// Try engines of `ranked` in order (skipping ejected and open ones) until one sends
+    /// a first byte; retry connect errors, resets, 5xx and 429 after a jittered backoff
+    /// while the retry budget allows, and move a request whose engine is ejected while it
+    /// waits at once. `trail` (when the access log or span export is on) goes with the
+    /// response body and logs the request when it ends.
     pub async fn forward(
         &self,
         f: &Forward<'_>,
         ranked: &[Arc<Endpoint>],
         mut trail: Option<Box<Trail>>,
     ) -> Response<Body> {
+        self.retries.on_request();
         let mut last_err = String::from("no engine was tried");
+        let mut last_status = 502u16;
         let mut attempts = 0u32;
+        let mut retries_after_failure = 0u32;
+        let mut after_failure = false;
+        let mut next = 0usize;
         let mut last_engine = "";
-        for ep in ranked.iter().take(self.max_attempts) {
+        while (attempts as usize) < self.max_attempts {
+            let Some((ep, permit, watch)) = self.pick(ranked, &mut next, attempts == 0) else {
+                last_err = format!("no engine left to try ({last_err})");
+                break;
+            };
+            if after_failure {
+                if !self.retries.try_retry() {
+                    last_err = format!("retry budget exhausted ({last_err})");
+                    if permit == Permit::Trial {
+                        ep.breaker.trial_abandoned();
+                    }
+                    break;
+                }
+                let salt = trace::new_id();
+                tokio::time::sleep(self.retries.backoff(retries_after_failure, salt)).await;
+                retries_after_failure += 1;
+            }
+            let mut trial = TrialGuard {
+                ep,
+                active: permit == Permit::Trial,
+            };
             attempts += 1;
             last_engine = &ep.url;
             let span = trace::new_id();
             let mut obs = Observer::start(ep.clone(), f.stream);
-            match self.attempt(f, ep, span).await {
-                Ok(resp) => {
-                    obs.status = resp.status().as_u16();
+            match self.attempt(f, ep, span, watch).await {
+                Ok(answer) => {
+                    trial.active = false;
+                    ep.record_live_success();
+                    if ep.breaker.on_success(&self.breaker) {
+                        tracing::info!(engine = %ep.url, "circuit breaker closed");
+                    }
+                    if let Some(Ok(frame)) = &answer.first {
+                        if let Some(d) = frame.data_ref() {
+                            obs.on_data(d);
+                        }
+                    }
+                    obs.status = answer.parts.status.as_u16();
                     obs.span = span;
                     obs.attempts = attempts;
                     obs.trail = trail.take();
-                    let (mut parts, incoming) = resp.into_parts();
+                    let Answer {
+                        mut parts,
+                        body,
+                        first,
+                    } = answer;
                     strip_hop_by_hop(&mut parts.headers);
                     parts
                         .headers
@@ -123,16 +268,33 @@ impl Proxy {
                     parts
                         .headers
                         .insert(HeaderName::from_static(ENGINE_HEADER), ep.header.clone());
-                    let body = ObservedBody::new(incoming, obs);
+                    let cut = f.stream.then(|| {
+                        (
+                            Box::pin(ep.unavailable.clone().notified_owned()),
+                            self.stall_timeout,
+                        )
+                    });
+                    let body = ObservedBody::new(body, obs, first, cut);
+                    if let Some(origin) = crate::resume::origin(self, f, ranked, parts.status) {
+                        let body = crate::resume::ResumableBody::new(
+                            body,
+                            ep.clone(),
+                            self.resume.clone(),
+                            origin,
+                        );
+                        return Response::from_parts(parts, Body::new(body));
+                    }
                     return Response::from_parts(parts, Body::new(body));
                 }
                 Err(AttemptError::Timeout) => {
+                    trial.active = false;
                     if let Some(t) = &trail {
                         t.attempt(span, &ep.url, obs.start, 0, Some("first-byte timeout"));
                         t.finish(&ep.url, 504, None, attempts, false);
                     }
                     obs.failed();
                     self.metrics.error(&ep.url, f.model, "timeout");
+                    self.engine_failed(ep);
                     return error(ApiError::new(
                         504,
                         "GatewayTimeoutError",
@@ -143,22 +305,52 @@ impl Proxy {
                         None,
                     ));
                 }
-                Err(AttemptError::Retryable(e)) => {
+                Err(AttemptError::Moved) => {
                     if let Some(t) = &trail {
-                        t.attempt(span, &ep.url, obs.start, e.status, Some(&e.message));
+                        t.attempt(span, &ep.url, obs.start, 0, Some("engine ejected"));
+                    }
+                    obs.failed();
+                    self.retries.moved.inc();
+                    tracing::debug!(engine = %ep.url, "engine ejected before its first byte; moving the request");
+                    last_err = format!("engine {} was ejected", ep.url);
+                    after_failure = false;
+                }
+                Err(AttemptError::Retryable {
+                    failure,
+                    engine_failed,
+                }) => {
+                    if let Some(t) = &trail {
+                        t.attempt(
+                            span,
+                            &ep.url,
+                            obs.start,
+                            failure.status,
+                            Some(&failure.message),
+                        );
                     }
                     obs.failed();
                     self.metrics.error(&ep.url, f.model, "upstream_unavailable");
-                    if ep.record_failure(self.failure_threshold) {
-                        tracing::warn!(engine = %ep.url, "engine ejected after failed requests");
+                    if engine_failed {
+                        trial.active = false;
+                        self.engine_failed(ep);
                     }
-                    tracing::debug!(engine = %ep.url, error = %e.message, "attempt failed; trying the next engine");
-                    last_err = e.message;
+                    tracing::debug!(engine = %ep.url, error = %failure.message, "attempt failed; retrying");
+                    last_err = failure.message;
+                    last_status = if failure.status == 429 { 429 } else { 502 };
+                    after_failure = true;
                 }
             }
         }
         if let Some(t) = &trail {
-            t.finish(last_engine, 502, None, attempts, false);
+            t.finish(last_engine, last_status, None, attempts, false);
+        }
+        if last_status == 429 {
+            return error(ApiError::new(
+                429,
+                "RateLimitError",
+                format!("The engines are overloaded: {last_err}"),
+                None,
+            ));
         }
         error(ApiError::new(
             502,
@@ -168,15 +360,25 @@ impl Proxy {
         ))
     }
 
+    /// One attempt at `ep`: send, wait for the response head and the body's first frame
+    /// (at most `--first-byte-timeout`; with `watch`, only until the engine is ejected).
     async fn attempt(
         &self,
         f: &Forward<'_>,
         ep: &Endpoint,
         span: u64,
-    ) -> Result<Response<Incoming>, AttemptError> {
+        watch: bool,
+    ) -> Result<Answer, AttemptError> {
+        let retryable = |message: String| AttemptError::Retryable {
+            failure: Failure::new(message),
+            engine_failed: true,
+        };
         let uri: Uri = format!("{}{}", ep.url, f.path_and_query)
             .parse()
-            .map_err(|e| AttemptError::Retryable(Failure::new(format!("bad upstream URI: {e}"))))?;
+            .map_err(|e| AttemptError::Retryable {
+                failure: Failure::new(format!("bad upstream URI: {e}")),
+                engine_failed: false,
+            })?;
         let mut req = Request::new(Full::new(f.body.clone()));
         *req.method_mut() = f.method.clone();
         *req.uri_mut() = uri;
@@ -196,29 +398,61 @@ impl Proxy {
             HeaderName::from_static(TRACEPARENT),
             f.trace.header_for(span),
         );
-        let resp =
-            match tokio::time::timeout(self.first_byte_timeout, self.client().request(req)).await {
-                Err(_) => return Err(AttemptError::Timeout),
-                Ok(Err(e)) => return Err(AttemptError::Retryable(Failure::new(e.to_string()))),
-                Ok(Ok(r)) => r,
-            };
-        // A server error before any of the response reached the client: the engine failed
-        // (vLLM answers 500 "EngineCore encountered an issue" to the requests it holds when
-        // it shuts down), so another engine may serve it. A stream that already started
-        // (200 and SSE headers) is never retried.
-        if matches!(
-            resp.status(),
-            StatusCode::INTERNAL_SERVER_ERROR
-                | StatusCode::BAD_GATEWAY
-                | StatusCode::SERVICE_UNAVAILABLE
-                | StatusCode::GATEWAY_TIMEOUT
-        ) {
-            return Err(AttemptError::Retryable(Failure {
-                message: format!("engine answered {}", resp.status()),
-                status: resp.status().as_u16(),
-            }));
+        // Registered before the request goes out, so an ejection from now on wakes it.
+        let unavailable = ep.unavailable.notified();
+        tokio::pin!(unavailable);
+        if watch && (!ep.is_healthy() || ep.breaker.state() == breaker::State::Open) {
+            return Err(AttemptError::Moved);
         }
-        Ok(resp)
+        let work = async {
+            let resp = self
+                .client()
+                .request(req)
+                .await
+                .map_err(|e| retryable(e.to_string()))?;
+            let status = resp.status();
+            // A server error before any of the response reached the client: the engine
+            // failed (vLLM answers 500 "EngineCore encountered an issue" to the requests
+            // it holds when it shuts down), so another engine may serve it. 429: the
+            // engine is overloaded; another may have room (not held against it).
+            if matches!(
+                status,
+                StatusCode::INTERNAL_SERVER_ERROR
+                    | StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+                    | StatusCode::TOO_MANY_REQUESTS
+            ) {
+                return Err(AttemptError::Retryable {
+                    failure: Failure {
+                        message: format!("engine answered {status}"),
+                        status: status.as_u16(),
+                    },
+                    engine_failed: status != StatusCode::TOO_MANY_REQUESTS,
+                });
+            }
+            let (parts, mut body) = resp.into_parts();
+            // The first frame: until it is here nothing went to the client, so a reset
+            // (the engine died) or an ejection (it hangs) can still go elsewhere.
+            let first = if body.is_end_stream() {
+                None
+            } else {
+                match body.frame().await {
+                    Some(Err(e)) => {
+                        return Err(retryable(format!("reset before the first byte: {e}")))
+                    }
+                    other => other,
+                }
+            };
+            Ok(Answer { parts, body, first })
+        };
+        tokio::select! {
+            r = tokio::time::timeout(self.first_byte_timeout, work) => match r {
+                Err(_) => Err(AttemptError::Timeout),
+                Ok(r) => r,
+            },
+            _ = &mut unavailable, if watch => Err(AttemptError::Moved),
+        }
     }
 }
 
@@ -254,7 +488,7 @@ pub struct Observer {
 }
 
 impl Observer {
-    fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
+    pub(crate) fn start(ep: Arc<Endpoint>, stream: bool) -> Self {
         ep.in_flight.fetch_add(1, Ordering::Relaxed);
         ep.in_prefill.fetch_add(1, Ordering::Relaxed);
         ep.routed.inc();
@@ -278,7 +512,7 @@ impl Observer {
         }
     }
 
-    fn failed(mut self) {
+    pub(crate) fn failed(mut self) {
         self.failed = true;
     }
 
@@ -379,12 +613,32 @@ fn find_completion_tokens(d: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
+/// Boxed so a stream can end with our own error (a cut) as well as the engine's.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A stream cut because its engine was ejected and it then stayed silent.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine was ejected and its stream stayed silent for {0:?}")]
+struct StreamCut(Duration);
+
+/// Watching a stream's engine: woken when it is ejected; then a silent stream is cut
+/// after the stall timeout.
+struct CutWatch {
+    unavailable: Pin<Box<OwnedNotified>>,
+    stall: Duration,
+    /// Armed once the engine is ejected: the stream's deadline, pushed back by each
+    /// frame.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
 /// The upstream body, passed through frame by frame (never buffered) under observation.
-struct ObservedBody {
+pub(crate) struct ObservedBody {
     inner: Incoming,
     obs: Observer,
-    /// What the inner body yielded after the frames merged into the last one.
-    stashed: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    /// What the inner body yielded after the frames merged into the last one (at the
+    /// start: the first frame, read before the response went out).
+    stashed: Option<Option<Result<Frame<Bytes>, BoxError>>>,
+    cut: Option<CutWatch>,
 }
 
 /// Frames already read from the engine are merged up to this size, so a burst of SSE
@@ -392,11 +646,35 @@ struct ObservedBody {
 const MERGE_LIMIT: usize = 64 * 1024;
 
 impl ObservedBody {
-    fn new(inner: Incoming, obs: Observer) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        mut obs: Observer,
+        first: Option<Result<Frame<Bytes>, hyper::Error>>,
+        cut: Option<(Pin<Box<OwnedNotified>>, Duration)>,
+    ) -> Self {
+        if first.is_none() || inner.is_end_stream() {
+            obs.completed = true;
+        }
+        ObservedBody {
+            inner,
+            obs,
+            stashed: Some(first.map(|r| r.map_err(BoxError::from))),
+            cut: cut.map(|(unavailable, stall)| CutWatch {
+                unavailable,
+                stall,
+                deadline: None,
+            }),
+        }
+    }
+
+    /// A body no frame of which was read yet, with no ejection watch (mid-stream
+    /// failover's continuation, which has its own stall watch).
+    pub(crate) fn fresh(inner: Incoming, obs: Observer) -> Self {
         ObservedBody {
             inner,
             obs,
             stashed: None,
+            cut: None,
         }
     }
 
@@ -410,16 +688,42 @@ impl ObservedBody {
                 if self.inner.is_end_stream() {
                     self.obs.completed = true;
                 }
+                if let Some(dl) = self.cut.as_mut().and_then(|c| {
+                    let stall = c.stall;
+                    c.deadline.as_mut().map(|d| (d, stall))
+                }) {
+                    dl.0.as_mut().reset(tokio::time::Instant::now() + dl.1);
+                }
             }
             None => self.obs.completed = true,
             Some(Err(_)) => {}
         }
     }
+
+    /// The engine has nothing for us now: is it time to cut the stream?
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(c) = self.cut.as_mut() else {
+            return false;
+        };
+        if c.deadline.is_none() {
+            if c.unavailable.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            // Ejected: silent since the last frame (or the start) for `stall` ends it.
+            let since = self.obs.last.or(self.obs.first).unwrap_or(self.obs.start);
+            c.deadline = Some(Box::pin(tokio::time::sleep_until(
+                tokio::time::Instant::from_std(since + c.stall),
+            )));
+        }
+        c.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
 }
 
 impl HttpBody for ObservedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -431,11 +735,19 @@ impl HttpBody for ObservedBody {
         }
         let first = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(p) => p,
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if this.poll_cut(cx) {
+                    let stall = this.cut.as_ref().map_or(Duration::ZERO, |c| c.stall);
+                    tracing::warn!(engine = %this.obs.ep.url, "stream cut: its engine was ejected and it stayed silent");
+                    this.cut = None;
+                    return Poll::Ready(Some(Err(Box::new(StreamCut(stall)))));
+                }
+                return Poll::Pending;
+            }
         };
         this.observe(&first);
         let Some(Ok(frame)) = first else {
-            return Poll::Ready(first);
+            return Poll::Ready(first.map(|r| r.map_err(BoxError::from)));
         };
         let data = match frame.into_data() {
             Ok(d) => d,
@@ -459,7 +771,7 @@ impl HttpBody for ObservedBody {
                         .extend_from_slice(&more);
                 }
                 other => {
-                    this.stashed = Some(other);
+                    this.stashed = Some(other.map(|r| r.map_err(BoxError::from)));
                     break;
                 }
             }

@@ -40,6 +40,10 @@ pub struct UpArgs {
     /// Extra flags passed to every engine (e.g. `--engine-arg=--time-scale=0.1`).
     #[arg(long = "engine-arg", allow_hyphen_values = true)]
     pub engine_args: Vec<String>,
+    /// Extra flags passed to the router (e.g. `--router-arg=--api-keys-file=keys.yaml`).
+    /// Engines started with `$VLLM_API_KEY` set require it, and the router sends it.
+    #[arg(long = "router-arg", allow_hyphen_values = true)]
+    pub router_args: Vec<String>,
     /// Share KV across the engines: start a `switchyard cache-server` (holding at most this
     /// many bytes) and turn on every engine's offloading to it (LMCache's settings:
     /// `LMCACHE_REMOTE_URL`, host memory on), so a prompt computed on one engine is a
@@ -196,9 +200,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let served = args.served_model_name.clone().unwrap_or(served);
-    if args.kv_cache_server.is_some() && args.backend == engine::config::BackendKind::Sim {
-        bail!("--kv-cache-server needs engines that keep real KV (--backend gguf)");
-    }
     let cache_url = match args.kv_cache_server {
         Some(max_bytes) => {
             let (child, url) = start_cache_server(&exe, max_bytes)?;
@@ -256,6 +257,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     {
         flags.extend(["--tokenizer", m]);
     }
+    flags.extend(args.router_args.iter().map(String::as_str));
     #[derive(Parser)]
     struct RouterFlags {
         #[command(flatten)]

@@ -66,6 +66,31 @@ impl ChatTemplate {
     }
 }
 
+/// `continue_final_message`: cut a prompt rendered without a generation prompt right
+/// after the final message's text, leaving that message open for the model to continue.
+/// Transformers' `apply_chat_template` does exactly this (vLLM calls it): find the last
+/// occurrence of the stripped text, keep its leading part, and its trailing whitespace
+/// only where the template kept it. An error when the template dropped the text.
+pub fn continue_final_message(rendered: &str, final_text: &str) -> Result<String, String> {
+    let stripped = final_text.trim();
+    let Some(loc) = rendered.rfind(stripped) else {
+        return Err(
+            "continue_final_message is set but the final message does not appear in \
+                    the chat after applying the chat template! This can happen if the chat \
+                    template deletes portions of the final message. Please verify the chat \
+                    template and final message in your chat to ensure they are compatible."
+                .into(),
+        );
+    };
+    let left = final_text.trim_start();
+    let end = if rendered[loc..].starts_with(left) {
+        loc + left.len()
+    } else {
+        loc + stripped.len()
+    };
+    Ok(rendered[..end].to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +129,35 @@ mod tests {
             "Conversation roles must alternate"
         );
         assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+
+    #[test]
+    fn continue_final_message_cuts_after_the_final_text() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        )
+        .unwrap();
+        let msgs = [msg("user", "hi"), msg("assistant", "Hello, wor")];
+        let out = t.render(&msgs, false, "", "").unwrap();
+        assert_eq!(
+            continue_final_message(&out, "Hello, wor").unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello, wor"
+        );
+        // Trailing space kept by the template is kept; one it strips is not invented.
+        let msgs = [msg("user", "hi"), msg("assistant", "Hello ")];
+        let out = t.render(&msgs, false, "", "").unwrap();
+        assert!(continue_final_message(&out, "Hello ")
+            .unwrap()
+            .ends_with("assistant\nHello "));
+        let strip = ChatTemplate::new(
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'].strip() }}\n{% endfor %}",
+        )
+        .unwrap();
+        let out = strip.render(&msgs, false, "", "").unwrap();
+        assert_eq!(
+            continue_final_message(&out, "Hello ").unwrap(),
+            "user: hi\nassistant: Hello"
+        );
+        assert!(continue_final_message("nothing here", "absent").is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! The engine's HTTP surface, as `vllm serve`'s: OpenAI chat and completions (streaming
 //! and not), models, tokenize/detokenize, health, version and metrics, with vLLM's error
-//! bodies and status codes.
+//! bodies and status codes; with `--api-key`, vLLM's bearer-token check.
 //!
 //! Handlers validate and tokenize, then talk to the engine loop only through the
 //! [`Engine`] bundle's [`EngineHandle`](crate::engine_loop::EngineHandle); a request's
@@ -30,9 +30,44 @@ use crate::engine_loop::EngineCommand;
 /// The version string `/version` reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The HTTP routes.
+/// Paths open without a key when `--api-key` is set (vLLM's public endpoints, and the
+/// KV-event advertisement routers read).
+const PUBLIC_PATHS: &[&str] = &["/health", "/ping", "/version", "/metrics", "/kv_events"];
+
+/// `--api-key`: every other path needs one of the keys as a bearer token, else 401 with
+/// vLLM's body. Keys compare in time independent of the secret (`httpx::auth::ct_eq`).
+async fn require_key(
+    State(engine): State<Engine>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if PUBLIC_PATHS.contains(&req.uri().path()) || req.method() == axum::http::Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let token = httpx::auth::bearer_token(req.headers()).unwrap_or_default();
+    let mut ok = false;
+    for k in engine.api_keys.iter() {
+        ok |= httpx::auth::ct_eq(token, k.as_bytes());
+    }
+    if ok {
+        return next.run(req).await;
+    }
+    httpx::json_response(
+        axum::http::StatusCode::UNAUTHORIZED,
+        r#"{"error":"Unauthorized"}"#.to_string(),
+    )
+}
+
+/// The HTTP routes (behind `--api-key` when set), inside the fault-injection knobs when a
+/// test sets them ([`crate::fault`]).
 pub fn router(engine: Engine) -> Router {
-    Router::new()
+    let faults = engine.faults.clone();
+    crate::fault::wrap(routes(engine), &faults)
+}
+
+fn routes(engine: Engine) -> Router {
+    let keyed = !engine.api_keys.is_empty();
+    let r = Router::new()
         .route("/v1/chat/completions", post(generate::chat_completions))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/models", get(models))
@@ -45,8 +80,16 @@ pub fn router(engine: Engine) -> Router {
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/kv_events", get(kv_events))
         .fallback(httpx::not_found)
-        .method_not_allowed_fallback(httpx::method_not_allowed)
-        .with_state(engine)
+        .method_not_allowed_fallback(httpx::method_not_allowed);
+    let r = if keyed {
+        r.layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            require_key,
+        ))
+    } else {
+        r
+    };
+    r.with_state(engine)
 }
 
 /// Serve until `shutdown` resolves, then drain (bounded by `serving.grace`).
@@ -126,10 +169,12 @@ async fn tokenize(State(engine): State<Engine>, req: Request) -> Result<Response
     engine.check_model(body.model.as_deref())?;
     let tokens = match (&body.messages, &body.prompt) {
         (Some(messages), _) => {
-            let text = engine
-                .tokenizer
-                .apply_chat_template(messages, body.add_generation_prompt.unwrap_or(true))
-                .map_err(|e| ApiError::bad_request(e, None))?;
+            let text = generate::render_chat(
+                &engine,
+                messages,
+                body.add_generation_prompt,
+                body.continue_final_message,
+            )?;
             engine.tokenizer.encode(&text)
         }
         (None, Some(prompt)) if body.add_special_tokens.unwrap_or(true) => {

@@ -13,7 +13,9 @@ pub mod gguf;
 pub mod sampling;
 pub mod sim;
 
-use crate::core::step::{KvLayout, SeqStep, TokenLogprobs};
+use std::time::Duration;
+
+use crate::core::step::{KvLayout, KvTier, SeqStep, TokenLogprobs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -35,7 +37,7 @@ pub trait Backend: Send {
     }
     /// Append the KV of `blocks` (every slot of each, in order) to `out`, laid out as
     /// [`KvLayout`] says. False when this backend keeps none.
-    fn export_kv(&self, _blocks: &[u32], _out: &mut Vec<u8>) -> bool {
+    fn export_kv(&mut self, _blocks: &[u32], _out: &mut Vec<u8>) -> bool {
         false
     }
     /// Write KV laid out as [`KvLayout`] says into `blocks`: `data` holds a chunk of
@@ -50,4 +52,9 @@ pub trait Backend: Send {
     ) -> bool {
         false
     }
+    /// A chunk of `bytes` from `tier` was just imported (`import_kv`), which took
+    /// `elapsed` of real time on the loop thread. A backend that models time (sim)
+    /// charges the transfer's modelled cost beyond `elapsed` to its next step; a real
+    /// one has paid it already.
+    fn kv_loaded(&mut self, _tier: KvTier, _bytes: usize, _elapsed: Duration) {}
 }

@@ -3,13 +3,23 @@
 //! A step lasts `overhead + prefill_per_token × new prefill tokens (cached ones are
 //! free) + decode_per_seq × decodes + decode_per_ctx_token × their context length`,
 //! times an optional seeded jitter, times `time_scale`. Tokens are a pure function of the
-//! request's sampling seed and the output position, so outputs are reproducible and do
+//! request's sampling seed and the position, so outputs are reproducible and do
 //! not depend on batching.
+//!
+//! KV offloading: each preset names the KV shape of the model it stands for
+//! ([`SimKv`]: layers, KV heads, head dim, element bytes), so the sim keeps KV with
+//! that model's layout and byte size and goes through the same offloading tiers as the
+//! real backend (the engine loop's `kv_offload`: same keys, same layout check). Its
+//! payloads are zeros (exported chunks are that many zero bytes; imports check the size
+//! and write nothing). What a transfer would cost is modelled instead: a chunk saved
+//! costs its device-to-host copy, a chunk loaded its read from the tier (disk or
+//! network, plus a round trip) and the host-to-device copy, at the preset's bandwidths;
+//! the cost (less the real time the load already took) is added to the next step.
 
 use std::time::{Duration, Instant};
 
 use super::{Backend, BackendError};
-use crate::core::step::{SeqStep, TokenLogprobs};
+use crate::core::step::{KvLayout, KvTier, SeqStep, TokenLogprobs};
 use kv_events::hash::{mix64, unit_f64};
 use tokenizer::SimTokenizer;
 
@@ -41,6 +51,55 @@ pub struct Latency {
     pub decode_us_per_seq: f64,
     pub decode_us_per_ctx_token: f64,
     pub jitter: f64,
+    /// The KV the modelled model keeps and how fast it moves between tiers.
+    pub kv: SimKv,
+}
+
+/// The KV shape of the model a preset stands for, and the bandwidths of KV transfers
+/// (GB/s = 10⁹ bytes per second; `f64::INFINITY` for free).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimKv {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Bytes per element (2: f16/bf16).
+    pub elem_bytes: usize,
+    /// Host memory to the device: every loaded chunk ends with this copy.
+    pub h2d_gb_s: f64,
+    /// Device to host memory: a saved chunk's copy out of the paged cache.
+    pub d2h_gb_s: f64,
+    /// Reading a chunk from the local disk tier.
+    pub disk_gb_s: f64,
+    /// Fetching a chunk from a cache server, plus `net_rtt_us` per chunk.
+    pub net_gb_s: f64,
+    pub net_rtt_us: f64,
+}
+
+impl SimKv {
+    /// The layout the offloading tiers see.
+    pub fn layout(&self) -> KvLayout {
+        KvLayout {
+            layers: self.layers,
+            width: self.kv_heads * self.head_dim,
+            elem_bytes: self.elem_bytes,
+        }
+    }
+
+    /// Modelled microseconds to load a chunk of `bytes` from `tier` into the device.
+    pub fn load_us(&self, tier: KvTier, bytes: usize) -> f64 {
+        let at = |gb_s: f64| bytes as f64 / (gb_s * 1e3);
+        at(self.h2d_gb_s)
+            + match tier {
+                KvTier::Cpu => 0.0,
+                KvTier::Disk => at(self.disk_gb_s),
+                KvTier::Remote => self.net_rtt_us + at(self.net_gb_s),
+            }
+    }
+
+    /// Modelled microseconds to copy `bytes` of KV out of the device.
+    pub fn save_us(&self, bytes: usize) -> f64 {
+        bytes as f64 / (self.d2h_gb_s * 1e3)
+    }
 }
 
 /// Named latency presets. See ARCHITECTURE.md for where the figures come from.
@@ -56,6 +115,24 @@ pub const PRESETS: &[(&str, Latency)] = &[
             decode_us_per_seq: 30.0,
             decode_us_per_ctx_token: 0.04,
             jitter: 0.0,
+            // Llama-3.1-8B's config: 32 layers, 8 KV heads of 128, bf16 (128 KiB per
+            // token, 32 MiB per 256-token chunk). H100 SXM on PCIe Gen5 x16: 64 GB/s
+            // each way on paper, ~50 GB/s measured with pinned buffers (as LMCache's
+            // host buffer is). Disk: one datacenter NVMe (PCIe Gen4), ~7 GB/s
+            // sequential read on paper, 5 GB/s through the file system. Network: 100 GbE
+            // to the cache servers (12.5 GB/s line rate, ~10 GB/s over TCP) and 100 µs
+            // for a request's round trip and the server's lookup.
+            kv: SimKv {
+                layers: 32,
+                kv_heads: 8,
+                head_dim: 128,
+                elem_bytes: 2,
+                h2d_gb_s: 50.0,
+                d2h_gb_s: 50.0,
+                disk_gb_s: 5.0,
+                net_gb_s: 10.0,
+                net_rtt_us: 100.0,
+            },
         },
     ),
     (
@@ -69,6 +146,24 @@ pub const PRESETS: &[(&str, Latency)] = &[
             decode_us_per_seq: 1150.0,
             decode_us_per_ctx_token: 0.0,
             jitter: 0.0,
+            // SmolLM2-135M's config: 30 layers, 3 KV heads of 64, f16 as the gguf
+            // backend keeps it (22.5 KiB per token, 5.6 MiB per chunk). On a CPU the
+            // "device" is host memory: a host-tier hit is one memcpy (~5 GB/s for one
+            // thread on this 2-core VM); disk ~1 GB/s (a VM's virtual disk, uncached);
+            // the network is loopback to `switchyard cache-server`, which moved 6 MB
+            // chunks at ~2.5 GB/s GET (BENCHMARKS.md, `bench/cache-server.sh`), with
+            // ~100 µs per request.
+            kv: SimKv {
+                layers: 30,
+                kv_heads: 3,
+                head_dim: 64,
+                elem_bytes: 2,
+                h2d_gb_s: 5.0,
+                d2h_gb_s: 5.0,
+                disk_gb_s: 1.0,
+                net_gb_s: 2.5,
+                net_rtt_us: 100.0,
+            },
         },
     ),
     (
@@ -79,6 +174,18 @@ pub const PRESETS: &[(&str, Latency)] = &[
             decode_us_per_seq: 0.0,
             decode_us_per_ctx_token: 0.0,
             jitter: 0.0,
+            // A tiny shape, moved for free.
+            kv: SimKv {
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 8,
+                elem_bytes: 2,
+                h2d_gb_s: f64::INFINITY,
+                d2h_gb_s: f64::INFINITY,
+                disk_gb_s: f64::INFINITY,
+                net_gb_s: f64::INFINITY,
+                net_rtt_us: 0.0,
+            },
         },
     ),
 ];
@@ -144,6 +251,10 @@ pub struct SimBackend {
     words: Vec<u32>,
     /// The last step's log-probabilities, aligned with its sampled tokens.
     logprobs: Vec<Option<Box<TokenLogprobs>>>,
+    /// Tokens per KV block (the engine's `--block-size`), for KV exports.
+    block_size: usize,
+    /// Modelled KV transfer time (µs, scaled) not yet charged to a step.
+    pending_us: f64,
 }
 
 impl SimBackend {
@@ -156,7 +267,20 @@ impl SimBackend {
             steps: 0,
             words: WORDS.iter().map(|w| SimTokenizer::piece_id(w)).collect(),
             logprobs: Vec::new(),
+            block_size: 16,
+            pending_us: 0.0,
         }
+    }
+
+    /// Tokens per KV block, as the engine's block manager pages them (default 16).
+    pub fn with_block_size(mut self, block_size: usize) -> Self {
+        self.block_size = block_size.max(1);
+        self
+    }
+
+    /// Modelled transfer time (µs, scaled) waiting to be charged to the next step.
+    pub fn pending_transfer_us(&self) -> f64 {
+        self.pending_us
     }
 
     /// The log-probabilities of the sim's own distribution at output position `pos`: EOS
@@ -191,9 +315,12 @@ impl SimBackend {
         }
     }
 
-    /// The token at output position `pos` for a sequence with this seed.
-    pub fn token_at(&self, rng_seed: u64, pos: usize, ignore_eos: bool) -> u32 {
-        let x = mix64(rng_seed ^ mix64(pos as u64 + 1));
+    /// The token at sequence position `at` (prompt and output together), output position
+    /// `pos`, for a sequence with this seed. Drawn by absolute position, as the gguf
+    /// sampler draws, so a continuation (prompt + the text so far, same seed) goes on
+    /// with the same tokens; the first output token is never EOS.
+    pub fn token_at(&self, rng_seed: u64, at: usize, pos: usize, ignore_eos: bool) -> u32 {
+        let x = mix64(rng_seed ^ mix64(at as u64 + 1));
         if !ignore_eos && pos > 0 && unit_f64(mix64(x)) < self.eos_prob {
             return self.eos_token;
         }
@@ -204,6 +331,37 @@ impl SimBackend {
 impl Backend for SimBackend {
     fn take_logprobs(&mut self, out: &mut Vec<Option<Box<TokenLogprobs>>>) {
         out.append(&mut self.logprobs);
+    }
+
+    fn kv_layout(&self) -> Option<KvLayout> {
+        Some(self.latency.kv.layout())
+    }
+
+    fn export_kv(&mut self, blocks: &[u32], out: &mut Vec<u8>) -> bool {
+        // The bytes a real model of this shape would copy out; zeros (the tiers never
+        // look inside, and the sim's tokens do not depend on KV). The copy's modelled
+        // time goes to the next step.
+        let n = blocks.len() * self.block_size * self.latency.kv.layout().bytes_per_token();
+        out.resize(out.len() + n, 0);
+        self.pending_us += self.latency.kv.save_us(n) * self.time_scale;
+        true
+    }
+
+    fn import_kv(
+        &mut self,
+        blocks: &[u32],
+        data: &[u8],
+        chunk_tokens: usize,
+        first_token: usize,
+    ) -> bool {
+        // The same size checks as the real cache's import; nothing to write.
+        data.len() == chunk_tokens * self.latency.kv.layout().bytes_per_token()
+            && first_token + blocks.len() * self.block_size <= chunk_tokens
+    }
+
+    fn kv_loaded(&mut self, tier: KvTier, bytes: usize, elapsed: Duration) {
+        let us = self.latency.kv.load_us(tier, bytes) * self.time_scale;
+        self.pending_us += (us - elapsed.as_secs_f64() * 1e6).max(0.0);
     }
 
     fn execute(
@@ -228,10 +386,14 @@ impl Backend for SimBackend {
             us *= (1.0 + self.latency.jitter * u).max(0.0);
         }
         us *= self.time_scale;
+        // KV moved since the last step (loads for requests this step admits, copies out
+        // of the last step's prompts): LMCache's connector moves it around the forward
+        // pass, so the step waits for it.
+        us += std::mem::take(&mut self.pending_us);
         self.logprobs.clear();
         for s in seqs.iter().filter(|s| s.sample) {
             let pos = s.tokens.len() - s.num_prompt;
-            let tok = self.token_at(s.rng_seed, pos, s.params.ignore_eos);
+            let tok = self.token_at(s.rng_seed, s.tokens.len(), pos, s.params.ignore_eos);
             sampled.push(tok);
             let lp = s
                 .params
@@ -292,6 +454,64 @@ mod tests {
         for w in WORDS {
             assert_eq!(t.encode(w).len(), 1, "{w:?}");
         }
+    }
+
+    #[test]
+    fn kv_moves_at_the_presets_size_and_its_modelled_time_goes_to_the_next_step() {
+        let l = Latency::preset("llama-3.1-8b-h100").expect("preset");
+        // Llama-3.1-8B: 128 KiB of KV per token, 32 MiB per 256-token chunk.
+        assert_eq!(l.kv.layout().bytes_per_token(), 128 * 1024);
+        let mut sim = SimBackend::new(l, 1.0, 0.0).with_block_size(16);
+        assert_eq!(sim.kv_layout(), Some(l.kv.layout()));
+        let mut out = Vec::new();
+        assert!(sim.export_kv(&[3, 4], &mut out));
+        assert_eq!(out.len(), 32 * 128 * 1024);
+        // Copied out at 50 GB/s: 4194304 B -> ~84 µs.
+        let saved = sim.pending_transfer_us();
+        assert!((saved - 4_194_304.0 / 50e3).abs() < 1e-6, "{saved}");
+        let chunk = vec![0u8; 256 * 128 * 1024];
+        assert!(sim.import_kv(&[1; 16], &chunk, 256, 0));
+        assert!(sim.import_kv(&[1; 15], &chunk, 256, 16), "a chunk's tail");
+        assert!(
+            !sim.import_kv(&[1; 16], &chunk[1..], 256, 0),
+            "short payload"
+        );
+        assert!(!sim.import_kv(&[1; 16], &chunk, 256, 16), "past the chunk");
+        // A remote chunk: 100 µs + 32 MiB at 10 GB/s + at 50 GB/s into the device.
+        let remote = l.kv.load_us(KvTier::Remote, chunk.len());
+        let bytes = chunk.len() as f64;
+        assert!((remote - (100.0 + bytes / 10e3 + bytes / 50e3)).abs() < 1e-6);
+        assert!(l.kv.load_us(KvTier::Cpu, chunk.len()) < l.kv.load_us(KvTier::Disk, chunk.len()));
+        // What the load already took in real time is not charged twice.
+        sim.kv_loaded(KvTier::Remote, chunk.len(), Duration::from_micros(1000));
+        let pending = sim.pending_transfer_us();
+        assert!(
+            (pending - (saved + remote - 1000.0)).abs() < 1e-6,
+            "{pending}"
+        );
+        sim.kv_loaded(KvTier::Cpu, chunk.len(), Duration::from_secs(1));
+        assert_eq!(sim.pending_transfer_us(), pending, "never negative");
+        // The next step waits for it, once.
+        let params = crate::core::request::SamplingParams::default();
+        let tokens = [1u32; 8];
+        let step = SeqStep {
+            req_id: 1,
+            tokens: &tokens,
+            num_prompt: 7,
+            num_computed: 7,
+            num_new: 1,
+            block_ids: &[0],
+            sample: true,
+            params: &params,
+            rng_seed: 1,
+        };
+        let mut zero = SimBackend::new(Latency::preset("zero").expect("zero"), 1.0, 0.0);
+        zero.pending_us = 20_000.0;
+        let started = Instant::now();
+        zero.execute(std::slice::from_ref(&step), &mut Vec::new())
+            .expect("step");
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert_eq!(zero.pending_transfer_us(), 0.0);
     }
 
     #[test]

@@ -60,3 +60,12 @@ impl KvLayout {
         2 * self.layers * self.width * self.elem_bytes
     }
 }
+
+/// The offloading tier a chunk of KV was loaded from (host memory, local disk, the
+/// remote cache servers), told to the backend so that one modelling time can charge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvTier {
+    Cpu,
+    Disk,
+    Remote,
+}

@@ -40,13 +40,8 @@ use crate::core::step::KvLayout;
 use cache::disk::DiskTier;
 pub use config::{KvTransferConfig, LmCacheSettings};
 
-/// Where a chunk was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    Cpu,
-    Disk,
-    Remote,
-}
+/// Where a chunk was found (the step contract's, so a backend can be told).
+pub use crate::core::step::KvTier as Tier;
 
 impl Tier {
     const ALL: [Tier; 3] = [Tier::Cpu, Tier::Disk, Tier::Remote];

@@ -145,6 +145,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         id: u64,
         /// Output tokens it must end with: max_tokens, or fewer when max_model_len ends it.
         expect_len: usize,
+        prompt_len: usize,
         rng_seed: u64,
         /// None once the client hung up; `received` holds what came before.
         rx: Option<UnboundedReceiver<EngineEvent>>,
@@ -170,6 +171,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
         };
         let (tx, rx) = unbounded_channel();
         let id = i as u64 + 1;
+        let prompt_len = prompt.len();
         let req = Request::new(NewRequest {
             id,
             prompt,
@@ -187,6 +189,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             Live {
                 id,
                 expect_len,
+                prompt_len,
                 rng_seed: req.rng_seed,
                 rx: Some(rx),
                 received: Vec::new(),
@@ -409,7 +412,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             stream.extend(drain(rx));
         }
         let expect: Vec<u32> = (0..l.expect_len)
-            .map(|pos| backend.token_at(l.rng_seed, pos, true))
+            .map(|pos| backend.token_at(l.rng_seed, l.prompt_len + pos, pos, true))
             .collect();
         let toks: Vec<u32> = stream.iter().map(|t| t.0).collect();
         if l.finished {

@@ -1,6 +1,8 @@
-//! Periodic health checks: every `--health-check-interval`, a `GET /health` to each engine.
-//! `--health-failure-threshold` consecutive failures eject it (requests stop going
-//! there; failed connects from the proxy count too), `--health-success-threshold`
+//! Periodic health checks: every `--health-check-interval`, a `GET /health` to each engine,
+//! given `--health-check-timeout-secs` to answer (a frozen process still accepts
+//! connections: only the timeout tells). `--health-failure-threshold` consecutive
+//! failures eject it (requests stop going there, and those waiting for its first byte
+//! go elsewhere at once; failures of live requests count too, see `proxy`), `--health-success-threshold`
 //! consecutive successes readmit it, and a readmitted engine without a configured model
 //! is asked for its models again. Ejection and readmission flip the engine's own health
 //! flag: the set (the registry's snapshot) stays as it is.
@@ -9,11 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::EngineSet;
+use crate::engines::EjectCause;
 use crate::upstream;
 
 /// Check every engine every `interval`, forever.
-pub async fn run(engines: Arc<EngineSet>, interval: Duration, successes: u32, failures: u32) {
-    let timeout = interval.min(Duration::from_secs(5));
+pub async fn run(
+    engines: Arc<EngineSet>,
+    interval: Duration,
+    timeout: Duration,
+    successes: u32,
+    failures: u32,
+) {
     super::each_engine_every(engines, interval, move |engines, e| async move {
         let url = format!("{}/health", e.url);
         let ok = matches!(
@@ -27,7 +35,7 @@ pub async fn run(engines: Arc<EngineSet>, interval: Duration, successes: u32, fa
                     engines.discover_models(&e).await;
                 }
             }
-        } else if e.record_failure(failures) {
+        } else if e.record_failure(failures, EjectCause::HealthCheck) {
             tracing::warn!(engine = %e.url, "engine ejected: health checks failing");
         }
     })

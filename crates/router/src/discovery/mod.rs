@@ -109,6 +109,7 @@ pub fn spawn_tasks(
     tokio::spawn(health::run(
         engines.clone(),
         settings.health_interval,
+        settings.resilience.health_timeout,
         settings.health_successes,
         settings.health_failures,
     ));

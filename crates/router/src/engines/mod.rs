@@ -4,20 +4,53 @@
 //! A request takes the snapshot (one `Arc` clone), so discovery and reloads never block
 //! or disturb requests in flight; an engine kept across a change keeps its counters.
 //! Memory is O(engines + models): nothing here is keyed by request. Each engine's
-//! sliding-window request statistics are [`stats`]'s ring.
+//! sliding-window request statistics are [`stats`]'s ring; its circuit breaker is
+//! [`breaker`]'s.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+use tokio::sync::Notify;
+
 use kv_events::hash::mix64;
 use protocol::prom::{Counter, Gauge, Histogram, ITL_BUCKETS, TTFT_BUCKETS};
 
+pub mod breaker;
 pub mod stats;
 
 use crate::config::BackendSpec;
+use breaker::Breaker;
 use stats::RequestStats;
+
+/// Why an engine was taken out of rotation (the `cause` label of
+/// `vllm:router_engine_ejections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectCause {
+    /// `--health-failure-threshold` failed (or timed out) health checks.
+    HealthCheck,
+    /// As many consecutive failures of live requests (passive outlier ejection).
+    Traffic,
+    /// Its circuit breaker opened.
+    CircuitBreaker,
+}
+
+impl EjectCause {
+    pub const ALL: [EjectCause; 3] = [
+        EjectCause::HealthCheck,
+        EjectCause::Traffic,
+        EjectCause::CircuitBreaker,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EjectCause::HealthCheck => "health_check",
+            EjectCause::Traffic => "traffic",
+            EjectCause::CircuitBreaker => "circuit_breaker",
+        }
+    }
+}
 
 /// Load figures scraped from an engine's `/metrics`.
 #[derive(Debug, Default)]
@@ -59,6 +92,13 @@ pub struct Endpoint {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub latency: Histogram,
+    /// Live-traffic circuit breaker.
+    pub breaker: Breaker,
+    /// Woken when the engine is ejected or its breaker opens: requests still waiting
+    /// for its first byte go elsewhere at once, its silent streams are cut.
+    pub unavailable: Arc<Notify>,
+    /// Ejections so far, by [`EjectCause`] (in `EjectCause::ALL` order).
+    pub ejections: [Counter; 3],
 }
 
 pub fn hash_str(s: &str) -> u64 {
@@ -99,6 +139,9 @@ impl Endpoint {
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             latency: Histogram::new(protocol::prom::REQUEST_LATENCY_BUCKETS),
+            breaker: Breaker::default(),
+            unavailable: Arc::new(Notify::new()),
+            ejections: Default::default(),
         }
     }
 
@@ -126,11 +169,30 @@ impl Endpoint {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Record a failed check or connect; true when it ejected the engine.
-    pub fn record_failure(&self, threshold: u32) -> bool {
+    /// Record a failed health check (`HealthCheck`) or live request (`Traffic`): a
+    /// connect error, reset, 5xx or first-byte timeout. True when it ejected the engine;
+    /// then whoever waits on [`Endpoint::unavailable`] is woken.
+    pub fn record_failure(&self, threshold: u32, cause: EjectCause) -> bool {
         self.oks.store(0, Ordering::Relaxed);
         let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
-        n >= threshold && self.healthy.swap(false, Ordering::Relaxed)
+        let ejected = n >= threshold && self.healthy.swap(false, Ordering::Relaxed);
+        if ejected {
+            self.ejected(cause);
+        }
+        ejected
+    }
+
+    /// Count an ejection (or a breaker opening) and wake the requests waiting on it.
+    pub fn ejected(&self, cause: EjectCause) {
+        self.ejections[cause as usize].inc();
+        self.unavailable.notify_waiters();
+    }
+
+    /// A live request got its first byte: failures are no longer consecutive.
+    pub fn record_live_success(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Record a good check; true when it readmitted the engine.
@@ -392,9 +454,12 @@ mod tests {
     #[test]
     fn health_thresholds_eject_and_readmit() {
         let e = Endpoint::new(&spec("http://a:1", None), 10, Instant::now());
-        assert!(!e.record_failure(2));
-        assert!(e.record_failure(2));
+        assert!(!e.record_failure(2, EjectCause::HealthCheck));
+        e.record_live_success();
+        assert!(!e.record_failure(2, EjectCause::Traffic));
+        assert!(e.record_failure(2, EjectCause::Traffic));
         assert!(!e.is_healthy());
+        assert_eq!(e.ejections[EjectCause::Traffic as usize].get(), 1);
         assert!(!e.record_success(2));
         assert!(e.record_success(2));
         assert!(e.is_healthy());

@@ -257,6 +257,32 @@ impl RouterMetrics {
             );
         }
         w.header(
+            "vllm:router_circuit_breaker_state",
+            "gauge",
+            "Circuit breaker of the engine: 0 closed, 1 open, 2 half-open",
+        );
+        for e in &snap.endpoints {
+            w.sample(
+                "vllm:router_circuit_breaker_state",
+                &[("server", &e.url)],
+                f64::from(e.breaker.state() as u8),
+            );
+        }
+        w.header(
+            "vllm:router_engine_ejections_total",
+            "counter",
+            "Times the engine was taken out of rotation, by cause",
+        );
+        for e in &snap.endpoints {
+            for cause in crate::engines::EjectCause::ALL {
+                w.sample(
+                    "vllm:router_engine_ejections_total",
+                    &[("server", &e.url), ("cause", cause.label())],
+                    e.ejections[cause as usize].get() as f64,
+                );
+            }
+        }
+        w.header(
             "vllm:router_engine_info",
             "gauge",
             "1 for each engine (server) and model it serves: joins the per-server series to models",

@@ -806,3 +806,72 @@ async fn metrics_have_vllm_names_and_counters_move() {
         Some(3.0)
     );
 }
+
+/// `continue_final_message`: the final assistant message is left open and continued (the
+/// prompt is the render cut after its text), as vLLM does; with `add_generation_prompt`
+/// true (explicitly or by default) it is a 400. A completion prompt may end mid-word.
+#[tokio::test]
+async fn chat_continues_the_final_message() {
+    let e = vllm_like(&[]);
+    let c = client();
+    let url = e.url("/v1/chat/completions");
+    let body = |extra: Value| {
+        let mut b = json!({"model":"smollm2","max_tokens":4,"temperature":0,"seed":3,
+            "ignore_eos":true,"messages":[{"role":"user","content":"hi"},
+            {"role":"assistant","content":"Hello wor"}]});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    let (status, text) = post(
+        &c,
+        &url,
+        &body(json!({"continue_final_message":true,"add_generation_prompt":false})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("json");
+    // The prompt is the render up to the open message's text: no end-of-turn after it.
+    let open = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello wor";
+    let (_, toks) = post(
+        &c,
+        &e.url("/tokenize"),
+        &json!({"model":"smollm2","prompt":open}).to_string(),
+    )
+    .await;
+    let toks: Value = serde_json::from_str(&toks).expect("json");
+    assert_eq!(v["usage"]["prompt_tokens"], toks["count"], "{v}");
+    // /tokenize renders chat the same way.
+    let (_, chat_toks) = post(
+        &c,
+        &e.url("/tokenize"),
+        &json!({"model":"smollm2","continue_final_message":true,"add_generation_prompt":false,
+                "messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"Hello wor"}]})
+        .to_string(),
+    )
+    .await;
+    let chat_toks: Value = serde_json::from_str(&chat_toks).expect("json");
+    assert_eq!(chat_toks["tokens"], toks["tokens"]);
+    // vLLM's default generation prompt must be turned off explicitly.
+    let (status, text) = post(&c, &url, &body(json!({"continue_final_message":true}))).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("are not compatible"), "{text}");
+    let (status, text) = post(
+        &c,
+        &url,
+        &body(json!({"continue_final_message":true,"add_generation_prompt":true})),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text
+        .contains("Cannot set both `continue_final_message` and `add_generation_prompt` to True."));
+    // A completion prompt that ends mid-word is served as it is.
+    let (status, text) = post(
+        &c,
+        &e.url("/v1/completions"),
+        &json!({"model":"smollm2","prompt":"Hello wor","max_tokens":3}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+}

@@ -1,7 +1,9 @@
 //! End-to-end tests: real `switchyard` processes on loopback with OS-chosen ports.
 //! One test binary for the crate; each module covers one area.
 
+mod admission;
 mod bench;
+mod chaos;
 mod common;
 mod deps;
 mod engine_http;
@@ -9,4 +11,5 @@ mod k8s;
 mod kvaware;
 mod observe;
 mod prefix;
+mod resume;
 mod router;

@@ -419,12 +419,16 @@ async fn client_disconnect_frees_the_engine_slot() {
         .expect("send");
     let mut s = resp.bytes_stream();
     s.next().await.expect("first chunk").expect("ok");
-    assert_eq!(
-        engine_metric(&c, &e, "vllm:num_requests_running", &[]).await,
-        Some(1.0)
-    );
-    drop(s);
+    // The engine loop updates its gauges just after sending the step's tokens: wait.
     let deadline = Instant::now() + Duration::from_secs(10);
+    while engine_metric(&c, &e, "vllm:num_requests_running", &[]).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the engine never ran the request"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(s);
     while engine_metric(&c, &e, "vllm:num_requests_running", &[]).await != Some(0.0) {
         assert!(Instant::now() < deadline, "the engine kept the request");
         tokio::time::sleep(Duration::from_millis(20)).await;

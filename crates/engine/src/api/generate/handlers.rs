@@ -6,8 +6,8 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use protocol::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice, CompletionRequest,
-    CompletionResponse, Prompt, SamplingFields, StopReason, Usage,
+    ChatCompletionResponse, ChatDelta, ChatMessage, ChatResponseMessage, CompletionChoice,
+    CompletionRequest, CompletionResponse, Prompt, SamplingFields, StopReason, Usage,
 };
 use protocol::ApiError;
 
@@ -23,6 +23,50 @@ fn fingerprint() -> Option<String> {
     Some(format!("switchyard-{}", crate::api::VERSION))
 }
 
+/// The chat prompt: the template with a generation prompt (default), or, with
+/// `continue_final_message` (and `add_generation_prompt: false`, which vLLM requires),
+/// without one and cut after the final message's text (vLLM's and transformers' way), so
+/// the model continues that message.
+pub(crate) fn render_chat(
+    engine: &Engine,
+    messages: &[ChatMessage],
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+) -> Result<String, ApiError> {
+    let cont = continue_final_message.unwrap_or(false);
+    if cont && add_generation_prompt == Some(true) {
+        return Err(ApiError::validation(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            None,
+        ));
+    }
+    let add_generation_prompt = add_generation_prompt.unwrap_or(true);
+    if cont && add_generation_prompt {
+        // vLLM's default generation prompt left on: transformers refuses the render.
+        return Err(ApiError::bad_request(
+            "continue_final_message and add_generation_prompt are not compatible. Use \
+             continue_final_message when you want the model to continue the final message, \
+             and add_generation_prompt when you want to add a header that will prompt it to \
+             start a new assistant message instead.",
+            None,
+        ));
+    }
+    let text = engine
+        .tokenizer
+        .apply_chat_template(messages, add_generation_prompt)
+        .map_err(|e| ApiError::bad_request(e, None))?;
+    if !cont {
+        return Ok(text);
+    }
+    let last = messages
+        .last()
+        .and_then(|m| m.content.as_ref())
+        .map(|c| c.text())
+        .unwrap_or_default();
+    tokenizer::template::continue_final_message(&text, &last)
+        .map_err(|e| ApiError::bad_request(e, None))
+}
+
 pub async fn chat_completions(
     State(engine): State<Engine>,
     req: Request,
@@ -36,10 +80,12 @@ pub async fn chat_completions(
         )
         .into());
     }
-    let text = engine
-        .tokenizer
-        .apply_chat_template(&body.messages, body.add_generation_prompt.unwrap_or(true))
-        .map_err(|e| ApiError::bad_request(e, None))?;
+    let text = render_chat(
+        &engine,
+        &body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+    )?;
     let prompt = engine.tokenizer.encode(&text);
     validate::check_prompt_len(prompt.len(), engine.max_model_len)?;
     let s = &body.sampling;

@@ -12,4 +12,5 @@ mod handlers;
 mod output;
 mod stream;
 
+pub(crate) use handlers::render_chat;
 pub use handlers::{chat_completions, completions};

@@ -154,7 +154,7 @@ impl Backend for GgufBackend {
         })
     }
 
-    fn export_kv(&self, blocks: &[u32], out: &mut Vec<u8>) -> bool {
+    fn export_kv(&mut self, blocks: &[u32], out: &mut Vec<u8>) -> bool {
         self.cache.export(blocks, out)
     }
 

@@ -1,6 +1,7 @@
 //! The per-request trail: what a request needs to log and export itself when it ends.
 //! One line goes to the log at debug level under the target [`ACCESS_TARGET`]
-//! (`router::access`): request id, model, engine, status, latency, TTFT, trace id; and,
+//! (`router::access`): request id, API key name (never the key), model, engine, status,
+//! latency, TTFT, trace id; and,
 //! with an exporter, the router's span (kind server) and one span per upstream attempt
 //! (kind client) are queued for export. A [`Trail`] lives in the request's response body
 //! and is gone with it.
@@ -34,6 +35,8 @@ pub struct Trail {
     pub name: String,
     pub ctx: TraceCtx,
     pub start: Instant,
+    /// The API key's name, when keys are on.
+    pub key: Option<Arc<str>>,
     start_unix_ns: u64,
 }
 
@@ -54,6 +57,7 @@ impl Trail {
             name,
             ctx,
             start,
+            key: None,
             start_unix_ns,
         }
     }
@@ -117,6 +121,7 @@ impl Trail {
         tracing::debug!(
             target: ACCESS_TARGET,
             request_id = self.request_id.to_str().unwrap_or("-"),
+            key = self.key.as_deref().unwrap_or(""),
             model = %self.model,
             engine,
             status,
@@ -145,6 +150,9 @@ impl Trail {
         if let Some(t) = ttft_s {
             attrs.push(("gen_ai.latency.time_to_first_token", Attr::F64(t)));
         }
+        if let Some(k) = &self.key {
+            attrs.push(("switchyard.api_key.name", Attr::Str(k.to_string())));
+        }
         x.push(SpanRecord {
             trace_id: self.ctx.trace_id,
             span_id: self.ctx.span_id,
@@ -165,14 +173,22 @@ impl Trail {
     }
 }
 
-/// Log a request answered before it was routed (bad body, unknown model, no engine).
-pub fn log_rejected(headers: &HeaderMap, model: &str, status: u16, start: Instant) {
+/// Log a request answered before it was routed (no or bad key, bad body, unknown model,
+/// rate limited, no engine). `key`: the API key's name.
+pub fn log_rejected(
+    headers: &HeaderMap,
+    key: Option<&str>,
+    model: &str,
+    status: u16,
+    start: Instant,
+) {
     tracing::debug!(
         target: ACCESS_TARGET,
         request_id = headers
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
+        key = key.unwrap_or(""),
         model,
         engine = "",
         status,
