@@ -894,6 +894,10 @@ def test_secrets_given_as_strings(helm):
     assert engine_env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "vllmApiKey"}
     router_env = {e["name"]: e for e in container(r.get("Deployment", ROUTER))["env"]}
     assert router_env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "vllmApiKey"}
+    # Switchyard engines (`--api-key` reads VLLM_API_KEY, as vllm serve) get the key too.
+    r = helm.install(helm_merge(one_model(), {"servingEngineSpec": {"vllmApiKey": "sk-123"}}))
+    engine_env = {e["name"]: e for e in container(r.get("Deployment", engine_name("m")))["env"]}
+    assert engine_env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "vllmApiKey"
     # Nothing secret when nothing is given.
     assert not helm.install(one_model()).of_kind("Secret")
 
