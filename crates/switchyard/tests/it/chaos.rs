@@ -10,10 +10,9 @@
 //!   requests, or its circuit breaker) within 3 s of the fault;
 //! - throughput is at least 0.7x the fault-free run's.
 //!
-//! Streams already under way on a killed or frozen engine are cut (the client sees an
-//! incomplete stream): continuing them elsewhere needs mid-stream failover, which the
-//! router does not do yet. They are counted apart ("cut mid-way") and not held against
-//! the router; with 500s or slowness, which hit only new requests, none may be cut.
+//! - no stream is cut either: streams under way on a killed or frozen engine are
+//!   continued on another (mid-stream failover, `resume.rs`), and the router counts
+//!   them as resumed.
 //!
 //! Each logic is one test (the harness runs them in parallel); within it the five runs
 //! go at once, each with its own processes. A frozen engine is SIGKILLed when its
@@ -169,6 +168,8 @@ struct Outcome {
     ok: u64,
     failed: u64,
     cut: u64,
+    /// `vllm:router_stream_resumes_total{outcome="resumed"}` at the end of the run.
+    resumed: f64,
     ejected_after: Option<Duration>,
 }
 
@@ -231,6 +232,15 @@ async fn run(mut stack: Stack, fault: Fault) -> Outcome {
     for t in clients {
         t.await.expect("client task");
     }
+    let resumed = match c.get(stack.router.url("/metrics")).send().await {
+        Ok(r) => metric(
+            &r.text().await.unwrap_or_default(),
+            "vllm:router_stream_resumes_total",
+            &[("outcome", "resumed")],
+        )
+        .unwrap_or(0.0),
+        Err(_) => -1.0,
+    };
     // `stack` drops here: every engine is SIGKILLed (a stopped one too) and waited for.
     drop(stack);
     Outcome {
@@ -238,6 +248,7 @@ async fn run(mut stack: Stack, fault: Fault) -> Outcome {
         ok: counts.ok.load(Ordering::Relaxed),
         failed: counts.failed_before_first_byte.load(Ordering::Relaxed),
         cut: counts.cut_mid_way.load(Ordering::Relaxed),
+        resumed,
         ejected_after,
     }
 }
@@ -256,12 +267,13 @@ async fn chaos(logic: &str) {
     let base = outcomes[0].ok.max(1);
     for o in &outcomes {
         eprintln!(
-            "chaos {logic:12} {:8?} ok {:4} ({:.2}x) failed-before-first-byte {} cut-mid-way {} ejected after {:?}",
+            "chaos {logic:12} {:8?} ok {:4} ({:.2}x) failed-before-first-byte {} cut-mid-way {} resumed {} ejected after {:?}",
             o.fault,
             o.ok,
             o.ok as f64 / base as f64,
             o.failed,
             o.cut,
+            o.resumed,
             o.ejected_after
         );
     }
@@ -287,11 +299,16 @@ async fn chaos(logic: &str) {
             o.fault,
             o.ok
         );
-        if matches!(o.fault, Fault::Http500 | Fault::Slow) {
-            assert_eq!(
-                o.cut, 0,
-                "{logic} {:?}: streams under way were cut: {o:?}",
-                o.fault
+        assert_eq!(
+            o.cut, 0,
+            "{logic} {:?}: streams under way were cut: {o:?}",
+            o.fault
+        );
+        if o.fault == Fault::Kill {
+            // Eight clients stream all the time: the killed engine had streams under way.
+            assert!(
+                o.resumed >= 1.0,
+                "{logic}: no stream was continued after the kill: {o:?}"
             );
         }
     }
