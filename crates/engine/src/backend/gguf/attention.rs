@@ -114,6 +114,44 @@ fn axpy<T: KvElem>(out: &mut [f32], w: f32, x: &[T]) {
     }
 }
 
+/// The heads of one attention layer: how many query and KV heads of what width, the
+/// score scale, and the sliding window (0: none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies `q · k` (`1/√head_dim` for most models; Gemma's comes from the model).
+    pub scale: f32,
+    /// A row at position `p` attends to positions `p - window + 1 ..= p` (llama.cpp's
+    /// `LLAMA_SWA_TYPE_STANDARD`: a key is masked when `p - key_pos >= window`); 0 attends
+    /// to every position `0..=p`.
+    pub window: usize,
+}
+
+impl Heads {
+    /// Causal attention over every position, scaled by `1/√head_dim`.
+    pub fn causal(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Heads {
+        Heads {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
+        }
+    }
+
+    /// The first position a row at `pos` attends to.
+    #[inline]
+    pub fn first_key(&self, pos: usize) -> usize {
+        if self.window > 0 && pos + 1 > self.window {
+            pos + 1 - self.window
+        } else {
+            0
+        }
+    }
+}
+
 /// `out[r] = softmax(q[r] · Kᵀ / √d) V` per head, over the row's sequence's positions
 /// `0..=pos`. `q` and `out` are `[rows, n_heads·head_dim]`.
 #[allow(clippy::too_many_arguments)]
@@ -127,33 +165,41 @@ pub fn paged_attention(
     head_dim: usize,
     out: &mut [f32],
 ) {
+    let heads = Heads::causal(n_heads, n_kv_heads, head_dim);
+    paged_attention_with(cache, layer, rows, q, &heads, out)
+}
+
+/// `out[r] = softmax(scale · q[r] · Kᵀ) V` per head, over the row's sequence's positions
+/// `first_key(pos)..=pos` (all of `0..=pos` without a window).
+pub fn paged_attention_with(
+    cache: &KvCache,
+    layer: usize,
+    rows: &[RowInfo<'_>],
+    q: &[f32],
+    heads: &Heads,
+    out: &mut [f32],
+) {
     match cache.layer(layer) {
-        KvLayer::F32(k, v) => {
-            paged::<f32>(cache, k, v, rows, q, n_heads, n_kv_heads, head_dim, out)
-        }
-        KvLayer::F16(k, v) => {
-            paged::<half::f16>(cache, k, v, rows, q, n_heads, n_kv_heads, head_dim, out)
-        }
+        KvLayer::F32(k, v) => paged::<f32>(cache, k, v, rows, q, heads, out),
+        KvLayer::F16(k, v) => paged::<half::f16>(cache, k, v, rows, q, heads, out),
     }
 }
 
-/// [`paged_attention`] over one layer's keys `kc` and values `vc` of element type `T`.
-#[allow(clippy::too_many_arguments)]
+/// [`paged_attention_with`] over one layer's keys `kc` and values `vc` of element type `T`.
 fn paged<T: KvElem>(
     cache: &KvCache,
     kc: &[T],
     vc: &[T],
     rows: &[RowInfo<'_>],
     q: &[f32],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    heads: &Heads,
     out: &mut [f32],
 ) {
-    let w = n_heads * head_dim;
+    let w = heads.n_heads * heads.head_dim;
+    let attended = |r: &RowInfo<'_>| r.pos + 1 - heads.first_key(r.pos);
     // Work ~ Σ positions attended; below this a thread costs more than it saves.
-    let work: usize = rows.iter().map(|r| r.pos + 1).sum();
-    let parts = if work * n_heads < 1 << 16 {
+    let work: usize = rows.iter().map(attended).sum();
+    let parts = if work * heads.n_heads < 1 << 16 {
         1
     } else {
         (2 * rayon::current_num_threads()).min(rows.len())
@@ -161,18 +207,7 @@ fn paged<T: KvElem>(
     let run = |rows: &[RowInfo<'_>], q: &[f32], out: &mut [f32]| {
         let mut scratch = Scratch::default();
         for ((o, qr), row) in out.chunks_mut(w).zip(q.chunks(w)).zip(rows) {
-            attend_row(
-                cache,
-                kc,
-                vc,
-                row,
-                qr,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                o,
-                &mut scratch,
-            );
+            attend_row(cache, kc, vc, row, qr, heads, o, &mut scratch);
         }
     };
     if parts <= 1 {
@@ -187,7 +222,7 @@ fn paged<T: KvElem>(
             let mut acc = 0;
             let mut n = 0;
             while n < rows.len() && acc < per {
-                acc += rows[n].pos + 1;
+                acc += attended(&rows[n]);
                 n += 1;
             }
             let (r0, r1) = rows.split_at(n);
@@ -242,15 +277,14 @@ fn attend_row<T: KvElem>(
     vc: &[T],
     row: &RowInfo<'_>,
     qr: &[f32],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    heads: &Heads,
     o: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let (n_heads, head_dim, scale) = (heads.n_heads, heads.head_dim, heads.scale);
+    let group = n_heads / heads.n_kv_heads;
     let n = row.pos + 1;
+    let first = heads.first_key(row.pos);
     positions(cache, row.blocks, n, &mut scratch.offs);
     let Scratch {
         scores,
@@ -258,13 +292,15 @@ fn attend_row<T: KvElem>(
         max,
         sum,
     } = scratch;
-    scores.resize(CHUNK.min(n), 0.0);
+    // Keys before the window are never read (their blocks may even be reused).
+    let offs = &offs[first..];
+    scores.resize(CHUNK.min(offs.len()), 0.0);
     max.clear();
     max.resize(n_heads, f32::NEG_INFINITY);
     sum.clear();
     sum.resize(n_heads, 0.0);
     o.fill(0.0);
-    // Positions in chunks (fixed by position, so a row's result never depends on its
+    // Positions in chunks (fixed by the row's position, so its result never depends on its
     // batch) whose keys and values stay in cache while every head reads them; the softmax
     // is the online one: a chunk with a higher maximum rescales what came before.
     for offs in offs.chunks(CHUNK) {
@@ -380,6 +416,15 @@ fn head_values<T: KvElem>(w: &[f32], vc: &[T], offs: &[usize], g: usize, o: &mut
         match o.len() {
             64 => return unsafe { head_values_avx2::<T, 8>(w, vc, offs, g, o) },
             128 => return unsafe { head_values_avx2::<T, 16>(w, vc, offs, g, o) },
+            // Wider heads (Gemma's 256) in slices of 128, 16 accumulators each.
+            n if n.is_multiple_of(128) => {
+                for (i, oc) in o.chunks_exact_mut(128).enumerate() {
+                    // SAFETY: as above; slice `i` reads values `g + 128·i ..` of a head
+                    // that holds `o.len()` of them.
+                    unsafe { head_values_avx2::<T, 16>(w, vc, offs, g + 128 * i, oc) };
+                }
+                return;
+            }
             _ => {}
         }
     }

@@ -1,5 +1,5 @@
 //! The forward pass of llama-family decoders (Llama, Mistral, SmolLM: `llama`; Qwen2:
-//! `qwen2`) over a packed batch: the new tokens of many sequences (prefill chunks and
+//! `qwen2`; Gemma 3: `gemma3`) over a packed batch: the new tokens of many sequences (prefill chunks and
 //! decodes together) go through each layer as one matrix, and attention reads every
 //! sequence's keys and values from the engine's paged KV blocks.
 //!
@@ -10,7 +10,17 @@
 //! rows (prefill chunks, big decode batches). Which rows take which is decided per row kind
 //! ([`Kernels`]), never by the batch they happen to share a step with, unless asked
 //! to. Q/K/V and gate/up are fused into one matrix each. Norms, rotary embedding, attention
-//! and the activation are plain loops over `f32` here.
+//! and the activation are plain loops over `f32` here. K-quant sources (Q4_K, Q5_K, Q6_K,
+//! ...) are dequantized by candle and re-quantized to Q8_0 like any other quantized type.
+//!
+//! Gemma 3 as llama.cpp runs it (`src/models/gemma3.cpp`): embeddings scaled by
+//! `√hidden`; RMSNorm before *and* after attention and the MLP; per-head RMSNorm of q and
+//! k; GeGLU with tanh-approximated GELU; q scaled by `1/√head_dim` (`1/√(hidden/heads)`
+//! for the 27B); every 6th layer global (RoPE base from the file), the other five local
+//! (sliding window from the file, RoPE base 10,000); NEOX rotary pairs; final logit
+//! soft-capping only when the file names it. Gemma's RMSNorm multiplies by `1 + w`:
+//! llama.cpp's converter already stores `1 + w` in the GGUF (the files hold exact zeros
+//! where the checkpoint had -1), so every norm here multiplies by the stored weight.
 
 use std::fs::File;
 use std::path::Path;
@@ -18,7 +28,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::attention::{paged_attention, RowInfo};
+use super::attention::{paged_attention_with, Heads, RowInfo};
 use super::kv_cache::KvCache;
 use super::q8::{Q8Matrix, Q8Rows};
 use gguf::{Gguf, Value};
@@ -27,7 +37,7 @@ use gguf::{Gguf, Value};
 pub enum ModelError {
     #[error("{0}")]
     Gguf(#[from] gguf::GgufError),
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2)")]
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3)")]
     Architecture { path: String, arch: String },
     #[error("{path}: {what}")]
     Bad { path: String, what: String },
@@ -43,6 +53,15 @@ pub enum RopeStyle {
     Halves,
 }
 
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `g·σ(g)` (SwiGLU: llama, qwen2).
+    Silu,
+    /// GELU, tanh approximation (GeGLU: gemma).
+    GeluTanh,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub arch: String,
@@ -51,13 +70,31 @@ pub struct Config {
     pub ffn: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Width of a query/key/value head (`hidden / n_heads` unless the file says otherwise:
+    /// Gemma 3 270M has 4 heads of 256 over 640 dims).
     pub head_dim: usize,
     pub rope_dim: usize,
+    /// RoPE base of global layers (all layers without a sliding window).
     pub rope_base: f32,
     pub rope_style: RopeStyle,
     pub eps: f32,
     pub vocab: usize,
     pub context_length: usize,
+    pub act: Activation,
+    /// Embeddings are multiplied by this (Gemma: `√hidden`).
+    pub embed_scale: Option<f32>,
+    /// Multiplies `q · k` in attention.
+    pub attn_scale: f32,
+    /// Sliding window of local layers, in positions (0: none).
+    pub sliding_window: usize,
+    /// Per layer: whether it is local (sliding-window).
+    pub local_layers: Vec<bool>,
+    /// RoPE base of local layers.
+    pub rope_base_local: f32,
+    /// Final logits become `c·tanh(logits/c)`.
+    pub final_softcap: Option<f32>,
+    /// Gemma's extra norms: per-head q/k norms and norms after attention and the MLP.
+    pub gemma_norms: bool,
 }
 
 impl Config {
@@ -66,7 +103,7 @@ impl Config {
         let arch = g.architecture().unwrap_or("").to_string();
         let rope_style = match arch.as_str() {
             "llama" | "mistral" => RopeStyle::Interleaved,
-            "qwen2" => RopeStyle::Halves,
+            "qwen2" | "gemma3" => RopeStyle::Halves,
             _ => {
                 return Err(ModelError::Architecture {
                     path,
@@ -97,7 +134,8 @@ impl Config {
         let hidden = int("embedding_length")?;
         let n_heads = int("attention.head_count")?;
         let n_kv_heads = int("attention.head_count_kv").unwrap_or(n_heads);
-        if hidden % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        let explicit_heads = g.get(&format!("{arch}.attention.key_length")).is_some();
+        if (!explicit_heads && hidden % n_heads != 0) || n_heads % n_kv_heads != 0 {
             return Err(ModelError::Bad {
                 path,
                 what: format!(
@@ -105,7 +143,21 @@ impl Config {
                 ),
             });
         }
-        let head_dim = hidden / n_heads;
+        let head_dim = match g.get(&format!("{arch}.attention.key_length")) {
+            Some(_) => int("attention.key_length")?,
+            None => hidden / n_heads,
+        };
+        if let Some(v) = g
+            .get(&format!("{arch}.attention.value_length"))
+            .and_then(Value::as_i64)
+        {
+            if v as usize != head_dim {
+                return Err(ModelError::Bad {
+                    path,
+                    what: format!("value heads of {v} dims differ from key heads of {head_dim}"),
+                });
+            }
+        }
         let rope_dim = int("rope.dimension_count")
             .unwrap_or(head_dim)
             .min(head_dim);
@@ -114,8 +166,66 @@ impl Config {
             .and_then(Value::as_array)
             .map(|a| a.len())
             .unwrap_or(0);
+        let n_layers = int("block_count")?;
+        let gemma = arch == "gemma3";
+        // Gemma 3's local layers, as llama.cpp sets them: a window from the file (none:
+        // every layer global), five local layers then one global (`set_swa_pattern(6)`),
+        // unless the file lists the pattern (`attention.sliding_window_pattern`: one bool
+        // per layer, or a period).
+        let sliding_window = if gemma {
+            g.get(&format!("{arch}.attention.sliding_window"))
+                .and_then(Value::as_i64)
+                .filter(|v| *v > 0)
+                .map_or(0, |v| v as usize)
+        } else {
+            0
+        };
+        let local_layers: Vec<bool> = if sliding_window == 0 {
+            vec![false; n_layers]
+        } else {
+            match g.get(&format!("{arch}.attention.sliding_window_pattern")) {
+                Some(Value::Array(a)) if a.len() == n_layers => a
+                    .iter()
+                    .map(|v| match v {
+                        Value::Bool(b) => *b,
+                        other => other.as_i64().unwrap_or(0) != 0,
+                    })
+                    .collect(),
+                other => {
+                    let period = other
+                        .and_then(Value::as_i64)
+                        .filter(|p| *p > 0)
+                        .map_or(6, |p| p as usize);
+                    (0..n_layers).map(|i| i % period < period - 1).collect()
+                }
+            }
+        };
+        // llama.cpp: 1/√head_dim, but 1/√(hidden/heads) for the 27B (62 layers), from
+        // gemma_pytorch's `query_pre_attn_scalar`.
+        let attn_scale = if gemma && n_layers == 62 {
+            1.0 / ((hidden / n_heads) as f32).sqrt()
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
+        let final_softcap = g
+            .get(&format!("{arch}.final_logit_softcapping"))
+            .and_then(Value::as_f64)
+            .filter(|c| *c > 0.0)
+            .map(|c| c as f32);
         Ok(Config {
-            n_layers: int("block_count")?,
+            n_layers,
+            act: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+            attn_scale,
+            sliding_window,
+            local_layers,
+            rope_base_local: float("rope.freq_base_swa", 10_000.0),
+            final_softcap,
+            gemma_norms: gemma,
             hidden,
             ffn: int("feed_forward_length")?,
             n_heads,
@@ -124,11 +234,21 @@ impl Config {
             rope_dim: rope_dim & !1,
             rope_base: float("rope.freq_base", 10_000.0),
             rope_style,
-            eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            eps: float(
+                "attention.layer_norm_rms_epsilon",
+                if gemma { 1e-6 } else { 1e-5 },
+            ),
             vocab,
             context_length: int("context_length").unwrap_or(4096),
             arch,
         })
+    }
+}
+
+impl Config {
+    /// Width of all query heads together (`hidden` for llama-family models).
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
     }
 }
 
@@ -211,6 +331,16 @@ impl Linear {
     }
 }
 
+/// Gemma's extra norms in a layer.
+struct GemmaNorms {
+    /// Per query/key head, over `head_dim`.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    /// On the attention's and the MLP's output, before each joins the residual.
+    post_attn: Vec<f32>,
+    post_ffn: Vec<f32>,
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
     qkv: Linear,
@@ -218,10 +348,16 @@ struct Layer {
     ffn_norm: Vec<f32>,
     gate_up: Linear,
     down: Linear,
+    gemma: Option<GemmaNorms>,
+    /// Sliding-window layer (local RoPE base, window in attention).
+    local: bool,
 }
 
 /// The f32 copies of quantized weights are kept up to this size (about a 1B model).
 pub const DEFAULT_F32_BUDGET_BYTES: usize = 4 << 30;
+
+/// A tied output head gets an f32 copy (beside the embedding table's) only up to this size.
+const TIED_F32_MAX_BYTES: usize = 256 << 20;
 
 /// A loaded model.
 pub struct Model {
@@ -230,8 +366,10 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Linear,
-    /// Per rotary pair: the inverse frequency.
+    /// Per rotary pair: the inverse frequency (global layers).
     inv_freq: Vec<f32>,
+    /// The same for local (sliding-window) layers.
+    inv_freq_local: Vec<f32>,
 }
 
 impl std::fmt::Debug for Model {
@@ -367,36 +505,55 @@ impl Model {
         }
         let biases = cfg.arch == "qwen2";
         let kv = cfg.n_kv_heads * cfg.head_dim;
+        let qd = cfg.q_dim();
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let gemma = if cfg.gemma_norms {
+                Some(GemmaNorms {
+                    q: ld.vec(&n("attn_q_norm"), cfg.head_dim)?,
+                    k: ld.vec(&n("attn_k_norm"), cfg.head_dim)?,
+                    post_attn: ld.vec(&n("post_attention_norm"), h)?,
+                    post_ffn: ld.vec(&n("post_ffw_norm"), h)?,
+                })
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: ld.vec(&n("attn_norm"), h)?,
                 qkv: ld.linear(
                     &[n("attn_q"), n("attn_k"), n("attn_v")],
                     h,
-                    &[h, kv, kv],
+                    &[qd, kv, kv],
                     biases,
                 )?,
-                wo: ld.linear(&[n("attn_output")], h, &[h], false)?,
+                wo: ld.linear(&[n("attn_output")], qd, &[h], false)?,
                 ffn_norm: ld.vec(&n("ffn_norm"), h)?,
                 gate_up: ld.linear(&[n("ffn_gate"), n("ffn_up")], h, &[cfg.ffn, cfg.ffn], false)?,
                 down: ld.linear(&[n("ffn_down")], cfg.ffn, &[h], false)?,
+                gemma,
+                local: cfg.local_layers.get(i).copied().unwrap_or(false),
             });
         }
         let norm = ld.vec("output_norm.weight", h)?;
         let lm_head = if ld.has("output.weight") {
             ld.linear(&["output.weight".to_string()], h, &[vocab], false)?
         } else {
-            // Tied embeddings: the output projection is the embedding matrix.
-            let f32 = Tensor::from_slice(&embed, (vocab, h), &Device::Cpu)?;
+            // Tied embeddings: the output projection is the embedding matrix. A quantized
+            // one too big for a cheap second f32 copy (Gemma's 262,144 x 640: 671 MB) is
+            // kept in Q8_0 only: the head only runs on the few rows that sample.
             let q8 = match embed_q.dtype() {
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
                 _ => Q8Matrix::quantize(&embed, vocab, h),
             };
+            let f32 = if q8.is_some() && embed.len() * 4 > TIED_F32_MAX_BYTES {
+                None
+            } else {
+                Some(Tensor::from_slice(&embed, (vocab, h), &Device::Cpu)?)
+            };
             Linear {
                 q8,
-                f32: Some(f32),
+                f32,
                 out: vocab,
                 bias: None,
             }
@@ -407,12 +564,16 @@ impl Model {
         } else {
             None
         };
-        let inv_freq = (0..pairs)
-            .map(|i| {
-                let f = 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.rope_dim as f32);
-                f / freq_factors.as_ref().map_or(1.0, |ff| ff[i])
-            })
-            .collect();
+        let inv_freq_for = |base: f32| -> Vec<f32> {
+            (0..pairs)
+                .map(|i| {
+                    let f = 1.0 / base.powf(2.0 * i as f32 / cfg.rope_dim as f32);
+                    f / freq_factors.as_ref().map_or(1.0, |ff| ff[i])
+                })
+                .collect()
+        };
+        let inv_freq = inv_freq_for(cfg.rope_base);
+        let inv_freq_local = inv_freq_for(cfg.rope_base_local);
         let cfg = Config { vocab, ..cfg };
         let mut model = Model {
             cfg,
@@ -421,6 +582,7 @@ impl Model {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
         };
         model.fit_f32_budget(f32_budget);
         Ok(model)
@@ -448,25 +610,18 @@ impl Model {
 
     /// Whether f32 copies are kept (prefill and big batches run on the gemm).
     pub fn has_f32(&self) -> bool {
-        self.lm_head.f32.is_some() && self.layers.iter().all(|l| l.qkv.f32.is_some())
+        self.layers.iter().all(|l| l.qkv.f32.is_some())
     }
 
     fn rms_norm(&self, x: &[f32], w: &[f32], out: &mut Vec<f32>) {
-        let h = self.cfg.hidden;
         out.clear();
         out.resize(x.len(), 0.0);
-        let eps = self.cfg.eps;
-        out.chunks_mut(h).zip(x.chunks(h)).for_each(|(o, row)| {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let scale = 1.0 / (ms + eps).sqrt();
-            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
-                *o = v * scale * w;
-            }
-        });
+        rms_norm(x, w, self.cfg.hidden, self.cfg.eps, out);
     }
 
-    /// Rotate the first `rope_dim` dims of each head of each row by its position.
-    fn rope(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
+    /// Rotate the first `rope_dim` dims of each head of each row by its position, at the
+    /// frequencies `inv_freq`.
+    fn rope(&self, x: &mut [f32], heads: usize, positions: &[usize], inv_freq: &[f32]) {
         let hd = self.cfg.head_dim;
         let half = self.cfg.rope_dim / 2;
         let style = self.cfg.rope_style;
@@ -474,7 +629,7 @@ impl Model {
             .zip(positions.iter())
             .for_each(|(row, &pos)| {
                 for head in row.chunks_exact_mut(hd) {
-                    for (i, &f) in self.inv_freq.iter().enumerate() {
+                    for (i, &f) in inv_freq.iter().enumerate() {
                         let (sin, cos) = (pos as f32 * f).sin_cos();
                         let (a, b) = match style {
                             RopeStyle::Interleaved => (2 * i, 2 * i + 1),
@@ -503,6 +658,7 @@ impl Model {
         let Plan { split, first, rest } = plan;
         let cfg = &self.cfg;
         let (h, hd, nh, nkv) = (cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let qd = cfg.q_dim();
         let t = tokens.len();
         let positions: Vec<usize> = rows.iter().map(|r| r.pos).collect();
         let mut x = Vec::with_capacity(t * h);
@@ -510,27 +666,51 @@ impl Model {
             let i = (tok as usize).min(cfg.vocab.saturating_sub(1));
             x.extend_from_slice(&self.embed[i * h..(i + 1) * h]);
         }
+        if let Some(s) = cfg.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
         let mut normed = Vec::new();
-        let mut attn = vec![0.0f32; t * h];
+        let mut attn = vec![0.0f32; t * qd];
         let kvw = nkv * hd;
-        let mut q = vec![0.0f32; t * h];
+        let mut q = vec![0.0f32; t * qd];
         let mut k = vec![0.0f32; t * kvw];
         let mut v = vec![0.0f32; t * kvw];
+        let mut post = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             self.rms_norm(&x, &layer.attn_norm, &mut normed);
             let qkv = layer.qkv.forward_split(&normed, t, split, first, rest)?;
-            let w = h + 2 * kvw;
+            let w = qd + 2 * kvw;
             for r in 0..t {
                 let row = &qkv[r * w..(r + 1) * w];
-                q[r * h..(r + 1) * h].copy_from_slice(&row[..h]);
-                k[r * kvw..(r + 1) * kvw].copy_from_slice(&row[h..h + kvw]);
-                v[r * kvw..(r + 1) * kvw].copy_from_slice(&row[h + kvw..]);
+                q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
+                k[r * kvw..(r + 1) * kvw].copy_from_slice(&row[qd..qd + kvw]);
+                v[r * kvw..(r + 1) * kvw].copy_from_slice(&row[qd + kvw..]);
             }
-            self.rope(&mut q, nh, &positions);
-            self.rope(&mut k, nkv, &positions);
+            if let Some(g) = &layer.gemma {
+                rms_norm_in_place(&mut q, &g.q, hd, cfg.eps);
+                rms_norm_in_place(&mut k, &g.k, hd, cfg.eps);
+            }
+            let inv_freq = if layer.local {
+                &self.inv_freq_local
+            } else {
+                &self.inv_freq
+            };
+            self.rope(&mut q, nh, &positions, inv_freq);
+            self.rope(&mut k, nkv, &positions, inv_freq);
             cache.write(li, rows, &k, &v);
-            paged_attention(cache, li, rows, &q, nh, nkv, hd, &mut attn);
-            let o = layer.wo.forward_split(&attn, t, split, first, rest)?;
+            let heads = Heads {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale: cfg.attn_scale,
+                window: if layer.local { cfg.sliding_window } else { 0 },
+            };
+            paged_attention_with(cache, li, rows, &q, &heads, &mut attn);
+            let mut o = layer.wo.forward_split(&attn, t, split, first, rest)?;
+            if let Some(g) = &layer.gemma {
+                post.clone_from(&o);
+                rms_norm(&post, &g.post_attn, h, cfg.eps, &mut o);
+            }
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
@@ -540,15 +720,20 @@ impl Model {
                 .forward_split(&normed, t, split, first, rest)?;
             let ff = cfg.ffn;
             let mut act = vec![0.0f32; t * ff];
+            let silu = cfg.act == Activation::Silu;
             act.chunks_mut(ff)
                 .zip(gu.chunks(2 * ff))
                 .for_each(|(a, row)| {
                     let (g, u) = row.split_at(ff);
                     for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = g / (1.0 + (-g).exp()) * u;
+                        *a = if silu { g / (1.0 + (-g).exp()) } else { gelu_tanh(*g) } * u;
                     }
                 });
-            let d = layer.down.forward_split(&act, t, split, first, rest)?;
+            let mut d = layer.down.forward_split(&act, t, split, first, rest)?;
+            if let Some(g) = &layer.gemma {
+                post.clone_from(&d);
+                rms_norm(&post, &g.post_ffn, h, cfg.eps, &mut d);
+            }
             for (xv, dv) in x.iter_mut().zip(&d) {
                 *xv += dv;
             }
@@ -562,7 +747,44 @@ impl Model {
         }
         self.rms_norm(&last.clone(), &self.norm, &mut last);
         let lm_split = sample_rows.iter().filter(|&&r| r < split).count();
-        self.lm_head
-            .forward_split(&last, sample_rows.len(), lm_split, first, rest)
+        let mut logits =
+            self.lm_head
+                .forward_split(&last, sample_rows.len(), lm_split, first, rest)?;
+        if let Some(c) = cfg.final_softcap {
+            logits.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
+        }
+        Ok(logits)
     }
+}
+
+/// RMSNorm of each `width`-wide row of `x` into `out` (same length), times `w`.
+pub fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32, out: &mut [f32]) {
+    out.chunks_mut(width)
+        .zip(x.chunks(width))
+        .for_each(|(o, row)| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                *o = v * scale * w;
+            }
+        });
+}
+
+/// [`rms_norm`] in place (per head: `width` is the head's).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], width: usize, eps: f32) {
+    x.chunks_mut(width).for_each(|row| {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let scale = 1.0 / (ms + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(w) {
+            *v = *v * scale * w;
+        }
+    });
+}
+
+/// GELU, tanh approximation (PyTorch's `approximate="tanh"`, ggml's `gelu`):
+/// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
