@@ -570,6 +570,85 @@ mod tests {
         super::super::test_data(len, seed, 2.0)
     }
 
+    /// A sliding window (Gemma's local layers) attends exactly to the last `window`
+    /// positions (`p - window < key <= p`, llama.cpp's standard SWA mask), with the model's
+    /// own scale and 256-wide heads; rows inside the window see everything, as without one.
+    #[test]
+    fn sliding_window_masks_keys_older_than_the_window() {
+        use super::super::kv_cache::KvDtype;
+        let (bs, nb, nkv, hd, nh) = (16, 64, 1, 256, 4);
+        let mut cache = KvCache::with_dtype(1, nb, bs, nkv, hd, KvDtype::F32);
+        let table: Vec<u32> = (0..nb as u32).map(|i| (i * 37) % nb as u32).collect();
+        let window = 40;
+        let n = CHUNK + 3 * window;
+        let kvw = nkv * hd;
+        let (ks, vs) = (data(n * kvw, 17), data(n * kvw, 18));
+        let rows: Vec<RowInfo<'_>> = (0..n)
+            .map(|pos| RowInfo {
+                pos,
+                blocks: &table,
+            })
+            .collect();
+        cache.write(0, &rows, &ks, &vs);
+        let heads = Heads {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.0625,
+            window,
+        };
+        let picks = [
+            0,
+            window - 2,
+            window - 1,
+            window,
+            window + 1,
+            CHUNK + 7,
+            n - 1,
+        ];
+        let q = data(picks.len() * nh * hd, 19);
+        let sel: Vec<RowInfo<'_>> = picks.iter().map(|&p| rows[p]).collect();
+        let mut out = vec![0f32; picks.len() * nh * hd];
+        paged_attention_with(&cache, 0, &sel, &q, &heads, &mut out);
+        let mut unwindowed = vec![0f32; out.len()];
+        let all = Heads { window: 0, ..heads };
+        paged_attention_with(&cache, 0, &sel, &q, &all, &mut unwindowed);
+        for (i, &pos) in picks.iter().enumerate() {
+            let first = (pos + 1).saturating_sub(window);
+            assert_eq!(heads.first_key(pos), first);
+            for h in 0..nh {
+                let qh = &q[(i * nh + h) * hd..(i * nh + h + 1) * hd];
+                let s: Vec<f64> = (first..=pos)
+                    .map(|p| {
+                        let k = &ks[p * kvw..p * kvw + hd];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            * 0.0625
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = (first..=pos)
+                        .map(|p| e[p - first] / z * vs[p * kvw + d] as f64)
+                        .sum();
+                    let at = (i * nh + h) * hd + d;
+                    let got = out[at] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "pos {pos} head {h} dim {d}: {got} vs {want}"
+                    );
+                    if pos < window {
+                        assert_eq!(out[at], unwindowed[at], "inside the window");
+                    }
+                }
+            }
+        }
+    }
+
     /// Chunked online softmax over paged blocks equals a plain softmax over the gathered
     /// keys and values (as stored: f32, or rounded to f16), for rows shorter and longer
     /// than a chunk, with GQA.

@@ -37,7 +37,9 @@ use gguf::{Gguf, Value};
 pub enum ModelError {
     #[error("{0}")]
     Gguf(#[from] gguf::GgufError),
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3)")]
+    #[error(
+        "{path}: unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3)"
+    )]
     Architecture { path: String, arch: String },
     #[error("{path}: {what}")]
     Bad { path: String, what: String },
@@ -726,7 +728,11 @@ impl Model {
                 .for_each(|(a, row)| {
                     let (g, u) = row.split_at(ff);
                     for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = if silu { g / (1.0 + (-g).exp()) } else { gelu_tanh(*g) } * u;
+                        *a = if silu {
+                            g / (1.0 + (-g).exp())
+                        } else {
+                            gelu_tanh(*g)
+                        } * u;
                     }
                 });
             let mut d = layer.down.forward_split(&act, t, split, first, rest)?;
@@ -787,4 +793,130 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], width: usize, eps: f32) {
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u64, scale: f64) -> Vec<f32> {
+        super::super::test_data(len, seed, scale)
+    }
+
+    /// RMSNorm against an f64 reference, with Gemma's `1 + w` weights (as llama.cpp's
+    /// converter stores them: the norm multiplies by the stored value) and per head.
+    #[test]
+    fn rms_norm_matches_a_scalar_reference() {
+        let (rows, width, eps) = (5, 640, 1e-6f32);
+        let x = data(rows * width, 1, 3.0);
+        // A checkpoint's raw Gemma weights w, stored as 1 + w (exact zeros where w = -1).
+        let raw = data(width, 2, 1.0);
+        let stored: Vec<f32> = raw.iter().map(|w| 1.0 + w).collect();
+        let mut out = vec![0f32; x.len()];
+        rms_norm(&x, &stored, width, eps, &mut out);
+        let mut inplace = x.clone();
+        rms_norm_in_place(&mut inplace, &stored, width, eps);
+        for r in 0..rows {
+            let row = &x[r * width..(r + 1) * width];
+            let ms = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / width as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            for d in 0..width {
+                let want = row[d] as f64 * inv * (1.0 + raw[d] as f64);
+                for got in [out[r * width + d], inplace[r * width + d]] {
+                    assert!(
+                        (got as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
+                        "row {r} dim {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // Per-head norms (q/k: width = head_dim) normalize each head on its own.
+        let (heads, hd) = (4, 256);
+        let q = data(heads * hd, 3, 2.0);
+        let w = data(hd, 4, 1.0);
+        let mut per_head = q.clone();
+        rms_norm_in_place(&mut per_head, &w, hd, eps);
+        for h in 0..heads {
+            let mut one = vec![0f32; hd];
+            rms_norm(&q[h * hd..(h + 1) * hd], &w, hd, eps, &mut one);
+            assert_eq!(&per_head[h * hd..(h + 1) * hd], &one[..]);
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_matches_the_formula_and_known_values() {
+        let f = |x: f64| {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        };
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (gelu_tanh(x) as f64, f(x as f64));
+            assert!(
+                (got - want).abs() < 1e-6 * want.abs().max(1.0),
+                "{x}: {got} vs {want}"
+            );
+        }
+        // PyTorch's gelu(approximate="tanh") at ±1, and its limits.
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+        assert!((gelu_tanh(-1.0) + 0.158_808).abs() < 1e-6);
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        assert_eq!(gelu_tanh(30.0), 30.0);
+        assert_eq!(gelu_tanh(-30.0), 0.0);
+    }
+
+    fn gemma_header(extra: &[(&str, Value)]) -> Gguf {
+        let mut kv: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::Str("gemma3".into())),
+            ("gemma3.context_length", Value::U32(32768)),
+            ("gemma3.embedding_length", Value::U32(640)),
+            ("gemma3.block_count", Value::U32(18)),
+            ("gemma3.feed_forward_length", Value::U32(2048)),
+            ("gemma3.attention.head_count", Value::U32(4)),
+            ("gemma3.attention.head_count_kv", Value::U32(1)),
+            ("gemma3.attention.key_length", Value::U32(256)),
+            ("gemma3.attention.value_length", Value::U32(256)),
+            ("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+            ("gemma3.rope.freq_base", Value::F32(1e6)),
+            ("gemma3.attention.sliding_window", Value::U32(512)),
+        ];
+        kv.retain(|(k, _)| extra.iter().all(|(e, _)| e != k));
+        kv.extend(extra.iter().cloned());
+        Gguf::parse(&gguf::write::to_bytes(&kv, &[]), "gemma.gguf").expect("header")
+    }
+
+    /// Gemma 3 270M's metadata (as in `gemma-3-270m-q4_k_m.gguf`) gives llama.cpp's
+    /// hyperparameters: 256-wide heads over 640 dims, layers 5, 11 and 17 global, local
+    /// RoPE base 10,000, q scaled by 1/16, embeddings by √640, no soft-capping.
+    #[test]
+    fn gemma3_config_follows_llama_cpp() {
+        let c = Config::from_gguf(&gemma_header(&[])).expect("config");
+        assert_eq!((c.head_dim, c.q_dim(), c.n_kv_heads), (256, 1024, 1));
+        assert_eq!(c.rope_style, RopeStyle::Halves);
+        assert_eq!(c.act, Activation::GeluTanh);
+        assert_eq!(c.sliding_window, 512);
+        let global: Vec<usize> = (0..18).filter(|&i| !c.local_layers[i]).collect();
+        assert_eq!(global, [5, 11, 17]);
+        assert_eq!((c.rope_base, c.rope_base_local), (1e6, 1e4));
+        assert_eq!(c.attn_scale, 1.0 / 16.0);
+        assert_eq!(c.embed_scale, Some(640f32.sqrt()));
+        assert_eq!(c.final_softcap, None);
+        assert!(c.gemma_norms);
+        // Soft-capping and a pattern only when the file says so.
+        let c = Config::from_gguf(&gemma_header(&[
+            ("gemma3.final_logit_softcapping", Value::F32(30.0)),
+            ("gemma3.attention.sliding_window_pattern", Value::U32(3)),
+        ]))
+        .expect("config");
+        assert_eq!(c.final_softcap, Some(30.0));
+        let global: Vec<usize> = (0..18).filter(|&i| !c.local_layers[i]).collect();
+        assert_eq!(global, [2, 5, 8, 11, 14, 17]);
+        // No window: every layer global.
+        let c = Config::from_gguf(&gemma_header(&[(
+            "gemma3.attention.sliding_window",
+            Value::U32(0),
+        )]))
+        .expect("config");
+        assert!(c.local_layers.iter().all(|l| !l));
+    }
 }
