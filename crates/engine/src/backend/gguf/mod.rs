@@ -1,4 +1,4 @@
-//! The real CPU backend: GGUF llama-family models run on the engine core's scheduler and
+//! The real CPU backend: GGUF llama-family and Gemma 3 models run on the engine core's scheduler and
 //! block manager. Each step packs every scheduled sequence's new tokens (prefill chunks
 //! and decodes) into one forward pass; keys and values live in the block manager's paged
 //! blocks ([`kv_cache`]), so a prefix-cache hit skips real work; sampling follows vLLM's
