@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's reference tools (llama-server, llama-cli, llama-simple,
-# llama-tokenize, llama-quantize) once, from the llama.cpp sources vendored in PyPI's
-# `llama-cpp-python` sdist (pinned below), with PyPI's `cmake` and `ninja`: CPU only,
-# Release, static libraries, -DGGML_NATIVE=ON (a local reference, not a portable build).
+# Builds llama.cpp's reference tools (llama-server, llama-simple, llama-tokenize,
+# llama-quantize) once, from the llama.cpp sources vendored in PyPI's `llama-cpp-python`
+# sdist (pinned below), with PyPI's `cmake` and `ninja`: CPU only, Release, static
+# libraries, -DGGML_NATIVE=ON (a local reference, not a portable build) but without AMX:
+# on this machine's VM the AMX tiles fault (`ldtilecfg`, SIGSEGV in
+# ggml_backend_amx_mul_mat on Gemma's K-quants), so -mno-amx-* keeps ggml off them.
 # Used by the tokenizer and model fixtures (scripts/record-tokenizer-fixture.sh) and by
 # bench/engine-cpu.sh's `llama-server` target.
 #
@@ -17,12 +19,15 @@ VERSION=${LLAMA_CPP_PY_VERSION:-0.3.36}
 CACHE=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
 DIR=$CACHE/llama.cpp/$VERSION
 BIN=$DIR/bin
-TOOLS=(llama-server llama-cli llama-simple llama-tokenize llama-quantize)
+TOOLS=(llama-server llama-simple llama-tokenize llama-quantize)
+NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# What the build is; a marker from another configuration means build again.
+CONFIG="llama-cpp-python $VERSION; Release; GGML_NATIVE=ON; $NOAMX; ${TOOLS[*]}"
 
 log() { echo "setup-llama-cpp: $*" >&2; }
 die() { echo "setup-llama-cpp: ERROR: $*" >&2; exit 1; }
 
-if [[ -f "$DIR/.ok" ]]; then
+if [[ -f "$DIR/.ok" && "$(cat "$DIR/.ok")" == "$CONFIG" ]]; then
     for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || die "$DIR/.ok exists but $BIN/$t is missing; remove $DIR and rerun"; done
     echo "LLAMA_CPP_BIN=$BIN"
     exit 0
@@ -34,7 +39,8 @@ mkdir -p "$DIR"
 # One build at a time for this version.
 exec 9>"$DIR/.lock"
 flock 9
-if [[ -f "$DIR/.ok" ]]; then echo "LLAMA_CPP_BIN=$BIN"; exit 0; fi
+if [[ -f "$DIR/.ok" && "$(cat "$DIR/.ok")" == "$CONFIG" ]]; then echo "LLAMA_CPP_BIN=$BIN"; exit 0; fi
+rm -f "$DIR/.ok"
 
 # Build tools from PyPI in their own venv.
 VENV=$DIR/tools-venv
@@ -73,6 +79,8 @@ log "configuring llama.cpp in $BUILD"
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$NOAMX" \
+    -DCMAKE_CXX_FLAGS="$NOAMX" \
     -DGGML_OPENMP=OFF \
     -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
@@ -93,6 +101,6 @@ done
     die "the built binaries do not run"
 echo "$VERSION" >"$BIN/VERSION"
 [[ -n "${KEEP_BUILD:-}" ]] || rm -rf "$BUILD"
-touch "$DIR/.ok"
+echo "$CONFIG" >"$DIR/.ok"
 log "done: $BIN"
 echo "LLAMA_CPP_BIN=$BIN"

