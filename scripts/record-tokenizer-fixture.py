@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Records tests/fixtures/tokenizer/gemma3.json: llama.cpp's token ids for tricky strings
-on Gemma 3 270M's SentencePiece vocabulary, and llama.cpp's rendering of Gemma chats.
+(hand-picked, then seeded random mixes of troublesome pieces) on Gemma 3 270M's
+SentencePiece vocabulary, and llama.cpp's rendering of Gemma chats.
 
 References, all from llama.cpp built by scripts/setup-llama-cpp.sh (llama-cpp-python
 0.3.36's vendored sources):
@@ -64,6 +65,25 @@ TEXTS = [
     "▁ a literal U+2581 ▁▁ and <0x41> as text",
     "",
 ]
+
+# Random mixes of the troublesome pieces (seeded: the same texts every run).
+PIECES = [
+    " ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", "a", "the", " the", "Hello", "world", "123",
+    "4567890", "3.14", "日本語", "中文", "한국어", "🚀", "👍🏽", "é", "e\u0301", "ß",
+    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "</s>", "<s>", "<table>", "</div>",
+    "[multimodal]", "<unused5>", "<0x41>", "▁", "\u0000", "\u007f", "\u200b", "ĳ", "Ωμέγα",
+    "привет", ",", ".", "!?", "--", "```", "def ", "return", "x**2", "http://a.b/c?d=e",
+    "\U0001F9EC", "\U00010400", "ǅ", "ﬁ",
+]
+RANDOM_N = 60
+
+
+def random_texts():
+    import random
+
+    rng = random.Random(17)
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12))) for _ in range(RANDOM_N)]
+
 
 # Texts also recorded with the BOS the model adds (encode_prompt).
 WITH_BOS = ["Hello world", "<bos>already has one", ""]
@@ -162,7 +182,7 @@ def main():
     with open(model, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     version = open(os.path.join(bin_dir, "VERSION")).read().strip() if os.path.exists(os.path.join(bin_dir, "VERSION")) else "?"
-    texts = [{"text": t, "llama_cpp": tokenize(tok_bin, model, t, False)} for t in TEXTS]
+    texts = [{"text": t, "llama_cpp": tokenize(tok_bin, model, t, False)} for t in TEXTS + random_texts()]
     with_bos = [{"text": t, "llama_cpp": tokenize(tok_bin, model, t, True)} for t in WITH_BOS]
     chat_cases, server_cmd = chats(tool(bin_dir, "llama-server"), model)
     out = {
