@@ -11,6 +11,10 @@
 #   sw-spinN     CANDLE_BARRIER_POOL_SPIN_LIMIT=N (candle's default 25000; 1e6 = 1000000; it
 #                matters only where candle's own kernels run): prefill, 1 and 8 streams
 #   sw-gemmN-spinM  both: 8 streams only
+#   llama-server llama.cpp's own server (the fair peer since issue 17: continuous batching),
+#                built from llama-cpp-python 0.3.36's vendored sources by
+#                scripts/setup-llama-cpp.sh (cached); -t 2 -tb 2, LLAMA_SERVER_NP slots (default
+#                16) of 2048 tokens each, prompt cache on; `ignore_eos` is its own
 #   llamacpp     python -m llama_cpp.server (2 threads, --interrupt_requests False), through a
 #                small launcher that maps `ignore_eos` to a -100 logit bias on the end-of-
 #                generation tokens (llama.cpp's own server does the same for ignore_eos;
@@ -46,7 +50,7 @@
 #
 # Usage: bench/engine-cpu.sh     (env: TARGETS REPS CONCS PREFILL_LEN PREFILL_N DECODE_LEN
 #        DECODE_N WAVES SHARED_USERS SHARED_PREFIX SHARED_SUFFIX SHARED_OUT QUIET_CPU QUIET_WAIT
-#        NOISY_CPU MAX_TRIES VLLM_ARGS VLLM_MEAS VLLM_FP32_ARGS GGUF SWITCHYARD_BIN SKIP_BUILD OUT_DIR
+#        NOISY_CPU MAX_TRIES LLAMA_SERVER_NP LLAMA_CPP_BIN VLLM_ARGS VLLM_MEAS VLLM_FP32_ARGS GGUF SWITCHYARD_BIN SKIP_BUILD OUT_DIR
 #        BASE_PORT PERF=1 (perf record the default switchyard engine during c1 and c8)
 #        REPORT_ONLY=1 (print the table again from $OUT_DIR/raw.tsv, run nothing)
 #        KEEP=1 (run TARGETS again, keep the other targets' rows from the last run)
@@ -56,7 +60,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
-TARGETS=${TARGETS:-"switchyard llamacpp vllm-fp32 vllm"}
+TARGETS=${TARGETS:-"switchyard llama-server llamacpp vllm-fp32 vllm"}
+LLAMA_SERVER_NP=${LLAMA_SERVER_NP:-16}
 REPS=${REPS:-3}
 CONCS=${CONCS:-"4 8 16"}
 PREFILL_LEN=${PREFILL_LEN:-1000}
@@ -113,6 +118,13 @@ case " $TARGETS " in *" vllm"*)
   if [ ! -f "$VLLM_DIR/venv/.ok" ] || [ ! -f "$VLLM_MODEL/.ok" ]; then
     "$ROOT/scripts/setup-vllm.sh" >/dev/null || { note "vllm: setup failed, not measured"; TARGETS=$(echo "$TARGETS" | sed 's/vllm[a-z0-9-]*//g'); }
   fi ;;
+esac
+case " $TARGETS " in *" llama-server "*)
+  if [ -z "${LLAMA_CPP_BIN:-}" ]; then
+    LLAMA_CPP_BIN=$("$ROOT/scripts/setup-llama-cpp.sh" 2>"$OUT_DIR/llama-cpp-setup.log" | sed -n 's/^LLAMA_CPP_BIN=//p') || true
+  fi
+  [ -x "${LLAMA_CPP_BIN:-}/llama-server" ] ||
+    { note "llama-server: scripts/setup-llama-cpp.sh failed (log: $OUT_DIR/llama-cpp-setup.log), not measured"; TARGETS=${TARGETS//llama-server/}; } ;;
 esac
 case " $TARGETS " in *" llamacpp "*)
   if ! "$LLAMACPP_VENV/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
@@ -244,6 +256,11 @@ start_target() { # target port
         "${extra[@]}" >"$out" 2>"$err" &
       EPID=$!
       wait_ready_line "$out" "$EPID" 300 || return 1 ;;
+    llama-server)
+      setsid "$LLAMA_CPP_BIN/llama-server" -m "$GGUF" --alias smollm2 --host 127.0.0.1 --port "$port" \
+        -t 2 -tb 2 -np "$LLAMA_SERVER_NP" -c $((2048 * LLAMA_SERVER_NP)) --no-webui >"$out" 2>"$err" &
+      EPID=$!
+      wait_models "$port" 120 || return 1 ;;
     llamacpp)
       setsid "$LLAMACPP_VENV/bin/python" "$OUT_DIR/llamacpp_server.py" --model "$GGUF" --model_alias smollm2 \
         --n_ctx 2048 --n_threads 2 --n_threads_batch 2 --interrupt_requests False --verbose False \
@@ -275,6 +292,7 @@ expand_num() { awk -v v="$1" 'BEGIN { if (v ~ /^[0-9]+e[0-9]+$/) { split(v, a, "
 engine_version() {
   case $1 in
     switchyard|sw-*) echo "switchyard $SW_VERSION" ;;
+    llama-server) echo "llama-server ($(cat "$LLAMA_CPP_BIN/VERSION" 2>/dev/null || echo '?'): llama.cpp from llama-cpp-python's sdist)" ;;
     llamacpp) echo "llama-cpp-python $("$LLAMACPP_VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)')" ;;
     vllm*) echo "vllm $("$VLLM_PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" ;;
   esac
@@ -395,11 +413,11 @@ if not best:
     sys.exit("no run produced a report")
 med = statistics.median
 targets = list(dict.fromkeys(k[0] for k in best))
-names = {"switchyard": "Switchyard", "llamacpp": "llama.cpp", "vllm": "vLLM", "vllm-fp32": "vLLM fp32"}
+names = {"switchyard": "Switchyard", "llama-server": "llama-server", "llamacpp": "llama-cpp-python", "vllm": "vLLM", "vllm-fp32": "vLLM fp32"}
 for t in targets:
     if t.startswith("sw-"):
         names[t] = ", ".join(("gemm-rows " + x[4:]) if x.startswith("gemm") else ("spin " + x[4:]) for x in t[3:].split("-"))
-peers = [t for t in targets if t in ("llamacpp", "vllm", "vllm-fp32")]
+peers = [t for t in targets if t in ("llama-server", "llamacpp", "vllm", "vllm-fp32")]
 
 # prompt tokens per prefill request: llama-cpp-python's stream carries no usage, so it gets
 # the median of the other engines' counts (same text, same tokenizer)
@@ -489,7 +507,13 @@ for c in (8, 16):
         print(f"- aggregate at {c} streams ≥ the better peer ({names[p]}, {pv:,.0f} tok/s): {sw:,.0f} tok/s = {sw / pv:.2f}x: {'met' if sw >= pv else 'MISSED'}")
 sw, lc = get("switchyard", "c1"), get("llamacpp", "c1")
 if sw and lc:
-    print(f"- single-stream decode ≥ 0.8x llama.cpp's ({lc:.1f} tok/s): {sw:.1f} tok/s = {sw / lc:.2f}x: {'met' if sw >= 0.8 * lc else 'MISSED'}")
+    print(f"- single-stream decode ≥ 0.8x llama-cpp-python's ({lc:.1f} tok/s): {sw:.1f} tok/s = {sw / lc:.2f}x: {'met' if sw >= 0.8 * lc else 'MISSED'}")
+# issue 17's goals against llama-server
+ls_goals = [("c16", 1.5, "aggregate decode at 16 streams"), ("c1", 1.2, "single-stream decode"), ("prefill", 1.5, "prefill")]
+for m, want, label in ls_goals:
+    sw, ls = get("switchyard", m), get("llama-server", m)
+    if sw and ls:
+        print(f"- {label} ≥ {want}x llama-server's ({ls:,.1f}): {sw:,.1f} = {sw / ls:.2f}x: {'met' if sw >= want * ls else 'MISSED'}")
 for q in ("ttft_p50", "ttft_p90"):
     sw = get("switchyard", q)
     ps = [(p, get(p, q)) for p in peers if get(p, q)]

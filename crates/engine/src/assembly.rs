@@ -227,8 +227,7 @@ fn build_gguf(args: &EngineArgs) -> Result<Parts, StartError> {
     let path = crate::model_store::resolve(args.model.as_deref().map(std::path::Path::new))
         .map_err(|e| StartError::Model(e.to_string()))?;
     let header = gguf::Gguf::open(&path).map_err(|e| StartError::Model(e.to_string()))?;
-    let tokenizer = tokenizer::BpeTokenizer::from_gguf(&header)
-        .map_err(|e| StartError::Model(e.to_string()))?;
+    let tokenizer = tokenizer::from_gguf(&header).map_err(|e| StartError::Model(e.to_string()))?;
     let generation = crate::generation::resolve(
         &args.generation_config,
         args.override_generation_config.as_ref(),
@@ -299,7 +298,7 @@ fn build_gguf(args: &EngineArgs) -> Result<Parts, StartError> {
     let backend = GgufBackend::with_kv_dtype(model, num_blocks, args.block_size, eos, kv_dtype)
         .with_decode_gemm_rows(gemm_rows);
     Ok(Parts {
-        tokenizer: Arc::new(tokenizer),
+        tokenizer,
         backend: Box::new(backend),
         max_model_len,
         num_blocks,

@@ -26,8 +26,9 @@ pub struct EngineArgs {
     /// TLS and the shutdown drain (`--ssl-certfile`, `--ssl-keyfile`, `--shutdown-timeout`).
     #[command(flatten)]
     pub serve: httpx::ServeArgs,
-    /// The model. `gguf`: a GGUF file's path (default: SmolLM2-135M-Instruct, fetched
-    /// into the cache on first use); `sim`: a name (default `switchyard-sim`).
+    /// The model. `gguf`: a GGUF file's path, or a short name fetched into the cache on
+    /// first use: `smollm2` (SmolLM2-135M-Instruct Q4_1, the default) or `gemma3-270m`
+    /// (Gemma 3 270M Q4_K_M); `sim`: a name (default `switchyard-sim`).
     #[arg(long)]
     pub model: Option<String>,
     /// Names the model is served under (the first is reported); defaults to --model.

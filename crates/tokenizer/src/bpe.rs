@@ -24,7 +24,7 @@ pub enum TokenizerError {
     #[error("{0}")]
     Gguf(#[from] gguf::GgufError),
     #[error(
-        "{path}: unsupported tokenizer model `{model}` (only byte-level BPE, `gpt2`, is supported)"
+        "{path}: unsupported tokenizer model `{model}` (supported: `gpt2`, byte-level BPE, and `llama`, SentencePiece)"
     )]
     Model { path: String, model: String },
     #[error("{path}: bad tokenizer metadata: {what}")]

@@ -19,8 +19,8 @@ impl IncrementalDecoder {
     /// Add one token; returns the new text it completes (possibly empty).
     pub fn push(&mut self, tok: &dyn Tokenizer, id: u32) -> String {
         self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true);
-        let full = tok.decode(&self.ids[self.prefix_offset..], true);
+        let prefix = tok.decode_continuation(&self.ids[self.prefix_offset..self.read_offset], true);
+        let full = tok.decode_continuation(&self.ids[self.prefix_offset..], true);
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;

@@ -231,7 +231,7 @@ pub(super) fn chat_logprobs(
     lps: &[(u32, TokenLogprobs)],
 ) -> serde_json::Value {
     let entry = |id: u32, lp: f32| {
-        let t = tok.decode(&[id], false);
+        let t = tok.decode_continuation(&[id], false);
         serde_json::json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
     };
     let content: Vec<serde_json::Value> = lps
@@ -256,7 +256,7 @@ pub(super) fn completion_logprobs(
     let mut top = Vec::with_capacity(lps.len());
     let mut offsets = Vec::with_capacity(lps.len());
     for (id, lp) in lps {
-        let t = tok.decode(&[*id], false);
+        let t = tok.decode_continuation(&[*id], false);
         offsets.push(offset);
         offset += t.len();
         tokens.push(t);
@@ -264,7 +264,7 @@ pub(super) fn completion_logprobs(
         let m: serde_json::Map<String, serde_json::Value> = lp
             .top
             .iter()
-            .map(|(i, l)| (tok.decode(&[*i], false), serde_json::json!(l)))
+            .map(|(i, l)| (tok.decode_continuation(&[*i], false), serde_json::json!(l)))
             .collect();
         top.push(serde_json::Value::Object(m));
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use protocol::openai::{ChatMessage, Prompt};
 use serde::Deserialize;
-use tokenizer::{BpeTokenizer, SimTokenizer, Tokenizer};
+use tokenizer::{SimTokenizer, Tokenizer};
 
 /// The body fields the engine builds its prompt from.
 #[derive(Deserialize)]
@@ -60,10 +60,9 @@ impl Tokenizers {
             let tok = match cache.get(path) {
                 Some(t) => t.clone(),
                 None => {
-                    let loaded: Arc<dyn Tokenizer> = Arc::new(
-                        BpeTokenizer::from_gguf_path(std::path::Path::new(path))
-                            .map_err(|e| format!("--tokenizer {spec}: {e}"))?,
-                    );
+                    let loaded: Arc<dyn Tokenizer> =
+                        tokenizer::from_gguf_path(std::path::Path::new(path))
+                            .map_err(|e| format!("--tokenizer {spec}: {e}"))?;
                     cache.insert(path, loaded.clone());
                     loaded
                 }
