@@ -40,6 +40,14 @@ pub enum RoutingLogic {
     #[value(name = "kvaware", alias = "kv-aware")]
     #[serde(rename = "kvaware")]
     Kvaware,
+    /// Prefill/decode disaggregation (vLLM's NixlConnector contract): each completion or
+    /// chat goes first to a prefill engine (`--prefill-model-labels`, ranked cache-aware
+    /// as `prefixaware`) with `max_tokens: 1`, then with the `kv_transfer_params` it
+    /// answered to a decode engine (`--decode-model-labels`, least load). Other paths go
+    /// to decode engines.
+    #[value(name = "disaggregated_prefill", alias = "disaggregated-prefill")]
+    #[serde(rename = "disaggregated_prefill")]
+    DisaggregatedPrefill,
 }
 
 /// The `prefixaware` policy's knobs (see `policy::prefix`).
@@ -173,6 +181,18 @@ pub struct RouterArgs {
     /// each backend's /v1/models when omitted.
     #[arg(long)]
     pub static_models: Option<String>,
+    /// The model label of each backend (its Kubernetes pod label `model` under k8s
+    /// discovery), in the order of `--static-backends`, comma separated; an empty entry
+    /// leaves a backend unlabelled. `disaggregated_prefill` sorts engines into prefill and
+    /// decode by it.
+    #[arg(long)]
+    pub static_model_labels: Option<String>,
+    /// `disaggregated_prefill`: the model labels of prefill engines, comma separated.
+    #[arg(long)]
+    pub prefill_model_labels: Option<String>,
+    /// `disaggregated_prefill`: the model labels of decode engines, comma separated.
+    #[arg(long)]
+    pub decode_model_labels: Option<String>,
     /// `alias:model` pairs, comma separated.
     #[arg(long)]
     pub static_aliases: Option<String>,
@@ -366,6 +386,12 @@ pub struct FileConfig {
     #[serde(default)]
     pub static_models: Option<StrList>,
     #[serde(default)]
+    pub static_model_labels: Option<StrList>,
+    #[serde(default)]
+    pub prefill_model_labels: Option<StrList>,
+    #[serde(default)]
+    pub decode_model_labels: Option<StrList>,
+    #[serde(default)]
     pub static_aliases: Option<StrList>,
     #[serde(default)]
     pub known_models: Option<StrList>,
@@ -442,6 +468,25 @@ pub struct BackendSpec {
     /// Where it publishes KV-cache events, when configured; otherwise its advertisement
     /// (Switchyard) or `tcp://HOST:--kv-events-port` (vLLM).
     pub kv_events: Option<String>,
+    /// Its model label (`--static-model-labels`, or the pod label `model`).
+    pub label: Option<String>,
+}
+
+/// `disaggregated_prefill`'s two sides, by model label.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PdLabels {
+    pub prefill: Vec<String>,
+    pub decode: Vec<String>,
+}
+
+impl PdLabels {
+    pub fn is_prefill(&self, label: Option<&str>) -> bool {
+        label.is_some_and(|l| self.prefill.iter().any(|p| p == l))
+    }
+
+    pub fn is_decode(&self, label: Option<&str>) -> bool {
+        label.is_some_and(|l| self.decode.iter().any(|d| d == l))
+    }
 }
 
 /// The settings that can change at run time.
@@ -459,6 +504,8 @@ pub struct Dynamic {
     pub kv_overlap_weight: f64,
     /// `kvaware`'s `--kv-min-match`.
     pub kv_min_match: f64,
+    /// `disaggregated_prefill`'s prefill and decode labels.
+    pub pd: PdLabels,
 }
 
 /// Everything the router runs with.
@@ -522,15 +569,41 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
     let aliases = aliases_from(args, file)?;
     let prefix = prefix_from(args)?;
     check_kvaware(args)?;
+    let routing_logic = args
+        .routing_logic
+        .or(file.routing_logic)
+        .unwrap_or(RoutingLogic::Roundrobin);
+    let pd = PdLabels {
+        prefill: list(
+            args.prefill_model_labels.as_ref(),
+            file.prefill_model_labels.as_ref(),
+        ),
+        decode: list(
+            args.decode_model_labels.as_ref(),
+            file.decode_model_labels.as_ref(),
+        ),
+    };
+    if routing_logic == RoutingLogic::DisaggregatedPrefill {
+        if pd.prefill.is_empty() || pd.decode.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--routing-logic disaggregated_prefill needs --prefill-model-labels and \
+                 --decode-model-labels (the `model` labels of the prefill and decode engines)"
+                    .into(),
+            ));
+        }
+        if let Some(both) = pd.prefill.iter().find(|l| pd.decode.contains(l)) {
+            return Err(ConfigError::Invalid(format!(
+                "model label `{both}` is in both --prefill-model-labels and --decode-model-labels"
+            )));
+        }
+    }
     Ok(Dynamic {
         discovery,
         prefix,
         kv_overlap_weight: args.kv_overlap_weight,
         kv_min_match: args.kv_min_match,
-        routing_logic: args
-            .routing_logic
-            .or(file.routing_logic)
-            .unwrap_or(RoutingLogic::Roundrobin),
+        pd,
+        routing_logic,
         session_key: args
             .session_key
             .clone()
@@ -626,6 +699,17 @@ fn backends_from(args: &RouterArgs, file: &FileConfig) -> Result<Vec<BackendSpec
             backends.len()
         )));
     }
+    let labels = list_keeping_empty(
+        args.static_model_labels.as_ref(),
+        file.static_model_labels.as_ref(),
+    );
+    if !labels.is_empty() && labels.len() != backends.len() {
+        return Err(ConfigError::Invalid(format!(
+            "--static-model-labels lists {} labels for {} backends: give one label per backend, in order (an empty entry leaves one unlabelled)",
+            labels.len(),
+            backends.len()
+        )));
+    }
     let mut specs = Vec::with_capacity(backends.len());
     for (i, b) in backends.iter().enumerate() {
         let url = normalize_url(b)?;
@@ -644,6 +728,7 @@ fn backends_from(args: &RouterArgs, file: &FileConfig) -> Result<Vec<BackendSpec
             url,
             model: models.get(i).cloned(),
             kv_events,
+            label: labels.get(i).filter(|l| !l.is_empty()).cloned(),
         });
     }
     Ok(specs)
@@ -807,6 +892,7 @@ mod tests {
                 url: "http://b:2".into(),
                 model: Some("m2".into()),
                 kv_events: None,
+                label: None,
             }
         );
         assert_eq!(

@@ -16,6 +16,14 @@ pub struct Meta {
     pub name: String,
     pub resource_version: Option<String>,
     pub deletion_timestamp: Option<String>,
+    /// Only the `model` label is read (`disaggregated_prefill` sorts engines by it).
+    pub labels: Labels,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Labels {
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
