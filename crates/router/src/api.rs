@@ -307,7 +307,10 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
                 if Kind::of(parts.uri.path()).is_some() {
                     if p.is_empty() {
                         st.pd.fallbacks.inc();
-                        tracing::debug!(model, "no healthy prefill engine: served plainly by a decode engine");
+                        tracing::debug!(
+                            model,
+                            "no healthy prefill engine: served plainly by a decode engine"
+                        );
                     } else {
                         prefill = Some(pd::Sides::rank(&sides.prefill, &ctx, &p));
                     }

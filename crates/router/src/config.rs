@@ -906,6 +906,78 @@ mod tests {
     }
 
     #[test]
+    fn disaggregated_prefill_takes_labels_aligned_with_the_backends() {
+        let s = Settings::from_args(&args(&[
+            "--static-backends",
+            "http://p:1,http://d:2,http://x:3",
+            "--static-model-labels",
+            "m-prefill,m-decode,",
+            "--routing-logic",
+            "disaggregated_prefill",
+            "--prefill-model-labels",
+            "m-prefill",
+            "--decode-model-labels",
+            "m-decode,other-decode",
+        ]))
+        .expect("valid");
+        let d = &s.dynamic;
+        assert_eq!(d.routing_logic, RoutingLogic::DisaggregatedPrefill);
+        let labels: Vec<Option<&str>> = d.backends.iter().map(|b| b.label.as_deref()).collect();
+        assert_eq!(labels, [Some("m-prefill"), Some("m-decode"), None]);
+        assert_eq!(d.pd.prefill, ["m-prefill"]);
+        assert_eq!(d.pd.decode, ["m-decode", "other-decode"]);
+        assert!(d.pd.is_prefill(Some("m-prefill")) && !d.pd.is_prefill(None));
+        assert!(d.pd.is_decode(Some("other-decode")) && !d.pd.is_decode(Some("m-prefill")));
+
+        let err = |v: &[&str]| {
+            Settings::from_args(&args(v))
+                .expect_err("invalid")
+                .to_string()
+        };
+        let e = err(&[
+            "--static-backends",
+            "http://p:1,http://d:2",
+            "--static-model-labels",
+            "m-prefill",
+        ]);
+        assert!(
+            e.contains("--static-model-labels lists 1 labels for 2 backends"),
+            "{e}"
+        );
+        let e = err(&[
+            "--static-backends",
+            "http://p:1",
+            "--routing-logic",
+            "disaggregated_prefill",
+            "--prefill-model-labels",
+            "m-prefill",
+        ]);
+        assert!(e.contains("--decode-model-labels"), "{e}");
+        let e = err(&[
+            "--static-backends",
+            "http://p:1",
+            "--routing-logic",
+            "disaggregated_prefill",
+            "--prefill-model-labels",
+            "a,b",
+            "--decode-model-labels",
+            "b",
+        ]);
+        assert!(e.contains("`b` is in both"), "{e}");
+
+        let file: FileConfig = serde_json::from_str(
+            r#"{"routing_logic":"disaggregated_prefill","static_backends":["http://p:1","http://d:2"],
+                "static_model_labels":["m-prefill","m-decode"],"prefill_model_labels":"m-prefill",
+                "decode_model_labels":["m-decode"]}"#,
+        )
+        .expect("file");
+        let d = dynamic_from(&args(&[]), &file).expect("valid");
+        assert_eq!(d.routing_logic, RoutingLogic::DisaggregatedPrefill);
+        assert_eq!(d.backends[1].label.as_deref(), Some("m-decode"));
+        assert_eq!((d.pd.prefill.len(), d.pd.decode.len()), (1, 1));
+    }
+
+    #[test]
     fn mismatched_models_and_bad_urls_are_rejected() {
         assert!(Settings::from_args(&args(&[
             "--static-backends",

@@ -27,9 +27,9 @@ pub mod config;
 pub mod discovery;
 pub mod engines;
 pub mod observe;
+pub mod pd;
 pub mod policy;
 pub mod proxy;
-pub mod pd;
 pub mod resume;
 pub mod upstream;
 

@@ -73,10 +73,7 @@ impl Sides {
 
     /// `candidates` split into prefill and decode engines by their model label (an
     /// engine with neither label serves neither).
-    pub fn split(
-        &self,
-        candidates: &[Arc<Endpoint>],
-    ) -> (Vec<Arc<Endpoint>>, Vec<Arc<Endpoint>>) {
+    pub fn split(&self, candidates: &[Arc<Endpoint>]) -> (Vec<Arc<Endpoint>>, Vec<Arc<Endpoint>>) {
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         for e in candidates {
@@ -381,7 +378,9 @@ pub async fn serve(
             );
         }
     };
-    metrics.prefill_seconds.observe(start.elapsed().as_secs_f64());
+    metrics
+        .prefill_seconds
+        .observe(start.elapsed().as_secs_f64());
     let df = Forward {
         method: f.method.clone(),
         path_and_query: f.path_and_query,
@@ -444,14 +443,22 @@ mod tests {
             RawValue::from_string(r#"{"remote_block_ids":[1,2],"remote_port":5600}"#.into())
                 .expect("raw");
         let orig = br#"{"model":"m","prompt":"hi","temperature":0.7} "#;
-        let b = decode_body(orig, &map(std::str::from_utf8(orig).expect("utf8")), &params);
+        let b = decode_body(
+            orig,
+            &map(std::str::from_utf8(orig).expect("utf8")),
+            &params,
+        );
         assert_eq!(
             &b[..],
             br#"{"model":"m","prompt":"hi","temperature":0.7,"kv_transfer_params":{"remote_block_ids":[1,2],"remote_port":5600}}"#
         );
         // The client's own parameters are replaced.
         let orig = br#"{"model":"m","kv_transfer_params":{"x":1}}"#;
-        let b = decode_body(orig, &map(std::str::from_utf8(orig).expect("utf8")), &params);
+        let b = decode_body(
+            orig,
+            &map(std::str::from_utf8(orig).expect("utf8")),
+            &params,
+        );
         let v: Value = serde_json::from_slice(&b).expect("json");
         assert_eq!(v["kv_transfer_params"]["remote_port"], 5600);
         assert!(v["kv_transfer_params"].get("x").is_none());

@@ -305,12 +305,9 @@ impl Registry {
         let mut endpoints = Vec::with_capacity(specs.len());
         let mut joined = Vec::new();
         for spec in specs {
-            let kept = old
-                .endpoints
-                .iter()
-                .find(|e| {
-                    e.url == spec.url && e.configured_model == spec.model && e.label == spec.label
-                });
+            let kept = old.endpoints.iter().find(|e| {
+                e.url == spec.url && e.configured_model == spec.model && e.label == spec.label
+            });
             let ep = match kept {
                 Some(e) => e.clone(),
                 None => {

@@ -171,6 +171,11 @@ mod tests {
             engine_url(&pod(ready.clone()), &k).as_deref(),
             Some("http://10.0.0.5:8000")
         );
+        // Its `model` label sorts it under disaggregated_prefill.
+        assert_eq!(
+            pod(ready.clone()).metadata.labels.model.as_deref(),
+            Some("x")
+        );
         let mut unready = ready.clone();
         unready["status"]["conditions"][1]["status"] = "False".into();
         assert_eq!(engine_url(&pod(unready), &k), None);
