@@ -44,9 +44,17 @@ pub enum RoutingLogic {
     /// chat goes first to a prefill engine (`--prefill-model-labels`, ranked cache-aware
     /// as `prefixaware`) with `max_tokens: 1`, then with the `kv_transfer_params` it
     /// answered to a decode engine (`--decode-model-labels`, least load). Other paths go
-    /// to decode engines.
-    #[value(name = "disaggregated_prefill", alias = "disaggregated-prefill")]
-    #[serde(rename = "disaggregated_prefill")]
+    /// to decode engines. (The Production Stack router calls this contract
+    /// `disaggregated_prefill_orchestrated`, accepted too; its own `disaggregated_prefill`
+    /// leaves the KV hand-off to LMCache and sends no `kv_transfer_params`.)
+    #[value(
+        name = "disaggregated_prefill",
+        aliases = ["disaggregated-prefill", "disaggregated_prefill_orchestrated"]
+    )]
+    #[serde(
+        rename = "disaggregated_prefill",
+        alias = "disaggregated_prefill_orchestrated"
+    )]
     DisaggregatedPrefill,
 }
 
@@ -974,6 +982,8 @@ mod tests {
         let d = dynamic_from(&args(&[]), &file).expect("valid");
         assert_eq!(d.routing_logic, RoutingLogic::DisaggregatedPrefill);
         assert_eq!(d.backends[1].label.as_deref(), Some("m-decode"));
+        let a = args(&["--routing-logic", "disaggregated_prefill_orchestrated"]);
+        assert_eq!(a.routing_logic, Some(RoutingLogic::DisaggregatedPrefill));
         assert_eq!((d.pd.prefill.len(), d.pd.decode.len()), (1, 1));
     }
 

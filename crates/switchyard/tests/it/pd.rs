@@ -739,4 +739,18 @@ async fn pd_two_prefill_two_decode_sim_engines_answer() {
         );
         assert!(!answer_text(&r.text().await.expect("t")).is_empty());
     }
+    // P then D: each prefill engine request produced one token; the decodes the rest.
+    let mut prefill_tokens = 0.0;
+    for e in &engines[..2] {
+        let m = c
+            .get(e.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        prefill_tokens += metric(&m, "vllm:generation_tokens_total", &[]).unwrap_or(0.0);
+    }
+    assert_eq!(prefill_tokens, 2.0, "one token per prefill request");
 }
