@@ -433,8 +433,15 @@ async fn dashboard_data(State(st): State<Arc<RouterState>>) -> Response<Body> {
     dashboard::data(&dashboard::Sources {
         registry: &st.registry,
         metrics: &st.metrics,
-        routing_logic: dynamic.policy.name(),
-        decisions: dynamic.policy.decisions(),
+        routing_logic: match dynamic.pd {
+            Some(_) => "disaggregated_prefill",
+            None => dynamic.policy.name(),
+        },
+        // disaggregated_prefill: the prefill side's cache-aware decisions.
+        decisions: match &dynamic.pd {
+            Some(sides) => crate::policy::Policy::decisions(&sides.prefill),
+            None => dynamic.policy.decisions(),
+        },
         stats_window_s: st.settings.request_stats_window,
         scrape_interval: st.settings.engine_stats_interval,
     })
