@@ -74,6 +74,9 @@ pub struct Forward<'a> {
     pub stream: bool,
     /// The request's trace: each attempt sends a child span of it as `traceparent`.
     pub trace: TraceCtx,
+    /// The body a mid-stream continuation starts from when it is not `body`
+    /// (disaggregated decode: the client's, without `kv_transfer_params`).
+    pub resume_body: Option<Bytes>,
 }
 
 pub struct Proxy {

@@ -219,7 +219,8 @@ pub(crate) fn origin(
         return None;
     }
     let kind = Kind::of(f.path_and_query)?;
-    if !qualifies(kind, &f.body) {
+    let body = f.resume_body.as_ref().unwrap_or(&f.body);
+    if !qualifies(kind, body) {
         r.not_resumable.inc();
         return None;
     }
@@ -228,7 +229,7 @@ pub(crate) fn origin(
         method: f.method.clone(),
         path_and_query: f.path_and_query.to_string(),
         headers: forward_headers(f.headers, f.trace.keeps_state()),
-        body: f.body.clone(),
+        body: body.clone(),
         request_id: f.request_id.clone(),
         traceparent: f.trace.header_for(crate::observe::trace::new_id()),
         ranked: ranked.to_vec(),
