@@ -14,8 +14,10 @@
 //!    continued elsewhere as plain serving ([`Forward::resume_body`]: the continuation
 //!    carries no `kv_transfer_params`).
 //!
-//! The KV transfer itself happens between the engines. A prefill that fails (an error
-//! status, no `kv_transfer_params` in its answer, no prefill engine reachable) is an
+//! The KV transfer itself happens between the engines. A prefill answer without
+//! `kv_transfer_params` (engines sharing KV through LMCache, as the Production Stack's own
+//! disaggregation does) sends the original request on to decode, counted apart. A prefill
+//! that fails (an error status, an answer that is not JSON, no prefill engine reachable) is an
 //! OpenAI error naming the prefill side: a 4xx from the engine passes through as is (bad
 //! input stays a 400), the rest is a 502 (504/429 as the proxy gave them). With no
 //! healthy prefill engine the request is served plainly by a decode engine (counted).
@@ -100,16 +102,16 @@ impl Sides {
 }
 
 /// Hand-off outcomes (`vllm:router_pd_handoffs_total{outcome}`).
-const OUTCOMES: [&str; 3] = ["ok", "prefill_failed", "decode_failed"];
+const OUTCOMES: [&str; 4] = ["ok", "prefill_failed", "decode_failed", "ok_without_params"];
 /// Why a prefill failed (`vllm:router_pd_prefill_failures_total{reason}`).
-const REASONS: [&str; 3] = ["http_error", "no_kv_transfer_params", "unreachable"];
+const REASONS: [&str; 3] = ["http_error", "bad_answer", "unreachable"];
 
 /// The disaggregation metrics (kept across reloads; rendered while it is the routing
 /// logic).
 pub struct PdMetrics {
     pub prefill_seconds: Histogram,
     pub decode_first_byte_seconds: Histogram,
-    handoffs: [Counter; 3],
+    handoffs: [Counter; 4],
     pub fallbacks: Counter,
     prefill_failures: [Counter; 3],
 }
@@ -158,7 +160,9 @@ impl PdMetrics {
             H,
             "counter",
             "Disaggregated requests by outcome: decode answered (ok), the prefill failed \
-             (prefill_failed), no decode engine answered (decode_failed)",
+             (prefill_failed), no decode engine answered (decode_failed), decode answered \
+             after a prefill that returned no kv_transfer_params (ok_without_params: KV \
+             shared another way, e.g. LMCache, or recomputed)",
         );
         for (o, c) in OUTCOMES.iter().zip(&self.handoffs) {
             w.sample(H, &[("outcome", o)], c.get() as f64);
@@ -174,8 +178,8 @@ impl PdMetrics {
         w.header(
             R,
             "counter",
-            "Failed prefills: the engine answered an error (http_error), answered without \
-             kv_transfer_params (no_kv_transfer_params), or none could be reached (unreachable)",
+            "Failed prefills: the engine answered an error (http_error), answered something \
+             that is not a JSON completion (bad_answer), or none could be reached (unreachable)",
         );
         for (r, c) in REASONS.iter().zip(&self.prefill_failures) {
             w.sample(R, &[("reason", r)], c.get() as f64);
@@ -365,14 +369,17 @@ pub async fn serve(
     let params = match serde_json::from_slice::<PrefillAnswer<'_>>(&body) {
         Ok(PrefillAnswer {
             kv_transfer_params: Some(p),
-        }) if p.get().starts_with('{') => p,
-        _ => {
+        }) if p.get().starts_with('{') => Some(p),
+        // No parameters: the engines share KV another way (the Production Stack's
+        // LMCache-based disaggregation answers so), and the decode engine finds the KV
+        // there or computes it. The original request goes on, as that router sends it.
+        Ok(_) => None,
+        Err(_) => {
             metrics.prefill_failed(1);
             return prefill_error(
                 502,
                 format!(
-                    "{}: its answer has no kv_transfer_params object (is it started with \
-                     --kv-transfer-config and kv_role kv_producer or kv_both?)",
+                    "{}: its answer is not a completion (JSON object) to read                      kv_transfer_params from",
                     side_name(answered.as_deref(), prefill)
                 ),
             );
@@ -385,7 +392,10 @@ pub async fn serve(
         method: f.method.clone(),
         path_and_query: f.path_and_query,
         headers: f.headers,
-        body: decode_body(&f.body, &req, params),
+        body: match params {
+            Some(p) => decode_body(&f.body, &req, p),
+            None => f.body.clone(),
+        },
         request_id: f.request_id.clone(),
         model: f.model,
         stream: f.stream,
@@ -399,7 +409,7 @@ pub async fn serve(
         metrics
             .decode_first_byte_seconds
             .observe(start.elapsed().as_secs_f64());
-        metrics.handoff(0);
+        metrics.handoff(if params.is_some() { 0 } else { 3 });
     } else {
         metrics.handoff(2);
     }

@@ -19,8 +19,10 @@ const MODEL: &str = "m";
 enum Mode {
     /// A prefill engine: one token and its `kv_transfer_params`.
     Prefill,
-    /// A prefill engine whose answer has no `kv_transfer_params`.
+    /// A prefill engine whose answer has no `kv_transfer_params` (LMCache-style P/D).
     PrefillNoParams,
+    /// Answers 200 with a body that is not JSON.
+    NotJson,
     /// A decode engine: the answer (streamed when asked), after `delay_ms`.
     Decode,
     /// Answers every request (health checks too) with this status.
@@ -147,6 +149,12 @@ impl Fake {
                         ),
                         Mode::Drop => {
                             drop(sock);
+                            return;
+                        }
+                        Mode::NotJson => {
+                            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 8\r\nconnection: close\r\n\r\nnot json";
+                            let _ = sock.write_all(head.as_bytes()).await;
+                            let _ = sock.shutdown().await;
                             return;
                         }
                         Mode::Prefill | Mode::PrefillNoParams => {
@@ -510,7 +518,17 @@ async fn pd_prefill_failures_are_errors_naming_the_prefill_side() {
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["error"]["message"], "fake p says 400");
 
+    // An answer without kv_transfer_params (engines sharing KV through LMCache, as the
+    // Production Stack's own disaggregation does): the original request goes on to decode.
     p.set_mode(Mode::PrefillNoParams);
+    let (s, v) = post().await;
+    assert_eq!(s, 200, "{v}");
+    let seen = d.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, body, "the original request, no parameters added");
+    d.clear();
+
+    p.set_mode(Mode::NotJson);
     let (s, v) = post().await;
     assert_eq!(s, 502, "{v}");
     let msg = v["error"]["message"].as_str().expect("message");
@@ -532,7 +550,7 @@ async fn pd_prefill_failures_are_errors_naming_the_prefill_side() {
     let m = page(&c, &router).await;
     for (reason, n) in [
         ("http_error", 1.0),
-        ("no_kv_transfer_params", 1.0),
+        ("bad_answer", 1.0),
         ("unreachable", 1.0),
     ] {
         assert_eq!(
@@ -552,6 +570,14 @@ async fn pd_prefill_failures_are_errors_naming_the_prefill_side() {
             &[("outcome", "prefill_failed")]
         ),
         Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "vllm:router_pd_handoffs_total",
+            &[("outcome", "ok_without_params")]
+        ),
+        Some(1.0)
     );
 }
 
