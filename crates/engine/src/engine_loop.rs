@@ -438,10 +438,14 @@ impl EngineLoop {
             return;
         }
         let gone = p.leases.expire(Instant::now());
+        if gone.is_empty() {
+            return;
+        }
         p.metrics.expired.add(gone.len() as u64);
         for l in gone {
             self.release_lease(l);
         }
+        self.update_gauges();
     }
 
     /// Lease the blocks of a prefill request that just finished (or release them).

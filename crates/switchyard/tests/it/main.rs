@@ -10,6 +10,7 @@ mod engine_http;
 mod k8s;
 mod kvaware;
 mod observe;
+mod pd;
 mod prefix;
 mod resume;
 mod router;
