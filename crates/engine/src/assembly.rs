@@ -38,7 +38,10 @@ pub struct Engine {
     /// Fault injection for resilience tests (hidden knobs; off by default).
     pub faults: crate::fault::FaultArgs,
     /// P/D disaggregation (NixlConnector), when on.
-    pub pd: Option<(Arc<crate::kv_offload::pd::PdConfig>, Arc<crate::kv_offload::pd::PdMetrics>)>,
+    pub pd: Option<(
+        Arc<crate::kv_offload::pd::PdConfig>,
+        Arc<crate::kv_offload::pd::PdMetrics>,
+    )>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,16 +230,18 @@ fn pd_setup(
         .lease_duration(env("VLLM_NIXL_ABORT_REQUEST_TIMEOUT").as_deref())
         .map_err(StartError::Flag)?;
     let host = env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| "localhost".into());
-    let port = match (args.kv_side_channel_port, env("VLLM_NIXL_SIDE_CHANNEL_PORT")) {
+    let port = match (
+        args.kv_side_channel_port,
+        env("VLLM_NIXL_SIDE_CHANNEL_PORT"),
+    ) {
         (Some(p), _) => p,
         (None, Some(v)) => v.trim().parse::<u16>().map_err(|_| {
             StartError::Flag(format!("VLLM_NIXL_SIDE_CHANNEL_PORT {v:?} is not a port"))
         })?,
         (None, None) => 5600,
     };
-    let listener = std::net::TcpListener::bind((host.as_str(), port)).map_err(|e| {
-        StartError::Flag(format!("KV side channel {host}:{port}: {e}"))
-    })?;
+    let listener = std::net::TcpListener::bind((host.as_str(), port))
+        .map_err(|e| StartError::Flag(format!("KV side channel {host}:{port}: {e}")))?;
     let port = listener.local_addr()?.port();
     let cfg = crate::kv_offload::pd::PdConfig {
         engine_id: crate::kv_offload::pd::new_uuid(),

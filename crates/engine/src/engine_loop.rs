@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::core::block_manager::BlockManager;
+use crate::core::request::KvTransfer;
 use crate::core::request::{EngineEvent, FinishReason, NewRequest, Request};
 use crate::core::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
-use crate::core::step::TokenLogprobs;
-use crate::core::request::KvTransfer;
 use crate::core::step::KvTier;
+use crate::core::step::TokenLogprobs;
 use crate::kv_offload::pd::{self, Lease, Leases, PdConfig, PdMetrics};
 use crate::kv_offload::Offload;
-use std::collections::HashMap;
 use crate::kv_publisher::KvEventSink;
 use crate::metrics::EngineMetrics;
+use std::collections::HashMap;
 
 pub enum EngineCommand {
     Add(NewRequest),
@@ -85,13 +85,16 @@ pub struct CoreConfig {
     pub pd: Option<(Arc<PdConfig>, Arc<PdMetrics>)>,
 }
 
+/// Where the loop answers a prefill request's leased block ids.
+type LeaseReply = tokio::sync::oneshot::Sender<Option<Vec<u32>>>;
+
 /// The loop's P/D state: its settings, leases, and the lease tokens of requests still
 /// running (with where to answer their block ids).
 struct PdState {
     cfg: Arc<PdConfig>,
     metrics: Arc<PdMetrics>,
     leases: Leases,
-    pending: HashMap<u64, (String, tokio::sync::oneshot::Sender<Option<Vec<u32>>>)>,
+    pending: HashMap<u64, (String, LeaseReply)>,
 }
 
 /// Start the engine loop on its own thread.
@@ -295,17 +298,16 @@ impl EngineLoop {
                         elapsed,
                         fail_on_error,
                     }) => {
-                        if !self.import_remote(&mut req, &data, chunk_tokens, elapsed) {
-                            if let Some(pd) = &self.pd {
-                                pd.metrics.load_failures.inc();
-                            }
-                            if fail_on_error {
-                                let _ = req.events.send(EngineEvent::Rejected(
-                                    "KV transfer from the prefill engine failed: its KV could not be written into this engine's cache (kv_load_failure_policy: fail)".into(),
-                                ));
-                                self.update_gauges();
-                                return;
-                            }
+                        let imported = self.import_remote(&mut req, &data, chunk_tokens, elapsed);
+                        if let (false, Some(pd)) = (imported, &self.pd) {
+                            pd.metrics.load_failures.inc();
+                        }
+                        if !imported && fail_on_error {
+                            let _ = req.events.send(EngineEvent::Rejected(
+                                "KV transfer from the prefill engine failed: its KV could not be written into this engine's cache (kv_load_failure_policy: fail)".into(),
+                            ));
+                            self.update_gauges();
+                            return;
                         }
                     }
                     None => {}
@@ -407,7 +409,9 @@ impl EngineLoop {
             prompt_hash: std::mem::take(&mut lease.prompt_hash),
         };
         self.release_lease(lease);
-        metrics.leases.set(self.pd.as_ref().map_or(0, |p| p.leases.len()) as f64);
+        metrics
+            .leases
+            .set(self.pd.as_ref().map_or(0, |p| p.leases.len()) as f64);
         if !ok || Some(data.len()) != header.payload_bytes() {
             return Err("the KV could not be copied out".into());
         }
@@ -517,8 +521,7 @@ impl EngineLoop {
         let t0 = Instant::now();
         self.stats.clear();
         self.sched.schedule(&mut self.scheduled, &mut self.stats);
-        if (self.stats.preemptions > 0 || self.scheduled.is_empty())
-            && self.sched.num_waiting() > 0
+        if (self.stats.preemptions > 0 || self.scheduled.is_empty()) && self.sched.num_waiting() > 0
         {
             self.relieve_pool();
         }

@@ -99,7 +99,9 @@ impl KvTransferConfig {
                 .parse::<f64>()
                 .ok()
                 .filter(|x| x.is_finite() && *x > 0.0)
-                .ok_or_else(|| format!("VLLM_NIXL_ABORT_REQUEST_TIMEOUT {v:?}: expected positive seconds")),
+                .ok_or_else(|| {
+                    format!("VLLM_NIXL_ABORT_REQUEST_TIMEOUT {v:?}: expected positive seconds")
+                }),
         }
     }
 

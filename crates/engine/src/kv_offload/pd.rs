@@ -169,7 +169,11 @@ impl PdMetrics {
             "histogram",
             "Time to pull one request's KV from its prefill engine.",
         );
-        w.histogram("switchyard:kv_transfer_pull_seconds", labels, &self.pull_seconds);
+        w.histogram(
+            "switchyard:kv_transfer_pull_seconds",
+            labels,
+            &self.pull_seconds,
+        );
     }
 }
 
@@ -238,7 +242,7 @@ pub fn parse_params(v: Option<&serde_json::Value>) -> Result<TransferParams, Str
         },
     };
     if let Some(t) = get("tp_size") {
-        if !t.as_u64().is_some_and(|t| t >= 1) {
+        if t.as_u64().is_none_or(|t| t < 1) {
             return Err("kv_transfer_params.tp_size must be a positive integer".into());
         }
     }
@@ -265,12 +269,12 @@ pub fn parse_params(v: Option<&serde_json::Value>) -> Result<TransferParams, Str
     };
     if decode && prefill {
         return Err(
-            "kv_transfer_params: do_remote_decode and do_remote_prefill cannot both be true"
-                .into(),
+            "kv_transfer_params: do_remote_decode and do_remote_prefill cannot both be true".into(),
         );
     }
     if prefill {
-        let missing = |k: &str| format!("kv_transfer_params.{k} is required with do_remote_prefill");
+        let missing =
+            |k: &str| format!("kv_transfer_params.{k} is required with do_remote_prefill");
         let remote = RemoteKv {
             engine_id: engine_id.ok_or_else(|| missing("remote_engine_id"))?,
             host: host.ok_or_else(|| missing("remote_host"))?,
@@ -292,7 +296,12 @@ pub fn parse_params(v: Option<&serde_json::Value>) -> Result<TransferParams, Str
 
 /// The `kv_transfer_params` a prefill engine answers with (vLLM's `request_finished`
 /// fields, plus `remote_num_tokens`).
-pub fn response_params(cfg: &PdConfig, block_ids: &[u32], token: &str, num_tokens: usize) -> serde_json::Value {
+pub fn response_params(
+    cfg: &PdConfig,
+    block_ids: &[u32],
+    token: &str,
+    num_tokens: usize,
+) -> serde_json::Value {
     serde_json::json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
@@ -338,7 +347,14 @@ pub fn new_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// Equality whose time depends only on the lengths.
@@ -527,7 +543,9 @@ async fn read_len_json<R: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
 ) -> Result<T, WireError> {
     let len = r.read_u32().await? as usize;
     if len > max {
-        return Err(WireError::Frame(format!("{len} bytes of JSON (at most {max})")));
+        return Err(WireError::Frame(format!(
+            "{len} bytes of JSON (at most {max})"
+        )));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -543,7 +561,10 @@ async fn read_magic<R: AsyncRead + Unpin>(r: &mut R) -> Result<(), WireError> {
     Ok(())
 }
 
-pub async fn write_request<W: AsyncWrite + Unpin>(w: &mut W, req: &ReadRequest) -> Result<(), WireError> {
+pub async fn write_request<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    req: &ReadRequest,
+) -> Result<(), WireError> {
     let body = serde_json::to_vec(req).map_err(|e| WireError::Frame(e.to_string()))?;
     if body.len() > MAX_REQUEST_BYTES {
         return Err(WireError::Frame("read request too large".into()));
@@ -655,7 +676,8 @@ impl Expected {
         {
             return Err("the payload's block count does not fit the prompt".into());
         }
-        h.payload_bytes().ok_or_else(|| "payload size overflows".into())
+        h.payload_bytes()
+            .ok_or_else(|| "payload size overflows".into())
     }
 }
 
@@ -696,8 +718,11 @@ pub type ReadAnswer = Result<(PayloadHeader, Vec<u8>), String>;
 /// Serve side-channel reads on `listener`: each connection sends one read, `ask` turns
 /// it into the loop's answer. At most 16 connections at a time; a read must arrive
 /// within 10 s.
-pub async fn serve<F, Fut>(listener: tokio::net::TcpListener, metrics: std::sync::Arc<PdMetrics>, ask: F)
-where
+pub async fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<PdMetrics>,
+    ask: F,
+) where
     F: Fn(ReadRequest) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ReadAnswer> + Send,
 {
@@ -762,10 +787,15 @@ mod tests {
         let later = now + Duration::from_secs(60);
         let mut l = Leases::new(4);
         assert!(l.insert(lease("aa", &[1, 2], later)).is_empty());
-        assert!(l.insert(lease("bb", &[3], now + Duration::from_millis(1))).is_empty());
+        assert!(l
+            .insert(lease("bb", &[3], now + Duration::from_millis(1)))
+            .is_empty());
         assert_eq!((l.len(), l.blocks()), (2, 3));
         // Wrong token, right blocks; right token, other blocks: nothing, lease kept.
-        assert_eq!(l.take("ab", &[1, 2], now).unwrap_err(), Refusal::NoSuchLease);
+        assert_eq!(
+            l.take("ab", &[1, 2], now).unwrap_err(),
+            Refusal::NoSuchLease
+        );
         assert_eq!(l.take("aa", &[3], now).unwrap_err(), Refusal::NoSuchLease);
         assert_eq!(l.take("aa", &[1], now).unwrap_err(), Refusal::NoSuchLease);
         assert_eq!(l.take("", &[], now).unwrap_err(), Refusal::NoSuchLease);
@@ -786,7 +816,10 @@ mod tests {
         l.insert(lease("a", &[1, 2], later));
         l.insert(lease("b", &[3], later));
         let out = l.insert(lease("c", &[4, 5], later));
-        assert_eq!(out.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            out.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
         assert_eq!(l.blocks(), 3);
         let out = l.insert(lease("d", &[6, 7, 8, 9, 10], later));
         assert_eq!(out.len(), 1);
@@ -816,13 +849,19 @@ mod tests {
         assert_eq!(parse_params(Some(&json!(null))), Ok(TransferParams::None));
         let router_prefill = json!({"do_remote_decode": true, "do_remote_prefill": false,
             "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null});
-        assert_eq!(parse_params(Some(&router_prefill)), Ok(TransferParams::RemoteDecode));
+        assert_eq!(
+            parse_params(Some(&router_prefill)),
+            Ok(TransferParams::RemoteDecode)
+        );
         let decode = json!({"do_remote_prefill": true, "do_remote_decode": false,
             "remote_block_ids": [3, 4], "remote_engine_id": "e", "remote_host": "localhost",
             "remote_port": 5600, "tp_size": 1, "remote_request_id": "t"});
         match parse_params(Some(&decode)) {
             Ok(TransferParams::RemotePrefill(r)) => {
-                assert_eq!((r.block_ids, r.port, r.token.as_str()), (vec![3, 4], 5600, "t"))
+                assert_eq!(
+                    (r.block_ids, r.port, r.token.as_str()),
+                    (vec![3, 4], 5600, "t")
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -895,31 +934,45 @@ mod tests {
         assert_eq!(read_request(&mut buf.as_slice()).await.expect("read"), req);
         // Truncated anywhere: an error, never a partial request.
         for cut in 0..buf.len() {
-            assert!(read_request(&mut &buf[..cut]).await.is_err(), "cut at {cut}");
+            assert!(
+                read_request(&mut &buf[..cut]).await.is_err(),
+                "cut at {cut}"
+            );
         }
         // Oversize: refused before reading (no allocation of the announced length).
         let mut big = MAGIC.to_vec();
         big.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(read_request(&mut big.as_slice()).await, Err(WireError::Frame(_))));
+        assert!(matches!(
+            read_request(&mut big.as_slice()).await,
+            Err(WireError::Frame(_))
+        ));
         assert!(read_request(&mut &b"HTTP/1.1 200"[..]).await.is_err());
 
         let (exp, remote) = expected();
         let h = header(2);
         let data = vec![5u8; h.payload_bytes().expect("size")];
         let mut out = Vec::new();
-        write_response(&mut out, Ok((&h, &data))).await.expect("write");
+        write_response(&mut out, Ok((&h, &data)))
+            .await
+            .expect("write");
         let (got_h, got) = read_response(&mut out.as_slice(), |h| exp.check(&remote, h))
             .await
             .expect("read");
         assert_eq!((got_h, got), (h.clone(), data.clone()));
         for cut in [0, 5, 20, out.len() - 1] {
-            assert!(read_response(&mut &out[..cut], |h| exp.check(&remote, h)).await.is_err());
+            assert!(read_response(&mut &out[..cut], |h| exp.check(&remote, h))
+                .await
+                .is_err());
         }
         // A payload announced larger than the header implies: refused unread.
         let mut lie = out.clone();
         let at = out.len() - data.len() - 8;
         lie[at..at + 8].copy_from_slice(&(u64::MAX).to_be_bytes());
-        assert!(read_response(&mut lie.as_slice(), |h| exp.check(&remote, h)).await.is_err());
+        assert!(
+            read_response(&mut lie.as_slice(), |h| exp.check(&remote, h))
+                .await
+                .is_err()
+        );
         // Headers that do not fit the prompt: another layout, prompt, engine, size.
         let mut other = h.clone();
         other.layers = 3;

@@ -79,13 +79,25 @@ async fn prefill(c: &reqwest::Client, p: &Proc, path: &str, body: &Value) -> Val
     ] {
         assert!(kv.get(k).is_some(), "{k} missing from {kv}");
     }
-    assert_eq!((&kv["do_remote_prefill"], &kv["do_remote_decode"]), (&json!(true), &json!(false)));
-    assert_eq!(kv["remote_request_id"].as_str().map(str::len), Some(32), "{kv}");
+    assert_eq!(
+        (&kv["do_remote_prefill"], &kv["do_remote_decode"]),
+        (&json!(true), &json!(false))
+    );
+    assert_eq!(
+        kv["remote_request_id"].as_str().map(str::len),
+        Some(32),
+        "{kv}"
+    );
     kv
 }
 
 /// The answer's text (a stream's pieces joined), or the error body.
-async fn complete(c: &reqwest::Client, e: &Proc, path: &str, body: &Value) -> Result<String, (u16, String)> {
+async fn complete(
+    c: &reqwest::Client,
+    e: &Proc,
+    path: &str,
+    body: &Value,
+) -> Result<String, (u16, String)> {
     let r = c.post(e.url(path)).json(body).send().await.expect("send");
     let status = r.status().as_u16();
     let text = r.text().await.expect("body");
@@ -114,7 +126,13 @@ async fn complete(c: &reqwest::Client, e: &Proc, path: &str, body: &Value) -> Re
 }
 
 async fn page(c: &reqwest::Client, e: &Proc) -> String {
-    c.get(e.url("/metrics")).send().await.expect("metrics").text().await.expect("text")
+    c.get(e.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
 
 fn source(page: &str, s: &str) -> f64 {
@@ -134,7 +152,11 @@ fn with_kv(body: &Value, kv: &Value, stream: bool) -> Value {
 
 #[tokio::test]
 async fn pd_sim_prefill_then_decode_equals_one_engine_and_computes_one_prompt_token() {
-    let (p, d, single) = (pd_engine(NIXL), pd_engine(NIXL), Proc::engine(&["--sim-preset", "zero"]));
+    let (p, d, single) = (
+        pd_engine(NIXL),
+        pd_engine(NIXL),
+        Proc::engine(&["--sim-preset", "zero"]),
+    );
     let c = client();
     for seed in [None, Some(7)] {
         for (path, body) in bodies(seed) {
@@ -149,7 +171,9 @@ async fn pd_sim_prefill_then_decode_equals_one_engine_and_computes_one_prompt_to
                 assert_eq!(metric(&pp, "switchyard:kv_transfer_leases", &[]), Some(1.0));
                 let n = kv["remote_num_tokens"].as_f64().expect("num tokens");
                 let d0 = page(&c, &d).await;
-                let got = complete(&c, &d, path, &with_kv(&body, &kv, stream)).await.expect("decode");
+                let got = complete(&c, &d, path, &with_kv(&body, &kv, stream))
+                    .await
+                    .expect("decode");
                 assert_eq!(got, want, "{path} stream={stream} seed={seed:?}");
                 let d1 = page(&c, &d).await;
                 assert_eq!(
@@ -158,13 +182,23 @@ async fn pd_sim_prefill_then_decode_equals_one_engine_and_computes_one_prompt_to
                 );
                 assert!(source(&d1, "local_compute") - source(&d0, "local_compute") <= 1.0);
                 let pp = page(&c, &p).await;
-                assert_eq!(metric(&pp, "switchyard:kv_transfer_leases", &[]), Some(0.0), "released after the pull");
-                assert!(metric(&pp, "switchyard:kv_transfer_served_bytes_total", &[]).unwrap_or(0.0) > 0.0);
+                assert_eq!(
+                    metric(&pp, "switchyard:kv_transfer_leases", &[]),
+                    Some(0.0),
+                    "released after the pull"
+                );
+                assert!(
+                    metric(&pp, "switchyard:kv_transfer_served_bytes_total", &[]).unwrap_or(0.0)
+                        > 0.0
+                );
             }
         }
     }
     let dp = page(&c, &d).await;
-    assert_eq!(metric(&dp, "switchyard:kv_transfer_load_failures_total", &[]), Some(0.0));
+    assert_eq!(
+        metric(&dp, "switchyard:kv_transfer_load_failures_total", &[]),
+        Some(0.0)
+    );
     assert!(dp.contains("switchyard:kv_transfer_pull_seconds_count"));
 }
 
@@ -175,7 +209,9 @@ async fn pd_faults_fall_back_to_recompute_or_fail_clearly() {
     let d = pd_engine(NIXL);
     let (path, body) = bodies(Some(3)).remove(0);
     let want = complete(&c, &single, path, &body).await.expect("single");
-    let failures = |page: &str| metric(page, "switchyard:kv_transfer_load_failures_total", &[]).unwrap_or(-1.0);
+    let failures = |page: &str| {
+        metric(page, "switchyard:kv_transfer_load_failures_total", &[]).unwrap_or(-1.0)
+    };
 
     // Forged token, and the right token with another lease's block ids: nothing served,
     // the decode recomputes the same answer, and the real lease is still there after.
@@ -189,32 +225,63 @@ async fn pd_faults_fall_back_to_recompute_or_fail_clearly() {
     other_engine["remote_engine_id"] = json!("00000000-0000-4000-8000-000000000000");
     for bad in [&forged, &other_blocks, &other_engine] {
         let f0 = failures(&page(&c, &d).await);
-        assert_eq!(complete(&c, &d, path, &with_kv(&body, bad, false)).await.expect("recompute"), want);
+        assert_eq!(
+            complete(&c, &d, path, &with_kv(&body, bad, false))
+                .await
+                .expect("recompute"),
+            want
+        );
         assert_eq!(failures(&page(&c, &d).await) - f0, 1.0);
     }
     let pp = page(&c, &p).await;
-    assert_eq!(metric(&pp, "switchyard:kv_transfer_served_bytes_total", &[]), Some(0.0));
+    assert_eq!(
+        metric(&pp, "switchyard:kv_transfer_served_bytes_total", &[]),
+        Some(0.0)
+    );
     assert!(metric(&pp, "switchyard:kv_transfer_refused_reads_total", &[]).unwrap_or(0.0) >= 2.0);
-    assert_eq!(metric(&pp, "switchyard:kv_transfer_leases", &[]), Some(1.0), "the lease survived");
+    assert_eq!(
+        metric(&pp, "switchyard:kv_transfer_leases", &[]),
+        Some(1.0),
+        "the lease survived"
+    );
     let d0 = page(&c, &d).await;
-    assert_eq!(complete(&c, &d, path, &with_kv(&body, &kv, false)).await.expect("decode"), want);
-    assert!(source(&page(&c, &d).await, "external_kv_transfer") > source(&d0, "external_kv_transfer"));
+    assert_eq!(
+        complete(&c, &d, path, &with_kv(&body, &kv, false))
+            .await
+            .expect("decode"),
+        want
+    );
+    assert!(
+        source(&page(&c, &d).await, "external_kv_transfer") > source(&d0, "external_kv_transfer")
+    );
 
     // The prefill engine killed after answering, before the decode pulls: recompute.
     let kv = prefill(&c, &p, path, &body).await;
     drop(p);
     let f0 = failures(&page(&c, &d).await);
-    assert_eq!(complete(&c, &d, path, &with_kv(&body, &kv, true)).await.expect("recompute"), want);
+    assert_eq!(
+        complete(&c, &d, path, &with_kv(&body, &kv, true))
+            .await
+            .expect("recompute"),
+        want
+    );
     assert_eq!(failures(&page(&c, &d).await) - f0, 1.0);
 
     // kv_load_failure_policy: fail answers a clear error instead (and keeps serving).
     let strict = pd_engine(
         r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer","kv_load_failure_policy":"fail"}"#,
     );
-    let (status, text) = complete(&c, &strict, path, &with_kv(&body, &kv, false)).await.expect_err("fails");
+    let (status, text) = complete(&c, &strict, path, &with_kv(&body, &kv, false))
+        .await
+        .expect_err("fails");
     assert_eq!(status, 500, "{text}");
     assert!(text.contains("kv_load_failure_policy"), "{text}");
-    assert_eq!(complete(&c, &strict, path, &body).await.expect("still serving"), want);
+    assert_eq!(
+        complete(&c, &strict, path, &body)
+            .await
+            .expect("still serving"),
+        want
+    );
 
     // A lease that expired: its blocks are freed, the decode recomputes.
     let short = pd_engine(
@@ -223,11 +290,23 @@ async fn pd_faults_fall_back_to_recompute_or_fail_clearly() {
     let kv = prefill(&c, &short, path, &body).await;
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
     let sp = page(&c, &short).await;
-    assert_eq!(metric(&sp, "switchyard:kv_transfer_expired_leases_total", &[]), Some(1.0));
+    assert_eq!(
+        metric(&sp, "switchyard:kv_transfer_expired_leases_total", &[]),
+        Some(1.0)
+    );
     assert_eq!(metric(&sp, "switchyard:kv_transfer_leases", &[]), Some(0.0));
-    assert_eq!(metric(&sp, "vllm:kv_cache_usage_perc", &[]), Some(0.0), "blocks freed");
+    assert_eq!(
+        metric(&sp, "vllm:kv_cache_usage_perc", &[]),
+        Some(0.0),
+        "blocks freed"
+    );
     let f0 = failures(&page(&c, &d).await);
-    assert_eq!(complete(&c, &d, path, &with_kv(&body, &kv, false)).await.expect("recompute"), want);
+    assert_eq!(
+        complete(&c, &d, path, &with_kv(&body, &kv, false))
+            .await
+            .expect("recompute"),
+        want
+    );
     assert_eq!(failures(&page(&c, &d).await) - f0, 1.0);
 }
 

@@ -315,7 +315,13 @@ impl Choices {
             } else {
                 prompt.clone()
             };
-            gens.push(Generation::start(engine, p, vi, id_prefix, kv_transfer.take())?);
+            gens.push(Generation::start(
+                engine,
+                p,
+                vi,
+                id_prefix,
+                kv_transfer.take(),
+            )?);
         }
         let first = &gens[0];
         Ok(Choices {
