@@ -339,3 +339,45 @@ async fn malformed_kv_transfer_params_are_400s_and_the_engine_keeps_serving() {
     let (status, _) = post(&c, &d, path, &body).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn leases_never_starve_the_pool() {
+    // 16 blocks of 16 tokens: at most 8 leased; a prompt needing 13 blocks must still run.
+    let p = Proc::engine(&[
+        "--sim-preset",
+        "zero",
+        "--num-gpu-blocks",
+        "16",
+        "--block-size",
+        "16",
+        "--max-model-len",
+        "256",
+        "--kv-transfer-config",
+        NIXL,
+        "--kv-side-channel-port",
+        "0",
+    ]);
+    let c = client();
+    for i in 0..6 {
+        let body = json!({"model": "switchyard-sim", "temperature": 0, "max_tokens": 4,
+            "prompt": format!("{i} {}", "one two three four five six seven eight nine ten ".repeat(4))});
+        let kv = prefill(&c, &p, "/v1/completions", &body).await;
+        assert!(!kv["remote_block_ids"].as_array().expect("ids").is_empty());
+        let pp = page(&c, &p).await;
+        assert!(
+            metric(&pp, "switchyard:kv_transfer_leased_blocks", &[]).unwrap_or(99.0) <= 8.0,
+            "bounded"
+        );
+    }
+    let pp = page(&c, &p).await;
+    assert!(metric(&pp, "switchyard:kv_transfer_evicted_leases_total", &[]).unwrap_or(0.0) >= 1.0);
+    let long = json!({"model": "switchyard-sim", "temperature": 0, "max_tokens": 8,
+        "prompt": "alpha beta gamma delta epsilon zeta eta theta iota kappa ".repeat(11)});
+    let (status, r) = post(&c, &p, "/v1/completions", &long).await;
+    assert_eq!(status, 200, "{r}");
+    let n = r["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert!(
+        n > 8 * 16 && n + 8 <= 256,
+        "the prompt ({n} tokens) needs leased blocks"
+    );
+}
