@@ -150,6 +150,18 @@ fn start_engine(
     )
     .envs(cache_url.map(|u| ("LMCACHE_REMOTE_URL", u)))
     .args(&args.engine_args)
+    // Several engines on one machine: P/D side channels on free ports (each engine
+    // advertises its own in `kv_transfer_params`), unless the arguments chose one.
+    .args(
+        (args.engine_args.iter().any(|a| a.contains("NixlConnector"))
+            && !args
+                .engine_args
+                .iter()
+                .any(|a| a.starts_with("--kv-side-channel-port")))
+        .then_some(["--kv-side-channel-port", "0"])
+        .into_iter()
+        .flatten(),
+    )
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
