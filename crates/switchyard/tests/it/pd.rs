@@ -381,3 +381,35 @@ async fn leases_never_starve_the_pool() {
         "the prompt ({n} tokens) needs leased blocks"
     );
 }
+
+#[tokio::test]
+async fn sim_engines_move_the_presets_real_kv_size() {
+    // llama-3.1-8b-h100: 32 layers × 8 KV heads × 128 × 2 bytes, keys and values: 128 KiB
+    // a token; the payload is zeros of that size, its network time charged by the model.
+    let engine = || {
+        Proc::engine(&[
+            "--time-scale",
+            "0.1",
+            "--kv-transfer-config",
+            NIXL,
+            "--kv-side-channel-port",
+            "0",
+        ])
+    };
+    let (p, d) = (engine(), engine());
+    let c = client();
+    let (path, body) = bodies(Some(11)).remove(1);
+    let kv = prefill(&c, &p, path, &body).await;
+    let blocks = kv["remote_block_ids"].as_array().expect("ids").len() as f64;
+    complete(&c, &d, path, &with_kv(&body, &kv, true))
+        .await
+        .expect("decode");
+    let dp = page(&c, &d).await;
+    assert_eq!(
+        metric(&dp, "switchyard:kv_transfer_pulled_bytes_total", &[]),
+        Some(blocks * 16.0 * 131072.0)
+    );
+    let n = kv["remote_num_tokens"].as_f64().expect("tokens");
+    assert_eq!(source(&dp, "external_kv_transfer"), n - 1.0);
+    assert_eq!(source(&dp, "local_compute"), 1.0);
+}
