@@ -97,3 +97,24 @@ def test_greedy_output_through_prefill_then_decode_equals_one_engine(engines, ki
     assert metric(decode, "vllm:prompt_tokens_by_source_total", "external_kv_transfer") - e0 == n - 1
     assert metric(decode, "vllm:prompt_tokens_by_source_total", "local_compute") - l0 <= 1
     assert metric(prefill, "switchyard:kv_transfer_leases") == 0, "the lease was released after the pull"
+
+
+def test_a_dead_prefill_engine_or_a_forged_lease_costs_a_recompute_with_the_same_answer(engines, tmp_path):
+    prefill, decode, single = engines
+    want = text_of(ask(single, "completions", False, 16, None), "completions")
+    kv = ask(prefill, "completions", False, 1, PREFILL_PARAMS).model_extra["kv_transfer_params"]
+    forged = dict(kv, remote_request_id="f" * 32)
+    f0 = metric(decode, "switchyard:kv_transfer_load_failures_total")
+    assert text_of(ask(decode, "completions", False, 16, forged), "completions") == want
+    assert metric(decode, "switchyard:kv_transfer_load_failures_total") - f0 == 1
+    assert metric(prefill, "switchyard:kv_transfer_leases") == 1, "a forged read takes nothing"
+
+    doomed = start_switchyard(ENGINE_ARGS + ["--kv-transfer-config", NIXL, "--kv-side-channel-port", "0"], tmp_path)
+    kv2 = ask(doomed, "completions", False, 1, PREFILL_PARAMS).model_extra["kv_transfer_params"]
+    doomed.proc.kill()
+    _stop(doomed.proc)
+    assert text_of(ask(decode, "completions", False, 16, kv2), "completions") == want
+    assert metric(decode, "switchyard:kv_transfer_load_failures_total") - f0 == 2
+    # The real lease still serves its decode.
+    assert text_of(ask(decode, "completions", False, 16, kv), "completions") == want
+    assert metric(prefill, "switchyard:kv_transfer_leases") == 0
