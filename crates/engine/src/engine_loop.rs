@@ -400,6 +400,7 @@ impl EngineLoop {
         let ok = self.backend.export_kv(&lease.blocks.ids, &mut data);
         let header = pd::PayloadHeader {
             engine_id: cfg.engine_id.clone(),
+            format: pd::KV_FORMAT.into(),
             layers: cfg.layout.layers,
             width: cfg.layout.width,
             elem_bytes: cfg.layout.elem_bytes,

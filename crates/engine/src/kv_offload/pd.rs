@@ -44,6 +44,8 @@ pub const MAGIC: &[u8; 4] = b"SYKV";
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 /// Largest answer header accepted.
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// The payload layout (LMCache's `KV_2LTD`, as the offload tiers' chunks).
+pub const KV_FORMAT: &str = "KV_2LTD";
 /// Block ids above this are absurd (no pool is that large).
 pub const MAX_BLOCK_ID: u64 = 1 << 31;
 
@@ -501,6 +503,8 @@ pub struct ReadRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PayloadHeader {
     pub engine_id: String,
+    /// Always [`KV_FORMAT`]: `[2][layers][tokens][width]`, as LMCache's chunks.
+    pub format: String,
     pub layers: usize,
     pub width: usize,
     pub elem_bytes: usize,
@@ -655,7 +659,7 @@ impl Expected {
         if h.engine_id != remote.engine_id {
             return Err("the payload comes from another engine".into());
         }
-        if h.layout() != self.layout {
+        if h.format != KV_FORMAT || h.layout() != self.layout {
             return Err(format!(
                 "KV layout {:?} is not this engine's {:?}",
                 h.layout(),
@@ -890,6 +894,7 @@ mod tests {
     fn header(num_blocks: usize) -> PayloadHeader {
         PayloadHeader {
             engine_id: "e".into(),
+            format: KV_FORMAT.into(),
             layers: 2,
             width: 4,
             elem_bytes: 2,
@@ -976,6 +981,9 @@ mod tests {
         // Headers that do not fit the prompt: another layout, prompt, engine, size.
         let mut other = h.clone();
         other.layers = 3;
+        assert!(exp.check(&remote, &other).is_err());
+        let mut other = h.clone();
+        other.format = "KV_T2D".into();
         assert!(exp.check(&remote, &other).is_err());
         let mut other = h.clone();
         other.prompt_hash = "x".into();
