@@ -196,6 +196,18 @@ fn start_engine(
     .envs(cache_url.map(|u| ("LMCACHE_REMOTE_URL", u)))
     .args(extra)
     .args(&args.engine_args)
+    // Several engines on one machine: P/D side channels on free ports (each engine
+    // advertises its own in `kv_transfer_params`), unless the arguments chose one.
+    .args(
+        ({
+            let mut all = args.engine_args.iter().map(String::as_str).chain(extra.iter().copied());
+            let nixl = all.clone().any(|a| a.contains("NixlConnector"));
+            nixl && !all.any(|a| a.starts_with("--kv-side-channel-port"))
+        })
+        .then_some(["--kv-side-channel-port", "0"])
+        .into_iter()
+        .flatten(),
+    )
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());

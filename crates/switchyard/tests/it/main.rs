@@ -11,6 +11,7 @@ mod k8s;
 mod kvaware;
 mod observe;
 mod pd;
+mod pd_engine;
 mod prefix;
 mod resume;
 mod router;
