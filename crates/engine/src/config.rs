@@ -116,7 +116,7 @@ pub struct EngineArgs {
     /// '{"kv_connector":"NixlConnector","kv_role":"kv_both"}' (kv_producer: prefill only,
     /// kv_consumer: decode only), `kv_load_failure_policy` `recompute` (default) or
     /// `fail`, `kv_connector_extra_config.kv_lease_duration` (seconds; else
-    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, else 480). The side channel listens on
+    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, else 30, as vLLM 0.32). The side channel listens on
     /// `VLLM_NIXL_SIDE_CHANNEL_HOST` (localhost) : `VLLM_NIXL_SIDE_CHANNEL_PORT` (5600).
     #[arg(long, value_parser = crate::kv_offload::KvTransferConfig::parse)]
     pub kv_transfer_config: Option<crate::kv_offload::KvTransferConfig>,

@@ -200,7 +200,11 @@ fn start_engine(
     // advertises its own in `kv_transfer_params`), unless the arguments chose one.
     .args(
         ({
-            let mut all = args.engine_args.iter().map(String::as_str).chain(extra.iter().copied());
+            let mut all = args
+                .engine_args
+                .iter()
+                .map(String::as_str)
+                .chain(extra.iter().copied());
             let nixl = all.clone().any(|a| a.contains("NixlConnector"));
             nixl && !all.any(|a| a.starts_with("--kv-side-channel-port"))
         })

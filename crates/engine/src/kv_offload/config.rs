@@ -82,8 +82,8 @@ impl KvTransferConfig {
     }
 
     /// How long a prefill engine keeps a finished prompt's blocks for its decode engine:
-    /// `kv_connector_extra_config.kv_lease_duration`, else `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`
-    /// (as vLLM), else vLLM's 480 s.
+    /// `kv_connector_extra_config.kv_lease_duration` (vLLM 0.32's setting), else
+    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT` (older vLLMs' variable), else vLLM 0.32's 30 s.
     pub fn lease_duration(&self, env_timeout: Option<&str>) -> Result<f64, String> {
         if let Some(x) = self
             .kv_connector_extra_config
@@ -93,7 +93,7 @@ impl KvTransferConfig {
             return Ok(x);
         }
         match env_timeout {
-            None => Ok(480.0),
+            None => Ok(30.0),
             Some(v) => v
                 .trim()
                 .parse::<f64>()
@@ -274,7 +274,7 @@ mod tests {
         assert!(KvTransferConfig::parse(r#"{"kv_connector":"P2pNcclConnector"}"#).is_err());
         let n = KvTransferConfig::parse(r#"{"kv_connector":"NixlConnector"}"#).expect("nixl");
         assert!(n.is_nixl() && !n.fail_on_load_error() && n.stores() && n.loads());
-        assert_eq!(n.lease_duration(None), Ok(480.0));
+        assert_eq!(n.lease_duration(None), Ok(30.0));
         assert_eq!(n.lease_duration(Some("30")), Ok(30.0));
         assert!(n.lease_duration(Some("-1")).is_err());
         let n = KvTransferConfig::parse(

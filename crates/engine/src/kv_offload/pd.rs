@@ -4,7 +4,7 @@
 //! - **Prefill** (a request with `kv_transfer_params.do_remote_decode: true`): the
 //!   engine computes the prompt and its one token as usual, but when the request ends its
 //!   prompt's blocks stay pinned under a [`Lease`] (an unguessable 128-bit token, a
-//!   deadline: `kv_lease_duration`, else `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, else 480 s),
+//!   deadline: `kv_lease_duration`, else `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, else 30 s as vLLM 0.32),
 //!   and the response's `kv_transfer_params` names them (`remote_block_ids`,
 //!   `remote_engine_id`, `remote_host`/`remote_port` of the side channel,
 //!   `remote_request_id` = the token).

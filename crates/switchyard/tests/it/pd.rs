@@ -525,7 +525,10 @@ async fn pd_prefill_failures_are_errors_naming_the_prefill_side() {
     assert_eq!(s, 200, "{v}");
     let seen = d.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].body, body, "the original request, no parameters added");
+    assert_eq!(
+        seen[0].body, body,
+        "the original request, no parameters added"
+    );
     d.clear();
 
     p.set_mode(Mode::NotJson);
@@ -690,93 +693,158 @@ async fn pd_decode_failures_retry_with_the_params_and_resume_without_them() {
     assert!(text.starts_with("decoded by"), "{text}");
 }
 
-/// 2P2D over real sim engines. Needs the engine side of issue 16 (sim engines answering
-/// `kv_transfer_params` under a NixlConnector `--kv-transfer-config`): until then a
-/// prefill answer has none and the router answers 502 naming the prefill engine.
+/// XpYd over real sim engines (the engine side of the contract: `it/pd_engine.rs`):
+/// 1P1D and 2P2D answers equal one plain engine's, streamed and not, chat and
+/// completions; the decode engines compute at most the last prompt token of each
+/// request (the rest arrives over the side channel), the prefill engines generate one
+/// token per request; a decode engine killed is routed around with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the engine side of issue 16 (sim engines answering kv_transfer_params)"]
-async fn pd_two_prefill_two_decode_sim_engines_answer() {
+async fn pd_xpyd_sim_engines_answer_as_one_engine_and_move_the_kv() {
     let kv = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#;
-    let engines: Vec<Proc> = (0..4)
-        .map(|_| {
-            Proc::engine(&[
-                "--sim-preset",
-                "zero",
-                "--served-model-name",
-                MODEL,
-                "--kv-transfer-config",
-                kv,
-                "--kv-side-channel-port",
-                "0",
-            ])
-        })
-        .collect();
-    let urls: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
-    let router = Proc::router(
-        &urls,
-        &[
-            "--static-model-labels",
-            "m-prefill,m-prefill,m-decode,m-decode",
-            "--routing-logic",
-            "disaggregated_prefill",
-            "--prefill-model-labels",
-            "m-prefill",
-            "--decode-model-labels",
-            "m-decode",
-        ],
-    );
+    let sim = ["--sim-preset", "zero", "--served-model-name", MODEL];
+    let single = Proc::engine(&sim);
     let c = client();
-    for (path, body) in [
-        (
-            "/v1/completions",
-            json!({"model":MODEL,"prompt":"Once upon a time","max_tokens":8,"seed":1}),
-        ),
-        (
-            "/v1/chat/completions",
-            json!({"model":MODEL,"messages":[{"role":"user","content":"hi"}],"max_tokens":8,"stream":true}),
-        ),
-    ] {
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(8);
+    let bodies = |stream: bool| {
+        [
+            (
+                "/v1/completions",
+                json!({"model":MODEL,"prompt":prompt,"max_tokens":12,"seed":1,"stream":stream}),
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"model":MODEL,"messages":[{"role":"user","content":prompt}],"max_tokens":12,
+                       "temperature":0,"stream":stream}),
+            ),
+        ]
+    };
+    let mut want = Vec::new();
+    for (path, body) in bodies(false) {
         let r = c
-            .post(router.url(path))
+            .post(single.url(path))
             .json(&body)
             .send()
             .await
             .expect("send");
-        assert_eq!(r.status(), 200, "{path}");
-        let p = r.headers()["x-switchyard-prefill-engine"]
-            .to_str()
-            .expect("h")
-            .to_string();
-        let d = r.headers()["x-switchyard-engine"]
-            .to_str()
-            .expect("h")
-            .to_string();
-        assert!(
-            [&engines[0], &engines[1]]
-                .iter()
-                .any(|e| e.host_port() == p),
-            "prefill on a prefill engine"
-        );
-        assert!(
-            [&engines[2], &engines[3]]
-                .iter()
-                .any(|e| e.host_port() == d),
-            "decode on a decode engine"
-        );
-        assert!(!answer_text(&r.text().await.expect("t")).is_empty());
+        assert_eq!(r.status(), 200);
+        want.push(answer_text(&r.text().await.expect("text")));
     }
-    // P then D: each prefill engine request produced one token; the decodes the rest.
-    let mut prefill_tokens = 0.0;
-    for e in &engines[..2] {
-        let m = c
-            .get(e.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        prefill_tokens += metric(&m, "vllm:generation_tokens_total", &[]).unwrap_or(0.0);
+    let page = |u: String| {
+        let c = c.clone();
+        async move {
+            c.get(u)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        }
+    };
+    for (np, nd) in [(1usize, 1usize), (2, 2)] {
+        let engines: Vec<Proc> = (0..np + nd)
+            .map(|_| {
+                let mut a = sim.to_vec();
+                a.extend(["--kv-transfer-config", kv, "--kv-side-channel-port", "0"]);
+                Proc::engine(&a)
+            })
+            .collect();
+        let urls: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
+        let labels: Vec<&str> = (0..np + nd)
+            .map(|i| if i < np { "m-prefill" } else { "m-decode" })
+            .collect();
+        let labels = labels.join(",");
+        let mut router = Proc::router(
+            &urls,
+            &[
+                "--static-model-labels",
+                &labels,
+                "--routing-logic",
+                "disaggregated_prefill",
+                "--prefill-model-labels",
+                "m-prefill",
+                "--decode-model-labels",
+                "m-decode",
+            ],
+        );
+        let mut n = 0.0;
+        for stream in [false, true] {
+            for ((path, body), want) in bodies(stream).into_iter().zip(&want) {
+                let r = c
+                    .post(router.url(path))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 200, "{np}P{nd}D {path}");
+                let p = r.headers()["x-switchyard-prefill-engine"]
+                    .to_str()
+                    .expect("h")
+                    .to_string();
+                let d = r.headers()["x-switchyard-engine"]
+                    .to_str()
+                    .expect("h")
+                    .to_string();
+                assert!(
+                    engines[..np].iter().any(|e| e.host_port() == p),
+                    "prefill on a prefill engine"
+                );
+                assert!(
+                    engines[np..].iter().any(|e| e.host_port() == d),
+                    "decode on a decode engine"
+                );
+                let got = answer_text(&r.text().await.expect("text"));
+                assert_eq!(&got, want, "{np}P{nd}D {path} stream={stream}");
+                n += 1.0;
+            }
+        }
+        let (mut generated, mut computed, mut moved) = (0.0, 0.0, 0.0);
+        for e in &engines[..np] {
+            let m = page(e.url("/metrics")).await;
+            generated += metric(&m, "vllm:generation_tokens_total", &[]).unwrap_or(0.0);
+        }
+        for e in &engines[np..] {
+            let m = page(e.url("/metrics")).await;
+            let src = |s| {
+                metric(&m, "vllm:prompt_tokens_by_source_total", &[("source", s)]).unwrap_or(0.0)
+            };
+            computed += src("local_compute");
+            moved += src("external_kv_transfer");
+        }
+        assert_eq!(generated, n, "{np}P{nd}D: one token per prefill request");
+        assert!(
+            computed <= n,
+            "{np}P{nd}D: decode engines computed {computed} prompt tokens"
+        );
+        assert!(moved >= n * 90.0, "{np}P{nd}D: {moved} prompt tokens moved");
+        let m = page(router.url("/metrics")).await;
+        assert_eq!(
+            metric(&m, "vllm:router_pd_handoffs_total", &[("outcome", "ok")]),
+            Some(n)
+        );
+
+        if nd > 1 {
+            // A decode engine dies: the next requests go to the other one, none lost.
+            let mut engines = engines;
+            let mut victim = engines.pop().expect("decode engine");
+            let _ = victim.child.kill();
+            let _ = victim.child.wait();
+            for _ in 0..6 {
+                let (path, body) = bodies(true)[0].clone();
+                let r = c
+                    .post(router.url(path))
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status(), 200, "after a decode engine died");
+                assert_eq!(
+                    r.headers()["x-switchyard-engine"].to_str().expect("h"),
+                    engines[np].host_port()
+                );
+                assert_eq!(answer_text(&r.text().await.expect("text")), want[0]);
+            }
+        }
+        router.terminate();
     }
-    assert_eq!(prefill_tokens, 2.0, "one token per prefill request");
 }
