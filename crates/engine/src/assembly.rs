@@ -112,7 +112,12 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
     );
     metrics.cache_dtype = args.kv_cache_dtype.trim().to_string();
     let pd = match &args.kv_transfer_config {
-        Some(t) if t.is_nixl() => Some(pd_setup(args, t, backend.kv_layout())?),
+        Some(t) if t.is_nixl() => Some(pd_setup(
+            args,
+            t,
+            backend.kv_layout(),
+            backend.kv_network_model(),
+        )?),
         _ => None,
     };
     if let Some((_, m, _)) = &pd {
@@ -214,6 +219,7 @@ fn pd_setup(
     args: &EngineArgs,
     t: &crate::kv_offload::KvTransferConfig,
     layout: Option<crate::core::step::KvLayout>,
+    modelled: Option<crate::backend::NetworkModel>,
 ) -> Result<
     (
         Arc<crate::kv_offload::pd::PdConfig>,
@@ -254,6 +260,7 @@ fn pd_setup(
         layout,
         block_size: args.block_size,
         pull_timeout: std::time::Duration::from_secs(10),
+        modelled,
     };
     Ok((
         Arc::new(cfg),

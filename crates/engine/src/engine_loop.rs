@@ -363,7 +363,10 @@ impl EngineLoop {
         let Some(ids) = self.sched.allocate_blocks(n, headroom) else {
             return false;
         };
-        if !self.backend.import_kv(&ids, data, chunk_tokens, 0) {
+        // A modelled pull (sim) brought no payload and has waited its modelled time.
+        let modelled =
+            data.is_empty() && self.pd.as_ref().is_some_and(|p| p.cfg.modelled.is_some());
+        if !modelled && !self.backend.import_kv(&ids, data, chunk_tokens, 0) {
             let mut seq = crate::core::block_manager::SeqBlocks {
                 ids,
                 ..Default::default()
@@ -371,7 +374,9 @@ impl EngineLoop {
             self.sched.free_blocks(&mut seq);
             return false;
         }
-        self.backend.kv_loaded(KvTier::Remote, data.len(), elapsed);
+        if !modelled {
+            self.backend.kv_loaded(KvTier::Remote, data.len(), elapsed);
+        }
         req.blocks.ids = ids;
         req.num_computed = n_prompt - 1;
         req.external_tokens = n_prompt - 1;
@@ -394,10 +399,16 @@ impl EngineLoop {
             .map_err(|_| "no such lease".to_string())?;
         let cfg = state.cfg.clone();
         let metrics = state.metrics.clone();
-        let mut data = Vec::with_capacity(
-            lease.blocks.ids.len() * cfg.block_size * cfg.layout.bytes_per_token(),
-        );
-        let ok = self.backend.export_kv(&lease.blocks.ids, &mut data);
+        let modelled = cfg.modelled.is_some();
+        let mut data = Vec::new();
+        // A modelled backend's KV is read by the decode engine's RDMA in the model: no
+        // copy out, no payload.
+        let ok = modelled || {
+            data.reserve_exact(
+                lease.blocks.ids.len() * cfg.block_size * cfg.layout.bytes_per_token(),
+            );
+            self.backend.export_kv(&lease.blocks.ids, &mut data)
+        };
         let header = pd::PayloadHeader {
             engine_id: cfg.engine_id.clone(),
             format: pd::KV_FORMAT.into(),
@@ -408,12 +419,13 @@ impl EngineLoop {
             num_blocks: lease.blocks.ids.len(),
             num_tokens: lease.num_tokens,
             prompt_hash: std::mem::take(&mut lease.prompt_hash),
+            modelled,
         };
         self.release_lease(lease);
         metrics
             .leases
             .set(self.pd.as_ref().map_or(0, |p| p.leases.len()) as f64);
-        if !ok || Some(data.len()) != header.payload_bytes() {
+        if !ok || Some(data.len()) != header.wire_bytes() {
             return Err("the KV could not be copied out".into());
         }
         Ok((header, data))

@@ -68,6 +68,9 @@ pub struct PdConfig {
     pub block_size: usize,
     /// Time a pull may take (connect, read, payload).
     pub pull_timeout: Duration,
+    /// The sim's modelled network: payloads are not sent (the header names the bytes a
+    /// real model would move) and a pull waits the modelled time.
+    pub modelled: Option<crate::backend::NetworkModel>,
 }
 
 /// P/D metrics (rendered with the engine's).
@@ -512,9 +515,22 @@ pub struct PayloadHeader {
     pub num_blocks: usize,
     pub num_tokens: usize,
     pub prompt_hash: String,
+    /// The KV is modelled (sim): no payload follows; `payload_bytes` is what a real
+    /// model would have moved.
+    #[serde(default)]
+    pub modelled: bool,
 }
 
 impl PayloadHeader {
+    /// Bytes on the wire after the header: the payload, or none when modelled.
+    pub fn wire_bytes(&self) -> Option<usize> {
+        if self.modelled {
+            Some(0)
+        } else {
+            self.payload_bytes()
+        }
+    }
+
     pub fn layout(&self) -> KvLayout {
         KvLayout {
             layers: self.layers,
@@ -651,6 +667,9 @@ pub struct Expected {
     pub block_size: usize,
     pub num_tokens: usize,
     pub prompt_hash: String,
+    /// This engine's KV is modelled (sim): only modelled payloads fit, and real ones only
+    /// a real engine.
+    pub modelled: bool,
 }
 
 impl Expected {
@@ -680,7 +699,12 @@ impl Expected {
         {
             return Err("the payload's block count does not fit the prompt".into());
         }
+        if h.modelled != self.modelled {
+            return Err("modelled (sim) and real KV do not mix".into());
+        }
         h.payload_bytes()
+            .ok_or_else(|| "payload size overflows".to_string())?;
+        h.wire_bytes()
             .ok_or_else(|| "payload size overflows".into())
     }
 }
@@ -752,7 +776,9 @@ pub async fn serve<F, Fut>(
             };
             let r = match &answer {
                 Ok((h, data)) => {
-                    m.served_bytes.add(data.len() as u64);
+                    // A modelled payload counts the bytes a real model would send.
+                    m.served_bytes
+                        .add(h.payload_bytes().unwrap_or(data.len()) as u64);
                     write_response(&mut sock, Ok((h, data))).await
                 }
                 Err(e) => {
@@ -902,6 +928,7 @@ mod tests {
             num_blocks,
             num_tokens: 20,
             prompt_hash: "h".into(),
+            modelled: false,
         }
     }
 
@@ -916,6 +943,7 @@ mod tests {
                 block_size: 16,
                 num_tokens: 20,
                 prompt_hash: "h".into(),
+                modelled: false,
             },
             RemoteKv {
                 engine_id: "e".into(),
@@ -995,6 +1023,31 @@ mod tests {
         let mut huge = h.clone();
         huge.num_blocks = usize::MAX;
         assert!(exp.check(&remote, &huge).is_err());
+        // Modelled (sim) and real KV never mix; a modelled payload has no bytes on the
+        // wire and still names the real size.
+        let mut m = h.clone();
+        m.modelled = true;
+        assert!(
+            exp.check(&remote, &m).is_err(),
+            "a real engine refuses modelled KV"
+        );
+        let sim = Expected {
+            modelled: true,
+            ..exp.clone()
+        };
+        assert!(
+            sim.check(&remote, &h).is_err(),
+            "a sim engine refuses real KV"
+        );
+        assert_eq!(sim.check(&remote, &m), Ok(0));
+        let mut out = Vec::new();
+        write_response(&mut out, Ok((&m, &[])))
+            .await
+            .expect("write");
+        let (got_m, got) = read_response(&mut out.as_slice(), |h| sim.check(&remote, h))
+            .await
+            .expect("read");
+        assert!(got.is_empty() && got_m.payload_bytes() == h.payload_bytes());
         // A refusal reads as one.
         let mut out = Vec::new();
         write_response(&mut out, Err("no")).await.expect("write");

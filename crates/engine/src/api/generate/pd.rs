@@ -69,12 +69,21 @@ pub(super) async fn plan(
                 block_size: cfg.block_size,
                 num_tokens: prompt.len(),
                 prompt_hash: pd::prompt_hash(prompt),
+                modelled: cfg.modelled.is_some(),
             };
             let started = Instant::now();
             match pd::pull(&remote, &expected, cfg.pull_timeout).await {
                 Ok((h, data)) => {
+                    if let (Some(net), Some(bytes)) = (cfg.modelled, h.payload_bytes()) {
+                        // The sim: this request waits what the transfer would take,
+                        // the engine's steps do not (NIXL's reads are asynchronous).
+                        let rest = net.pull_time(bytes).saturating_sub(started.elapsed());
+                        tokio::time::sleep(rest).await;
+                        metrics.pulled_bytes.add(bytes as u64);
+                    } else {
+                        metrics.pulled_bytes.add(data.len() as u64);
+                    }
                     let elapsed = started.elapsed();
-                    metrics.pulled_bytes.add(data.len() as u64);
                     metrics.pull_seconds.observe(elapsed.as_secs_f64());
                     Ok(Plan {
                         transfer: Some(KvTransfer::Import {
