@@ -19,8 +19,9 @@
 #   NIXL_VERSION=1.5.1
 # Progress (and what was done) goes to stderr. Any failure exits non-zero with a message.
 #
-# Serve a prefill or decode engine with (distinct HTTP and side-channel ports per engine):
-#   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 \
+# Serve a prefill or decode engine with (distinct HTTP and side-channel ports per engine,
+# and on a small box one core each: NIXL's UCX thread busy-polls, see the README):
+#   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0 \
 #   VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=5601 \
 #   $VLLM_PYTHON -m vllm.entrypoints.openai.api_server --model $VLLM_MODEL_DIR \
 #     --served-model-name smollm2 --host 127.0.0.1 --port 18201 --max-model-len 2048 \
