@@ -19,7 +19,7 @@
 //! [`Proc`] drops, panics included.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,9 +121,20 @@ struct Counts {
     failed_before_first_byte: AtomicU64,
     /// Started streaming, then broke off.
     cut_mid_way: AtomicU64,
+    /// Streams the bad engine has started and not finished: a kill or a freeze strikes
+    /// while one is under way, so that a resume is due (between two requests of a client
+    /// an engine can hold no stream at all, and a kill then resumes nothing).
+    under_way_on_bad: AtomicI64,
 }
 
-async fn one(c: &reqwest::Client, url: &str, user: &str, n: u64) -> Result<(), bool> {
+async fn one(
+    c: &reqwest::Client,
+    url: &str,
+    user: &str,
+    n: u64,
+    bad: &str,
+    counts: &Counts,
+) -> Result<(), bool> {
     let body = json!({
         "model": "switchyard-sim",
         "prompt": format!("user {user} question {n}: tell me about the weather"),
@@ -143,12 +154,29 @@ async fn one(c: &reqwest::Client, url: &str, user: &str, n: u64) -> Result<(), b
     if resp.status() != 200 {
         return Err(false);
     }
+    let on_bad = resp
+        .headers()
+        .get("x-switchyard-engine")
+        .is_some_and(|v| v.as_bytes() == bad.as_bytes());
+    struct UnderWay<'a>(Option<&'a AtomicI64>);
+    impl Drop for UnderWay<'_> {
+        fn drop(&mut self) {
+            if let Some(n) = self.0 {
+                n.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let mut under_way = UnderWay(None);
     let mut s = resp.bytes_stream();
     let mut got = false;
     let mut tail = Vec::new();
     while let Some(chunk) = s.next().await {
         let Ok(b) = chunk else { return Err(got) };
         got |= !b.is_empty();
+        if got && on_bad && under_way.0.is_none() {
+            counts.under_way_on_bad.fetch_add(1, Ordering::SeqCst);
+            under_way.0 = Some(&counts.under_way_on_bad);
+        }
         tail.extend_from_slice(&b);
         if tail.len() > 64 {
             tail.drain(..tail.len() - 64);
@@ -197,14 +225,15 @@ async fn run(mut stack: Stack, fault: Fault) -> Outcome {
     let start = Instant::now();
     let end = start + RUN;
     let mut clients = Vec::new();
+    let bad = stack.engines[BAD].host_port();
     for i in 0..CLIENTS {
-        let (c, url, counts) = (c.clone(), url.clone(), counts.clone());
+        let (c, url, counts, bad) = (c.clone(), url.clone(), counts.clone(), bad.clone());
         clients.push(tokio::spawn(async move {
             let user = format!("u{i}");
             let mut n = 0;
             while Instant::now() < end {
                 n += 1;
-                let r = one(&c, &url, &user, n).await;
+                let r = one(&c, &url, &user, n, &bad, &counts).await;
                 let field = match r {
                     Ok(()) if Instant::now() <= end => &counts.ok,
                     Ok(()) => &counts.late,
@@ -216,6 +245,14 @@ async fn run(mut stack: Stack, fault: Fault) -> Outcome {
         }));
     }
     tokio::time::sleep_until((start + FAULT_AT).into()).await;
+    if matches!(fault, Fault::Kill | Fault::Stop) {
+        let wait = Instant::now();
+        while counts.under_way_on_bad.load(Ordering::SeqCst) == 0
+            && wait.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     stack.strike(fault);
     let struck = Instant::now();
     let mut ejected_after = None;
