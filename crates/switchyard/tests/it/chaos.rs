@@ -448,3 +448,70 @@ async fn an_engine_answering_500s_opens_its_breaker_and_no_request_fails() {
         Some(1.0)
     );
 }
+
+/// Every engine stalls at once (a starved machine: the soak saw it, load average 28):
+/// the health checks eject them all, and requests waiting on them must not fail for want
+/// of anywhere to move; they wait for their engine's answer (the last one standing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_engine_ejected_at_once_still_serves_its_requests() {
+    let mut engines = Vec::new();
+    for _ in 0..2 {
+        engines.push(Proc::engine(&[
+            "--sim-preset",
+            "zero",
+            "--fault-delay-ms",
+            "1500",
+            "--fault-on-signal",
+        ]));
+    }
+    let urls: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
+    let router = Proc::router(&urls, ROUTER_FLAGS);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    for e in &engines {
+        let ok = Command::new("kill")
+            .args(["-USR1", &e.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok);
+    }
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for stream in [false, true, false, true] {
+        let (c, url) = (c.clone(), router.url("/v1/completions"));
+        answers.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .json(&json!({"model":"switchyard-sim","prompt":"hello","max_tokens":4,"stream":stream}))
+                .send()
+                .await
+                .expect("send");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }));
+    }
+    for a in answers {
+        let (status, text) = a.await.expect("join");
+        assert_eq!(status, 200, "{text}");
+    }
+    // Both engines were out meanwhile (2 failed 0.4-s checks of 1.5-s-late answers).
+    let page = c
+        .get(router.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let ejections: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("vllm:router_engine_ejections_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert!(
+        ejections >= 2.0 && started.elapsed() >= Duration::from_millis(1500),
+        "both engines should have been ejected while the requests waited: {ejections}\n{page}"
+    );
+}
