@@ -271,12 +271,11 @@ impl Proxy {
                     parts
                         .headers
                         .insert(HeaderName::from_static(ENGINE_HEADER), ep.header.clone());
-                    let cut = f.stream.then(|| {
-                        (
-                            Box::pin(ep.unavailable.clone().notified_owned()),
-                            self.stall_timeout,
-                            Arc::<[Arc<Endpoint>]>::from(ranked),
-                        )
+                    let cut = f.stream.then(|| CutWatch {
+                        unavailable: Box::pin(ep.unavailable.clone().notified_owned()),
+                        stall: self.stall_timeout,
+                        ranked: ranked.into(),
+                        deadline: None,
                     });
                     let body = ObservedBody::new(body, obs, first, cut);
                     if let Some(origin) = crate::resume::origin(self, f, ranked, parts.status) {
@@ -654,7 +653,7 @@ struct StreamCut(Duration);
 
 /// Watching a stream's engine: woken when it is ejected; then a silent stream is cut
 /// after the stall timeout.
-struct CutWatch {
+pub(crate) struct CutWatch {
     unavailable: Pin<Box<OwnedNotified>>,
     stall: Duration,
     /// The request's ranking: a stream is cut only when another engine could continue it.
@@ -683,7 +682,7 @@ impl ObservedBody {
         inner: Incoming,
         mut obs: Observer,
         first: Option<Result<Frame<Bytes>, hyper::Error>>,
-        cut: Option<(Pin<Box<OwnedNotified>>, Duration, Arc<[Arc<Endpoint>]>)>,
+        cut: Option<CutWatch>,
     ) -> Self {
         if first.is_none() || inner.is_end_stream() {
             obs.completed = true;
@@ -692,12 +691,7 @@ impl ObservedBody {
             inner,
             obs,
             stashed: Some(first.map(|r| r.map_err(BoxError::from))),
-            cut: cut.map(|(unavailable, stall, ranked)| CutWatch {
-                unavailable,
-                stall,
-                ranked,
-                deadline: None,
-            }),
+            cut,
         }
     }
 
