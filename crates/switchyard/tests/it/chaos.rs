@@ -138,7 +138,7 @@ async fn one(
     let body = json!({
         "model": "switchyard-sim",
         "prompt": format!("user {user} question {n}: tell me about the weather"),
-        "max_tokens": 8,
+        "max_tokens": 32,
         "ignore_eos": true,
         "stream": true,
     });
@@ -342,7 +342,7 @@ async fn chaos(logic: &str) {
             o.fault
         );
         if o.fault == Fault::Kill {
-            // Eight clients stream all the time: the killed engine had streams under way.
+            // The kill struck while a stream of 32 tokens was under way on the engine.
             assert!(
                 o.resumed >= 1.0,
                 "{logic}: no stream was continued after the kill: {o:?}"
