@@ -1149,8 +1149,20 @@ impl HttpBody for ResumableBody {
                 }
                 Poll::Pending => {
                     if this.poll_stall(cx) {
-                        if let Some(ep) = this.tried.last() {
-                            ep.record_failure(this.origin.failure_threshold, EjectCause::Traffic);
+                        // Silence alone does not count against the engine (a long
+                        // prefill step of a busy CPU engine is silence too): its health
+                        // checks decide whether it is alive. And with no other engine to
+                        // continue on, the stream keeps waiting on this one.
+                        let elsewhere = this
+                            .tried
+                            .last()
+                            .is_none_or(|ep| crate::proxy::another_serves(&this.origin.ranked, ep));
+                        if !elsewhere {
+                            this.last_activity = tokio::time::Instant::now();
+                            if let (Some(d), Some(st)) = (this.silence(), &mut this.stall) {
+                                st.as_mut().reset(this.last_activity + d);
+                            }
+                            continue;
                         }
                         if let Some(p) = this.on_cut("the engine stalled") {
                             this.ended = true;

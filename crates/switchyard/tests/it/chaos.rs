@@ -138,7 +138,7 @@ async fn one(
     let body = json!({
         "model": "switchyard-sim",
         "prompt": format!("user {user} question {n}: tell me about the weather"),
-        "max_tokens": 32,
+        "max_tokens": 16,
         "ignore_eos": true,
         "stream": true,
     });
@@ -342,7 +342,7 @@ async fn chaos(logic: &str) {
             o.fault
         );
         if o.fault == Fault::Kill {
-            // The kill struck while a stream of 32 tokens was under way on the engine.
+            // The kill struck while a stream of 16 tokens was under way on the engine.
             assert!(
                 o.resumed >= 1.0,
                 "{logic}: no stream was continued after the kill: {o:?}"
@@ -514,4 +514,51 @@ async fn every_engine_ejected_at_once_still_serves_its_requests() {
         ejections >= 2.0 && started.elapsed() >= Duration::from_millis(1500),
         "both engines should have been ejected while the requests waited: {ejections}\n{page}"
     );
+}
+
+/// A stream whose only engine goes silent for longer than the stall timeout (a long
+/// prefill step of a busy CPU engine looks the same as this SIGSTOP/SIGCONT) is not cut:
+/// with nowhere else to continue it, it waits, and ends whole once the engine is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_nowhere_else_to_go_outwaits_a_stall() {
+    let mut engine = Proc::engine(&["--sim-preset", "zero", "--sim-step-overhead-us", "20000"]);
+    let mut flags = vec!["--stream-stall-timeout-secs", "1"];
+    flags.extend_from_slice(ROUTER_FLAGS);
+    let router = Proc::router(&[engine.url.as_str()], &flags);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let resp = c
+        .post(router.url("/v1/completions"))
+        .json(
+            &json!({"model":"switchyard-sim","prompt":"hello","max_tokens":100,
+                      "ignore_eos":true,"stream":true}),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let mut s = resp.bytes_stream();
+    let first = s.next().await.expect("a first frame").expect("frame");
+    assert!(!first.is_empty());
+    let pid = engine.child.id().to_string();
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(signal("-CONT"));
+    let mut body = first.to_vec();
+    while let Some(chunk) = s.next().await {
+        body.extend_from_slice(&chunk.expect("the stream was cut"));
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let events = text.matches("\"text\"").count();
+    assert!(events >= 100, "{events} events");
+    let _ = engine.child.kill();
 }
