@@ -780,6 +780,16 @@ impl ResumableBody {
         !self.passthrough && !self.full && self.resumes < self.resume.attempts && !self.acc.done
     }
 
+    /// An engine of the ranking not tried yet takes requests now (healthy, breaker not
+    /// open): somewhere a continuation could go.
+    fn untried_engine_serves(&self) -> bool {
+        self.origin.ranked.iter().any(|e| {
+            e.is_healthy()
+                && e.breaker.state() != crate::engines::breaker::State::Open
+                && !self.tried.iter().any(|t| Arc::ptr_eq(t, e))
+        })
+    }
+
     /// The stream was cut (`why`): resume, or say how it ends.
     fn on_cut(&mut self, why: &str) -> Option<Polled> {
         self.inner = None;
@@ -1153,10 +1163,7 @@ impl HttpBody for ResumableBody {
                         // prefill step of a busy CPU engine is silence too): its health
                         // checks decide whether it is alive. And with no other engine to
                         // continue on, the stream keeps waiting on this one.
-                        let elsewhere = this
-                            .tried
-                            .last()
-                            .is_none_or(|ep| crate::proxy::another_serves(&this.origin.ranked, ep));
+                        let elsewhere = this.can_resume() && this.untried_engine_serves();
                         if !elsewhere {
                             this.last_activity = tokio::time::Instant::now();
                             if let (Some(d), Some(st)) = (this.silence(), &mut this.stall) {
