@@ -20,8 +20,8 @@ venv="$("$root/scripts/setup-test-env.sh")"
 prom_env="$("$root/scripts/setup-prometheus.sh")"; export $prom_env  # PROMETHEUS_BIN, PROMTOOL_BIN
 redis_env="$("$root/scripts/setup-redis.sh")"; export $redis_env     # REDIS_SERVER_BIN
 
-echo "==> real vLLM (cached under ~/.cache/switchyard/vllm; minutes on the first run)"
-vllm_env="$("$root/scripts/setup-vllm.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR|GGUF)=')"
+echo "==> real vLLM, with NIXL for prefill/decode (cached under ~/.cache/switchyard/vllm; minutes on the first run)"
+vllm_env="$("$root/scripts/setup-vllm-nixl.sh" | grep -E '^VLLM_(PYTHON|MODEL_DIR|GGUF)=')"
 export $vllm_env
 
 echo "==> LMCache (cached under ~/.cache/switchyard/lmcache; borrows torch from the vLLM venv)"

@@ -252,7 +252,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--helm-worker"]:
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-CI_SETS = ["cpu-quickstart", "multi-model-gpu", "keda-scale-from-zero", "observability", "cache-server"]
+CI_SETS = ["cpu-quickstart", "multi-model-gpu", "keda-scale-from-zero", "observability", "cache-server",
+           "disaggregated-prefill"]
 ERROR = 3  # helm lint severities: 1 info, 2 warning, 3 error
 WARNING = 2
 
@@ -556,9 +557,17 @@ def test_schema_accepts_what_it_documents(helm):
             {"cacheserverSpec": {"enabled": True, "repository": "lmcache/vllm-openai", "tag": "latest"}},
             "cacheserverSpec.repository: \"lmcache/vllm-openai\" is LMCache's image",
         ),
+        (
+            one_model(kvTransfer={"enabled": True}, lmcacheConfig={"enabled": True}),
+            "kvTransfer.enabled and lmcacheConfig.enabled both set --kv-transfer-config",
+        ),
+        (
+            {"routerSpec": {"routingLogic": "disaggregated_prefill", "prefillModelLabels": "a"}},
+            "routerSpec.prefillModelLabels and routerSpec.decodeModelLabels: required",
+        ),
     ],
     ids=["hpa-and-keda", "duplicate-name", "hpa-min-above-max", "cache-server-ports", "cache-server-no-bytes",
-         "cache-server-lmcache-image"],
+         "cache-server-lmcache-image", "kv-transfer-and-lmcache", "pd-without-labels"],
 )
 def test_template_rejects_inconsistent_values(helm, values, message):
     err = helm.install_error(values)
@@ -763,6 +772,45 @@ def test_multi_model_gpu(rendered):
                 assert body["describedObject"] == {"apiVersion": "v1", "kind": "Service", "name": ROUTER}
     metric_kinds = {r.get("HorizontalPodAutoscaler", engine_name(n))["spec"]["metrics"][0]["type"] for n in models}
     assert metric_kinds == {"Pods", "External"}, "the GPU set shows both the engine-queue and the router-rate HPA"
+
+
+def test_disaggregated_prefill_2p2d(helm, rendered):
+    """2P2D: prefill and decode pods labelled for the router, NIXL's kv-transfer config and
+    side-channel host (the pod IP), and the router's disaggregated_prefill flags."""
+    r = rendered("disaggregated-prefill")
+    args = check_router_discovers_engines(r, ["llama-prefill", "llama-decode"])
+    assert flag(args, "--routing-logic") == "disaggregated_prefill"
+    assert flag(args, "--prefill-model-labels") == "llama-prefill"
+    assert flag(args, "--decode-model-labels") == "llama-decode"
+    assert flag(args, "--known-models") == "llama"
+    for side in ("prefill", "decode"):
+        name = f"llama-{side}"
+        c = check_engine_basics(r, name)
+        dep = r.get("Deployment", engine_name(name))
+        assert dep["spec"]["replicas"] == 2
+        assert dep["spec"]["template"]["metadata"]["labels"]["model"] == name
+        assert flag(c["args"], "--served-model-name") == "llama"
+        assert json.loads(flag(c["args"], "--kv-transfer-config")) == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+        env = {e["name"]: e for e in c["env"]}
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"] == "5600"
+        assert {"name": "nixl-side", "containerPort": 5600, "protocol": "TCP"} in c["ports"]
+    # Switchyard engines get the same flag; a label other than `model` is added as is, and
+    # labels given as a comma string pass through.
+    values = ci_values("disaggregated-prefill")
+    for m in values["servingEngineSpec"]["modelSpec"]:
+        m.update(engine="switchyard", modelURL="/opt/switchyard/models/SmolLM2-135M-Instruct.Q4_1.gguf", requestGPU=0)
+        m["labels"]["tier"] = "pd"
+    values["routerSpec"]["decodeModelLabels"] = "llama-decode,other-decode"
+    r = helm.install(values)
+    c = container(r.get("Deployment", engine_name("llama-decode")))
+    assert c["args"][:2] == ["engine", "--backend"]
+    assert json.loads(flag(c["args"], "--kv-transfer-config"))["kv_connector"] == "NixlConnector"
+    assert "VLLM_NIXL_SIDE_CHANNEL_HOST" in {e["name"] for e in c["env"]}
+    labels = r.get("Deployment", engine_name("llama-decode"))["spec"]["template"]["metadata"]["labels"]
+    assert labels["model"] == "llama-decode" and labels["tier"] == "pd"
+    router_args = container(r.get("Deployment", ROUTER))["args"]
+    assert flag(router_args, "--decode-model-labels") == "llama-decode,other-decode"
 
 
 def test_hpa_on_the_router_service(helm):
@@ -1043,7 +1091,8 @@ def test_nothing_of_the_cache_tier_by_default(helm, rendered):
         assert CACHE_SERVER not in r.names("Deployment") | r.names("Service")
         for o in r.of_kind("Deployment"):
             for c in o["spec"]["template"]["spec"]["containers"]:
-                assert "--kv-transfer-config" not in c.get("args", [])
+                # (disaggregated-prefill's engines have NixlConnector's, not LMCache's.)
+                assert "LMCacheConnectorV1" not in (flag(c.get("args", []), "--kv-transfer-config") or "")
                 assert not [n for n in env_values(c) if n.startswith("LMCACHE_")], o["metadata"]["name"]
         for m in r.of_kind("ServiceMonitor") + r.of_kind("PodMonitor"):
             assert "matchExpressions" not in m["spec"]["selector"]

@@ -75,6 +75,7 @@ fn run(conc: usize, dur: Duration, prompt_len: usize, output_len: usize) {
             params,
             arrival: Instant::now(),
             events: tx,
+            kv_transfer: None,
         }));
         rxs.push(rx);
     };

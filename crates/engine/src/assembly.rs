@@ -37,6 +37,11 @@ pub struct Engine {
     pub api_keys: Arc<[String]>,
     /// Fault injection for resilience tests (hidden knobs; off by default).
     pub faults: crate::fault::FaultArgs,
+    /// P/D disaggregation (NixlConnector), when on.
+    pub pd: Option<(
+        Arc<crate::kv_offload::pd::PdConfig>,
+        Arc<crate::kv_offload::pd::PdMetrics>,
+    )>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +111,21 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         args.prefix_caching(),
     );
     metrics.cache_dtype = args.kv_cache_dtype.trim().to_string();
+    let pd = match &args.kv_transfer_config {
+        Some(t) if t.is_nixl() => Some(pd_setup(
+            args,
+            t,
+            backend.kv_layout(),
+            backend.kv_network_model(),
+        )?),
+        _ => None,
+    };
+    if let Some((_, m, _)) = &pd {
+        metrics.pd = Some(m.clone());
+    }
     let offload = match &args.kv_transfer_config {
         None => None,
+        Some(t) if t.is_nixl() => None,
         Some(transfer) => {
             let layout = backend.kv_layout().ok_or_else(|| {
                 StartError::Flag("--kv-transfer-config: this backend keeps no KV to offload".into())
@@ -161,8 +179,19 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         eos_token_ids: tokenizer.eos_token_ids().to_vec(),
         kv_events: kv_sink,
         offload,
+        pd: pd.as_ref().map(|(c, m, _)| (c.clone(), m.clone())),
     };
     let handle = spawn_engine(config, backend, metrics)?;
+    if let Some((cfg, m, listener)) = &pd {
+        start_side_channel(listener.try_clone()?, m.clone(), handle.clone())?;
+        tracing::info!(
+            engine_id = %cfg.engine_id,
+            side_channel = %format!("{}:{}", cfg.host, cfg.port),
+            role = if cfg.produces && cfg.consumes { "kv_both" } else if cfg.produces { "kv_producer" } else { "kv_consumer" },
+            lease_secs = cfg.lease.as_secs_f64(),
+            "P/D KV transfer (NixlConnector) on; side channel listening"
+        );
+    }
     Ok(Engine {
         handle,
         tokenizer,
@@ -180,7 +209,96 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             .cloned()
             .collect(),
         faults: args.fault.clone(),
+        pd: pd.map(|(c, m, _)| (c, m)),
     })
+}
+
+/// NixlConnector's settings: engine id, side channel (bound now, so the advertised port
+/// is the real one), lease duration, policy.
+fn pd_setup(
+    args: &EngineArgs,
+    t: &crate::kv_offload::KvTransferConfig,
+    layout: Option<crate::core::step::KvLayout>,
+    modelled: Option<crate::backend::NetworkModel>,
+) -> Result<
+    (
+        Arc<crate::kv_offload::pd::PdConfig>,
+        Arc<crate::kv_offload::pd::PdMetrics>,
+        std::net::TcpListener,
+    ),
+    StartError,
+> {
+    let layout = layout.ok_or_else(|| {
+        StartError::Flag("--kv-transfer-config: this backend keeps no KV to transfer".into())
+    })?;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let lease = t
+        .lease_duration(env("VLLM_NIXL_ABORT_REQUEST_TIMEOUT").as_deref())
+        .map_err(StartError::Flag)?;
+    let host = env("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap_or_else(|| "localhost".into());
+    let port = match (
+        args.kv_side_channel_port,
+        env("VLLM_NIXL_SIDE_CHANNEL_PORT"),
+    ) {
+        (Some(p), _) => p,
+        (None, Some(v)) => v.trim().parse::<u16>().map_err(|_| {
+            StartError::Flag(format!("VLLM_NIXL_SIDE_CHANNEL_PORT {v:?} is not a port"))
+        })?,
+        (None, None) => 5600,
+    };
+    let listener = std::net::TcpListener::bind((host.as_str(), port))
+        .map_err(|e| StartError::Flag(format!("KV side channel {host}:{port}: {e}")))?;
+    let port = listener.local_addr()?.port();
+    let cfg = crate::kv_offload::pd::PdConfig {
+        engine_id: crate::kv_offload::pd::new_uuid(),
+        host,
+        port,
+        lease: std::time::Duration::from_secs_f64(lease),
+        fail_on_error: t.fail_on_load_error(),
+        produces: t.stores(),
+        consumes: t.loads(),
+        layout,
+        block_size: args.block_size,
+        pull_timeout: std::time::Duration::from_secs(10),
+        modelled,
+    };
+    Ok((
+        Arc::new(cfg),
+        Arc::new(crate::kv_offload::pd::PdMetrics::default()),
+        listener,
+    ))
+}
+
+/// Serve side-channel reads on their own thread: each read goes to the loop, which owns
+/// the KV.
+fn start_side_channel(
+    listener: std::net::TcpListener,
+    metrics: Arc<crate::kv_offload::pd::PdMetrics>,
+    handle: EngineHandle,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    httpx::spawn_runtime_thread("kv-side-channel", async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "KV side channel failed to start");
+                return;
+            }
+        };
+        let ask = move |request| {
+            let handle = handle.clone();
+            async move {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                if !handle.send(crate::engine_loop::EngineCommand::KvRead { request, reply }) {
+                    return Err("the engine has stopped".to_string());
+                }
+                rx.await
+                    .unwrap_or_else(|_| Err("the engine has stopped".to_string()))
+            }
+        };
+        crate::kv_offload::pd::serve(listener, metrics, ask).await;
+    })?;
+    Ok(())
 }
 
 /// The sim backend: a latency preset (with overrides), the sim tokenizer, and the pool

@@ -112,8 +112,19 @@ pub struct EngineArgs {
     /// `max_local_cpu_size` (GiB, 5), `local_disk` (file:///path), `max_local_disk_size`
     /// (GiB), `remote_url` (lm://host:port[,lm://...], redis://, redis-sentinel://,
     /// redis-cluster://), `blocking_timeout_secs` (10).
+    ///
+    /// Prefill/decode disaggregation as vLLM's NixlConnector:
+    /// '{"kv_connector":"NixlConnector","kv_role":"kv_both"}' (kv_producer: prefill only,
+    /// kv_consumer: decode only), `kv_load_failure_policy` `recompute` (default) or
+    /// `fail`, `kv_connector_extra_config.kv_lease_duration` (seconds; else
+    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, else 30, as vLLM 0.32). The side channel listens on
+    /// `VLLM_NIXL_SIDE_CHANNEL_HOST` (localhost) : `VLLM_NIXL_SIDE_CHANNEL_PORT` (5600).
     #[arg(long, value_parser = crate::kv_offload::KvTransferConfig::parse)]
     pub kv_transfer_config: Option<crate::kv_offload::KvTransferConfig>,
+    /// The P/D side channel's port (NixlConnector), overriding
+    /// `VLLM_NIXL_SIDE_CHANNEL_PORT`; 0: chosen by the OS (the bound port is advertised).
+    #[arg(long)]
+    pub kv_side_channel_port: Option<u16>,
     /// Largest accepted request body, in bytes (larger: 413).
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub max_request_body_bytes: usize,

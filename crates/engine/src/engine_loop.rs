@@ -20,12 +20,16 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::core::block_manager::BlockManager;
+use crate::core::request::KvTransfer;
 use crate::core::request::{EngineEvent, FinishReason, NewRequest, Request};
 use crate::core::scheduler::{Finished, Scheduled, Scheduler, SchedulerConfig, StepStats};
+use crate::core::step::KvTier;
 use crate::core::step::TokenLogprobs;
+use crate::kv_offload::pd::{self, Lease, Leases, PdConfig, PdMetrics};
 use crate::kv_offload::Offload;
 use crate::kv_publisher::KvEventSink;
 use crate::metrics::EngineMetrics;
+use std::collections::HashMap;
 
 pub enum EngineCommand {
     Add(NewRequest),
@@ -40,6 +44,12 @@ pub enum EngineCommand {
     },
     /// Drop all cached prefixes (answered with whether it happened).
     ResetPrefixCache(Sender<bool>),
+    /// A decode engine's side-channel read of a lease (P/D prefill): answered with the
+    /// leased blocks' KV (the lease is then released) or a refusal.
+    KvRead {
+        request: crate::kv_offload::pd::ReadRequest,
+        reply: tokio::sync::oneshot::Sender<crate::kv_offload::pd::ReadAnswer>,
+    },
 }
 
 /// Cheap, cloneable handle to the engine loop.
@@ -71,6 +81,20 @@ pub struct CoreConfig {
     pub kv_events: Option<KvEventSink>,
     /// KV offloading tiers (`--kv-transfer-config`), when on.
     pub offload: Option<Offload>,
+    /// P/D disaggregation (`--kv-transfer-config` with NixlConnector), when on.
+    pub pd: Option<(Arc<PdConfig>, Arc<PdMetrics>)>,
+}
+
+/// Where the loop answers a prefill request's leased block ids.
+type LeaseReply = tokio::sync::oneshot::Sender<Option<Vec<u32>>>;
+
+/// The loop's P/D state: its settings, leases, and the lease tokens of requests still
+/// running (with where to answer their block ids).
+struct PdState {
+    cfg: Arc<PdConfig>,
+    metrics: Arc<PdMetrics>,
+    leases: Leases,
+    pending: HashMap<u64, (String, LeaseReply)>,
 }
 
 /// Start the engine loop on its own thread.
@@ -89,6 +113,14 @@ pub fn spawn_engine(
     let eos = config.eos_token_ids;
     let kv_events = config.kv_events;
     let offload = config.offload;
+    let num_blocks = config.num_blocks;
+    let pd = config.pd.map(|(cfg, metrics)| PdState {
+        cfg,
+        metrics,
+        // At most half the pool leased: leases never take what running requests need.
+        leases: Leases::new((num_blocks / 2).max(1)),
+        pending: HashMap::new(),
+    });
     std::thread::Builder::new()
         .name("engine-core".into())
         .spawn(move || {
@@ -97,6 +129,7 @@ pub fn spawn_engine(
                 lp.set_kv_events(sink);
             }
             lp.offload = offload;
+            lp.pd = pd;
             if lp.kv_events.is_some() {
                 if let Some(off) = lp.offload.as_mut() {
                     off.enable_events();
@@ -130,6 +163,7 @@ pub struct EngineLoop {
     stats: StepStats,
     kv_events: Option<KvEventSink>,
     offload: Option<Offload>,
+    pd: Option<PdState>,
     /// Nanoseconds spent in `schedule` + `update` (the core's own work), for benchmarks.
     sched_nanos: u64,
     steps: u64,
@@ -154,6 +188,7 @@ impl EngineLoop {
             stats: StepStats::default(),
             kv_events: None,
             offload: None,
+            pd: None,
             sched_nanos: 0,
             steps: 0,
         }
@@ -195,10 +230,20 @@ impl EngineLoop {
 
     fn run(mut self, rx: Receiver<EngineCommand>) {
         loop {
+            self.expire_leases();
             if self.sched.is_idle() {
-                match rx.recv() {
-                    Ok(cmd) => self.handle(cmd),
-                    Err(_) => return,
+                if self.pd.as_ref().is_some_and(|p| !p.leases.is_empty()) {
+                    // Wake at least once a second while leases may expire.
+                    match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(cmd) => self.handle(cmd),
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                } else {
+                    match rx.recv() {
+                        Ok(cmd) => self.handle(cmd),
+                        Err(_) => return,
+                    }
                 }
             }
             loop {
@@ -231,8 +276,43 @@ impl EngineLoop {
                     )));
                     return;
                 }
-                let mut req = Request::new(r);
-                if self.offload.as_ref().is_some_and(Offload::loads) {
+                let mut r = r;
+                let transfer = r.kv_transfer.take();
+                let mut req = Request::new(NewRequest {
+                    kv_transfer: None,
+                    ..r
+                });
+                match transfer {
+                    Some(KvTransfer::Lease { token, reply }) => match self.pd.as_mut() {
+                        Some(pd) if pd.cfg.produces => {
+                            req.hold_blocks = true;
+                            pd.pending.insert(req.id, (token, reply));
+                        }
+                        _ => {
+                            let _ = reply.send(None);
+                        }
+                    },
+                    Some(KvTransfer::Import {
+                        data,
+                        chunk_tokens,
+                        elapsed,
+                        fail_on_error,
+                    }) => {
+                        let imported = self.import_remote(&mut req, &data, chunk_tokens, elapsed);
+                        if let (false, Some(pd)) = (imported, &self.pd) {
+                            pd.metrics.load_failures.inc();
+                        }
+                        if !imported && fail_on_error {
+                            let _ = req.events.send(EngineEvent::Rejected(
+                                "KV transfer from the prefill engine failed: its KV could not be written into this engine's cache (kv_load_failure_policy: fail)".into(),
+                            ));
+                            self.update_gauges();
+                            return;
+                        }
+                    }
+                    None => {}
+                }
+                if req.num_computed == 0 && self.offload.as_ref().is_some_and(Offload::loads) {
                     self.sched.hash_blocks(&mut req);
                     self.load_chunks(&req);
                 }
@@ -246,6 +326,7 @@ impl EngineLoop {
                 if let Some(req) = self.sched.abort(id) {
                     self.record_finish(&req, reason);
                 }
+                self.drop_pending_lease(id);
             }
             EngineCommand::ResetPrefixCache(reply) => {
                 let done = self.sched.reset_prefix_cache();
@@ -254,8 +335,192 @@ impl EngineLoop {
                 self.publish_kv_events();
                 let _ = reply.send(done);
             }
+            EngineCommand::KvRead { request, reply } => {
+                let answer = self.serve_kv_read(&request);
+                let _ = reply.send(answer);
+            }
         }
         self.update_gauges();
+    }
+
+    /// Write a prompt's KV pulled from a prefill engine into fresh blocks of `req`, so
+    /// that it is admitted with everything but its last prompt token computed. False
+    /// (nothing changed) when the blocks are not there or the sizes do not fit.
+    fn import_remote(
+        &mut self,
+        req: &mut Request,
+        data: &[u8],
+        chunk_tokens: usize,
+        elapsed: Duration,
+    ) -> bool {
+        let n_prompt = req.num_prompt;
+        if n_prompt < 2 || self.pd.is_none() {
+            return false;
+        }
+        let n = self.sched.block_manager().blocks_for(n_prompt);
+        // Leave a step's worth of blocks to the running requests.
+        let headroom = self.sched.num_running();
+        let Some(ids) = self.sched.allocate_blocks(n, headroom) else {
+            return false;
+        };
+        // A modelled pull (sim) brought no payload and has waited its modelled time.
+        let modelled =
+            data.is_empty() && self.pd.as_ref().is_some_and(|p| p.cfg.modelled.is_some());
+        if !modelled && !self.backend.import_kv(&ids, data, chunk_tokens, 0) {
+            let mut seq = crate::core::block_manager::SeqBlocks {
+                ids,
+                ..Default::default()
+            };
+            self.sched.free_blocks(&mut seq);
+            return false;
+        }
+        if !modelled {
+            self.backend.kv_loaded(KvTier::Remote, data.len(), elapsed);
+        }
+        req.blocks.ids = ids;
+        req.num_computed = n_prompt - 1;
+        req.external_tokens = n_prompt - 1;
+        true
+    }
+
+    /// Answer a side-channel read: the lease with that token and those blocks, copied
+    /// out and released; anything else is refused (and no data goes out).
+    fn serve_kv_read(&mut self, r: &pd::ReadRequest) -> pd::ReadAnswer {
+        let Some(state) = self.pd.as_mut() else {
+            return Err("this engine does not serve KV".into());
+        };
+        let now = Instant::now();
+        if !pd::ct_eq(r.engine_id.as_bytes(), state.cfg.engine_id.as_bytes()) {
+            return Err("no such lease".into());
+        }
+        let mut lease = state
+            .leases
+            .take(&r.remote_request_id, &r.block_ids, now)
+            .map_err(|_| "no such lease".to_string())?;
+        let cfg = state.cfg.clone();
+        let metrics = state.metrics.clone();
+        let modelled = cfg.modelled.is_some();
+        let mut data = Vec::new();
+        // A modelled backend's KV is read by the decode engine's RDMA in the model: no
+        // copy out, no payload.
+        let ok = modelled || {
+            data.reserve_exact(
+                lease.blocks.ids.len() * cfg.block_size * cfg.layout.bytes_per_token(),
+            );
+            self.backend.export_kv(&lease.blocks.ids, &mut data)
+        };
+        let header = pd::PayloadHeader {
+            engine_id: cfg.engine_id.clone(),
+            format: pd::KV_FORMAT.into(),
+            layers: cfg.layout.layers,
+            width: cfg.layout.width,
+            elem_bytes: cfg.layout.elem_bytes,
+            block_size: cfg.block_size,
+            num_blocks: lease.blocks.ids.len(),
+            num_tokens: lease.num_tokens,
+            prompt_hash: std::mem::take(&mut lease.prompt_hash),
+            modelled,
+        };
+        self.release_lease(lease);
+        metrics
+            .leases
+            .set(self.pd.as_ref().map_or(0, |p| p.leases.len()) as f64);
+        if !ok || Some(data.len()) != header.wire_bytes() {
+            return Err("the KV could not be copied out".into());
+        }
+        Ok((header, data))
+    }
+
+    fn release_lease(&mut self, mut lease: Lease) {
+        self.sched.free_blocks(&mut lease.blocks);
+        if let Some(p) = &self.pd {
+            p.metrics.leases.set(p.leases.len() as f64);
+            p.metrics.leased_blocks.set(p.leases.blocks() as f64);
+        }
+    }
+
+    /// A prefill request left without finishing: no lease for it.
+    fn drop_pending_lease(&mut self, id: u64) {
+        if let Some((_, reply)) = self.pd.as_mut().and_then(|p| p.pending.remove(&id)) {
+            let _ = reply.send(None);
+        }
+    }
+
+    /// Release the leases whose time ran out.
+    fn expire_leases(&mut self) {
+        let Some(p) = self.pd.as_mut() else {
+            return;
+        };
+        if p.leases.is_empty() {
+            return;
+        }
+        let gone = p.leases.expire(Instant::now());
+        if gone.is_empty() {
+            return;
+        }
+        p.metrics.expired.add(gone.len() as u64);
+        for l in gone {
+            self.release_lease(l);
+        }
+        self.update_gauges();
+    }
+
+    /// Lease the blocks of a prefill request that just finished (or release them).
+    fn lease_finished(&mut self, req: &mut Request, reason: FinishReason) {
+        let Some(p) = self.pd.as_mut() else {
+            return;
+        };
+        let Some((token, reply)) = p.pending.remove(&req.id) else {
+            return;
+        };
+        if !req.hold_blocks || reason == FinishReason::Abort || reason == FinishReason::Error {
+            // The scheduler freed them (aborted, failed): nothing to lease.
+            let _ = reply.send(None);
+            return;
+        }
+        let n = self
+            .sched
+            .block_manager()
+            .blocks_for(req.num_prompt)
+            .min(req.blocks.ids.len());
+        // Blocks past the prompt (none today) are not part of the lease.
+        let mut extra = crate::core::block_manager::SeqBlocks {
+            ids: req.blocks.ids.split_off(n),
+            ..Default::default()
+        };
+        self.sched.free_blocks(&mut extra);
+        let blocks = std::mem::take(&mut req.blocks);
+        let ids = blocks.ids.clone();
+        let lease = Lease {
+            token,
+            blocks,
+            num_tokens: req.num_prompt,
+            prompt_hash: pd::prompt_hash(&req.tokens[..req.num_prompt]),
+            deadline: Instant::now() + p.cfg.lease,
+        };
+        let out = p.leases.insert(lease);
+        let refused = out.last().is_some_and(|l| l.blocks.ids == ids);
+        p.metrics.evicted.add(out.len() as u64 - u64::from(refused));
+        let _ = reply.send((!refused).then_some(ids));
+        for l in out {
+            self.release_lease(l);
+        }
+        if let Some(p) = &self.pd {
+            p.metrics.leases.set(p.leases.len() as f64);
+            p.metrics.leased_blocks.set(p.leases.blocks() as f64);
+        }
+    }
+
+    /// When a waiting request cannot be admitted (or running ones were preempted) while
+    /// leases hold blocks, release the oldest lease: leases never starve the pool.
+    fn relieve_pool(&mut self) {
+        let Some(p) = self.pd.as_mut() else {
+            return;
+        };
+        if let Some(l) = p.leases.pop_oldest() {
+            p.metrics.evicted.inc();
+            self.release_lease(l);
+        }
     }
 
     /// Run one step; false when nothing was scheduled.
@@ -269,6 +534,10 @@ impl EngineLoop {
         let t0 = Instant::now();
         self.stats.clear();
         self.sched.schedule(&mut self.scheduled, &mut self.stats);
+        if (self.stats.preemptions > 0 || self.scheduled.is_empty()) && self.sched.num_waiting() > 0
+        {
+            self.relieve_pool();
+        }
         if self.scheduled.is_empty() {
             self.metrics.preemptions.add(self.stats.preemptions);
             self.update_gauges();
@@ -287,6 +556,7 @@ impl EngineLoop {
             tracing::error!(error = %e, "backend step failed; failing its requests");
             for req in self.sched.fail_step(&self.scheduled) {
                 self.record_finish(&req, FinishReason::Error);
+                self.drop_pending_lease(req.id);
                 let _ = req.events.send(EngineEvent::Rejected(e.to_string()));
             }
             self.update_gauges();
@@ -303,14 +573,18 @@ impl EngineLoop {
             &mut self.stats,
             &mut self.finished,
         );
-        let finished = std::mem::take(&mut self.finished);
-        for f in &finished {
+        let mut finished = std::mem::take(&mut self.finished);
+        for f in &mut finished {
             self.record_finish(&f.request, f.reason);
+            if f.request.hold_blocks {
+                self.lease_finished(&mut f.request, f.reason);
+            }
         }
         self.finished = finished;
         let m = &self.metrics;
         m.prefix_queries.add(self.stats.prefix_queries);
         m.prefix_hits.add(self.stats.prefix_hits);
+        m.external_prompt_tokens.add(self.stats.external_hits);
         m.prompt_tokens.add(self.stats.prefix_queries);
         m.preemptions.add(self.stats.preemptions);
         for &v in &self.stats.ttft {

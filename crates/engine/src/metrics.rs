@@ -20,6 +20,8 @@ pub struct EngineMetrics {
     pub prefix_queries: Counter,
     pub prefix_hits: Counter,
     pub prompt_tokens: Counter,
+    /// Prompt tokens whose KV came from another engine (P/D decode).
+    pub external_prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub preemptions: Counter,
     pub success: [Counter; 4],
@@ -30,6 +32,8 @@ pub struct EngineMetrics {
     pub start_time: f64,
     /// KV offloading's own families, when `--kv-transfer-config` is on.
     pub offload: Option<std::sync::Arc<crate::kv_offload::OffloadMetrics>>,
+    /// P/D disaggregation's families, when NixlConnector is on.
+    pub pd: Option<std::sync::Arc<crate::kv_offload::pd::PdMetrics>>,
 }
 
 impl EngineMetrics {
@@ -52,6 +56,7 @@ impl EngineMetrics {
             prefix_queries: Counter::default(),
             prefix_hits: Counter::default(),
             prompt_tokens: Counter::default(),
+            external_prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             preemptions: Counter::default(),
             success: Default::default(),
@@ -64,6 +69,7 @@ impl EngineMetrics {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
             offload: None,
+            pd: None,
         }
     }
 
@@ -145,6 +151,36 @@ impl EngineMetrics {
             "Number of prefill tokens processed.",
             self.prompt_tokens.get(),
         );
+        let (prompt, external) = (self.prompt_tokens.get(), self.external_prompt_tokens.get());
+        w.header(
+            "vllm:prompt_tokens_by_source_total",
+            "counter",
+            "Number of prompt tokens by source.",
+        );
+        for (source, v) in [
+            (
+                "local_compute",
+                prompt.saturating_sub(h).saturating_sub(external),
+            ),
+            ("local_cache_hit", h),
+            ("external_kv_transfer", external),
+        ] {
+            w.sample(
+                "vllm:prompt_tokens_by_source_total",
+                &[
+                    ("engine", &self.engine),
+                    ("model_name", &self.model_name),
+                    ("source", source),
+                ],
+                v as f64,
+            );
+        }
+        counter(
+            &mut w,
+            "vllm:prompt_tokens_cached_total",
+            "Number of cached prompt tokens (local + external).",
+            h + external,
+        );
         counter(
             &mut w,
             "vllm:generation_tokens_total",
@@ -217,6 +253,9 @@ impl EngineMetrics {
         );
         if let Some(o) = &self.offload {
             o.render(&mut w, l);
+        }
+        if let Some(p) = &self.pd {
+            p.render(&mut w, l);
         }
         httpx::process::write_process_metrics(&mut w, Some(self.start_time));
         w.finish()

@@ -68,6 +68,9 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub user: Option<String>,
+    /// vLLM's KV-connector parameters (P/D disaggregation), checked by the engine.
+    #[serde(default)]
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 /// Message content: a string, or a list of parts of which the `text` ones are used.
@@ -265,6 +268,9 @@ pub struct CompletionResponse {
     pub system_fingerprint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// vLLM's KV-connector answer (a P/D prefill's lease), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -25,8 +25,10 @@ use crate::engines::Endpoint;
 use crate::observe::dashboard;
 use crate::observe::metrics::NO_HEALTHY_ENGINE;
 use crate::observe::trace::{log_rejected, TraceCtx, Trail};
+use crate::pd;
 use crate::policy::RouteCtx;
 use crate::proxy::{error, Forward};
+use crate::resume::Kind;
 use crate::upstream::REQUEST_ID;
 use crate::RouterState;
 
@@ -280,12 +282,43 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
             .or_else(|| body_field(&bytes, k))
     });
     let nonce = mix64(st.seed ^ NEXT_ID.fetch_add(1, Ordering::Relaxed));
-    let mut order = Vec::with_capacity(candidates.len());
-    {
+    // disaggregated_prefill: the prefill ranking when the request is disaggregated.
+    let mut prefill: Option<Vec<Arc<Endpoint>>> = None;
+    let ranked: Vec<Arc<Endpoint>> = {
         let ctx = RouteCtx::new(model, session_owned.as_deref(), nonce, &bytes);
-        dynamic.policy.rank(&ctx, &candidates, &mut order);
-    }
-    let ranked: Vec<Arc<Endpoint>> = order.iter().map(|&i| candidates[i].clone()).collect();
+        match dynamic.pd.as_ref() {
+            None => pd::Sides::rank(&*dynamic.policy, &ctx, &candidates),
+            Some(sides) => {
+                let (p, d) = sides.split(&candidates);
+                if d.is_empty() {
+                    st.metrics.error("", model, NO_HEALTHY_ENGINE);
+                    let mut r = reject(
+                        model,
+                        ApiError::service_unavailable(format!(
+                            "No healthy decode engine (model labels {:?}) serves model `{model}` right now; retry later.",
+                            sides.labels.decode
+                        )),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&st.settings.retry_after.to_string()) {
+                        r.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    return r;
+                }
+                if Kind::of(parts.uri.path()).is_some() {
+                    if p.is_empty() {
+                        st.pd.fallbacks.inc();
+                        tracing::debug!(
+                            model,
+                            "no healthy prefill engine: served plainly by a decode engine"
+                        );
+                    } else {
+                        prefill = Some(pd::Sides::rank(&sides.prefill, &ctx, &p));
+                    }
+                }
+                pd::Sides::rank(&sides.decode, &ctx, &d)
+            }
+        }
+    };
     // With keys on, engines get the engine key, not the client's.
     st.admission.upstream_headers(&mut parts.headers);
 
@@ -317,8 +350,13 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         model,
         stream: head.stream.unwrap_or(false),
         trace,
+        resume_body: None,
     };
-    admission::hold(st.proxy.forward(&f, &ranked, trail).await, permit)
+    let resp = match prefill {
+        Some(p) => pd::serve(&st.proxy, &st.pd, &f, &p, &ranked, trail).await,
+        None => st.proxy.forward(&f, &ranked, trail).await,
+    };
+    admission::hold(resp, permit)
 }
 
 async fn models(State(st): State<Arc<RouterState>>, headers: HeaderMap) -> Response<Body> {
@@ -395,8 +433,15 @@ async fn dashboard_data(State(st): State<Arc<RouterState>>) -> Response<Body> {
     dashboard::data(&dashboard::Sources {
         registry: &st.registry,
         metrics: &st.metrics,
-        routing_logic: dynamic.policy.name(),
-        decisions: dynamic.policy.decisions(),
+        routing_logic: match dynamic.pd {
+            Some(_) => "disaggregated_prefill",
+            None => dynamic.policy.name(),
+        },
+        // disaggregated_prefill: the prefill side's cache-aware decisions.
+        decisions: match &dynamic.pd {
+            Some(sides) => crate::policy::Policy::decisions(&sides.prefill),
+            None => dynamic.policy.decisions(),
+        },
         stats_window_s: st.settings.request_stats_window,
         scrape_interval: st.settings.engine_stats_interval,
     })
@@ -406,11 +451,16 @@ async fn metrics(State(st): State<Arc<RouterState>>) -> Response<Body> {
     let mut page = st.metrics.render(&st.registry);
     page.push_str(&st.kv.render(&st.registry));
     let mut w = protocol::prom::TextWriter::new();
-    st.dynamic().policy.render_metrics(&mut w);
+    let dynamic = st.dynamic();
+    dynamic.policy.render_metrics(&mut w);
     st.proxy.telemetry.render_metrics(&mut w);
     st.admission.render(&mut w);
     st.proxy.retries.render_metrics(&mut w);
     st.proxy.resume.render_metrics(&mut w);
+    if let Some(sides) = dynamic.pd.as_ref() {
+        st.pd.render_metrics(&mut w);
+        crate::policy::Policy::render_metrics(&sides.prefill, &mut w);
+    }
     httpx::process::write_process_metrics(&mut w, None);
     page.push_str(&w.finish());
     let mut r = Response::new(Body::from(page));

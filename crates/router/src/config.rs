@@ -40,6 +40,22 @@ pub enum RoutingLogic {
     #[value(name = "kvaware", alias = "kv-aware")]
     #[serde(rename = "kvaware")]
     Kvaware,
+    /// Prefill/decode disaggregation (vLLM's NixlConnector contract): each completion or
+    /// chat goes first to a prefill engine (`--prefill-model-labels`, ranked cache-aware
+    /// as `prefixaware`) with `max_tokens: 1`, then with the `kv_transfer_params` it
+    /// answered to a decode engine (`--decode-model-labels`, least load). Other paths go
+    /// to decode engines. (The Production Stack router calls this contract
+    /// `disaggregated_prefill_orchestrated`, accepted too; its own `disaggregated_prefill`
+    /// leaves the KV hand-off to LMCache and sends no `kv_transfer_params`.)
+    #[value(
+        name = "disaggregated_prefill",
+        aliases = ["disaggregated-prefill", "disaggregated_prefill_orchestrated"]
+    )]
+    #[serde(
+        rename = "disaggregated_prefill",
+        alias = "disaggregated_prefill_orchestrated"
+    )]
+    DisaggregatedPrefill,
 }
 
 /// The `prefixaware` policy's knobs (see `policy::prefix`).
@@ -173,6 +189,18 @@ pub struct RouterArgs {
     /// each backend's /v1/models when omitted.
     #[arg(long)]
     pub static_models: Option<String>,
+    /// The model label of each backend (its Kubernetes pod label `model` under k8s
+    /// discovery), in the order of `--static-backends`, comma separated; an empty entry
+    /// leaves a backend unlabelled. `disaggregated_prefill` sorts engines into prefill and
+    /// decode by it.
+    #[arg(long)]
+    pub static_model_labels: Option<String>,
+    /// `disaggregated_prefill`: the model labels of prefill engines, comma separated.
+    #[arg(long)]
+    pub prefill_model_labels: Option<String>,
+    /// `disaggregated_prefill`: the model labels of decode engines, comma separated.
+    #[arg(long)]
+    pub decode_model_labels: Option<String>,
     /// `alias:model` pairs, comma separated.
     #[arg(long)]
     pub static_aliases: Option<String>,
@@ -366,6 +394,12 @@ pub struct FileConfig {
     #[serde(default)]
     pub static_models: Option<StrList>,
     #[serde(default)]
+    pub static_model_labels: Option<StrList>,
+    #[serde(default)]
+    pub prefill_model_labels: Option<StrList>,
+    #[serde(default)]
+    pub decode_model_labels: Option<StrList>,
+    #[serde(default)]
     pub static_aliases: Option<StrList>,
     #[serde(default)]
     pub known_models: Option<StrList>,
@@ -442,6 +476,25 @@ pub struct BackendSpec {
     /// Where it publishes KV-cache events, when configured; otherwise its advertisement
     /// (Switchyard) or `tcp://HOST:--kv-events-port` (vLLM).
     pub kv_events: Option<String>,
+    /// Its model label (`--static-model-labels`, or the pod label `model`).
+    pub label: Option<String>,
+}
+
+/// `disaggregated_prefill`'s two sides, by model label.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PdLabels {
+    pub prefill: Vec<String>,
+    pub decode: Vec<String>,
+}
+
+impl PdLabels {
+    pub fn is_prefill(&self, label: Option<&str>) -> bool {
+        label.is_some_and(|l| self.prefill.iter().any(|p| p == l))
+    }
+
+    pub fn is_decode(&self, label: Option<&str>) -> bool {
+        label.is_some_and(|l| self.decode.iter().any(|d| d == l))
+    }
 }
 
 /// The settings that can change at run time.
@@ -459,6 +512,8 @@ pub struct Dynamic {
     pub kv_overlap_weight: f64,
     /// `kvaware`'s `--kv-min-match`.
     pub kv_min_match: f64,
+    /// `disaggregated_prefill`'s prefill and decode labels.
+    pub pd: PdLabels,
 }
 
 /// Everything the router runs with.
@@ -522,15 +577,41 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
     let aliases = aliases_from(args, file)?;
     let prefix = prefix_from(args)?;
     check_kvaware(args)?;
+    let routing_logic = args
+        .routing_logic
+        .or(file.routing_logic)
+        .unwrap_or(RoutingLogic::Roundrobin);
+    let pd = PdLabels {
+        prefill: list(
+            args.prefill_model_labels.as_ref(),
+            file.prefill_model_labels.as_ref(),
+        ),
+        decode: list(
+            args.decode_model_labels.as_ref(),
+            file.decode_model_labels.as_ref(),
+        ),
+    };
+    if routing_logic == RoutingLogic::DisaggregatedPrefill {
+        if pd.prefill.is_empty() || pd.decode.is_empty() {
+            return Err(ConfigError::Invalid(
+                "--routing-logic disaggregated_prefill needs --prefill-model-labels and \
+                 --decode-model-labels (the `model` labels of the prefill and decode engines)"
+                    .into(),
+            ));
+        }
+        if let Some(both) = pd.prefill.iter().find(|l| pd.decode.contains(l)) {
+            return Err(ConfigError::Invalid(format!(
+                "model label `{both}` is in both --prefill-model-labels and --decode-model-labels"
+            )));
+        }
+    }
     Ok(Dynamic {
         discovery,
         prefix,
         kv_overlap_weight: args.kv_overlap_weight,
         kv_min_match: args.kv_min_match,
-        routing_logic: args
-            .routing_logic
-            .or(file.routing_logic)
-            .unwrap_or(RoutingLogic::Roundrobin),
+        pd,
+        routing_logic,
         session_key: args
             .session_key
             .clone()
@@ -626,6 +707,17 @@ fn backends_from(args: &RouterArgs, file: &FileConfig) -> Result<Vec<BackendSpec
             backends.len()
         )));
     }
+    let labels = list_keeping_empty(
+        args.static_model_labels.as_ref(),
+        file.static_model_labels.as_ref(),
+    );
+    if !labels.is_empty() && labels.len() != backends.len() {
+        return Err(ConfigError::Invalid(format!(
+            "--static-model-labels lists {} labels for {} backends: give one label per backend, in order (an empty entry leaves one unlabelled)",
+            labels.len(),
+            backends.len()
+        )));
+    }
     let mut specs = Vec::with_capacity(backends.len());
     for (i, b) in backends.iter().enumerate() {
         let url = normalize_url(b)?;
@@ -644,6 +736,7 @@ fn backends_from(args: &RouterArgs, file: &FileConfig) -> Result<Vec<BackendSpec
             url,
             model: models.get(i).cloned(),
             kv_events,
+            label: labels.get(i).filter(|l| !l.is_empty()).cloned(),
         });
     }
     Ok(specs)
@@ -807,6 +900,7 @@ mod tests {
                 url: "http://b:2".into(),
                 model: Some("m2".into()),
                 kv_events: None,
+                label: None,
             }
         );
         assert_eq!(
@@ -817,6 +911,80 @@ mod tests {
         assert_eq!(s.dynamic.session_key.as_deref(), Some("x-user-id"));
         assert_eq!(s.engine_stats_interval, Duration::from_secs(15));
         assert_eq!(s.request_stats_window, 30);
+    }
+
+    #[test]
+    fn disaggregated_prefill_takes_labels_aligned_with_the_backends() {
+        let s = Settings::from_args(&args(&[
+            "--static-backends",
+            "http://p:1,http://d:2,http://x:3",
+            "--static-model-labels",
+            "m-prefill,m-decode,",
+            "--routing-logic",
+            "disaggregated_prefill",
+            "--prefill-model-labels",
+            "m-prefill",
+            "--decode-model-labels",
+            "m-decode,other-decode",
+        ]))
+        .expect("valid");
+        let d = &s.dynamic;
+        assert_eq!(d.routing_logic, RoutingLogic::DisaggregatedPrefill);
+        let labels: Vec<Option<&str>> = d.backends.iter().map(|b| b.label.as_deref()).collect();
+        assert_eq!(labels, [Some("m-prefill"), Some("m-decode"), None]);
+        assert_eq!(d.pd.prefill, ["m-prefill"]);
+        assert_eq!(d.pd.decode, ["m-decode", "other-decode"]);
+        assert!(d.pd.is_prefill(Some("m-prefill")) && !d.pd.is_prefill(None));
+        assert!(d.pd.is_decode(Some("other-decode")) && !d.pd.is_decode(Some("m-prefill")));
+
+        let err = |v: &[&str]| {
+            Settings::from_args(&args(v))
+                .expect_err("invalid")
+                .to_string()
+        };
+        let e = err(&[
+            "--static-backends",
+            "http://p:1,http://d:2",
+            "--static-model-labels",
+            "m-prefill",
+        ]);
+        assert!(
+            e.contains("--static-model-labels lists 1 labels for 2 backends"),
+            "{e}"
+        );
+        let e = err(&[
+            "--static-backends",
+            "http://p:1",
+            "--routing-logic",
+            "disaggregated_prefill",
+            "--prefill-model-labels",
+            "m-prefill",
+        ]);
+        assert!(e.contains("--decode-model-labels"), "{e}");
+        let e = err(&[
+            "--static-backends",
+            "http://p:1",
+            "--routing-logic",
+            "disaggregated_prefill",
+            "--prefill-model-labels",
+            "a,b",
+            "--decode-model-labels",
+            "b",
+        ]);
+        assert!(e.contains("`b` is in both"), "{e}");
+
+        let file: FileConfig = serde_json::from_str(
+            r#"{"routing_logic":"disaggregated_prefill","static_backends":["http://p:1","http://d:2"],
+                "static_model_labels":["m-prefill","m-decode"],"prefill_model_labels":"m-prefill",
+                "decode_model_labels":["m-decode"]}"#,
+        )
+        .expect("file");
+        let d = dynamic_from(&args(&[]), &file).expect("valid");
+        assert_eq!(d.routing_logic, RoutingLogic::DisaggregatedPrefill);
+        assert_eq!(d.backends[1].label.as_deref(), Some("m-decode"));
+        let a = args(&["--routing-logic", "disaggregated_prefill_orchestrated"]);
+        assert_eq!(a.routing_logic, Some(RoutingLogic::DisaggregatedPrefill));
+        assert_eq!((d.pd.prefill.len(), d.pd.decode.len()), (1, 1));
     }
 
     #[test]

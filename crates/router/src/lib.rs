@@ -3,7 +3,8 @@
 //! Rooms, by feature (each `mod.rs` says what it owns):
 //! - [`api`]: the HTTP surface; [`proxy`]: the per-request forwarding path with failover
 //!   and observation; [`resume`]: mid-stream failover (a cut stream continued on another
-//!   engine). This file: the router's state, `bind` and serving.
+//!   engine); [`pd`]: prefill/decode disaggregation (prefill on one engine, decode with
+//!   its `kv_transfer_params` on another, both through the proxy). This file: the router's state, `bind` and serving.
 //! - [`admission`]: the front door: API keys, per-key rate limits, the concurrency limit
 //!   and its queue.
 //! - [`config`]: flags (the Production Stack router's) and the dynamic config file.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod discovery;
 pub mod engines;
 pub mod observe;
+pub mod pd;
 pub mod policy;
 pub mod proxy;
 pub mod resume;
@@ -48,6 +50,8 @@ use proxy::Proxy;
 pub struct DynState {
     pub config: Dynamic,
     pub policy: Box<dyn Policy>,
+    /// `disaggregated_prefill`'s sides (None under any other routing logic).
+    pub pd: Option<pd::Sides>,
     pub session_key: Option<String>,
 }
 
@@ -62,6 +66,8 @@ impl DynState {
                 config.kv_min_match,
             ),
             session_key: config.session_key.clone(),
+            pd: (config.routing_logic == RoutingLogic::DisaggregatedPrefill)
+                .then(|| pd::Sides::new(config.pd.clone(), config.prefix)),
             config,
         }
     }
@@ -77,6 +83,8 @@ pub struct RouterState {
     pub proxy: Proxy,
     /// The KV-cache index and `kvaware` metrics (kept across reloads).
     pub kv: Arc<KvState>,
+    /// Prefill/decode disaggregation's metrics (kept across reloads).
+    pub pd: pd::PdMetrics,
     dynamic: RwLock<Arc<DynState>>,
     /// Per-process random seed (request ids, randomized policies).
     pub seed: u64,
@@ -213,6 +221,7 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         registry,
         dynamic: RwLock::new(Arc::new(DynState::new(dynamic.clone(), &kv))),
         kv,
+        pd: pd::PdMetrics::default(),
         args,
         settings,
         metrics,

@@ -74,6 +74,9 @@ pub struct Forward<'a> {
     pub stream: bool,
     /// The request's trace: each attempt sends a child span of it as `traceparent`.
     pub trace: TraceCtx,
+    /// The body a mid-stream continuation starts from when it is not `body`
+    /// (disaggregated decode: the client's, without `kv_transfer_params`).
+    pub resume_body: Option<Bytes>,
 }
 
 pub struct Proxy {
@@ -240,7 +243,7 @@ impl Proxy {
             last_engine = &ep.url;
             let span = trace::new_id();
             let mut obs = Observer::start(ep.clone(), f.stream);
-            match self.attempt(f, ep, span, watch).await {
+            match self.attempt(f, ep, ranked, span, watch).await {
                 Ok(answer) => {
                     trial.active = false;
                     ep.record_live_success();
@@ -268,11 +271,11 @@ impl Proxy {
                     parts
                         .headers
                         .insert(HeaderName::from_static(ENGINE_HEADER), ep.header.clone());
-                    let cut = f.stream.then(|| {
-                        (
-                            Box::pin(ep.unavailable.clone().notified_owned()),
-                            self.stall_timeout,
-                        )
+                    let cut = f.stream.then(|| CutWatch {
+                        unavailable: Box::pin(ep.unavailable.clone().notified_owned()),
+                        stall: self.stall_timeout,
+                        ranked: ranked.into(),
+                        deadline: None,
                     });
                     let body = ObservedBody::new(body, obs, first, cut);
                     if let Some(origin) = crate::resume::origin(self, f, ranked, parts.status) {
@@ -366,6 +369,7 @@ impl Proxy {
         &self,
         f: &Forward<'_>,
         ep: &Endpoint,
+        ranked: &[Arc<Endpoint>],
         span: u64,
         watch: bool,
     ) -> Result<Answer, AttemptError> {
@@ -401,7 +405,10 @@ impl Proxy {
         // Registered before the request goes out, so an ejection from now on wakes it.
         let unavailable = ep.unavailable.notified();
         tokio::pin!(unavailable);
-        if watch && (!ep.is_healthy() || ep.breaker.state() == breaker::State::Open) {
+        if watch
+            && (!ep.is_healthy() || ep.breaker.state() == breaker::State::Open)
+            && another_serves(ranked, ep)
+        {
             return Err(AttemptError::Moved);
         }
         let work = async {
@@ -446,14 +453,37 @@ impl Proxy {
             };
             Ok(Answer { parts, body, first })
         };
-        tokio::select! {
-            r = tokio::time::timeout(self.first_byte_timeout, work) => match r {
-                Err(_) => Err(AttemptError::Timeout),
-                Ok(r) => r,
-            },
-            _ = &mut unavailable, if watch => Err(AttemptError::Moved),
+        let work = tokio::time::timeout(self.first_byte_timeout, work);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => return match r {
+                    Err(_) => Err(AttemptError::Timeout),
+                    Ok(r) => r,
+                },
+                _ = &mut unavailable, if watch => {
+                    if another_serves(ranked, ep) {
+                        return Err(AttemptError::Moved);
+                    }
+                    // The last engine standing (every one ejected at once: a starved
+                    // machine, a network blip): failing the request helps no one, so it
+                    // waits here for the first-byte timeout.
+                    unavailable.set(ep.unavailable.notified());
+                }
+            }
         }
     }
+}
+
+/// Is there an engine in `ranked` other than `ep` that takes requests now (healthy, its
+/// breaker not open)? When there is none, a request is not moved off `ep` and a silent
+/// stream from it is not cut: there is nowhere better to go.
+pub(crate) fn another_serves(ranked: &[Arc<Endpoint>], ep: &Endpoint) -> bool {
+    ranked.iter().any(|o| {
+        !std::ptr::eq(Arc::as_ptr(o), ep)
+            && o.is_healthy()
+            && o.breaker.state() != breaker::State::Open
+    })
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -623,9 +653,11 @@ struct StreamCut(Duration);
 
 /// Watching a stream's engine: woken when it is ejected; then a silent stream is cut
 /// after the stall timeout.
-struct CutWatch {
+pub(crate) struct CutWatch {
     unavailable: Pin<Box<OwnedNotified>>,
     stall: Duration,
+    /// The request's ranking: a stream is cut only when another engine could continue it.
+    ranked: Arc<[Arc<Endpoint>]>,
     /// Armed once the engine is ejected: the stream's deadline, pushed back by each
     /// frame.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -650,7 +682,7 @@ impl ObservedBody {
         inner: Incoming,
         mut obs: Observer,
         first: Option<Result<Frame<Bytes>, hyper::Error>>,
-        cut: Option<(Pin<Box<OwnedNotified>>, Duration)>,
+        cut: Option<CutWatch>,
     ) -> Self {
         if first.is_none() || inner.is_end_stream() {
             obs.completed = true;
@@ -659,11 +691,7 @@ impl ObservedBody {
             inner,
             obs,
             stashed: Some(first.map(|r| r.map_err(BoxError::from))),
-            cut: cut.map(|(unavailable, stall)| CutWatch {
-                unavailable,
-                stall,
-                deadline: None,
-            }),
+            cut,
         }
     }
 
@@ -706,8 +734,15 @@ impl ObservedBody {
             return false;
         };
         if c.deadline.is_none() {
-            if c.unavailable.as_mut().poll(cx).is_pending() {
-                return false;
+            loop {
+                if c.unavailable.as_mut().poll(cx).is_pending() {
+                    return false;
+                }
+                if another_serves(&c.ranked, &self.obs.ep) {
+                    break;
+                }
+                // No engine to continue on: keep the stream, watch for the next ejection.
+                c.unavailable = Box::pin(self.obs.ep.unavailable.clone().notified_owned());
             }
             // Ejected: silent since the last frame (or the start) for `stall` ends it.
             let since = self.obs.last.or(self.obs.first).unwrap_or(self.obs.start);

@@ -219,7 +219,8 @@ pub(crate) fn origin(
         return None;
     }
     let kind = Kind::of(f.path_and_query)?;
-    if !qualifies(kind, &f.body) {
+    let body = f.resume_body.as_ref().unwrap_or(&f.body);
+    if !qualifies(kind, body) {
         r.not_resumable.inc();
         return None;
     }
@@ -228,7 +229,7 @@ pub(crate) fn origin(
         method: f.method.clone(),
         path_and_query: f.path_and_query.to_string(),
         headers: forward_headers(f.headers, f.trace.keeps_state()),
-        body: f.body.clone(),
+        body: body.clone(),
         request_id: f.request_id.clone(),
         traceparent: f.trace.header_for(crate::observe::trace::new_id()),
         ranked: ranked.to_vec(),
@@ -779,6 +780,16 @@ impl ResumableBody {
         !self.passthrough && !self.full && self.resumes < self.resume.attempts && !self.acc.done
     }
 
+    /// An engine of the ranking not tried yet takes requests now (healthy, breaker not
+    /// open): somewhere a continuation could go.
+    fn untried_engine_serves(&self) -> bool {
+        self.origin.ranked.iter().any(|e| {
+            e.is_healthy()
+                && e.breaker.state() != crate::engines::breaker::State::Open
+                && !self.tried.iter().any(|t| Arc::ptr_eq(t, e))
+        })
+    }
+
     /// The stream was cut (`why`): resume, or say how it ends.
     fn on_cut(&mut self, why: &str) -> Option<Polled> {
         self.inner = None;
@@ -1148,8 +1159,17 @@ impl HttpBody for ResumableBody {
                 }
                 Poll::Pending => {
                     if this.poll_stall(cx) {
-                        if let Some(ep) = this.tried.last() {
-                            ep.record_failure(this.origin.failure_threshold, EjectCause::Traffic);
+                        // Silence alone does not count against the engine (a long
+                        // prefill step of a busy CPU engine is silence too): its health
+                        // checks decide whether it is alive. And with no other engine to
+                        // continue on, the stream keeps waiting on this one.
+                        let elsewhere = this.can_resume() && this.untried_engine_serves();
+                        if !elsewhere {
+                            this.last_activity = tokio::time::Instant::now();
+                            if let (Some(d), Some(st)) = (this.silence(), &mut this.stall) {
+                                st.as_mut().reset(this.last_activity + d);
+                            }
+                            continue;
                         }
                         if let Some(p) = this.on_cut("the engine stalled") {
                             this.ended = true;

@@ -3,6 +3,11 @@
 //! router in this process over them, and prints the endpoint. Ctrl-C (or SIGTERM) stops
 //! the router and every engine; engines also exit if this process dies (their stdin
 //! closes).
+//!
+//! `--prefill-engines N --decode-engines M`: prefill/decode disaggregation. N + M engines,
+//! each with a NixlConnector `--kv-transfer-config` ([`pd_engine_flags`]), labelled
+//! `<model>-prefill` / `<model>-decode`, behind a router with `--routing-logic
+//! disaggregated_prefill` ([`pd_router_flags`]).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -50,6 +55,45 @@ pub struct UpArgs {
     /// remote hit on the others.
     #[arg(long, value_name = "MAX_BYTES", num_args = 0..=1, default_missing_value = "1073741824")]
     pub kv_cache_server: Option<u64>,
+    /// Prefill/decode disaggregation: this many prefill engines (with
+    /// `--decode-engines`; replaces `--engines`, and the routing logic is
+    /// `disaggregated_prefill`).
+    #[arg(long, requires = "decode_engines", conflicts_with = "kv_cache_server")]
+    pub prefill_engines: Option<usize>,
+    /// Prefill/decode disaggregation: this many decode engines.
+    #[arg(long, requires = "prefill_engines")]
+    pub decode_engines: Option<usize>,
+}
+
+/// The flags every engine of a disaggregated `up` gets: one place, to follow the engine
+/// side (vLLM's NixlConnector; `kv_both` is valid for either role, and the KV side
+/// channel listens on a port the OS chooses).
+pub fn pd_engine_flags() -> [&'static str; 4] {
+    [
+        "--kv-transfer-config",
+        r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#,
+        "--kv-side-channel-port",
+        "0",
+    ]
+}
+
+/// The router flags of a disaggregated `up`: `prefill` prefill engines listed first in
+/// `--static-backends`, then the decode engines.
+pub fn pd_router_flags(served: &str, prefill: usize, decode: usize) -> Vec<String> {
+    let (p, d) = (format!("{served}-prefill"), format!("{served}-decode"));
+    let labels: Vec<&str> = std::iter::repeat_n(p.as_str(), prefill)
+        .chain(std::iter::repeat_n(d.as_str(), decode))
+        .collect();
+    vec![
+        "--routing-logic".into(),
+        "disaggregated_prefill".into(),
+        "--static-model-labels".into(),
+        labels.join(","),
+        "--prefill-model-labels".into(),
+        p.clone(),
+        "--decode-model-labels".into(),
+        d.clone(),
+    ]
 }
 
 /// A KV cache server for `--kv-cache-server`, as a child process: its `lm://` URL.
@@ -117,6 +161,7 @@ fn start_engine(
     model: Option<&str>,
     served: &str,
     cache_url: Option<&str>,
+    extra: &[&str],
 ) -> anyhow::Result<(Child, String)> {
     let mut cmd = Command::new(exe);
     let backend = args
@@ -149,7 +194,24 @@ fn start_engine(
             .flatten(),
     )
     .envs(cache_url.map(|u| ("LMCACHE_REMOTE_URL", u)))
+    .args(extra)
     .args(&args.engine_args)
+    // Several engines on one machine: P/D side channels on free ports (each engine
+    // advertises its own in `kv_transfer_params`), unless the arguments chose one.
+    .args(
+        ({
+            let mut all = args
+                .engine_args
+                .iter()
+                .map(String::as_str)
+                .chain(extra.iter().copied());
+            let nixl = all.clone().any(|a| a.contains("NixlConnector"));
+            nixl && !all.any(|a| a.starts_with("--kv-side-channel-port"))
+        })
+        .then_some(["--kv-side-channel-port", "0"])
+        .into_iter()
+        .flatten(),
+    )
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
@@ -178,9 +240,15 @@ fn start_engine(
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    if args.engines == 0 {
+    let pd = args.prefill_engines.zip(args.decode_engines);
+    if let Some((p, d)) = pd {
+        if p == 0 || d == 0 {
+            bail!("--prefill-engines and --decode-engines must each be at least 1");
+        }
+    } else if args.engines == 0 {
         bail!("--engines must be at least 1");
     }
+    let engines = pd.map_or(args.engines, |(p, d)| p + d);
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut children = Children(Vec::new());
     let mut urls = Vec::new();
@@ -221,9 +289,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    for _ in 0..args.engines {
-        let (child, url) =
-            start_engine(&exe, &args, model.as_deref(), &served, cache_url.as_deref())?;
+    let extra: &[&str] = if pd.is_some() {
+        &pd_engine_flags()
+    } else {
+        &[]
+    };
+    for _ in 0..engines {
+        let (child, url) = start_engine(
+            &exe,
+            &args,
+            model.as_deref(),
+            &served,
+            cache_url.as_deref(),
+            extra,
+        )?;
         children.0.push(child);
         urls.push(url);
     }
@@ -259,8 +338,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "--workers",
         "1",
     ];
-    if let Some(l) = &logic {
-        flags.extend(["--routing-logic", l]);
+    let pd_flags = pd.map(|(p, d)| pd_router_flags(&served, p, d));
+    match &pd_flags {
+        Some(f) => flags.extend(f.iter().map(String::as_str)),
+        None => {
+            if let Some(l) = &logic {
+                flags.extend(["--routing-logic", l]);
+            }
+        }
     }
     // kvaware hashes prompts as the engines do: the real model's tokenizer and template
     // (the sim engines' own tokenizer is the router's default).
@@ -285,12 +370,48 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         urls.len(),
         served
     );
-    for u in &urls {
-        eprintln!("  engine {u}");
+    for (i, u) in urls.iter().enumerate() {
+        let role = match pd {
+            Some((p, _)) if i < p => " (prefill)",
+            Some(_) => " (decode)",
+            None => "",
+        };
+        eprintln!("  engine {u}{role}");
     }
     println!("READY http://{addr}");
     bound.serve(httpx::shutdown_signal()).await?;
     drop(children);
     eprintln!("switchyard up: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disaggregated_up_labels_prefill_first_then_decode() {
+        let f = pd_router_flags("m", 2, 1);
+        let joined = f.join(" ");
+        assert_eq!(
+            joined,
+            "--routing-logic disaggregated_prefill --static-model-labels m-prefill,m-prefill,m-decode \
+             --prefill-model-labels m-prefill --decode-model-labels m-decode"
+        );
+        #[derive(Parser)]
+        struct RouterFlags {
+            #[command(flatten)]
+            args: router::RouterArgs,
+        }
+        let mut argv = vec![
+            "router".to_string(),
+            "--static-backends".into(),
+            "http://a:1,http://b:2,http://c:3".into(),
+        ];
+        argv.extend(f);
+        let a = RouterFlags::try_parse_from(argv).expect("flags").args;
+        let s = router::config::Settings::from_args(&a).expect("valid");
+        assert_eq!(s.dynamic.backends[2].label.as_deref(), Some("m-decode"));
+        assert!(pd_engine_flags()[1].contains("NixlConnector"));
+    }
 }

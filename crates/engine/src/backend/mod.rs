@@ -57,4 +57,26 @@ pub trait Backend: Send {
     /// charges the transfer's modelled cost beyond `elapsed` to its next step; a real
     /// one has paid it already.
     fn kv_loaded(&mut self, _tier: KvTier, _bytes: usize, _elapsed: Duration) {}
+    /// A backend whose KV is modelled (sim): what a P/D pull of KV costs, so that the
+    /// side channel moves no payload (a header saying how many bytes a real model would
+    /// have moved) and the decode engine waits the modelled time instead. `None` for a
+    /// backend with real KV, which moves it.
+    fn kv_network_model(&self) -> Option<NetworkModel> {
+        None
+    }
+}
+
+/// A modelled network for P/D transfers (already scaled by the sim's `--time-scale`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetworkModel {
+    pub rtt_us: f64,
+    pub gb_s: f64,
+}
+
+impl NetworkModel {
+    /// Modelled time of a pull of `bytes`: one round trip plus the bytes at line rate,
+    /// written straight into device memory (RDMA, as NIXL does: no host copy).
+    pub fn pull_time(&self, bytes: usize) -> Duration {
+        Duration::from_secs_f64((self.rtt_us + bytes as f64 / (self.gb_s * 1e3)) / 1e6)
+    }
 }

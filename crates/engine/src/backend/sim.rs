@@ -359,6 +359,14 @@ impl Backend for SimBackend {
             && first_token + blocks.len() * self.block_size <= chunk_tokens
     }
 
+    fn kv_network_model(&self) -> Option<super::NetworkModel> {
+        // Scaled as every modelled time (time scale 0: free).
+        Some(super::NetworkModel {
+            rtt_us: self.latency.kv.net_rtt_us * self.time_scale,
+            gb_s: self.latency.kv.net_gb_s / self.time_scale,
+        })
+    }
+
     fn kv_loaded(&mut self, tier: KvTier, bytes: usize, elapsed: Duration) {
         let us = self.latency.kv.load_us(tier, bytes) * self.time_scale;
         self.pending_us += (us - elapsed.as_secs_f64() * 1e6).max(0.0);

@@ -260,6 +260,16 @@ impl BlockManager {
         Some(ids)
     }
 
+    /// `n` free blocks, each taken with reference count 1 (hashless until registered
+    /// by [`Self::cache_full_blocks`]); `None`, changing nothing, unless `n + headroom`
+    /// are free.
+    pub fn allocate_fresh(&mut self, n: usize, headroom: usize) -> Option<Vec<BlockId>> {
+        if n.saturating_add(headroom) > self.num_free {
+            return None;
+        }
+        Some((0..n).map(|_| self.pop_free()).collect())
+    }
+
     /// Take free, cached blocks back out of the prefix cache (content that was imported
     /// but could not be written).
     pub fn forget(&mut self, ids: &[BlockId]) {

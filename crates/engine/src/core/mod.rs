@@ -12,5 +12,5 @@ pub mod request;
 pub mod scheduler;
 pub mod step;
 
-pub use request::{EngineEvent, Finish, FinishReason, NewRequest, SamplingParams};
+pub use request::{EngineEvent, Finish, FinishReason, KvTransfer, NewRequest, SamplingParams};
 pub use step::{SeqStep, TokenLogprobs};

@@ -106,6 +106,29 @@ pub enum EngineEvent {
     Rejected(String),
 }
 
+/// A request's part in prefill/decode disaggregation (vLLM's NixlConnector), as the
+/// API layer hands it to the engine loop.
+#[derive(Debug)]
+pub enum KvTransfer {
+    /// Prefill side: keep the prompt's blocks after the request ends, leased under
+    /// `token`; the loop answers with the leased block ids (`None`: not leased).
+    Lease {
+        token: String,
+        reply: tokio::sync::oneshot::Sender<Option<Vec<u32>>>,
+    },
+    /// Decode side: the prompt's KV pulled from the prefill engine, `[2][layers][t][width]`
+    /// for `chunk_tokens` = t tokens (whole remote blocks), checked against this prompt;
+    /// the loop writes it into fresh blocks and computes only the last prompt token.
+    Import {
+        data: Vec<u8>,
+        chunk_tokens: usize,
+        /// Real time the pull took (a modelling backend charges the rest).
+        elapsed: std::time::Duration,
+        /// `kv_load_failure_policy: fail`: a failed import rejects the request.
+        fail_on_error: bool,
+    },
+}
+
 /// A request submitted to the engine.
 #[derive(Debug)]
 pub struct NewRequest {
@@ -114,6 +137,8 @@ pub struct NewRequest {
     pub params: SamplingParams,
     pub arrival: Instant,
     pub events: UnboundedSender<EngineEvent>,
+    /// P/D disaggregation, when the request takes part in it.
+    pub kv_transfer: Option<KvTransfer>,
 }
 
 /// A request inside the core.
@@ -136,6 +161,11 @@ pub struct Request {
     pub cached_tokens: usize,
     pub num_preemptions: u32,
     pub events: UnboundedSender<EngineEvent>,
+    /// Finishing (not aborted) leaves the blocks with the request instead of freeing
+    /// them: the engine loop leases them to a decode engine (P/D prefill).
+    pub hold_blocks: bool,
+    /// Prompt tokens whose KV came from another engine (P/D decode), for metrics.
+    pub external_tokens: usize,
 }
 
 impl Request {
@@ -162,6 +192,8 @@ impl Request {
             cached_tokens: 0,
             num_preemptions: 0,
             events: r.events,
+            hold_blocks: matches!(r.kv_transfer, Some(KvTransfer::Lease { .. })),
+            external_tokens: 0,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct StepStats {
     /// Prompt tokens looked up in / found in the prefix cache by newly admitted requests.
     pub prefix_queries: u64,
     pub prefix_hits: u64,
+    /// Prompt tokens newly admitted requests got from another engine (P/D).
+    pub external_hits: u64,
     pub prefill_tokens: u64,
     pub decode_seqs: u64,
     pub generated: u64,
@@ -118,6 +120,18 @@ impl Scheduler {
         tokens: &[u32],
     ) -> Option<Vec<BlockId>> {
         self.bm.import_cached(hashes, parent, tokens)
+    }
+
+    /// `n` fresh blocks for a request's own use (reference count 1), for KV written from
+    /// outside before it is queued (P/D decode); `None` when fewer than `n` plus
+    /// `headroom` are free.
+    pub fn allocate_blocks(&mut self, n: usize, headroom: usize) -> Option<Vec<BlockId>> {
+        self.bm.allocate_fresh(n, headroom)
+    }
+
+    /// Release blocks a finished request held on to ([`Request::hold_blocks`]).
+    pub fn free_blocks(&mut self, seq: &mut super::block_manager::SeqBlocks) {
+        self.bm.free(seq);
     }
 
     /// [`BlockManager::forget`].
@@ -287,14 +301,16 @@ impl Scheduler {
             let Some(req) = self.waiting.front_mut() else {
                 break;
             };
-            let mut num_computed = 0;
-            if req.num_computed == 0 {
+            let num_computed = if req.num_computed == 0 {
                 self.bm
                     .find_cached_prefix(&req.blocks.hashes, req.tokens.len(), &mut self.hits);
-                num_computed = self.hits.len() * self.bm.block_size();
+                self.hits.len() * self.bm.block_size()
             } else {
+                // Admitted with blocks already written (P/D decode: the prompt's KV
+                // pulled from the prefill engine): start where that stops.
                 self.hits.clear();
-            }
+                req.num_computed
+            };
             let num_new = (req.tokens.len() - num_computed).min(budget);
             if !self
                 .bm
@@ -310,7 +326,11 @@ impl Scheduler {
                 req.first_scheduled = Some(now);
                 req.cached_tokens = num_computed;
                 stats.prefix_queries += req.tokens.len() as u64;
-                stats.prefix_hits += num_computed as u64;
+                if req.external_tokens > 0 {
+                    stats.external_hits += num_computed as u64;
+                } else {
+                    stats.prefix_hits += num_computed as u64;
+                }
             }
             self.bm
                 .cache_full_blocks(&mut req.blocks, &req.tokens, num_computed + num_new);
@@ -400,7 +420,9 @@ impl Scheduler {
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         for (idx, reason, stop_token) in done {
             let mut request = self.running.remove(idx);
-            self.bm.free(&mut request.blocks);
+            if !(request.hold_blocks && reason != FinishReason::Abort) {
+                self.bm.free(&mut request.blocks);
+            }
             finished.push(Finished {
                 request,
                 reason,

@@ -9,11 +9,23 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 /// vLLM's `KVTransferConfig` (the fields that matter here).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct KvTransferConfig {
     pub kv_connector: String,
     #[serde(default = "default_role")]
     pub kv_role: String,
+    /// NixlConnector (P/D): what a failed pull of the prefill engine's KV does:
+    /// `recompute` (vLLM's default: compute the prompt locally) or `fail`.
+    #[serde(default = "default_failure_policy")]
+    pub kv_load_failure_policy: String,
+    /// vLLM's free-form extra settings; NixlConnector here reads `kv_lease_duration`
+    /// (seconds a prefill engine keeps a finished prompt's blocks for its decode engine).
+    #[serde(default)]
+    pub kv_connector_extra_config: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_failure_policy() -> String {
+    "recompute".into()
 }
 
 fn default_role() -> String {
@@ -26,11 +38,29 @@ impl KvTransferConfig {
         let c: KvTransferConfig =
             serde_json::from_str(s).map_err(|e| format!("invalid --kv-transfer-config: {e}"))?;
         match c.kv_connector.as_str() {
-            "LMCacheConnectorV1" | "LMCacheConnector" => {}
+            "LMCacheConnectorV1" | "LMCacheConnector" | "NixlConnector" => {}
             other => {
                 return Err(format!(
-                    "--kv-transfer-config: kv_connector {other:?} is not supported (LMCacheConnectorV1 is)"
+                    "--kv-transfer-config: kv_connector {other:?} is not supported (LMCacheConnectorV1 and NixlConnector are)"
                 ))
+            }
+        }
+        match c.kv_load_failure_policy.as_str() {
+            "recompute" | "fail" => {}
+            other => {
+                return Err(format!(
+                    "--kv-transfer-config: kv_load_failure_policy {other:?}: expected recompute or fail"
+                ))
+            }
+        }
+        if let Some(v) = c.kv_connector_extra_config.get("kv_lease_duration") {
+            match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => {}
+                _ => {
+                    return Err(format!(
+                        "--kv-transfer-config: kv_connector_extra_config.kv_lease_duration {v}: expected a positive number of seconds"
+                    ))
+                }
             }
         }
         match c.kv_role.as_str() {
@@ -38,6 +68,40 @@ impl KvTransferConfig {
             other => Err(format!(
                 "--kv-transfer-config: kv_role {other:?}: expected kv_both, kv_producer or kv_consumer"
             )),
+        }
+    }
+
+    /// Prefill/decode disaggregation (vLLM's NixlConnector) rather than offloading.
+    pub fn is_nixl(&self) -> bool {
+        self.kv_connector == "NixlConnector"
+    }
+
+    /// A failed pull answers an error rather than recomputing (`kv_load_failure_policy`).
+    pub fn fail_on_load_error(&self) -> bool {
+        self.kv_load_failure_policy == "fail"
+    }
+
+    /// How long a prefill engine keeps a finished prompt's blocks for its decode engine:
+    /// `kv_connector_extra_config.kv_lease_duration` (vLLM 0.32's setting), else
+    /// `VLLM_NIXL_ABORT_REQUEST_TIMEOUT` (older vLLMs' variable), else vLLM 0.32's 30 s.
+    pub fn lease_duration(&self, env_timeout: Option<&str>) -> Result<f64, String> {
+        if let Some(x) = self
+            .kv_connector_extra_config
+            .get("kv_lease_duration")
+            .and_then(|v| v.as_f64())
+        {
+            return Ok(x);
+        }
+        match env_timeout {
+            None => Ok(30.0),
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| {
+                    format!("VLLM_NIXL_ABORT_REQUEST_TIMEOUT {v:?}: expected positive seconds")
+                }),
         }
     }
 
@@ -207,7 +271,26 @@ mod tests {
         )
         .expect("ok");
         assert!(!c.stores() && c.loads());
-        assert!(KvTransferConfig::parse(r#"{"kv_connector":"NixlConnector"}"#).is_err());
+        assert!(KvTransferConfig::parse(r#"{"kv_connector":"P2pNcclConnector"}"#).is_err());
+        let n = KvTransferConfig::parse(r#"{"kv_connector":"NixlConnector"}"#).expect("nixl");
+        assert!(n.is_nixl() && !n.fail_on_load_error() && n.stores() && n.loads());
+        assert_eq!(n.lease_duration(None), Ok(30.0));
+        assert_eq!(n.lease_duration(Some("30")), Ok(30.0));
+        assert!(n.lease_duration(Some("-1")).is_err());
+        let n = KvTransferConfig::parse(
+            r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer","kv_load_failure_policy":"fail","kv_connector_extra_config":{"kv_lease_duration":2.5}}"#,
+        )
+        .expect("nixl");
+        assert!(n.fail_on_load_error() && !n.loads());
+        assert_eq!(n.lease_duration(Some("30")), Ok(2.5), "the config wins");
+        assert!(KvTransferConfig::parse(
+            r#"{"kv_connector":"NixlConnector","kv_load_failure_policy":"retry"}"#
+        )
+        .is_err());
+        assert!(KvTransferConfig::parse(
+            r#"{"kv_connector":"NixlConnector","kv_connector_extra_config":{"kv_lease_duration":"x"}}"#
+        )
+        .is_err());
         assert!(
             KvTransferConfig::parse(r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"x"}"#)
                 .is_err()

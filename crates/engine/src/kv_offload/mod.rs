@@ -23,6 +23,7 @@
 //!   request's critical path beyond that copy. A full queue drops the chunk (counted).
 
 pub mod config;
+pub mod pd;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};

@@ -177,6 +177,7 @@ fn run_engine(case: &EngineCase, reqs: &[EngineReq]) -> (HashMap<u64, Stream>, u
                 params: r.params.clone(),
                 arrival: Instant::now(),
                 events: tx,
+                kv_transfer: None,
             }));
         }
         for r in reqs.iter().filter(|r| r.abort_at == Some(step)) {

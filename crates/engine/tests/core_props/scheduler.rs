@@ -183,6 +183,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             },
             arrival: Instant::now(),
             events: tx,
+            kv_transfer: None,
         });
         live.insert(
             id,
@@ -542,6 +543,7 @@ fn same_step_requests_share_blocks_being_computed_and_a_failed_step_uncaches_the
             },
             arrival: Instant::now(),
             events: tx,
+            kv_transfer: None,
         }));
     };
     add(&mut sched, 1);

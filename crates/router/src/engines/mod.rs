@@ -76,6 +76,9 @@ pub struct Endpoint {
     pub configured_model: Option<String>,
     /// Its KV-event endpoint when configured (`--static-kv-events-endpoints`).
     pub kv_events: Option<String>,
+    /// Its model label (`--static-model-labels`, the pod label `model`): which side of
+    /// `disaggregated_prefill` it serves.
+    pub label: Option<String>,
     models: RwLock<Arc<[String]>>,
     /// Model cards from the engine's /v1/models (kept for the merged listing).
     pub cards: RwLock<Arc<[serde_json::Value]>>,
@@ -123,6 +126,7 @@ impl Endpoint {
             host_port,
             configured_model: spec.model.clone(),
             kv_events: spec.kv_events.clone(),
+            label: spec.label.clone(),
             models: RwLock::new(models),
             cards: RwLock::new(Arc::from(Vec::new())),
             // Admitted until health checks say otherwise (a configured engine is
@@ -301,10 +305,9 @@ impl Registry {
         let mut endpoints = Vec::with_capacity(specs.len());
         let mut joined = Vec::new();
         for spec in specs {
-            let kept = old
-                .endpoints
-                .iter()
-                .find(|e| e.url == spec.url && e.configured_model == spec.model);
+            let kept = old.endpoints.iter().find(|e| {
+                e.url == spec.url && e.configured_model == spec.model && e.label == spec.label
+            });
             let ep = match kept {
                 Some(e) => e.clone(),
                 None => {
@@ -403,6 +406,7 @@ mod tests {
             url: url.into(),
             model: model.map(str::to_string),
             kv_events: None,
+            label: None,
         }
     }
 

@@ -372,6 +372,7 @@ mod tests {
             url: url.into(),
             model: Some(model.into()),
             kv_events: None,
+            label: None,
         }
     }
 

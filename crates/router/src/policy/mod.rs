@@ -102,7 +102,9 @@ pub fn build(
     match logic {
         RoutingLogic::Roundrobin => Box::new(RoundRobin::default()),
         RoutingLogic::Session => Box::new(Session),
-        RoutingLogic::Leastload => Box::new(LeastLoad),
+        // disaggregated_prefill: what is not a completion (and the decode side) goes by
+        // load; `pd::Sides` ranks the prefill side.
+        RoutingLogic::Leastload | RoutingLogic::DisaggregatedPrefill => Box::new(LeastLoad),
         RoutingLogic::P2c => Box::new(PowerOfTwo),
         RoutingLogic::Prefixaware => Box::new(PrefixAware::new(prefix)),
         RoutingLogic::Kvaware => {
@@ -212,6 +214,7 @@ pub(crate) mod testutil {
                     url: format!("http://10.0.0.{i}:8000"),
                     model: Some("m".into()),
                     kv_events: None,
+                    label: None,
                 };
                 Arc::new(Endpoint::new(&spec, 10, Instant::now()))
             })

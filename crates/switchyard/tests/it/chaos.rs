@@ -19,7 +19,7 @@
 //! [`Proc`] drops, panics included.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,13 +121,24 @@ struct Counts {
     failed_before_first_byte: AtomicU64,
     /// Started streaming, then broke off.
     cut_mid_way: AtomicU64,
+    /// Streams the bad engine has started and not finished: a kill or a freeze strikes
+    /// while one is under way, so that a resume is due (between two requests of a client
+    /// an engine can hold no stream at all, and a kill then resumes nothing).
+    under_way_on_bad: AtomicI64,
 }
 
-async fn one(c: &reqwest::Client, url: &str, user: &str, n: u64) -> Result<(), bool> {
+async fn one(
+    c: &reqwest::Client,
+    url: &str,
+    user: &str,
+    n: u64,
+    bad: &str,
+    counts: &Counts,
+) -> Result<(), bool> {
     let body = json!({
         "model": "switchyard-sim",
         "prompt": format!("user {user} question {n}: tell me about the weather"),
-        "max_tokens": 8,
+        "max_tokens": 16,
         "ignore_eos": true,
         "stream": true,
     });
@@ -143,12 +154,29 @@ async fn one(c: &reqwest::Client, url: &str, user: &str, n: u64) -> Result<(), b
     if resp.status() != 200 {
         return Err(false);
     }
+    let on_bad = resp
+        .headers()
+        .get("x-switchyard-engine")
+        .is_some_and(|v| v.as_bytes() == bad.as_bytes());
+    struct UnderWay<'a>(Option<&'a AtomicI64>);
+    impl Drop for UnderWay<'_> {
+        fn drop(&mut self) {
+            if let Some(n) = self.0 {
+                n.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let mut under_way = UnderWay(None);
     let mut s = resp.bytes_stream();
     let mut got = false;
     let mut tail = Vec::new();
     while let Some(chunk) = s.next().await {
         let Ok(b) = chunk else { return Err(got) };
         got |= !b.is_empty();
+        if got && on_bad && under_way.0.is_none() {
+            counts.under_way_on_bad.fetch_add(1, Ordering::SeqCst);
+            under_way.0 = Some(&counts.under_way_on_bad);
+        }
         tail.extend_from_slice(&b);
         if tail.len() > 64 {
             tail.drain(..tail.len() - 64);
@@ -197,14 +225,15 @@ async fn run(mut stack: Stack, fault: Fault) -> Outcome {
     let start = Instant::now();
     let end = start + RUN;
     let mut clients = Vec::new();
+    let bad = stack.engines[BAD].host_port();
     for i in 0..CLIENTS {
-        let (c, url, counts) = (c.clone(), url.clone(), counts.clone());
+        let (c, url, counts, bad) = (c.clone(), url.clone(), counts.clone(), bad.clone());
         clients.push(tokio::spawn(async move {
             let user = format!("u{i}");
             let mut n = 0;
             while Instant::now() < end {
                 n += 1;
-                let r = one(&c, &url, &user, n).await;
+                let r = one(&c, &url, &user, n, &bad, &counts).await;
                 let field = match r {
                     Ok(()) if Instant::now() <= end => &counts.ok,
                     Ok(()) => &counts.late,
@@ -216,6 +245,14 @@ async fn run(mut stack: Stack, fault: Fault) -> Outcome {
         }));
     }
     tokio::time::sleep_until((start + FAULT_AT).into()).await;
+    if matches!(fault, Fault::Kill | Fault::Stop) {
+        let wait = Instant::now();
+        while counts.under_way_on_bad.load(Ordering::SeqCst) == 0
+            && wait.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     stack.strike(fault);
     let struck = Instant::now();
     let mut ejected_after = None;
@@ -305,7 +342,7 @@ async fn chaos(logic: &str) {
             o.fault
         );
         if o.fault == Fault::Kill {
-            // Eight clients stream all the time: the killed engine had streams under way.
+            // The kill struck while a stream of 16 tokens was under way on the engine.
             assert!(
                 o.resumed >= 1.0,
                 "{logic}: no stream was continued after the kill: {o:?}"
@@ -410,4 +447,118 @@ async fn an_engine_answering_500s_opens_its_breaker_and_no_request_fails() {
         m("vllm:healthy_pods_total", &[("server", &bad.url)]),
         Some(1.0)
     );
+}
+
+/// Every engine stalls at once (a starved machine: the soak saw it, load average 28):
+/// the health checks eject them all, and requests waiting on them must not fail for want
+/// of anywhere to move; they wait for their engine's answer (the last one standing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_engine_ejected_at_once_still_serves_its_requests() {
+    let mut engines = Vec::new();
+    for _ in 0..2 {
+        engines.push(Proc::engine(&[
+            "--sim-preset",
+            "zero",
+            "--fault-delay-ms",
+            "1500",
+            "--fault-on-signal",
+        ]));
+    }
+    let urls: Vec<&str> = engines.iter().map(|e| e.url.as_str()).collect();
+    let router = Proc::router(&urls, ROUTER_FLAGS);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    for e in &engines {
+        let ok = Command::new("kill")
+            .args(["-USR1", &e.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok);
+    }
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for stream in [false, true, false, true] {
+        let (c, url) = (c.clone(), router.url("/v1/completions"));
+        answers.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .json(&json!({"model":"switchyard-sim","prompt":"hello","max_tokens":4,"stream":stream}))
+                .send()
+                .await
+                .expect("send");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }));
+    }
+    for a in answers {
+        let (status, text) = a.await.expect("join");
+        assert_eq!(status, 200, "{text}");
+    }
+    // Both engines were out meanwhile (2 failed 0.4-s checks of 1.5-s-late answers).
+    let page = c
+        .get(router.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let ejections: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("vllm:router_engine_ejections_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert!(
+        ejections >= 2.0 && started.elapsed() >= Duration::from_millis(1500),
+        "both engines should have been ejected while the requests waited: {ejections}\n{page}"
+    );
+}
+
+/// A stream whose only engine goes silent for longer than the stall timeout (a long
+/// prefill step of a busy CPU engine looks the same as this SIGSTOP/SIGCONT) is not cut:
+/// with nowhere else to continue it, it waits, and ends whole once the engine is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_nowhere_else_to_go_outwaits_a_stall() {
+    let mut engine = Proc::engine(&["--sim-preset", "zero", "--sim-step-overhead-us", "20000"]);
+    let mut flags = vec!["--stream-stall-timeout-secs", "1"];
+    flags.extend_from_slice(ROUTER_FLAGS);
+    let router = Proc::router(&[engine.url.as_str()], &flags);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let resp = c
+        .post(router.url("/v1/completions"))
+        .json(
+            &json!({"model":"switchyard-sim","prompt":"hello","max_tokens":100,
+                      "ignore_eos":true,"stream":true}),
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let mut s = resp.bytes_stream();
+    let first = s.next().await.expect("a first frame").expect("frame");
+    assert!(!first.is_empty());
+    let pid = engine.child.id().to_string();
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(signal("-CONT"));
+    let mut body = first.to_vec();
+    while let Some(chunk) = s.next().await {
+        body.extend_from_slice(&chunk.expect("the stream was cut"));
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let events = text.matches("\"text\"").count();
+    assert!(events >= 100, "{events} events");
+    let _ = engine.child.kill();
 }

@@ -927,3 +927,72 @@ async fn a_kubeconfig_context_reaches_the_api_server() {
     assert_eq!(seen[0].auth, format!("Bearer {TOKEN}"));
     assert_eq!(seen[0].status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_prefill_sorts_pods_by_their_model_label() {
+    let (port, _engines) = engines_on_one_port(&[
+        ("127.0.0.12", &["--served-model-name", "m"]),
+        ("127.0.0.13", &["--served-model-name", "m"]),
+    ]);
+    let fake = FakeApi::start().await;
+    let labelled = |name: &str, ip: &str, label: &str| {
+        let mut p = pod(name, Some(ip), "test", true);
+        p["metadata"]["labels"]["model"] = json!(label);
+        p
+    };
+    fake.put(labelled("pre", "127.0.0.12", "m-prefill"));
+    fake.put(labelled("dec", "127.0.0.13", "m-decode"));
+    let dir = std::env::temp_dir().join(format!("switchyard-k8s-pd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = dir.join("token");
+    std::fs::write(&token, TOKEN).expect("token");
+    let (token_s, port_s) = (token.to_string_lossy().to_string(), port.to_string());
+    let r = Proc::start(&[
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--service-discovery",
+        "k8s",
+        "--k8s-api-server",
+        &fake.url,
+        "--k8s-token-file",
+        &token_s,
+        "--k8s-namespace",
+        NS,
+        "--k8s-label-selector",
+        SELECTOR,
+        "--k8s-port",
+        &port_s,
+        "--routing-logic",
+        "disaggregated_prefill",
+        "--prefill-model-labels",
+        "m-prefill",
+        "--decode-model-labels",
+        "m-decode",
+    ]);
+    let c = client();
+    let (pre, dec) = (format!("127.0.0.12:{port}"), format!("127.0.0.13:{port}"));
+    // Not a completion: the decode pod, plainly.
+    let t = c
+        .post(r.url("/tokenize"))
+        .json(&json!({"model":"m","prompt":"hi"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(t.status(), 200);
+    assert_eq!(served_by(&t), dec);
+    // A completion goes to the prefill pod first, then the decode pod answers (these
+    // engines share no KV: the prefill's answer has no kv_transfer_params, so the
+    // original request goes on, as with LMCache-based engines).
+    let resp = chat(&c, &r, "m").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(served_by(&resp), dec);
+    assert_eq!(
+        resp.headers()["x-switchyard-prefill-engine"]
+            .to_str()
+            .expect("h"),
+        pre
+    );
+}

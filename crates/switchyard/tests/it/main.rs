@@ -10,6 +10,8 @@ mod engine_http;
 mod k8s;
 mod kvaware;
 mod observe;
+mod pd;
+mod pd_engine;
 mod prefix;
 mod resume;
 mod router;

@@ -95,13 +95,25 @@ app.kubernetes.io/component: engine
 app.kubernetes.io/name: {{ include "switchyard.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: engine
-model: {{ .model.name }}
+model: {{ include "switchyard.modelLabel" .model | quote }}
+{{- end -}}
+
+{{/* A model's pod label `model` (the router's disaggregated_prefill sorts engines by
+     it): labels.model when set, else its name. Call with the modelSpec. */}}
+{{- define "switchyard.modelLabel" -}}
+{{- $l := default (dict) .labels -}}
+{{- default .name $l.model -}}
+{{- end -}}
+
+{{/* The NixlConnector --kv-transfer-config of a modelSpec's kvTransfer. */}}
+{{- define "switchyard.nixlTransferConfig" -}}
+{{- dict "kv_connector" (default "NixlConnector" .kvConnector) "kv_role" (default "kv_both" .kvRole) | toJson -}}
 {{- end -}}
 
 {{/* Labels of one model's objects and pods. Call with (dict "root" $ "model" $modelSpec). */}}
 {{- define "switchyard.engineLabels" -}}
 {{ include "switchyard.engineDiscoveryLabels" .root }}
-model: {{ .model.name }}
+model: {{ include "switchyard.modelLabel" .model | quote }}
 {{ include "switchyard.commonLabels" .root }}
 {{- end -}}
 
@@ -277,3 +289,12 @@ preStop sleep, less 5 s of margin, at least 1.
 {{- define "switchyard.shutdownTimeout" -}}
 {{- max 1 (sub (int .terminationGracePeriodSeconds) (add (int .preStopSleepSeconds) 5)) -}}
 {{- end }}
+
+{{/* A list of labels, given as a list or a comma-separated string, as one comma list. */}}
+{{- define "switchyard.labelList" -}}
+{{- if kindIs "slice" . -}}
+{{- join "," . -}}
+{{- else -}}
+{{- default "" . -}}
+{{- end -}}
+{{- end -}}

@@ -103,12 +103,21 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let mut choices = Choices::start(&engine, prompt, v, "chatcmpl")?;
+    let mut pd_plan = super::pd::plan(
+        &engine,
+        s.kv_transfer_params.as_ref(),
+        &prompt,
+        v.n,
+        s.stream.unwrap_or(false),
+    )
+    .await?;
+    let mut choices = Choices::start(&engine, prompt, v, "chatcmpl", pd_plan.transfer.take())?;
     let model = engine.model_name().to_string();
 
     if !s.stream.unwrap_or(false) {
         let done = choices.collect().await?;
         let completion_tokens = done.iter().map(|d| d.tokens).sum();
+        let kv_transfer_params = pd_plan.response_params(&engine).await;
         return Ok(json_ok(&ChatCompletionResponse {
             id: choices.id.clone(),
             object: "chat.completion",
@@ -138,7 +147,7 @@ pub async fn chat_completions(
             system_fingerprint: fingerprint(),
             usage: choices.usage(completion_tokens),
             prompt_logprobs: None,
-            kv_transfer_params: None,
+            kv_transfer_params,
         }));
     }
 
@@ -239,7 +248,15 @@ pub async fn completions(
         .echo
         .unwrap_or(false)
         .then(|| engine.tokenizer.decode(&prompt, false));
-    let mut choices = Choices::start(&engine, prompt, v, "cmpl")?;
+    let mut pd_plan = super::pd::plan(
+        &engine,
+        s.kv_transfer_params.as_ref(),
+        &prompt,
+        v.n,
+        s.stream.unwrap_or(false),
+    )
+    .await?;
+    let mut choices = Choices::start(&engine, prompt, v, "cmpl", pd_plan.transfer.take())?;
     let model = engine.model_name().to_string();
 
     let tok = engine.tokenizer.clone();
@@ -268,6 +285,7 @@ pub async fn completions(
             service_tier: None,
             system_fingerprint: None,
             usage: None,
+            kv_transfer_params: None,
         }
     };
 
@@ -286,6 +304,7 @@ pub async fn completions(
             .collect();
         r.usage = Some(choices.usage(completion_tokens));
         r.system_fingerprint = fingerprint();
+        r.kv_transfer_params = pd_plan.response_params(&engine).await;
         return Ok(json_ok(&r));
     }
 

@@ -7,9 +7,12 @@
 //!   detokenization, stop strings, finish reasons, counts), the `n` parallel choices,
 //!   log-probs formatting and usage; the abort guard that frees KV blocks early.
 //! - [`stream`]: the SSE framing and the stream's state machine.
+//! - [`pd`]: `kv_transfer_params` (P/D disaggregation): the prefill's lease, the
+//!   decode's pull from the prefill engine's side channel.
 
 mod handlers;
 mod output;
+mod pd;
 mod stream;
 
 pub(crate) use handlers::render_chat;

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::api::validate::Validated;
 use crate::assembly::Engine;
-use crate::core::{EngineEvent, FinishReason, NewRequest, TokenLogprobs};
+use crate::core::{EngineEvent, FinishReason, KvTransfer, NewRequest, TokenLogprobs};
 use crate::engine_loop::{EngineCommand, EngineHandle};
 use tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -93,6 +93,7 @@ impl Generation {
         prompt: Vec<u32>,
         v: Validated,
         id_prefix: &str,
+        kv_transfer: Option<KvTransfer>,
     ) -> Result<Self, ApiError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = engine.handle.next_request_id();
@@ -103,6 +104,7 @@ impl Generation {
             params: v.params,
             arrival: std::time::Instant::now(),
             events: tx,
+            kv_transfer,
         };
         if !engine.handle.send(EngineCommand::Add(req)) {
             return Err(ApiError::service_unavailable("The engine has stopped."));
@@ -295,11 +297,13 @@ pub(super) struct Done {
 }
 
 impl Choices {
+    /// `kv_transfer` (P/D) goes with the first choice.
     pub(super) fn start(
         engine: &Engine,
         mut prompt: Vec<u32>,
         v: Validated,
         id_prefix: &str,
+        mut kv_transfer: Option<KvTransfer>,
     ) -> Result<Self, ApiError> {
         let n = v.n.max(1);
         let mut gens = Vec::with_capacity(n);
@@ -311,7 +315,13 @@ impl Choices {
             } else {
                 prompt.clone()
             };
-            gens.push(Generation::start(engine, p, vi, id_prefix)?);
+            gens.push(Generation::start(
+                engine,
+                p,
+                vi,
+                id_prefix,
+                kv_transfer.take(),
+            )?);
         }
         let first = &gens[0];
         Ok(Choices {

@@ -16,6 +16,14 @@ pub struct Meta {
     pub name: String,
     pub resource_version: Option<String>,
     pub deletion_timestamp: Option<String>,
+    /// Only the `model` label is read (`disaggregated_prefill` sorts engines by it).
+    pub labels: Labels,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Labels {
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +170,11 @@ mod tests {
         assert_eq!(
             engine_url(&pod(ready.clone()), &k).as_deref(),
             Some("http://10.0.0.5:8000")
+        );
+        // Its `model` label sorts it under disaggregated_prefill.
+        assert_eq!(
+            pod(ready.clone()).metadata.labels.model.as_deref(),
+            Some("x")
         );
         let mut unready = ready.clone();
         unready["status"]["conditions"][1]["status"] = "False".into();

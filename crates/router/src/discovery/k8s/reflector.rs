@@ -58,10 +58,13 @@ enum WatchEnd {
     Failed(String),
 }
 
-/// The engine set as the watcher sees it (pod or Service name → URL).
+/// An engine as the watcher sees it: its URL and its `model` label.
+type Seen = (String, Option<String>);
+
+/// The engine set as the watcher sees it (pod or Service name → URL and label).
 struct Set<'a> {
     target: &'a Arc<EngineSet>,
-    engines: BTreeMap<String, String>,
+    engines: BTreeMap<String, Seen>,
 }
 
 impl Set<'_> {
@@ -72,11 +75,12 @@ impl Set<'_> {
         let specs: Vec<BackendSpec> = self
             .engines
             .values()
-            .filter(|u| seen.insert(u.as_str()))
-            .map(|u| BackendSpec {
+            .filter(|(u, _)| seen.insert(u.as_str()))
+            .map(|(u, label)| BackendSpec {
                 url: u.clone(),
                 model: None,
                 kv_events: None,
+                label: label.clone(),
             })
             .collect();
         let joined = self.target.apply_engines(&specs);
@@ -89,11 +93,16 @@ impl Set<'_> {
 
     /// Apply one object's news; true when the set changed.
     fn upsert(&mut self, obj: &Object, k: &K8sSettings) -> bool {
-        match engine_url(obj, k) {
-            Some(url) => self.engines.insert(obj.metadata.name.clone(), url.clone()) != Some(url),
+        match seen(obj, k) {
+            Some(e) => self.engines.insert(obj.metadata.name.clone(), e.clone()) != Some(e),
             None => self.engines.remove(&obj.metadata.name).is_some(),
         }
     }
+}
+
+/// `obj` as an engine, when it is one.
+fn seen(obj: &Object, k: &K8sSettings) -> Option<Seen> {
+    engine_url(obj, k).map(|u| (u, obj.metadata.labels.model.clone()))
 }
 
 /// List and watch with `k` until aborted, publishing every change of the set; `synced`
@@ -127,7 +136,7 @@ pub async fn run(
                 Ok((objects, rv)) => {
                     let mut engines = BTreeMap::new();
                     for o in &objects {
-                        if let Some(u) = engine_url(o, &k) {
+                        if let Some(u) = seen(o, &k) {
                             engines.insert(o.metadata.name.clone(), u);
                         }
                     }
