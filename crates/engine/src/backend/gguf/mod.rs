@@ -5,6 +5,8 @@
 //! ([`super::sampling`]).
 
 pub mod attention;
+#[cfg(test)]
+mod kquant_ref;
 pub mod kv_cache;
 pub mod model;
 pub mod q8;
