@@ -12,6 +12,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::Device;
 use half::f16;
 
+use super::q4;
 use super::q8::{Q8Matrix, Q8Rows};
 
 const QK_K: usize = 256;
@@ -279,5 +280,71 @@ fn requantized_products_equal_the_reference_within_q8_rounding() {
             "{dtype:?}: relative error {}",
             err / norm
         );
+    }
+}
+
+/// The 4-bit kernel keeps Q4_K (and Q4_0, Q4_1) as the file has them: its blocks decode
+/// to the reference's values (Q4_K) and to candle's (Q4_0, Q4_1), and its products equal
+/// the f32 products of those values within the activations' Q8_0 rounding.
+#[test]
+fn four_bit_blocks_stay_exact() {
+    let (n, k) = (12, 512);
+    let raw = random_blocks(GgmlDType::Q4K, n, k, 0x4b);
+    let want = reference_matrix(GgmlDType::Q4K, &raw);
+    let blocks = q4::decode(GgmlDType::Q4K, &raw).expect("whole blocks");
+    let w = q4::Q4Matrix::from_blocks(&blocks, n, k).expect("shape");
+    let got = w.dequantize();
+    for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - r).abs() <= 1e-6 * r.abs().max(1e-3),
+            "Q4_K value {i}: {g} vs {r}"
+        );
+    }
+    for (dtype, size) in [(GgmlDType::Q4_0, 18usize), (GgmlDType::Q4_1, 20)] {
+        let mut rng = Rng(size as u64);
+        let mut raw = vec![0u8; n * k / 32 * size];
+        for b in raw.chunks_exact_mut(size) {
+            b.iter_mut().for_each(|v| *v = rng.next() as u8);
+            for at in (0..if size == 18 { 2 } else { 4 }).step_by(2) {
+                let v = f16::from_f32(rng.unit() * 0.02 - 0.01);
+                b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        let candle = qtensor_from_ggml(dtype, &raw, vec![n, k], &Device::Cpu)
+            .and_then(|t| t.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("dequantize");
+        let ours = q4::Q4Matrix::from_blocks(&q4::decode(dtype, &raw).expect("blocks"), n, k)
+            .expect("shape")
+            .dequantize();
+        for (i, (a, b)) in ours.iter().zip(&candle).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                "{dtype:?} value {i}: {a} vs candle {b}"
+            );
+        }
+    }
+    // Products against the reference values.
+    let m = 3;
+    let mut rng = Rng(9);
+    let x: Vec<f32> = (0..m * k).map(|_| rng.unit() * 2.0 - 1.0).collect();
+    let mut rows = Q8Rows::default();
+    rows.quantize(&x, k);
+    let mut out = vec![0f32; m * n];
+    w.matmul(&rows, &mut out);
+    for r in 0..m {
+        for c in 0..n {
+            let (xr, wc) = (&x[r * k..(r + 1) * k], &want[c * k..(c + 1) * k]);
+            let exact: f64 = xr.iter().zip(wc).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let xmax = xr.iter().fold(0f32, |a, b| a.max(b.abs())) as f64;
+            let wsum: f64 = wc.iter().map(|b| b.abs() as f64).sum();
+            let bound = 1.05 * wsum * xmax / 254.0 + 1e-5;
+            let g = out[r * n + c] as f64;
+            assert!(
+                (g - exact).abs() <= bound,
+                "Q4_K product [{r}, {c}]: {g} vs {exact} (bound {bound})"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod attention;
 mod kquant_ref;
 pub mod kv_cache;
 pub mod model;
+pub mod q4;
 pub mod q8;
 
 use super::sampling::{sample, History};

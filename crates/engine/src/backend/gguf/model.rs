@@ -4,14 +4,16 @@
 //! sequence's keys and values from the engine's paged KV blocks.
 //!
 //! candle supplies the weights (GGUF loading) and the matrix products. Each weight is kept
-//! twice when memory allows: in Q8_0 (quantized sources, Q4_1 included, are re-quantized:
-//! candle has no SIMD kernel for Q4_1), whose int8 dot products are fastest for a few rows
-//! (decode, memory-bound), and in f32 for the tiled gemm, several times faster for many
-//! rows (prefill chunks, big decode batches). Which rows take which is decided per row kind
-//! ([`Kernels`]), never by the batch they happen to share a step with, unless asked
-//! to. Q/K/V and gate/up are fused into one matrix each. Norms, rotary embedding, attention
-//! and the activation are plain loops over `f32` here. K-quant sources (Q4_K, Q5_K, Q6_K,
-//! ...) are dequantized by candle and re-quantized to Q8_0 like any other quantized type.
+//! twice when memory allows: in a quantized form for the int8 kernels, fastest for a few
+//! rows (decode, memory-bound), and in f32 for the tiled gemm, several times faster for
+//! many rows (prefill chunks, big decode batches). The quantized form is the file's own
+//! 4-bit blocks where every part of a matrix is Q4_0, Q4_1 or Q4_K (`q4.rs`: exact
+//! values, half the bytes of Q8_0), else Q8_0 (`q8.rs`: other quantized sources,
+//! K-quants of 5 and 6 bits and Q5_0 included, are dequantized by candle and
+//! re-quantized). Which rows take which kernel is decided per row kind ([`Kernels`]),
+//! never by the batch they happen to share a step with, unless asked to. Q/K/V and
+//! gate/up are fused into one matrix each. Norms, rotary embedding, attention and the
+//! activation are plain loops over `f32` here.
 //!
 //! Gemma 3 as llama.cpp runs it (`src/models/gemma3.cpp`): embeddings scaled by
 //! `√hidden`; RMSNorm before *and* after attention and the MLP; per-head RMSNorm of q and
@@ -30,6 +32,7 @@ use candle_core::{Device, Tensor};
 
 use super::attention::{paged_attention_with, Heads, RowInfo};
 use super::kv_cache::KvCache;
+use super::q4::{self, Q4Matrix};
 use super::q8::{Q8Matrix, Q8Rows};
 use gguf::{Gguf, Value};
 
@@ -273,6 +276,9 @@ pub struct Plan {
 
 /// A weight matrix `[out, in]` applied to rows: `y = x Wᵀ (+ b)`.
 struct Linear {
+    /// The file's own 4-bit weights when every part of the matrix is 4-bit: the
+    /// quantized kernel then runs on these (half Q8_0's bytes), and `q8` is not kept.
+    q4: Option<Q4Matrix>,
     q8: Option<Q8Matrix>,
     f32: Option<Tensor>,
     out: usize,
@@ -283,6 +289,19 @@ impl Linear {
     fn forward(&self, x: &[f32], rows: usize, kernel: Kernel) -> Result<Vec<f32>, ModelError> {
         let inp = x.len() / rows.max(1);
         let mut y = match (kernel, &self.q8, &self.f32) {
+            (Kernel::Q8, _, _) | (Kernel::F32, _, None) if self.q4.is_some() => {
+                thread_local! {
+                    static ROWS4: std::cell::RefCell<Q8Rows> = Default::default();
+                }
+                let mut y = vec![0f32; rows * self.out];
+                if let Some(q) = &self.q4 {
+                    ROWS4.with_borrow_mut(|xq| {
+                        xq.quantize(x, inp);
+                        q.matmul(xq, &mut y);
+                    });
+                }
+                y
+            }
             (Kernel::Q8, Some(q), _) | (Kernel::F32, Some(q), None) => {
                 thread_local! {
                     static ROWS: std::cell::RefCell<Q8Rows> = Default::default();
@@ -426,9 +445,20 @@ impl Loader<'_> {
     ) -> Result<Linear, ModelError> {
         let mut parts = Vec::with_capacity(names.len());
         let mut quantized = false;
+        // The parts' own 4-bit blocks, while every part so far is 4-bit.
+        let mut blocks4 = Some(Vec::new());
         for (name, &out) in names.iter().zip(outs) {
             let q = self.q(name)?;
             quantized |= !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            if let Some(all) = blocks4.as_mut() {
+                match q4::supports(q.dtype()).then(|| q.data()).transpose()? {
+                    Some(raw) => match q4::decode(q.dtype(), &raw) {
+                        Some(b) => all.extend(b),
+                        None => blocks4 = None,
+                    },
+                    None => blocks4 = None,
+                }
+            }
             let t = q.dequantize(&Device::Cpu)?;
             if t.dims() != [out, inp] {
                 return Err(ModelError::Bad {
@@ -444,7 +474,8 @@ impl Loader<'_> {
         } else {
             Tensor::cat(&parts, 0)?
         };
-        let q8 = if quantized {
+        let q4 = blocks4.and_then(|b| Q4Matrix::from_blocks(&b, out, inp));
+        let q8 = if quantized && q4.is_none() {
             Q8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, out, inp)
         } else {
             None
@@ -464,7 +495,13 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear { q8, f32, out, bias })
+        Ok(Linear {
+            q4,
+            q8,
+            f32,
+            out,
+            bias,
+        })
     }
 }
 
@@ -554,6 +591,7 @@ impl Model {
                 Some(Tensor::from_slice(&embed, (vocab, h), &Device::Cpu)?)
             };
             Linear {
+                q4: None,
                 q8,
                 f32,
                 out: vocab,
@@ -603,7 +641,7 @@ impl Model {
         let total: usize = self.linears_mut().map(|l| l.f32_bytes()).sum();
         if total > budget {
             for l in self.linears_mut() {
-                if l.q8.is_some() {
+                if l.q8.is_some() || l.q4.is_some() {
                     l.f32 = None;
                 }
             }

@@ -26,14 +26,14 @@ use rayon::prelude::*;
 pub const QK: usize = 32;
 
 /// Columns per interleaved group.
-const G: usize = 4;
+pub(super) const G: usize = 4;
 
 /// Rows and columns of the micro-kernel's tile when a call has more than one row.
-const TILE_ROWS: usize = 3;
-const TILE_COLS: usize = 2;
+pub(super) const TILE_ROWS: usize = 3;
+pub(super) const TILE_COLS: usize = 2;
 
 /// Calls with fewer multiply-adds than this run on the calling thread.
-const PAR_MIN_MACS: usize = 1 << 17;
+pub(super) const PAR_MIN_MACS: usize = 1 << 17;
 
 /// Quantize one block of 32 values; returns its scale.
 fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
@@ -205,11 +205,11 @@ impl Q8Matrix {
     }
 }
 
-type Tile = [[f32; 4]; 4];
+pub(super) type Tile = [[f32; 4]; 4];
 
 /// The output pointer shared by the column chunks of one call.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: chunks write disjoint elements (see `Q8Matrix::matmul`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -217,10 +217,13 @@ unsafe impl Sync for OutPtr {}
 /// Activations quantized per row in Q8_0 blocks (f32 scales). Reused across calls.
 #[derive(Debug, Default)]
 pub struct Q8Rows {
-    m: usize,
-    k: usize,
-    qs: Vec<i8>,
-    d: Vec<f32>,
+    pub(super) m: usize,
+    pub(super) k: usize,
+    pub(super) qs: Vec<i8>,
+    pub(super) d: Vec<f32>,
+    /// Per block: its scale times the sum of its quants (`d · Σq`), for kernels whose
+    /// weights carry an offset (`w = d·q + m`, [`super::q4`]).
+    pub(super) sums: Vec<f32>,
 }
 
 impl Q8Rows {
@@ -241,9 +244,16 @@ impl Q8Rows {
                 .zip(self.qs.chunks_exact_mut(QK))
                 .map(|(x, q)| quantize_block(x, q)),
         );
+        self.sums.clear();
+        self.sums.extend(
+            self.qs
+                .chunks_exact(QK)
+                .zip(&self.d)
+                .map(|(q, d)| q.iter().map(|&v| v as i32).sum::<i32>() as f32 * d),
+        );
     }
 
-    fn row(&self, r: usize) -> (&[i8], &[f32]) {
+    pub(super) fn row(&self, r: usize) -> (&[i8], &[f32]) {
         let kb = self.k / QK;
         (
             &self.qs[r * self.k..(r + 1) * self.k],
@@ -308,7 +318,7 @@ unsafe fn avx2_tile<const R: usize, const C: usize>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub(super) fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
