@@ -191,22 +191,26 @@ fn our_events_have_vllms_shape() {
                 hash: h0,
                 parent: None,
                 tokens: t[..16].to_vec(),
+                lora: None,
             },
             CacheEvent::Stored {
                 hash: h1,
                 parent: Some(h0),
                 tokens: t[16..32].to_vec(),
+                lora: None,
             },
             CacheEvent::Stored {
                 hash: h2,
                 parent: Some(h1),
                 tokens: t[32..48].to_vec(),
+                lora: None,
             },
             // Another sequence, starting from a cached block: a new event.
             CacheEvent::Stored {
                 hash: 99,
                 parent: Some(h0),
                 tokens: t[..16].to_vec(),
+                lora: None,
             },
             CacheEvent::AllCleared,
         ],

@@ -226,6 +226,7 @@ mod forward {
                     sample,
                     params: &params,
                     rng_seed: 0,
+                    lora: None,
                 })
                 .collect();
             let mut out = Vec::new();
@@ -704,7 +705,7 @@ mod qwen2 {
             })
             .collect();
         let whole = m
-            .forward(&mut cache, &prompt, &rows, &[prompt.len() - 1], plan)
+            .forward(&mut cache, &prompt, &rows, &[prompt.len() - 1], plan, &[])
             .expect("forward");
         // ...equals feeding it one token at a time through the KV cache.
         let mut cache = KvCache::new(LAYERS, 16, 16, KV_HEADS, H / HEADS);
@@ -714,7 +715,9 @@ mod qwen2 {
                 pos,
                 blocks: &blocks,
             }];
-            last = m.forward(&mut cache, &[t], &row, &[0], plan).expect("step");
+            last = m
+                .forward(&mut cache, &[t], &row, &[0], plan, &[])
+                .expect("step");
         }
         assert_eq!(whole.len(), m.cfg.vocab);
         let diff = whole

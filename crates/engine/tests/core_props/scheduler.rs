@@ -184,6 +184,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             arrival: Instant::now(),
             events: tx,
             kv_transfer: None,
+            lora: None,
         });
         live.insert(
             id,
@@ -544,6 +545,7 @@ fn same_step_requests_share_blocks_being_computed_and_a_failed_step_uncaches_the
             arrival: Instant::now(),
             events: tx,
             kv_transfer: None,
+            lora: None,
         }));
     };
     add(&mut sched, 1);
