@@ -440,3 +440,147 @@ async fn a_real_engine_applies_an_adapter_by_name() {
     assert_eq!(text(&complete(&c, &e, "one").await.1), adapter_text);
     assert_eq!(model_ids(&c, &e).await.len(), 2);
 }
+
+/// A sim engine with LoRA on and runtime updating, serving `base` (and `extra` flags).
+fn lora_engine(extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "engine",
+        "--backend",
+        "sim",
+        "--sim-preset",
+        "zero",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--served-model-name",
+        "base",
+        "--enable-lora",
+        "--max-loras",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start_with_env(&args, &[RUNTIME])
+}
+
+/// Which engine served a completion for `model` through the router (its status and
+/// `x-switchyard-engine`).
+async fn routed(c: &reqwest::Client, router: &Proc, model: &str) -> (u16, String) {
+    let r = c
+        .post(router.url("/v1/completions"))
+        .json(&json!({"model": model, "prompt": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .expect("send");
+    let engine = r
+        .headers()
+        .get("x-switchyard-engine")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (r.status().as_u16(), engine)
+}
+
+/// Through the router: an adapter reaches only the engines that hold it (learned from
+/// their `/v1/models`); the router's load puts an adapter on the number of engines asked,
+/// routable at once, then on the rest; its unload takes it off everywhere, after which
+/// the name is unknown again; an engine's refusal comes back as the engine gave it.
+#[tokio::test]
+async fn the_router_routes_adapters_to_their_engines_and_loads_them() {
+    let d = TempDir::new("router");
+    make_adapter(&d.path("sql"), 1, 8, &["--layers", "2"]);
+    make_adapter(&d.path("chat"), 2, 8, &["--layers", "2"]);
+    let sql_arg = format!("sql={}", d.path("sql"));
+    let e1 = lora_engine(&["--lora-modules", &sql_arg]);
+    let e2 = lora_engine(&[]);
+    let router = Proc::router(&[&e1.url, &e2.url], &["--routing-logic", "roundrobin"]);
+    let c = client();
+
+    for _ in 0..6 {
+        assert_eq!(routed(&c, &router, "sql").await, (200, e1.host_port()));
+    }
+    let served: std::collections::HashSet<String> =
+        futures_util::future::join_all((0..6).map(|_| routed(&c, &router, "base")))
+            .await
+            .into_iter()
+            .map(|(s, e)| {
+                assert_eq!(s, 200);
+                e
+            })
+            .collect();
+    assert_eq!(
+        served.len(),
+        2,
+        "the base model on both engines: {served:?}"
+    );
+    let models = model_ids(&c, &router).await;
+    let sql = models
+        .iter()
+        .find(|m| m["id"] == "sql")
+        .expect("sql listed");
+    assert_eq!(sql["parent"], "base");
+
+    let load = router.url("/v1/load_lora_adapter");
+    let (s, b) = post(
+        &c,
+        &load,
+        &json!({"lora_name": "chat", "lora_path": d.path("chat"), "replicas": 1}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).expect("JSON");
+    let loaded: Vec<String> = serde_json::from_value(v["loaded"].clone()).expect("loaded");
+    assert_eq!(loaded.len(), 1, "{v}");
+    for _ in 0..4 {
+        assert_eq!(routed(&c, &router, "chat").await, (200, loaded[0].clone()));
+    }
+    let other = if loaded[0] == e1.host_port() {
+        &e2
+    } else {
+        &e1
+    };
+    assert!(model_ids(&c, other).await.iter().all(|m| m["id"] != "chat"));
+
+    // Again without replicas: onto the other engine too.
+    let (s, b) = post(
+        &c,
+        &load,
+        &json!({"lora_name": "chat", "lora_path": d.path("chat")}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).expect("JSON");
+    assert_eq!(v["loaded"], json!([other.host_port()]), "{v}");
+    assert_eq!(v["already_loaded"], json!([loaded[0]]), "{v}");
+    assert!(model_ids(&c, other).await.iter().any(|m| m["id"] == "chat"));
+
+    // An engine's refusal, as it gave it.
+    let (s, b) = post(
+        &c,
+        &load,
+        &json!({"lora_name": "ghost", "lora_path": d.path("missing")}),
+    )
+    .await;
+    assert_eq!(s, 404, "{b}");
+    assert!(error_of(&b).1.contains("No adapter found for"), "{b}");
+    let (s, b) = post(&c, &load, &json!({"lora_name": "x"})).await;
+    assert_eq!(
+        (s, error_of(&b).0.as_str()),
+        (400, "InvalidUserInput"),
+        "{b}"
+    );
+
+    let unload = router.url("/v1/unload_lora_adapter");
+    let (s, b) = post(&c, &unload, &json!({"lora_name": "chat"})).await;
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).expect("JSON");
+    assert_eq!(v["unloaded"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(routed(&c, &router, "chat").await.0, 404);
+    for e in [&e1, &e2] {
+        assert!(model_ids(&c, e).await.iter().all(|m| m["id"] != "chat"));
+    }
+    let (s, b) = post(&c, &unload, &json!({"lora_name": "chat"})).await;
+    assert_eq!(s, 404, "{b}");
+    // sql untouched.
+    assert_eq!(routed(&c, &router, "sql").await, (200, e1.host_port()));
+}
