@@ -601,6 +601,263 @@ mod tests {
         }
     }
 
+    /// A small llama-like geometry (2 heads of 4, 1 KV head).
+    fn tiny() -> Geometry {
+        Geometry {
+            layers: 2,
+            hidden: 8,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            ffn: 12,
+            permute_qk: true,
+        }
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + 1.0) * 0.618 + seed as f32 * 1.37).sin())
+            .collect()
+    }
+
+    fn tmp_dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("sy-lora-unit-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    /// The same adapter written as a PEFT folder (Hugging Face's row order, scaling
+    /// `lora_alpha / r` applied by the reader) and as llama.cpp's LoRA GGUF (ggml's
+    /// reversed dims, q/k rows already permuted as `convert_lora_to_gguf.py` writes them,
+    /// `adapter.lora.alpha`) reads into the same matrices; a GGUF that is not an adapter,
+    /// and an adapter for other shapes, are refused.
+    #[test]
+    fn a_llama_cpp_gguf_adapter_reads_as_the_same_peft_adapter() {
+        let g = tiny();
+        let (r, alpha) = (2usize, 4.0f32);
+        let targets = [Target::Q, Target::K, Target::V, Target::Down];
+        // (layer, target, A [r, in], B [out, r]) in Hugging Face's order.
+        let mut mats = Vec::new();
+        for layer in 0..g.layers {
+            for (k, &t) in targets.iter().enumerate() {
+                let (inp, out) = g.shape(t);
+                let seed = (layer * 10 + k) as u32;
+                mats.push((layer, t, values(r * inp, seed), values(out * r, seed + 100)));
+            }
+        }
+
+        // PEFT folder.
+        let peft_dir = tmp_dir("peft");
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (layer, t, a, b) in &mats {
+            let group = if matches!(t, Target::Down) {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            let (inp, out) = g.shape(*t);
+            for (ab, m, shape) in [("A", a, [r, inp]), ("B", b, [out, r])] {
+                let name = format!(
+                    "base_model.model.model.layers.{layer}.{group}.{}.lora_{ab}.weight",
+                    t.hf_name()
+                );
+                let start = data.len();
+                for v in m.iter() {
+                    data.extend_from_slice(&v.to_le_bytes());
+                }
+                header.insert(
+                    name,
+                    serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+                );
+            }
+        }
+        let h = serde_json::Value::Object(header).to_string();
+        let mut st = (h.len() as u64).to_le_bytes().to_vec();
+        st.extend_from_slice(h.as_bytes());
+        st.extend_from_slice(&data);
+        std::fs::write(peft_dir.join("adapter_model.safetensors"), st).expect("write");
+        std::fs::write(
+            peft_dir.join("adapter_config.json"),
+            format!(r#"{{"peft_type":"LORA","r":{r},"lora_alpha":{alpha},"bias":"none","target_modules":["q_proj"]}}"#),
+        )
+        .expect("write");
+
+        // llama.cpp's GGUF: dims in ggml order (`ne0` = columns), q/k rows permuted per head:
+        // within a head, row `two·(hd/2) + i` goes to `2·i + two`.
+        let permute = |b: &[f32], heads: usize| {
+            let hd = b.len() / r / heads;
+            let mut out = vec![0f32; b.len()];
+            for h in 0..heads {
+                for i in 0..hd / 2 {
+                    for two in 0..2 {
+                        let (from, to) = (h * hd + two * (hd / 2) + i, h * hd + 2 * i + two);
+                        out[to * r..(to + 1) * r].copy_from_slice(&b[from * r..(from + 1) * r]);
+                    }
+                }
+            }
+            out
+        };
+        let mut owned: Vec<(String, [u64; 2], Vec<u8>)> = Vec::new();
+        for (layer, t, a, b) in &mats {
+            let (inp, out) = g.shape(*t);
+            let b = match t {
+                Target::Q => permute(b, g.n_heads),
+                Target::K => permute(b, g.n_kv_heads),
+                _ => b.clone(),
+            };
+            let bytes = |m: &[f32]| m.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            let base = format!("blk.{layer}.{}.weight", t.gguf_name());
+            owned.push((format!("{base}.lora_a"), [inp as u64, r as u64], bytes(a)));
+            owned.push((format!("{base}.lora_b"), [r as u64, out as u64], bytes(&b)));
+        }
+        let tensors: Vec<::gguf::write::Tensor<'_>> = owned
+            .iter()
+            .map(|(name, dims, data)| ::gguf::write::Tensor {
+                name,
+                dims,
+                ggml_type: 0,
+                data,
+            })
+            .collect();
+        let gguf_dir = tmp_dir("gguf");
+        let gguf_path = gguf_dir.join("adapter.gguf");
+        let meta = |kind: &str| {
+            vec![
+                ("general.type", ::gguf::Value::Str(kind.into())),
+                ("adapter.type", ::gguf::Value::Str("lora".into())),
+                ("adapter.lora.alpha", ::gguf::Value::F32(alpha)),
+            ]
+        };
+        ::gguf::write::to_file(&gguf_path, &meta("adapter"), &tensors).expect("write");
+
+        let cfg = LoraConfig {
+            max_loras: 1,
+            max_lora_rank: 8,
+            max_cpu_loras: 1,
+            geometry: Some(g.clone()),
+        };
+        let (rp, wp) = read_adapter(peft_dir.to_str().expect("utf-8"), &cfg).expect("PEFT");
+        let (rg, wg) = read_adapter(gguf_path.to_str().expect("utf-8"), &cfg).expect("GGUF");
+        assert_eq!((rp, rg), (r, r));
+        let (wp, wg) = (wp.expect("weights"), wg.expect("weights"));
+        let mut compared = 0;
+        for layer in 0..g.layers {
+            for t in Target::ALL {
+                match (wp.get(layer, t), wg.get(layer, t)) {
+                    (None, None) => assert!(!targets.contains(&t)),
+                    (Some(p), Some(q)) => {
+                        assert_eq!((p.a.len(), p.b.len()), (q.a.len(), q.b.len()));
+                        let diff = p.a.iter().chain(&p.b).zip(q.a.iter().chain(&q.b));
+                        for (x, y) in diff {
+                            assert!((x - y).abs() < 1e-6, "layer {layer} {t:?}: {x} vs {y}");
+                        }
+                        compared += 1;
+                    }
+                    other => panic!("layer {layer} {t:?}: only one has it: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(compared, g.layers * targets.len());
+        // The scaling is in B: alpha / r = 2 times the file's values (v is not permuted).
+        let (_, _, _, b_v) = &mats[2];
+        assert_eq!(wg.get(0, Target::V).map(|l| l.b[0]), Some(b_v[0] * 2.0));
+
+        // Not an adapter; an adapter for other shapes.
+        ::gguf::write::to_file(&gguf_path, &meta("model"), &tensors).expect("write");
+        let e = read_adapter(gguf_path.to_str().expect("utf-8"), &cfg).expect_err("a model");
+        assert_eq!(e.status().0, 400, "{e}");
+        let other = LoraConfig {
+            geometry: Some(Geometry { hidden: 16, ..g }),
+            ..cfg
+        };
+        let e = read_adapter(peft_dir.to_str().expect("utf-8"), &other).expect_err("shapes");
+        assert!(e.to_string().contains("the model needs in 16"), "{e}");
+        let _ = std::fs::remove_dir_all(peft_dir);
+        let _ = std::fs::remove_dir_all(gguf_dir);
+    }
+
+    /// A minimal PEFT folder (one q_proj pair of rank `r`).
+    fn tiny_peft(tag: &str, r: usize) -> String {
+        let d = tmp_dir(tag);
+        let n = r * 8 * 4;
+        let h = format!(
+            r#"{{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":{{"dtype":"F32","shape":[{r},8],"data_offsets":[0,{a}]}},"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":{{"dtype":"F32","shape":[8,{r}],"data_offsets":[{a},{ab}]}}}}"#,
+            a = n,
+            ab = 2 * n
+        );
+        let mut st = (h.len() as u64).to_le_bytes().to_vec();
+        st.extend_from_slice(h.as_bytes());
+        st.resize(st.len() + 2 * n, 0);
+        std::fs::write(d.join("adapter_model.safetensors"), st).expect("write");
+        std::fs::write(
+            d.join("adapter_config.json"),
+            format!(r#"{{"peft_type":"LORA","r":{r},"lora_alpha":8}}"#),
+        )
+        .expect("write");
+        d.to_str().expect("utf-8").to_string()
+    }
+
+    /// At most `--max-cpu-loras` adapters stay in memory, the least recently used dropped
+    /// first and read again from its path when asked for (same id); a request holding an
+    /// adapter keeps it through an unload; vLLM's errors for names and ranks.
+    #[test]
+    fn the_registry_keeps_the_most_recently_used_and_rereads_the_rest() {
+        let reg = Registry::new(LoraConfig {
+            max_loras: 1,
+            max_lora_rank: 4,
+            max_cpu_loras: 2,
+            geometry: None,
+        });
+        let (a, b, c) = (tiny_peft("ra", 2), tiny_peft("rb", 2), tiny_peft("rc", 4));
+        let held = reg.load("a", &a).expect("a");
+        reg.load("b", &b).expect("b");
+        assert!(
+            reg.get_loaded("a").expect("a").is_some(),
+            "a used now: b is the oldest"
+        );
+        reg.load("c", &c).expect("c");
+        assert_eq!(reg.num_loaded(), 2);
+        assert!(
+            reg.get_loaded("b").expect("registered").is_none(),
+            "b dropped"
+        );
+        let b2 = reg.resolve("b").expect("read again");
+        assert_eq!((b2.id, b2.rank), (2, 2));
+        assert_eq!(reg.num_loaded(), 2);
+        assert_eq!(
+            reg.list()
+                .iter()
+                .map(|l| (l.name.as_str(), l.id))
+                .collect::<Vec<_>>(),
+            [("a", 1), ("b", 2), ("c", 3)]
+        );
+        reg.unload("a").expect("unload");
+        assert_eq!(held.name, "a", "a request's adapter outlives its unload");
+        assert!(matches!(reg.resolve("a"), Err(LoraError::NotFound(_))));
+        assert!(matches!(reg.unload("a"), Err(LoraError::NotFound(_))));
+        assert!(matches!(
+            reg.load("b", &b),
+            Err(LoraError::AlreadyLoaded(_))
+        ));
+        assert!(matches!(reg.load("", &b), Err(LoraError::Missing(_))));
+        let big = tiny_peft("rbig", 8);
+        let e = reg.load("big", &big).expect_err("rank 8 > 4");
+        assert_eq!(
+            e.to_string(),
+            "LoRA rank 8 is greater than max_lora_rank 4."
+        );
+        assert!(!reg.contains("big"));
+        assert!(matches!(
+            reg.load("x", "/no/such/adapter"),
+            Err(LoraError::NoAdapter(_))
+        ));
+        for d in [a, b, c, big] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
     #[test]
     fn low_rank_update_equals_the_dense_product() {
         let (inp, out, r, rows) = (10, 6, 3, 2);
