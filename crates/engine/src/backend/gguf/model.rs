@@ -43,7 +43,9 @@ pub struct LoraGroup<'a> {
 }
 
 /// Add each group's low-rank update for `targets` (each with the offset of its slice in
-/// a `stride`-wide output row) to `y`, from the layer's input `x` (`inp` wide).
+/// a `stride`-wide output row) to `y`, from the layer's input `x` (`inp` wide). Rows run
+/// in parallel on the step's pool; each row's sums are in a fixed order, so a row's
+/// result does not depend on the others.
 fn add_lora(
     groups: &[LoraGroup<'_>],
     layer: usize,
@@ -53,24 +55,27 @@ fn add_lora(
     y: &mut [f32],
     stride: usize,
 ) {
-    let mut tmp = Vec::new();
+    use rayon::prelude::*;
+    let rows = y.len() / stride.max(1);
+    let mut of_row: Vec<Option<&LoraWeights>> = vec![None; rows];
     for g in groups {
-        for &(t, offset) in targets {
-            let Some(lr) = g.weights.get(layer, t) else {
-                continue;
-            };
-            for &r in &g.rows {
-                lr.apply(
-                    &x[r * inp..(r + 1) * inp],
-                    1,
-                    &mut y[r * stride..(r + 1) * stride],
-                    stride,
-                    offset,
-                    &mut tmp,
-                );
+        for &r in &g.rows {
+            if let Some(slot) = of_row.get_mut(r) {
+                *slot = Some(g.weights);
             }
         }
     }
+    y.par_chunks_mut(stride)
+        .zip(x.par_chunks(inp))
+        .zip(of_row.par_iter())
+        .for_each_init(Vec::new, |tmp, ((yr, xr), w)| {
+            let Some(w) = w else { return };
+            for &(t, offset) in targets {
+                if let Some(lr) = w.get(layer, t) {
+                    lr.apply(xr, 1, yr, stride, offset, tmp);
+                }
+            }
+        });
 }
 
 #[derive(Debug, thiserror::Error)]
