@@ -512,6 +512,9 @@ SCHEMA_REJECTS = [
     ("lmcache-unknown-key", one_model(lmcacheConfig={"enabled": True, "cpuOffloadingBuffer": "5"}), "'cpuOffloadingBuffer' not allowed"),
     ("lmcache-size-unit", one_model(lmcacheConfig={"enabled": True, "cpuOffloadingBufferSize": "20Gi"}), "/servingEngineSpec/modelSpec/0/lmcacheConfig/cpuOffloadingBufferSize"),
     ("lmcache-kv-role", one_model(lmcacheConfig={"enabled": True, "kvRole": "both"}), "/servingEngineSpec/modelSpec/0/lmcacheConfig/kvRole"),
+    ("lora-adapter-without-path", one_model(loraAdapters=[{"name": "sql"}], loraConfig={"pvcName": "a"}), "missing property 'path'"),
+    ("lora-name-with-equals", one_model(loraAdapters=[{"name": "a=b", "path": "x"}], loraConfig={"pvcName": "a"}), "/servingEngineSpec/modelSpec/0/loraAdapters/0/name"),
+    ("lora-max-loras-zero", one_model(loraConfig={"maxLoras": 0}), "/servingEngineSpec/modelSpec/0/loraConfig/maxLoras"),
 ]
 
 
@@ -565,9 +568,18 @@ def test_schema_accepts_what_it_documents(helm):
             {"routerSpec": {"routingLogic": "disaggregated_prefill", "prefillModelLabels": "a"}},
             "routerSpec.prefillModelLabels and routerSpec.decodeModelLabels: required",
         ),
+        (
+            one_model(loraAdapters=[{"name": "sql", "path": "sql"}]),
+            "loraAdapters needs loraConfig.pvcName or loraConfig.initContainer",
+        ),
+        (
+            one_model(loraAdapters=[{"name": "sql", "path": "sql"}], loraConfig={"pvcName": "a", "initContainer": {"image": "busybox"}}),
+            "loraConfig.pvcName and loraConfig.initContainer both give /adapters",
+        ),
     ],
     ids=["hpa-and-keda", "duplicate-name", "hpa-min-above-max", "cache-server-ports", "cache-server-no-bytes",
-         "cache-server-lmcache-image", "kv-transfer-and-lmcache", "pd-without-labels"],
+         "cache-server-lmcache-image", "kv-transfer-and-lmcache", "pd-without-labels", "lora-without-volume",
+         "lora-two-volumes"],
 )
 def test_template_rejects_inconsistent_values(helm, values, message):
     err = helm.install_error(values)
@@ -960,6 +972,56 @@ def test_sim_engine_and_served_name(helm):
     assert "--kv-events-config" not in c["args"]
     assert c["args"][-2:] == ["--sim-preset", "smollm2-135m-cpu"]
     assert [p["name"] for p in c["ports"]] == ["http"]
+
+
+def test_lora_adapters(helm):
+    """loraAdapters: the engine serves them as models (--enable-lora, --lora-modules
+    NAME=/adapters/PATH) from a PVC mounted read-only, or from what an init container put
+    in an emptyDir; allowRuntimeUpdating sets vLLM's env (and LoRA on with no adapter)."""
+    r = helm.install(
+        one_model(
+            loraAdapters=[{"name": "sql", "path": "sql-lora"}, {"name": "chat", "path": "/chat.gguf"}],
+            loraConfig={"pvcName": "adapters", "maxLoras": 4},
+        )
+    )
+    d = r.get("Deployment", engine_name("m"))
+    spec = d["spec"]["template"]["spec"]
+    c = container(d)
+    args = c["args"]
+    assert "--enable-lora" in args
+    assert (flag(args, "--max-loras"), flag(args, "--max-lora-rank")) == ("4", "16")
+    i = args.index("--lora-modules")
+    assert args[i + 1 : i + 3] == ["sql=/adapters/sql-lora", "chat=/adapters/chat.gguf"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["lora-adapters"] == {"name": "lora-adapters", "mountPath": "/adapters", "readOnly": True}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["lora-adapters"]["persistentVolumeClaim"] == {"claimName": "adapters", "readOnly": True}
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env_values(c)
+    assert "initContainers" not in spec
+
+    init = {"image": "busybox:1.36", "command": ["sh", "-c", "cp -r /src/. /adapters/"]}
+    r = helm.install(
+        one_model(loraAdapters=[{"name": "sql", "path": "sql"}], loraConfig={"initContainer": init, "allowRuntimeUpdating": True})
+    )
+    d = r.get("Deployment", engine_name("m"))
+    spec = d["spec"]["template"]["spec"]
+    (ic,) = spec["initContainers"]
+    assert (ic["name"], ic["image"], ic["command"]) == ("lora-adapters", "busybox:1.36", init["command"])
+    assert ic["volumeMounts"] == [{"name": "lora-adapters", "mountPath": "/adapters"}]
+    assert {v["name"]: v for v in spec["volumes"]}["lora-adapters"] == {"name": "lora-adapters", "emptyDir": {}}
+    c = container(d)
+    assert env_values(c)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert flag(c["args"], "--lora-modules") == "sql=/adapters/sql"
+
+    # Runtime loading only: LoRA on, nothing to mount.
+    d = helm.install(one_model(loraConfig={"allowRuntimeUpdating": True})).get("Deployment", engine_name("m"))
+    c = container(d)
+    assert "--enable-lora" in c["args"] and "--lora-modules" not in c["args"]
+    assert all(v["name"] != "lora-adapters" for v in d["spec"]["template"]["spec"]["volumes"])
+    # Nothing of it by default.
+    c = container(helm.install(one_model()).get("Deployment", engine_name("m")))
+    assert "--enable-lora" not in c["args"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env_values(c)
 
 
 # ------------------------------------------------------------------------------------

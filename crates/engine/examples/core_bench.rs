@@ -76,6 +76,7 @@ fn run(conc: usize, dur: Duration, prompt_len: usize, output_len: usize) {
             arrival: Instant::now(),
             events: tx,
             kv_transfer: None,
+            lora: None,
         }));
         rxs.push(rx);
     };

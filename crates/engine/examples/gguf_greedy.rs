@@ -59,6 +59,7 @@ fn main() {
                     sample: true,
                     params: &params,
                     rng_seed: 0,
+                    lora: None,
                 };
                 let mut out = Vec::new();
                 be.execute(&[step], &mut out).expect("step");
@@ -98,6 +99,7 @@ fn main() {
                 sample: true,
                 params: &params,
                 rng_seed: 0,
+                lora: None,
             };
             let mut out = Vec::new();
             be.execute(&[step], &mut out).expect("step");

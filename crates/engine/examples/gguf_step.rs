@@ -41,6 +41,7 @@ fn main() {
             sample: true,
             params: &params,
             rng_seed: 0,
+            lora: None,
         };
         let t = Instant::now();
         let mut out = Vec::new();
@@ -65,6 +66,7 @@ fn main() {
                 sample: true,
                 params: &params,
                 rng_seed: 0,
+                lora: None,
             })
             .collect();
         let mut out = Vec::new();

@@ -42,6 +42,10 @@ pub struct Engine {
         Arc<crate::kv_offload::pd::PdConfig>,
         Arc<crate::kv_offload::pd::PdMetrics>,
     )>,
+    /// LoRA adapters (`--enable-lora`), when on.
+    pub lora: Option<Arc<crate::lora::Registry>>,
+    /// `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` are open.
+    pub runtime_lora: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +127,10 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
     if let Some((_, m, _)) = &pd {
         metrics.pd = Some(m.clone());
     }
+    let lora = lora_setup(args, backend.lora_geometry(), &served)?;
+    if lora.is_some() {
+        metrics.lora = Some(crate::metrics::LoraInfo::new(args.max_loras));
+    }
     let offload = match &args.kv_transfer_config {
         None => None,
         Some(t) if t.is_nixl() => None,
@@ -180,6 +188,7 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
         kv_events: kv_sink,
         offload,
         pd: pd.as_ref().map(|(c, m, _)| (c.clone(), m.clone())),
+        max_loras: if lora.is_some() { args.max_loras } else { 0 },
     };
     let handle = spawn_engine(config, backend, metrics)?;
     if let Some((cfg, m, listener)) = &pd {
@@ -210,7 +219,62 @@ pub fn build_engine(args: &EngineArgs) -> Result<Engine, StartError> {
             .collect(),
         faults: args.fault.clone(),
         pd: pd.map(|(c, m, _)| (c, m)),
+        lora,
+        runtime_lora: args.runtime_lora_updating(),
     })
+}
+
+/// The LoRA registry (`--enable-lora`), with `--lora-modules` loaded.
+fn lora_setup(
+    args: &EngineArgs,
+    geometry: Option<crate::lora::Geometry>,
+    served: &[String],
+) -> Result<Option<Arc<crate::lora::Registry>>, StartError> {
+    if !args.enable_lora {
+        if !args.lora_modules.is_empty() {
+            return Err(StartError::Flag(
+                "--lora-modules needs --enable-lora".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if args.max_loras == 0 || args.max_lora_rank == 0 {
+        return Err(StartError::Flag(
+            "--max-loras and --max-lora-rank must be positive".into(),
+        ));
+    }
+    let max_cpu_loras = args.max_cpu_loras.unwrap_or(args.max_loras);
+    if max_cpu_loras < args.max_loras {
+        return Err(StartError::Flag(format!(
+            "--max-cpu-loras ({max_cpu_loras}) must be at least --max-loras ({})",
+            args.max_loras
+        )));
+    }
+    let reg = crate::lora::Registry::new(crate::lora::LoraConfig {
+        max_loras: args.max_loras,
+        max_lora_rank: args.max_lora_rank,
+        max_cpu_loras,
+        geometry,
+    });
+    for m in &args.lora_modules {
+        if served.contains(&m.name) {
+            return Err(StartError::Flag(format!(
+                "--lora-modules: `{}` is the base model's name",
+                m.name
+            )));
+        }
+        if let Some(b) = &m.base_model_name {
+            if !served.contains(b) {
+                return Err(StartError::Flag(format!(
+                    "--lora-modules: `{}` names base model `{b}`, this engine serves `{}`",
+                    m.name, served[0]
+                )));
+            }
+        }
+        reg.load_for(&m.name, &m.path, m.base_model_name.as_deref())
+            .map_err(|e| StartError::Flag(format!("--lora-modules {}: {e}", m.name)))?;
+    }
+    Ok(Some(Arc::new(reg)))
 }
 
 /// NixlConnector's settings: engine id, side channel (bound now, so the advertised port

@@ -133,6 +133,28 @@ pub struct EngineArgs {
     /// --api-key`; repeat for several keys. Default: `$VLLM_API_KEY`.
     #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
     pub api_key: Vec<String>,
+    /// Serve LoRA adapters as extra models (`--lora-modules`, runtime loading).
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// Most distinct LoRA adapters among running requests (one step batches them with the
+    /// base model); requests for further adapters wait.
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+    /// Highest LoRA rank accepted (a higher one is refused at load with a 400).
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: usize,
+    /// LoRA adapters kept in memory (default: --max-loras); the least recently used are
+    /// dropped and read again from their path when asked for.
+    #[arg(long)]
+    pub max_cpu_loras: Option<usize>,
+    /// LoRA adapters served from the start, as `name=path` or JSON `{"name": ...,
+    /// "path": ..., "base_model_name": ...}` (a PEFT folder or a llama.cpp LoRA .gguf).
+    #[arg(long, num_args = 1.., value_parser = crate::lora::ModuleSpec::parse)]
+    pub lora_modules: Vec<crate::lora::ModuleSpec>,
+    /// `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (also on when
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING` is true, as vLLM).
+    #[arg(long)]
+    pub allow_runtime_lora_updating: bool,
     /// Fault injection for resilience tests (hidden knobs, see `crate::fault`).
     #[command(flatten)]
     pub fault: crate::fault::FaultArgs,
@@ -167,5 +189,12 @@ impl EngineArgs {
 
     pub fn prefix_caching(&self) -> bool {
         !self.no_enable_prefix_caching
+    }
+
+    /// Runtime LoRA loading: the flag, or `VLLM_ALLOW_RUNTIME_LORA_UPDATING` (`1`/`true`).
+    pub fn runtime_lora_updating(&self) -> bool {
+        self.allow_runtime_lora_updating
+            || std::env::var("VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+                .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"))
     }
 }

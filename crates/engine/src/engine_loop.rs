@@ -83,6 +83,8 @@ pub struct CoreConfig {
     pub offload: Option<Offload>,
     /// P/D disaggregation (`--kv-transfer-config` with NixlConnector), when on.
     pub pd: Option<(Arc<PdConfig>, Arc<PdMetrics>)>,
+    /// Most distinct LoRA adapters running at once (`--max-loras`; 0: LoRA off).
+    pub max_loras: usize,
 }
 
 /// Where the loop answers a prefill request's leased block ids.
@@ -108,7 +110,7 @@ pub fn spawn_engine(
     if config.kv_events.is_some() {
         bm.enable_events();
     }
-    let sched = Scheduler::new(config.scheduler, bm);
+    let sched = Scheduler::new(config.scheduler, bm).with_max_loras(config.max_loras);
     let m = metrics.clone();
     let eos = config.eos_token_ids;
     let kv_events = config.kv_events;
@@ -312,7 +314,12 @@ impl EngineLoop {
                     }
                     None => {}
                 }
-                if req.num_computed == 0 && self.offload.as_ref().is_some_and(Offload::loads) {
+                // Offloaded chunks are keyed by tokens alone (LMCache's keys): requests under
+                // a LoRA adapter neither load nor save them.
+                if req.num_computed == 0
+                    && req.lora.is_none()
+                    && self.offload.as_ref().is_some_and(Offload::loads)
+                {
                     self.sched.hash_blocks(&mut req);
                     self.load_chunks(&req);
                 }
@@ -669,7 +676,8 @@ impl EngineLoop {
         for s in &self.scheduled {
             let req = &running[s.idx];
             let done = req.num_computed + s.num_new;
-            if !(req.num_computed < req.num_prompt && done >= req.num_prompt) {
+            if req.lora.is_some() || !(req.num_computed < req.num_prompt && done >= req.num_prompt)
+            {
                 continue;
             }
             let full = req.num_prompt / cs;
@@ -725,5 +733,17 @@ impl EngineLoop {
         self.metrics.running.set(self.sched.num_running() as f64);
         self.metrics.waiting.set(self.sched.num_waiting() as f64);
         self.metrics.kv_usage.set(self.sched.kv_usage());
+        if let Some(info) = &self.metrics.lora {
+            info.set(
+                self.sched
+                    .running()
+                    .iter()
+                    .filter_map(|r| r.lora.as_deref()),
+                self.sched
+                    .waiting()
+                    .iter()
+                    .filter_map(|r| r.lora.as_deref()),
+            );
+        }
     }
 }

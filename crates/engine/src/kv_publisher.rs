@@ -99,9 +99,14 @@ pub fn from_cache_events(
                 hash,
                 parent,
                 tokens,
+                lora,
             } => {
+                let lora_id = lora.as_ref().map(|a| a.id as i64);
                 if let Some(KvEvent::BlockStored(s)) = out.last_mut() {
-                    if parent.is_some() && s.block_hashes.last().copied() == parent {
+                    if parent.is_some()
+                        && s.block_hashes.last().copied() == parent
+                        && s.lora_id == lora_id
+                    {
                         s.block_hashes.push(hash);
                         s.token_ids.extend_from_slice(&tokens);
                         if let Some(k) = s.extra_keys.as_mut() {
@@ -110,12 +115,12 @@ pub fn from_cache_events(
                         continue;
                     }
                 }
-                out.push(KvEvent::BlockStored(BlockStored::new(
-                    vec![hash],
-                    parent,
-                    tokens,
-                    block_size,
-                )));
+                let mut s = BlockStored::new(vec![hash], parent, tokens, block_size);
+                if let Some(a) = &lora {
+                    s.lora_id = Some(a.id as i64);
+                    s.lora_name = Some(a.name.clone());
+                }
+                out.push(KvEvent::BlockStored(s));
             }
             CacheEvent::Removed { hash } => out.push(KvEvent::BlockRemoved(BlockRemoved {
                 block_hashes: vec![hash],

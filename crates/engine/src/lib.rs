@@ -32,6 +32,7 @@ pub mod fault;
 pub mod generation;
 pub mod kv_offload;
 pub mod kv_publisher;
+pub mod lora;
 pub mod metrics;
 pub mod model_store;
 

@@ -34,6 +34,73 @@ pub struct EngineMetrics {
     pub offload: Option<std::sync::Arc<crate::kv_offload::OffloadMetrics>>,
     /// P/D disaggregation's families, when NixlConnector is on.
     pub pd: Option<std::sync::Arc<crate::kv_offload::pd::PdMetrics>>,
+    /// `vllm:lora_requests_info`, when LoRA is on.
+    pub lora: Option<LoraInfo>,
+}
+
+/// vLLM's `vllm:lora_requests_info`: the adapters of running and waiting requests, as
+/// labels of a gauge whose value is when they were last updated.
+#[derive(Debug)]
+pub struct LoraInfo {
+    max_lora: String,
+    state: std::sync::Mutex<(String, String, f64)>,
+}
+
+impl LoraInfo {
+    pub fn new(max_loras: usize) -> LoraInfo {
+        LoraInfo {
+            max_lora: max_loras.to_string(),
+            state: std::sync::Mutex::new((String::new(), String::new(), 0.0)),
+        }
+    }
+
+    /// The adapters of the running and waiting requests now (each named once).
+    pub fn set<'a>(
+        &self,
+        running: impl Iterator<Item = &'a crate::lora::Adapter>,
+        waiting: impl Iterator<Item = &'a crate::lora::Adapter>,
+    ) {
+        let names = |it: &mut dyn Iterator<Item = &'a crate::lora::Adapter>| {
+            let mut v: Vec<&str> = Vec::new();
+            for a in it {
+                if !v.contains(&a.name.as_str()) {
+                    v.push(&a.name);
+                }
+            }
+            v.join(",")
+        };
+        let (mut r, mut w) = (running, waiting);
+        let (r, w) = (names(&mut r), names(&mut w));
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.0 != r || s.1 != w || s.2 == 0.0 {
+            *s = (r, w, unix_now());
+        }
+    }
+
+    fn render(&self, w: &mut TextWriter) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        w.header(
+            "vllm:lora_requests_info",
+            "gauge",
+            "Running stats on lora requests.",
+        );
+        w.sample(
+            "vllm:lora_requests_info",
+            &[
+                ("max_lora", &self.max_lora),
+                ("running_lora_adapters", &s.0),
+                ("waiting_lora_adapters", &s.1),
+            ],
+            if s.2 == 0.0 { unix_now() } else { s.2 },
+        );
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl EngineMetrics {
@@ -70,6 +137,7 @@ impl EngineMetrics {
                 .unwrap_or(0.0),
             offload: None,
             pd: None,
+            lora: None,
         }
     }
 
@@ -256,6 +324,9 @@ impl EngineMetrics {
         }
         if let Some(p) = &self.pd {
             p.render(&mut w, l);
+        }
+        if let Some(info) = &self.lora {
+            info.render(&mut w);
         }
         httpx::process::write_process_metrics(&mut w, Some(self.start_time));
         w.finish()

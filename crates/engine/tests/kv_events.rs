@@ -191,22 +191,26 @@ fn our_events_have_vllms_shape() {
                 hash: h0,
                 parent: None,
                 tokens: t[..16].to_vec(),
+                lora: None,
             },
             CacheEvent::Stored {
                 hash: h1,
                 parent: Some(h0),
                 tokens: t[16..32].to_vec(),
+                lora: None,
             },
             CacheEvent::Stored {
                 hash: h2,
                 parent: Some(h1),
                 tokens: t[32..48].to_vec(),
+                lora: None,
             },
             // Another sequence, starting from a cached block: a new event.
             CacheEvent::Stored {
                 hash: 99,
                 parent: Some(h0),
                 tokens: t[..16].to_vec(),
+                lora: None,
             },
             CacheEvent::AllCleared,
         ],
@@ -681,4 +685,59 @@ async fn replay_resends_buffered_batches_from_a_sequence_number() {
     assert_eq!(seqs, (last - 7..=last).collect::<Vec<_>>());
     // From past the end: just the end marker.
     assert!(replay(replay_port, last + 1).await.is_empty());
+}
+
+/// A block computed under a LoRA adapter is announced with vLLM's `lora_id` and
+/// `lora_name`, never folded into a neighbouring event of another adapter (or none).
+#[test]
+fn blocks_under_a_lora_adapter_carry_its_id_and_name() {
+    let adapter = std::sync::Arc::new(switchyard_engine::lora::Adapter {
+        name: "sql".into(),
+        id: 3,
+        path: "/adapters/sql".into(),
+        rank: 8,
+        salt: switchyard_engine::lora::salt_for("sql"),
+        weights: None,
+    });
+    let t: Vec<u32> = (0..32).collect();
+    let h0 = block_hash(None, &t[..16]);
+    let h1 = block_hash(Some(h0), &t[16..]);
+    let events = from_cache_events(
+        [
+            CacheEvent::Stored {
+                hash: h0,
+                parent: None,
+                tokens: t[..16].to_vec(),
+                lora: None,
+            },
+            // Chained on h0 by its hashes, but under an adapter: a separate event.
+            CacheEvent::Stored {
+                hash: h1,
+                parent: Some(h0),
+                tokens: t[16..].to_vec(),
+                lora: Some(adapter.clone()),
+            },
+            CacheEvent::Stored {
+                hash: 77,
+                parent: Some(h1),
+                tokens: t[..16].to_vec(),
+                lora: Some(adapter),
+            },
+        ],
+        16,
+    );
+    assert_eq!(events.len(), 2, "{events:?}");
+    let (base, sql) = (stored(&events[0]), stored(&events[1]));
+    assert_eq!((base.lora_id, base.lora_name.as_deref()), (None, None));
+    assert_eq!(
+        (sql.lora_id, sql.lora_name.as_deref()),
+        (Some(3), Some("sql"))
+    );
+    assert_eq!(sql.block_hashes, [h1, 77]);
+    let batch = EventBatch {
+        ts: 1.0,
+        events,
+        data_parallel_rank: None,
+    };
+    assert_eq!(decode_batch(&encode_batch(&batch)).unwrap(), batch);
 }

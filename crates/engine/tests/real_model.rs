@@ -178,6 +178,8 @@ mod forward {
         computed: usize,
         blocks: Vec<u32>,
         done: bool,
+        /// The LoRA adapter it runs under (`None`: the base model).
+        lora: Option<std::sync::Arc<switchyard_engine::lora::Adapter>>,
     }
 
     /// Greedy-decode every sequence to `max_new` tokens (or a stop id), all in the same
@@ -226,6 +228,7 @@ mod forward {
                     sample,
                     params: &params,
                     rng_seed: 0,
+                    lora: seqs[i].lora.as_deref(),
                 })
                 .collect();
             let mut out = Vec::new();
@@ -254,6 +257,7 @@ mod forward {
             computed: 0,
             blocks: (first_block..first_block + n).collect(),
             done: false,
+            lora: None,
         }
     }
 
@@ -393,6 +397,254 @@ mod forward {
         // And the output is not trivially the same everywhere.
         let distinct: std::collections::HashSet<_> = alone.iter().collect();
         assert!(distinct.len() > 4, "{alone:?}");
+    }
+
+    /// LoRA adapters (issue 18): random PEFT adapters for this model, written by
+    /// `scripts/make-lora-adapter.py`, read by the engine's registry.
+    mod lora {
+        use super::*;
+        use std::sync::Arc;
+        use switchyard_engine::backend::gguf::attention::RowInfo;
+        use switchyard_engine::backend::gguf::kv_cache::KvCache;
+        use switchyard_engine::backend::gguf::model::{Kernel, LoraGroup, Plan};
+        use switchyard_engine::backend::gguf::Config;
+        use switchyard_engine::lora::{Adapter, LoraConfig, LoraWeights, Registry};
+
+        /// A random adapter written by the repository's script into a fresh folder.
+        pub(crate) fn make_adapter(
+            tag: &str,
+            seed: u64,
+            rank: usize,
+            targets: &str,
+            scale: f64,
+        ) -> PathBuf {
+            let dir =
+                std::env::temp_dir().join(format!("sy-lora-{}-{tag}-{seed}", std::process::id()));
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../scripts/make-lora-adapter.py");
+            let status = std::process::Command::new("python3")
+                .arg(&script)
+                .arg("--out")
+                .arg(&dir)
+                .args(["--seed", &seed.to_string()])
+                .args(["--rank", &rank.to_string()])
+                .args(["--targets", targets, "--scale", &scale.to_string()])
+                .status()
+                .expect("python3 runs");
+            assert!(status.success(), "{} failed", script.display());
+            dir
+        }
+
+        fn registry(cfg: &Config) -> Registry {
+            Registry::new(LoraConfig {
+                max_loras: 4,
+                max_lora_rank: 64,
+                max_cpu_loras: 8,
+                geometry: Some(cfg.lora_geometry()),
+            })
+        }
+
+        /// Load the adapter in `dir` (then removed: the registry keeps its weights).
+        fn load(reg: &Registry, name: &str, dir: &std::path::Path) -> Arc<Adapter> {
+            let a = reg
+                .load(name, dir.to_str().expect("utf-8 path"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            std::fs::remove_dir_all(dir).ok();
+            a
+        }
+
+        /// The last position's logits of `prompt`, one prefill pass on the f32 kernel,
+        /// every row under `lora` when given.
+        fn logits(m: &Model, prompt: &[u32], lora: Option<&LoraWeights>) -> Vec<f32> {
+            let c = &m.cfg;
+            let blocks: Vec<u32> = (0..prompt.len().div_ceil(BS) as u32).collect();
+            let mut cache = KvCache::new(c.n_layers, blocks.len(), BS, c.n_kv_heads, c.head_dim);
+            let rows: Vec<RowInfo<'_>> = (0..prompt.len())
+                .map(|pos| RowInfo {
+                    pos,
+                    blocks: &blocks,
+                })
+                .collect();
+            let groups: Vec<LoraGroup<'_>> = lora
+                .map(|weights| LoraGroup {
+                    weights,
+                    rows: (0..prompt.len()).collect(),
+                })
+                .into_iter()
+                .collect();
+            let plan = Plan {
+                split: usize::MAX,
+                first: Kernel::F32,
+                rest: Kernel::F32,
+            };
+            m.forward(
+                &mut cache,
+                prompt,
+                &rows,
+                &[prompt.len() - 1],
+                plan,
+                &groups,
+            )
+            .expect("forward")
+        }
+
+        fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+            assert_eq!(a.len(), b.len());
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
+        }
+
+        /// Greedy tokens of `prompt` alone on `be`, under `lora`.
+        fn greedy(
+            be: &mut GgufBackend,
+            prompt: &[u32],
+            lora: Option<Arc<Adapter>>,
+            max_new: usize,
+        ) -> Vec<u32> {
+            let mut s = [Seq {
+                lora,
+                ..seq(prompt, 0, max_new)
+            }];
+            run(be, &mut s, max_new, 4096);
+            s[0].tokens[prompt.len()..].to_vec()
+        }
+
+        /// The engine's adapter, applied per row and never merged, gives the output of
+        /// the base weights with `ΔW = B·A` merged in before quantization (the reference,
+        /// as llama.cpp's `llama-export-lora` merges): logits within float rounding of
+        /// the reference's, far closer than the adapter moves them, and the same greedy
+        /// tokens; and the adapter does change the output. Every projection is targeted,
+        /// q and k included (their rows permuted as the GGUF's are).
+        #[test]
+        fn an_adapter_gives_the_output_of_its_merged_weights() {
+            let g = Gguf::open(&model()).expect("header");
+            let base = Model::load(&g).expect("weights");
+            let reg = registry(&base.cfg);
+            let a = load(&reg, "all", &make_adapter("merged", 1, 8, "all", 0.1));
+            let w = a.weights.as_ref().expect("weights on the gguf geometry");
+            let merged = Model::load_merged(&g, w).expect("merged weights");
+            let ps = prompts();
+            let cases = [&ps[0], &ps[6], &ps[13]];
+            for (i, p) in cases.iter().enumerate() {
+                let lb = logits(&base, p, None);
+                let la = logits(&base, p, Some(w));
+                let lm = logits(&merged, p, None);
+                let moved = max_diff(&lm, &lb);
+                let err = max_diff(&la, &lm);
+                eprintln!(
+                    "prompt {i}: adapter moves logits by {moved}, differs from merged by {err}"
+                );
+                assert!(
+                    moved > 1.0,
+                    "prompt {i}: the adapter barely moves the logits ({moved})"
+                );
+                assert!(
+                    err < moved / 100.0 && err < 0.05,
+                    "prompt {i}: unmerged vs merged logits differ by {err} (the adapter moves them by {moved})"
+                );
+            }
+            // Greedy decoding through the backend, every row on the f32 kernel as the
+            // reference's: the same tokens.
+            let max_new = 24;
+            let mut be = GgufBackend::new(base, 512, BS, vec![2, 0]).with_decode_gemm_rows(0);
+            let mut reference =
+                GgufBackend::new(merged, 512, BS, vec![2, 0]).with_decode_gemm_rows(0);
+            let tok = BpeTokenizer::from_gguf_path(&model()).expect("tokenizer");
+            for (i, p) in cases.iter().enumerate() {
+                let got = greedy(&mut be, p, Some(a.clone()), max_new);
+                let want = greedy(&mut reference, p, None, max_new);
+                let plain = greedy(&mut be, p, None, max_new);
+                eprintln!(
+                    "prompt {i}: base {:?}\n          adapter {:?}",
+                    tok.decode(&plain, true),
+                    tok.decode(&got, true)
+                );
+                assert_eq!(got, want, "prompt {i}: adapter vs merged weights");
+                assert_ne!(
+                    got, plain,
+                    "prompt {i}: the adapter changes the greedy output"
+                );
+            }
+        }
+
+        /// A step batches rows of different adapters and of the base model; each row's
+        /// output is what it is alone (decodes on the batch-invariant Q8_0 kernel,
+        /// prefill in 7-token chunks mixed with decodes): 4 adapters and the base model
+        /// on one prompt, plus other prompts. A later request under the same adapter
+        /// reusing its blocks (a prefix hit) goes on identically.
+        #[test]
+        fn adapters_and_the_base_model_batched_together_give_their_outputs_alone() {
+            let mut be = backend();
+            let reg = registry(be.config());
+            let adapters: Vec<Arc<Adapter>> = [
+                ("a", 11, 8, "q_proj,k_proj,v_proj,o_proj"),
+                ("b", 12, 4, "all"),
+                ("c", 13, 16, "o_proj,down_proj"),
+                ("d", 14, 8, "gate_proj,up_proj,down_proj"),
+            ]
+            .iter()
+            .map(|&(name, seed, rank, targets)| {
+                // Larger updates than the script's default, so that each changes this
+                // prompt's first tokens.
+                load(&reg, name, &make_adapter(name, seed, rank, targets, 1.0))
+            })
+            .collect();
+            let ps = prompts();
+            let max_new = 12;
+            let mut specs: Vec<(&Vec<u32>, Option<Arc<Adapter>>)> =
+                adapters.iter().map(|a| (&ps[3], Some(a.clone()))).collect();
+            specs.push((&ps[3], None));
+            specs.push((&ps[8], None));
+            specs.push((&ps[11], Some(adapters[1].clone())));
+            let make = |i: usize| {
+                let (p, l) = &specs[i];
+                Seq {
+                    lora: l.clone(),
+                    ..seq(p, (i * 64) as u32, max_new)
+                }
+            };
+            let alone: Vec<Vec<u32>> = (0..specs.len())
+                .map(|i| {
+                    let mut s = [make(i)];
+                    run(&mut be, &mut s, max_new, 4096);
+                    s[0].tokens[specs[i].0.len()..].to_vec()
+                })
+                .collect();
+            let mut all: Vec<Seq> = (0..specs.len()).map(make).collect();
+            run(&mut be, &mut all, max_new, 7);
+            for (i, s) in all.iter().enumerate() {
+                assert_eq!(
+                    &s.tokens[specs[i].0.len()..],
+                    alone[i].as_slice(),
+                    "sequence {i} (adapter {:?}) batched",
+                    specs[i].1.as_ref().map(|a| &a.name)
+                );
+            }
+            // The same prompt under 4 adapters and the base model: 5 different outputs,
+            // so a row given another row's adapter could not have passed.
+            let same_prompt: std::collections::HashSet<_> = alone[..5].iter().collect();
+            assert_eq!(same_prompt.len(), 5, "{:?}", &alone[..5]);
+
+            // A prefix hit under the same adapter: the last sequence's full prompt blocks.
+            let (p, a) = (&ps[11], adapters[1].clone());
+            let shared = (p.len() - 1) / BS;
+            assert!(shared >= 2);
+            let mut hit = Seq {
+                lora: Some(a),
+                ..seq(p, 1500, max_new)
+            };
+            hit.blocks[..shared].copy_from_slice(&all[6].blocks[..shared]);
+            hit.computed = shared * BS;
+            let mut one = [hit];
+            run(&mut be, &mut one, max_new, 4096);
+            assert_eq!(
+                &one[0].tokens[p.len()..],
+                alone[6].as_slice(),
+                "with a prefix hit"
+            );
+        }
     }
 
     /// Gemma 3 270M in Q4_K_M (K-quants, Q5_0, Q6_K, Q8_0; sliding-window layers).
@@ -704,7 +956,7 @@ mod qwen2 {
             })
             .collect();
         let whole = m
-            .forward(&mut cache, &prompt, &rows, &[prompt.len() - 1], plan)
+            .forward(&mut cache, &prompt, &rows, &[prompt.len() - 1], plan, &[])
             .expect("forward");
         // ...equals feeding it one token at a time through the KV cache.
         let mut cache = KvCache::new(LAYERS, 16, 16, KV_HEADS, H / HEADS);
@@ -714,7 +966,9 @@ mod qwen2 {
                 pos,
                 blocks: &blocks,
             }];
-            last = m.forward(&mut cache, &[t], &row, &[0], plan).expect("step");
+            last = m
+                .forward(&mut cache, &[t], &row, &[0], plan, &[])
+                .expect("step");
         }
         assert_eq!(whole.len(), m.cfg.vocab);
         let diff = whole

@@ -1,6 +1,7 @@
 //! The router's HTTP surface: the proxied OpenAI/vLLM paths (routed by the body's
 //! `model`), and what it answers itself: `/v1/models` (merged), `/engines`, `/health`,
-//! `/version`, `/metrics`, `/dashboard` (and its `/dashboard/data`). Errors are
+//! `/version`, `/metrics`, `/dashboard` (and its `/dashboard/data`), LoRA loading
+//! (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`: [`crate::lora`]). Errors are
 //! OpenAI-format JSON. With API keys on (`admission`), the proxied paths and `/v1/models`
 //! need a key; `/health`, `/version`, `/metrics`, `/engines` and `/dashboard` stay open.
 
@@ -58,6 +59,8 @@ pub fn router(state: Arc<RouterState>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard::page))
         .route("/dashboard/data", get(dashboard_data))
+        .route("/v1/load_lora_adapter", post(load_lora))
+        .route("/v1/unload_lora_adapter", post(unload_lora))
         .fallback(httpx::not_found)
         .method_not_allowed_fallback(httpx::method_not_allowed)
         .with_state(state)
@@ -357,6 +360,29 @@ async fn proxy(State(st): State<Arc<RouterState>>, req: Request) -> Response<Bod
         None => st.proxy.forward(&f, &ranked, trail).await,
     };
     admission::hold(resp, permit)
+}
+
+/// Read a LoRA request's body (a key first, when keys are on).
+async fn lora_body(st: &RouterState, req: Request) -> Result<bytes::Bytes, ApiError> {
+    let (parts, body) = req.into_parts();
+    crate::lora::authorized(&st.admission, &parts.headers)?;
+    httpx::read_body(&parts.headers, body, st.settings.body_limit).await
+}
+
+/// `POST /v1/load_lora_adapter` onto engines chosen by load ([`crate::lora`]).
+async fn load_lora(State(st): State<Arc<RouterState>>, req: Request) -> Response<Body> {
+    match lora_body(&st, req).await {
+        Ok(b) => crate::lora::load(&st.engines, &b).await,
+        Err(e) => error(e),
+    }
+}
+
+/// `POST /v1/unload_lora_adapter` from every engine holding it ([`crate::lora`]).
+async fn unload_lora(State(st): State<Arc<RouterState>>, req: Request) -> Response<Body> {
+    match lora_body(&st, req).await {
+        Ok(b) => crate::lora::unload(&st.engines, &b).await,
+        Err(e) => error(e),
+    }
 }
 
 async fn models(State(st): State<Arc<RouterState>>, headers: HeaderMap) -> Response<Body> {

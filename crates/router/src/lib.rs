@@ -26,6 +26,7 @@ pub mod api;
 pub mod config;
 pub mod discovery;
 pub mod engines;
+pub mod lora;
 pub mod observe;
 pub mod pd;
 pub mod policy;
@@ -88,6 +89,8 @@ pub struct RouterState {
     dynamic: RwLock<Arc<DynState>>,
     /// Per-process random seed (request ids, randomized policies).
     pub seed: u64,
+    /// The engine set, for the router's own calls to engines (LoRA loading).
+    pub engines: Arc<EngineSet>,
 }
 
 impl RouterState {
@@ -227,6 +230,7 @@ pub async fn bind(args: RouterArgs) -> Result<Bound, RouterError> {
         metrics,
         proxy,
         seed,
+        engines: engines.clone(),
     });
     state.apply_settings(dynamic.clone());
     discovery::start(&engines, &k8s, &dynamic)

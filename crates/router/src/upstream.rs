@@ -78,3 +78,33 @@ pub async fn get(
         .await
         .map_err(|_| "timed out".to_string())?
 }
+
+/// POST a JSON `body` to `url` with `authorization` (when given), answer capped at 1 MiB.
+pub async fn post_json(
+    client: &HttpClient,
+    url: &str,
+    body: Bytes,
+    timeout: Duration,
+    authorization: Option<&HeaderValue>,
+) -> Result<(StatusCode, Bytes), String> {
+    let mut req = Request::post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    if let Some(a) = authorization {
+        req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+    }
+    let fut = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}

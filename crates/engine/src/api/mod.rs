@@ -10,6 +10,7 @@
 //! Building the engine is [`crate::assembly`]'s.
 
 mod generate;
+mod lora;
 mod validate;
 
 use axum::body::Body;
@@ -81,6 +82,13 @@ fn routes(engine: Engine) -> Router {
         .route("/kv_events", get(kv_events))
         .fallback(httpx::not_found)
         .method_not_allowed_fallback(httpx::method_not_allowed);
+    // As vLLM: the routes exist only with runtime updating on.
+    let r = if engine.runtime_lora {
+        r.route("/v1/load_lora_adapter", post(lora::load_adapter))
+            .route("/v1/unload_lora_adapter", post(lora::unload_adapter))
+    } else {
+        r
+    };
     let r = if keyed {
         r.layer(axum::middleware::from_fn_with_state(
             engine.clone(),
@@ -129,11 +137,15 @@ where
 }
 
 impl Engine {
-    /// 404 unless `model` is absent or one of the served names.
+    /// 404 unless `model` is absent, one of the served names or a registered LoRA
+    /// adapter (which tokenizes as its base model).
     pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
-            Some(m) if !self.served.iter().any(|s| s == m) => {
-                Err(ApiError::model_not_found(m, &self.served))
+            Some(m)
+                if !self.served.iter().any(|s| s == m)
+                    && !self.lora.as_ref().is_some_and(|r| r.contains(m)) =>
+            {
+                Err(self.model_not_found(m))
             }
             _ => Ok(()),
         }
@@ -144,8 +156,10 @@ impl Engine {
     }
 }
 
+/// The served names, then the LoRA adapters (vLLM's cards: `root` the adapter's path,
+/// `parent` its base model, no `max_model_len`).
 async fn models(State(engine): State<Engine>) -> Response {
-    let data = engine
+    let mut data: Vec<ModelCard> = engine
         .served
         .iter()
         .map(|name| ModelCard {
@@ -158,6 +172,22 @@ async fn models(State(engine): State<Engine>) -> Response {
             max_model_len: Some(engine.max_model_len as u32),
         })
         .collect();
+    if let Some(reg) = &engine.lora {
+        data.extend(reg.list().into_iter().map(|a| {
+            ModelCard {
+                id: a.name,
+                object: "model".into(),
+                created: engine.created,
+                owned_by: "vllm".into(),
+                root: Some(a.path),
+                parent: Some(
+                    a.base_model_name
+                        .unwrap_or_else(|| engine.served[0].clone()),
+                ),
+                max_model_len: None,
+            }
+        }));
+    }
     json_ok(&ModelList {
         object: "list".into(),
         data,

@@ -30,6 +30,11 @@ pub trait Backend: Send {
     /// The log-probabilities of the last step's sampled tokens, aligned with `sampled`
     /// (`None` where the request did not ask). Backends without a model give none.
     fn take_logprobs(&mut self, _out: &mut Vec<Option<Box<TokenLogprobs>>>) {}
+    /// The shapes LoRA adapters must have to run on this backend's model; `None` for a
+    /// backend without real weights (adapters are then served by name only).
+    fn lora_geometry(&self) -> Option<crate::lora::Geometry> {
+        None
+    }
     /// How this backend keeps KV, when it keeps real KV that can be moved out and back
     /// (offloading); `None` for backends without.
     fn kv_layout(&self) -> Option<KvLayout> {

@@ -512,6 +512,7 @@ mod tests {
             sample: true,
             params: &params,
             rng_seed: 1,
+            lora: None,
         };
         let mut zero = SimBackend::new(Latency::preset("zero").expect("zero"), 1.0, 0.0);
         zero.pending_us = 20_000.0;

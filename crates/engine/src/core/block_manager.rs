@@ -32,6 +32,9 @@ pub struct SeqBlocks {
     pub hashes: Vec<u64>,
     /// How many of `ids` (from the start) are registered in the prefix cache.
     pub num_cached: usize,
+    /// The LoRA adapter the sequence runs under: its salt seeds the hash chain, so
+    /// sequences under different adapters never share a block, whatever their tokens.
+    pub lora: Option<std::sync::Arc<crate::lora::Adapter>>,
 }
 
 impl SeqBlocks {
@@ -42,12 +45,14 @@ impl SeqBlocks {
 }
 
 /// Something that happened to the prefix cache, for KV-cache events.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum CacheEvent {
     Stored {
         hash: u64,
         parent: Option<u64>,
         tokens: Vec<u32>,
+        /// The LoRA adapter the block was computed under.
+        lora: Option<std::sync::Arc<crate::lora::Adapter>>,
     },
     Removed {
         hash: u64,
@@ -136,7 +141,10 @@ impl BlockManager {
         let full = tokens.len() / self.block_size;
         while seq.hashes.len() < full {
             let i = seq.hashes.len();
-            let parent = i.checked_sub(1).map(|p| seq.hashes[p]);
+            let parent = i
+                .checked_sub(1)
+                .map(|p| seq.hashes[p])
+                .or(seq.lora.as_ref().map(|a| a.salt));
             let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
             seq.hashes.push(block_hash(parent, chunk));
         }
@@ -212,6 +220,7 @@ impl BlockManager {
                     hash: h,
                     parent,
                     tokens: chunk,
+                    lora: seq.lora.clone(),
                 });
             }
         }
@@ -254,6 +263,7 @@ impl BlockManager {
                     hash: h,
                     parent,
                     tokens: chunk,
+                    lora: None,
                 });
             }
         }

@@ -139,6 +139,8 @@ pub struct NewRequest {
     pub events: UnboundedSender<EngineEvent>,
     /// P/D disaggregation, when the request takes part in it.
     pub kv_transfer: Option<KvTransfer>,
+    /// The LoRA adapter the request runs under (`None`: the base model).
+    pub lora: Option<std::sync::Arc<crate::lora::Adapter>>,
 }
 
 /// A request inside the core.
@@ -166,6 +168,8 @@ pub struct Request {
     pub hold_blocks: bool,
     /// Prompt tokens whose KV came from another engine (P/D decode), for metrics.
     pub external_tokens: usize,
+    /// The LoRA adapter the request runs under (held until the request ends).
+    pub lora: Option<std::sync::Arc<crate::lora::Adapter>>,
 }
 
 impl Request {
@@ -185,7 +189,10 @@ impl Request {
             num_computed: 0,
             params: r.params,
             rng_seed,
-            blocks: SeqBlocks::default(),
+            blocks: SeqBlocks {
+                lora: r.lora.clone(),
+                ..SeqBlocks::default()
+            },
             arrival: r.arrival,
             first_scheduled: None,
             last_token_at: None,
@@ -194,6 +201,7 @@ impl Request {
             events: r.events,
             hold_blocks: matches!(r.kv_transfer, Some(KvTransfer::Lease { .. })),
             external_tokens: 0,
+            lora: r.lora,
         }
     }
 

@@ -81,6 +81,8 @@ pub struct Scheduler {
     waiting: VecDeque<Request>,
     running: Vec<Request>,
     hits: Vec<BlockId>,
+    /// Most distinct LoRA adapters among running requests (`--max-loras`; 0: no cap).
+    max_loras: usize,
 }
 
 impl Scheduler {
@@ -91,7 +93,38 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             hits: Vec::new(),
+            max_loras: 0,
         }
+    }
+
+    /// Cap the distinct LoRA adapters running at once (vLLM's `--max-loras`): a waiting
+    /// request for another adapter waits, and requests behind it that fit are admitted
+    /// first (as vLLM's scheduler skips it).
+    pub fn with_max_loras(mut self, n: usize) -> Self {
+        self.max_loras = n;
+        self
+    }
+
+    /// The first waiting request that may be admitted under the LoRA cap.
+    fn next_admissible(&self) -> Option<usize> {
+        if self.waiting.is_empty() {
+            return None;
+        }
+        if self.max_loras == 0 {
+            return Some(0);
+        }
+        let mut active: Vec<u32> = Vec::new();
+        for r in &self.running {
+            if let Some(a) = &r.lora {
+                if !active.contains(&a.id) {
+                    active.push(a.id);
+                }
+            }
+        }
+        self.waiting.iter().position(|r| match &r.lora {
+            None => true,
+            Some(a) => active.contains(&a.id) || active.len() < self.max_loras,
+        })
     }
 
     pub fn add(&mut self, mut req: Request) {
@@ -211,6 +244,7 @@ impl Scheduler {
                     sample: r.num_computed + s.num_new == r.tokens.len(),
                     params: &r.params,
                     rng_seed: r.rng_seed,
+                    lora: r.lora.as_deref(),
                 }
             })
             .collect()
@@ -298,7 +332,10 @@ impl Scheduler {
             return;
         }
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(req) = self.waiting.front_mut() else {
+            let Some(pick) = self.next_admissible() else {
+                break;
+            };
+            let Some(req) = self.waiting.get_mut(pick) else {
                 break;
             };
             let num_computed = if req.num_computed == 0 {
@@ -318,7 +355,7 @@ impl Scheduler {
             {
                 break;
             }
-            let Some(mut req) = self.waiting.pop_front() else {
+            let Some(mut req) = self.waiting.remove(pick) else {
                 break;
             };
             req.num_computed = num_computed;

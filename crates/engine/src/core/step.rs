@@ -26,6 +26,8 @@ pub struct SeqStep<'a> {
     pub sample: bool,
     pub params: &'a SamplingParams,
     pub rng_seed: u64,
+    /// The LoRA adapter this sequence runs under (`None`: the base model).
+    pub lora: Option<&'a crate::lora::Adapter>,
 }
 
 impl SeqStep<'_> {

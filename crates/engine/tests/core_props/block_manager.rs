@@ -419,6 +419,7 @@ fn bm_run(case: BmCase, counters: &BmCounters) {
                     hash,
                     parent,
                     tokens,
+                    ..
                 } => {
                     assert_eq!(tokens.len(), bs);
                     assert_eq!(block_hash(parent, &tokens), hash, "stored event's hash");

@@ -178,6 +178,7 @@ fn run_engine(case: &EngineCase, reqs: &[EngineReq]) -> (HashMap<u64, Stream>, u
                 arrival: Instant::now(),
                 events: tx,
                 kv_transfer: None,
+                lora: None,
             }));
         }
         for r in reqs.iter().filter(|r| r.abort_at == Some(step)) {

@@ -184,6 +184,7 @@ fn drive_scheduler(case: &SchedCase) -> SchedOutcome {
             arrival: Instant::now(),
             events: tx,
             kv_transfer: None,
+            lora: None,
         });
         live.insert(
             id,
@@ -544,6 +545,7 @@ fn same_step_requests_share_blocks_being_computed_and_a_failed_step_uncaches_the
             arrival: Instant::now(),
             events: tx,
             kv_transfer: None,
+            lora: None,
         }));
     };
     add(&mut sched, 1);
@@ -574,4 +576,135 @@ fn same_step_requests_share_blocks_being_computed_and_a_failed_step_uncaches_the
         "no hit on blocks that were never computed"
     );
     assert_eq!(out[0].num_new, 10);
+}
+
+/// An adapter as the registry makes one, without weights (the scheduler only needs its
+/// identity).
+fn adapter(name: &str, id: u32) -> std::sync::Arc<switchyard_engine::lora::Adapter> {
+    std::sync::Arc::new(switchyard_engine::lora::Adapter {
+        name: name.into(),
+        id,
+        path: format!("/adapters/{name}"),
+        rank: 8,
+        salt: switchyard_engine::lora::salt_for(name),
+        weights: None,
+    })
+}
+
+fn lora_request(
+    id: u64,
+    prompt: &[u32],
+    lora: Option<std::sync::Arc<switchyard_engine::lora::Adapter>>,
+    receivers: &mut Vec<UnboundedReceiver<EngineEvent>>,
+) -> Request {
+    let (tx, rx) = unbounded_channel();
+    receivers.push(rx);
+    Request::new(NewRequest {
+        id,
+        prompt: prompt.to_vec(),
+        params: SamplingParams {
+            max_tokens: 2,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+        arrival: Instant::now(),
+        events: tx,
+        kv_transfer: None,
+        lora,
+    })
+}
+
+/// Prefix caching is keyed per adapter: the same prompt under two adapters (or under an
+/// adapter and the base model) shares no block, and its block hashes differ; under the
+/// same adapter it hits.
+#[test]
+fn prefix_cache_is_keyed_per_lora_adapter() {
+    let bs = 4;
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        max_model_len: 1 << 20,
+    };
+    let mut sched = Scheduler::new(cfg, BlockManager::new(32, bs, true)).with_max_loras(4);
+    let prompt: Vec<u32> = (0..10).collect();
+    let (a, b) = (adapter("sql", 1), adapter("chat", 2));
+    let mut rx = Vec::new();
+    sched.add(lora_request(1, &prompt, Some(a.clone()), &mut rx));
+    sched.add(lora_request(2, &prompt, Some(b.clone()), &mut rx));
+    sched.add(lora_request(3, &prompt, None, &mut rx));
+    let (mut out, mut stats) = (Vec::new(), StepStats::default());
+    sched.schedule(&mut out, &mut stats);
+    assert_eq!(out.len(), 3, "all three run in the first step");
+    assert_eq!(
+        stats.prefix_hits, 0,
+        "no request reuses another adapter's blocks"
+    );
+    let running = sched.running();
+    let hashes: Vec<&[u64]> = running.iter().map(|r| &r.blocks.hashes[..2]).collect();
+    assert_ne!(hashes[0], hashes[1], "sql vs chat");
+    assert_ne!(hashes[0], hashes[2], "sql vs base");
+    assert_ne!(hashes[1], hashes[2], "chat vs base");
+    for i in 0..3 {
+        for j in 0..i {
+            assert!(
+                running[i].blocks.ids[..2]
+                    .iter()
+                    .all(|id| !running[j].blocks.ids.contains(id)),
+                "requests {i} and {j} share a block"
+            );
+        }
+    }
+    let sql_blocks = running[0].blocks.ids[..2].to_vec();
+
+    // The same prompt under "sql" again: its 2 full blocks are hits, the very blocks.
+    sched.add(lora_request(4, &prompt, Some(a), &mut rx));
+    stats.clear();
+    sched.schedule(&mut out, &mut stats);
+    assert_eq!(
+        stats.prefix_hits, 8,
+        "the second sql request reuses sql's 2 blocks"
+    );
+    let r4 = sched
+        .running()
+        .iter()
+        .find(|r| r.id == 4)
+        .expect("request 4 runs");
+    assert_eq!(r4.blocks.ids[..2], sql_blocks[..]);
+}
+
+/// `--max-loras`: a waiting request for an adapter beyond the cap of distinct adapters
+/// running waits, and the requests behind it (same adapter, base model) are admitted, as
+/// vLLM's scheduler skips it; once the running adapter's requests finish, it runs.
+#[test]
+fn max_loras_caps_distinct_running_adapters() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        max_model_len: 1 << 20,
+    };
+    let mut sched = Scheduler::new(cfg, BlockManager::new(64, 4, true)).with_max_loras(1);
+    let (a, b) = (adapter("sql", 1), adapter("chat", 2));
+    let mut rx = Vec::new();
+    sched.add(lora_request(1, &[1, 2, 3], Some(a.clone()), &mut rx));
+    sched.add(lora_request(2, &[4, 5, 6], Some(b), &mut rx));
+    sched.add(lora_request(3, &[7, 8, 9], Some(a), &mut rx));
+    sched.add(lora_request(4, &[10, 11, 12], None, &mut rx));
+    let (mut out, mut stats) = (Vec::new(), StepStats::default());
+    sched.schedule(&mut out, &mut stats);
+    let mut ids: Vec<u64> = sched.running().iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 3, 4], "chat waits while sql runs");
+    assert_eq!(
+        sched.waiting().iter().map(|r| r.id).collect::<Vec<_>>(),
+        [2]
+    );
+    // Finish sql's requests: chat is admitted.
+    for id in [1, 3] {
+        assert!(sched.abort(id).is_some());
+    }
+    stats.clear();
+    sched.schedule(&mut out, &mut stats);
+    let mut ids: Vec<u64> = sched.running().iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [2, 4]);
 }

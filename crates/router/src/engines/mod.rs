@@ -257,6 +257,15 @@ impl KnownModels {
         self.set.insert(model.to_string());
         self.order.push_back(model.to_string());
     }
+
+    /// Forget `model` (true when it was known).
+    pub fn remove(&mut self, model: &str) -> bool {
+        if !self.set.remove(model) {
+            return false;
+        }
+        self.order.retain(|m| m != model);
+        true
+    }
 }
 
 /// The current engines, replaced whole on every change.
@@ -362,6 +371,27 @@ impl Registry {
                 || aliases.values().any(|a| a == m)
                 || pinned.iter().any(|p| p == m)
         });
+    }
+
+    /// Forget `model` unless an engine still serves it or it is pinned or an alias's
+    /// target (a LoRA adapter unloaded everywhere: a 404 again, not a 503).
+    pub fn forget_unserved(&self, model: &str) -> bool {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let served = self.snapshot().endpoints.iter().any(|e| e.serves(model));
+        let kept = served
+            || self
+                .aliases
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|a| a == model)
+            || self
+                .pinned
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|p| p == model);
+        !kept && k.remove(model)
     }
 
     /// The model names remembered (see [`KnownModels`]: bounded).

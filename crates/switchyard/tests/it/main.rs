@@ -9,6 +9,7 @@ mod deps;
 mod engine_http;
 mod k8s;
 mod kvaware;
+mod lora;
 mod observe;
 mod pd;
 mod pd_engine;

@@ -72,7 +72,7 @@ pub async fn chat_completions(
     req: Request,
 ) -> Result<Response, ErrorResponse> {
     let body: ChatCompletionRequest = read_json_probed::<_, SamplingFields>(&engine, req).await?;
-    engine.check_model(body.model.as_deref())?;
+    let lora = engine.resolve_model(body.model.as_deref()).await?;
     if body.messages.is_empty() {
         return Err(ApiError::validation(
             "messages must contain at least one message",
@@ -103,6 +103,7 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    crate::api::lora::check_no_transfer(lora.as_deref(), s.kv_transfer_params.as_ref())?;
     let mut pd_plan = super::pd::plan(
         &engine,
         s.kv_transfer_params.as_ref(),
@@ -111,8 +112,18 @@ pub async fn chat_completions(
         s.stream.unwrap_or(false),
     )
     .await?;
-    let mut choices = Choices::start(&engine, prompt, v, "chatcmpl", pd_plan.transfer.take())?;
-    let model = engine.model_name().to_string();
+    let model = match &lora {
+        Some(a) => a.name.clone(),
+        None => engine.model_name().to_string(),
+    };
+    let mut choices = Choices::start(
+        &engine,
+        prompt,
+        v,
+        "chatcmpl",
+        pd_plan.transfer.take(),
+        lora,
+    )?;
 
     if !s.stream.unwrap_or(false) {
         let done = choices.collect().await?;
@@ -214,7 +225,7 @@ pub async fn completions(
     req: Request,
 ) -> Result<Response, ErrorResponse> {
     let body: CompletionRequest = read_json_probed::<_, SamplingFields>(&engine, req).await?;
-    engine.check_model(body.model.as_deref())?;
+    let lora = engine.resolve_model(body.model.as_deref()).await?;
     let prompt = match body.prompt {
         Prompt::Text(t) => engine.tokenizer.encode_prompt(&t),
         Prompt::Tokens(t) => t,
@@ -248,6 +259,7 @@ pub async fn completions(
         .echo
         .unwrap_or(false)
         .then(|| engine.tokenizer.decode(&prompt, false));
+    crate::api::lora::check_no_transfer(lora.as_deref(), s.kv_transfer_params.as_ref())?;
     let mut pd_plan = super::pd::plan(
         &engine,
         s.kv_transfer_params.as_ref(),
@@ -256,8 +268,11 @@ pub async fn completions(
         s.stream.unwrap_or(false),
     )
     .await?;
-    let mut choices = Choices::start(&engine, prompt, v, "cmpl", pd_plan.transfer.take())?;
-    let model = engine.model_name().to_string();
+    let model = match &lora {
+        Some(a) => a.name.clone(),
+        None => engine.model_name().to_string(),
+    };
+    let mut choices = Choices::start(&engine, prompt, v, "cmpl", pd_plan.transfer.take(), lora)?;
 
     let tok = engine.tokenizer.clone();
     let (id, created) = (choices.id.clone(), choices.created);

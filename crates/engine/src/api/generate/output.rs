@@ -8,6 +8,8 @@
 //! pieces of a response body built from outputs: log-probs in chat's and completions'
 //! formats, and usage.
 
+use std::sync::Arc;
+
 use protocol::openai::{unix_now, StopReason, Usage};
 use protocol::ApiError;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -16,6 +18,7 @@ use crate::api::validate::Validated;
 use crate::assembly::Engine;
 use crate::core::{EngineEvent, FinishReason, KvTransfer, NewRequest, TokenLogprobs};
 use crate::engine_loop::{EngineCommand, EngineHandle};
+use crate::lora::Adapter;
 use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Sends an abort for the request when dropped while still armed.
@@ -94,6 +97,7 @@ impl Generation {
         v: Validated,
         id_prefix: &str,
         kv_transfer: Option<KvTransfer>,
+        lora: Option<Arc<Adapter>>,
     ) -> Result<Self, ApiError> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = engine.handle.next_request_id();
@@ -105,6 +109,7 @@ impl Generation {
             arrival: std::time::Instant::now(),
             events: tx,
             kv_transfer,
+            lora,
         };
         if !engine.handle.send(EngineCommand::Add(req)) {
             return Err(ApiError::service_unavailable("The engine has stopped."));
@@ -297,13 +302,14 @@ pub(super) struct Done {
 }
 
 impl Choices {
-    /// `kv_transfer` (P/D) goes with the first choice.
+    /// `kv_transfer` (P/D) goes with the first choice; every choice runs under `lora`.
     pub(super) fn start(
         engine: &Engine,
         mut prompt: Vec<u32>,
         v: Validated,
         id_prefix: &str,
         mut kv_transfer: Option<KvTransfer>,
+        lora: Option<Arc<Adapter>>,
     ) -> Result<Self, ApiError> {
         let n = v.n.max(1);
         let mut gens = Vec::with_capacity(n);
@@ -321,6 +327,7 @@ impl Choices {
                 vi,
                 id_prefix,
                 kv_transfer.take(),
+                lora.clone(),
             )?);
         }
         let first = &gens[0];

@@ -17,7 +17,7 @@ use super::{Backend, BackendError};
 use crate::core::step::{SeqStep, TokenLogprobs};
 use attention::RowInfo;
 use kv_cache::{KvCache, KvDtype};
-use model::{Kernel, Model, Plan};
+use model::{Kernel, LoraGroup, Model, Plan};
 
 pub use model::{Config, ModelError};
 
@@ -148,6 +148,10 @@ impl Backend for GgufBackend {
         out.append(&mut self.logprobs);
     }
 
+    fn lora_geometry(&self) -> Option<crate::lora::Geometry> {
+        Some(self.model.cfg.lora_geometry())
+    }
+
     fn kv_layout(&self) -> Option<crate::core::step::KvLayout> {
         let (layers, width, elem_bytes) = self.cache.layout();
         Some(crate::core::step::KvLayout {
@@ -184,9 +188,21 @@ impl Backend for GgufBackend {
         let mut rows = Vec::new();
         let mut split = 0;
         let mut sampled_seq = Vec::new();
+        let mut lora: Vec<LoraGroup<'_>> = Vec::new();
         for &i in &order {
             let s = &seqs[i];
             let end = s.num_computed + s.num_new;
+            if let Some(w) = s.lora.and_then(|a| a.weights.as_ref()) {
+                let first = rows.len();
+                let new_rows = first..first + s.num_new;
+                match lora.iter_mut().find(|g| std::ptr::eq(g.weights, w)) {
+                    Some(g) => g.rows.extend(new_rows),
+                    None => lora.push(LoraGroup {
+                        weights: w,
+                        rows: new_rows.collect(),
+                    }),
+                }
+            }
             if end > s.tokens.len() || end.div_ceil(self.cache.block_size) > s.block_ids.len() {
                 return Err(BackendError::Failed(format!(
                     "request {}: step past its tokens or blocks",
@@ -229,7 +245,7 @@ impl Backend for GgufBackend {
         );
         let mut logits = self
             .pool
-            .install(|| model.forward(cache, tokens, &rows, sample_rows, plan))
+            .install(|| model.forward(cache, tokens, &rows, sample_rows, plan, &lora))
             .map_err(|e| BackendError::Failed(e.to_string()))?;
         let vocab = self.model.cfg.vocab;
         if logits.len() != sampled_seq.len() * vocab {

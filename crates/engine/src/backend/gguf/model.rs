@@ -34,7 +34,52 @@ use super::attention::{paged_attention_with, Heads, RowInfo};
 use super::kv_cache::KvCache;
 use super::q4::{self, Q4Matrix};
 use super::q8::{Q8Matrix, Q8Rows};
+use crate::lora::{Geometry, LoraWeights, LowRank, Target};
 use gguf::{Gguf, Value};
+
+/// The rows of a step that run under one LoRA adapter.
+#[derive(Debug)]
+pub struct LoraGroup<'a> {
+    pub weights: &'a LoraWeights,
+    /// Row indices into the step's packed batch.
+    pub rows: Vec<usize>,
+}
+
+/// Add each group's low-rank update for `targets` (each with the offset of its slice in
+/// a `stride`-wide output row) to `y`, from the layer's input `x` (`inp` wide). Rows run
+/// in parallel on the step's pool; each row's sums are in a fixed order, so a row's
+/// result does not depend on the others.
+fn add_lora(
+    groups: &[LoraGroup<'_>],
+    layer: usize,
+    targets: &[(Target, usize)],
+    x: &[f32],
+    inp: usize,
+    y: &mut [f32],
+    stride: usize,
+) {
+    use rayon::prelude::*;
+    let rows = y.len() / stride.max(1);
+    let mut of_row: Vec<Option<&LoraWeights>> = vec![None; rows];
+    for g in groups {
+        for &r in &g.rows {
+            if let Some(slot) = of_row.get_mut(r) {
+                *slot = Some(g.weights);
+            }
+        }
+    }
+    y.par_chunks_mut(stride)
+        .zip(x.par_chunks(inp))
+        .zip(of_row.par_iter())
+        .for_each_init(Vec::new, |tmp, ((yr, xr), w)| {
+            let Some(w) = w else { return };
+            for &(t, offset) in targets {
+                if let Some(lr) = w.get(layer, t) {
+                    lr.apply(xr, 1, yr, stride, offset, tmp);
+                }
+            }
+        });
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -251,6 +296,19 @@ impl Config {
 }
 
 impl Config {
+    /// The shapes a LoRA adapter for this model must have.
+    pub fn lora_geometry(&self) -> Geometry {
+        Geometry {
+            layers: self.n_layers,
+            hidden: self.hidden,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            ffn: self.ffn,
+            permute_qk: self.rope_style == RopeStyle::Interleaved,
+        }
+    }
+
     /// Width of all query heads together (`hidden` for llama-family models).
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
@@ -434,8 +492,9 @@ impl Loader<'_> {
         }
         Ok(v)
     }
-    /// Several `[out_i, in]` matrices stacked into one `[Σ out_i, in]`, kept in Q8_0 when
-    /// any part was quantized (else in f32).
+    /// Several `[out_i, in]` matrices stacked into one `[Σ out_i, in]`: in the file's
+    /// 4-bit blocks when every part is Q4_0/Q4_1/Q4_K, else in Q8_0 when any part was
+    /// quantized; and in f32 (for the gemm, while the budget allows).
     fn linear(
         &mut self,
         names: &[String],
@@ -443,15 +502,33 @@ impl Loader<'_> {
         outs: &[usize],
         biases: bool,
     ) -> Result<Linear, ModelError> {
+        self.linear_merged(names, inp, outs, biases, &[])
+    }
+
+    /// [`Loader::linear`] with low-rank updates merged into the parts before they are
+    /// quantized (`deltas[i]` for part `i`): the merged-weights reference for LoRA.
+    fn linear_merged(
+        &mut self,
+        names: &[String],
+        inp: usize,
+        outs: &[usize],
+        biases: bool,
+        deltas: &[Option<&LowRank>],
+    ) -> Result<Linear, ModelError> {
         let mut parts = Vec::with_capacity(names.len());
         let mut quantized = false;
-        // The parts' own 4-bit blocks, while every part so far is 4-bit.
+        // The parts' own 4-bit blocks, while every part so far is 4-bit (and has no
+        // low-rank update merged into it).
         let mut blocks4 = Some(Vec::new());
-        for (name, &out) in names.iter().zip(outs) {
+        for (i, (name, &out)) in names.iter().zip(outs).enumerate() {
             let q = self.q(name)?;
             quantized |= !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            let merged = matches!(deltas.get(i), Some(Some(_)));
             if let Some(all) = blocks4.as_mut() {
-                match q4::supports(q.dtype()).then(|| q.data()).transpose()? {
+                match (q4::supports(q.dtype()) && !merged)
+                    .then(|| q.data())
+                    .transpose()?
+                {
                     Some(raw) => match q4::decode(q.dtype(), &raw) {
                         Some(b) => all.extend(b),
                         None => blocks4 = None,
@@ -459,12 +536,24 @@ impl Loader<'_> {
                     None => blocks4 = None,
                 }
             }
-            let t = q.dequantize(&Device::Cpu)?;
+            let mut t = q.dequantize(&Device::Cpu)?;
             if t.dims() != [out, inp] {
                 return Err(ModelError::Bad {
                     path: self.path.to_string(),
                     what: format!("tensor `{name}` is {:?}, expected [{out}, {inp}]", t.dims()),
                 });
+            }
+            if let Some(Some(d)) = deltas.get(i) {
+                let mut w = t.flatten_all()?.to_vec1::<f32>()?;
+                for (o, row) in w.chunks_exact_mut(inp).enumerate() {
+                    for k in 0..d.rank {
+                        let b = d.b[o * d.rank + k];
+                        for (v, a) in row.iter_mut().zip(&d.a[k * inp..(k + 1) * inp]) {
+                            *v += b * a;
+                        }
+                    }
+                }
+                t = Tensor::from_vec(w, (out, inp), &Device::Cpu)?;
             }
             parts.push(t);
         }
@@ -514,6 +603,21 @@ impl Model {
     /// [`Model::load`], keeping the f32 copies (the prefill gemm's) only while they fit
     /// `f32_budget` bytes; with none, prefill runs on the Q8_0 kernel too.
     pub fn load_with(g: &Gguf, f32_budget: usize) -> Result<Model, ModelError> {
+        Self::load_inner(g, f32_budget, None)
+    }
+
+    /// The model with a LoRA adapter merged into its weights before they are quantized
+    /// (as llama.cpp's `llama-export-lora` merges): the reference the engine's unmerged,
+    /// per-row adapters are checked against.
+    pub fn load_merged(g: &Gguf, lora: &LoraWeights) -> Result<Model, ModelError> {
+        Self::load_inner(g, DEFAULT_F32_BUDGET_BYTES, Some(lora))
+    }
+
+    fn load_inner(
+        g: &Gguf,
+        f32_budget: usize,
+        lora: Option<&LoraWeights>,
+    ) -> Result<Model, ModelError> {
         let cfg = Config::from_gguf(g)?;
         let path = Path::new(&g.path);
         let mut file = File::open(path).map_err(|e| ModelError::Bad {
@@ -558,18 +662,32 @@ impl Model {
             } else {
                 None
             };
+            let d = |t: Target| lora.and_then(|l| l.get(i, t));
             layers.push(Layer {
                 attn_norm: ld.vec(&n("attn_norm"), h)?,
-                qkv: ld.linear(
+                qkv: ld.linear_merged(
                     &[n("attn_q"), n("attn_k"), n("attn_v")],
                     h,
                     &[qd, kv, kv],
                     biases,
+                    &[d(Target::Q), d(Target::K), d(Target::V)],
                 )?,
-                wo: ld.linear(&[n("attn_output")], qd, &[h], false)?,
+                wo: ld.linear_merged(&[n("attn_output")], qd, &[h], false, &[d(Target::O)])?,
                 ffn_norm: ld.vec(&n("ffn_norm"), h)?,
-                gate_up: ld.linear(&[n("ffn_gate"), n("ffn_up")], h, &[cfg.ffn, cfg.ffn], false)?,
-                down: ld.linear(&[n("ffn_down")], cfg.ffn, &[h], false)?,
+                gate_up: ld.linear_merged(
+                    &[n("ffn_gate"), n("ffn_up")],
+                    h,
+                    &[cfg.ffn, cfg.ffn],
+                    false,
+                    &[d(Target::Gate), d(Target::Up)],
+                )?,
+                down: ld.linear_merged(
+                    &[n("ffn_down")],
+                    cfg.ffn,
+                    &[h],
+                    false,
+                    &[d(Target::Down)],
+                )?,
                 gemma,
                 local: cfg.local_layers.get(i).copied().unwrap_or(false),
             });
@@ -694,6 +812,7 @@ impl Model {
         rows: &[RowInfo<'_>],
         sample_rows: &[usize],
         plan: Plan,
+        lora: &[LoraGroup<'_>],
     ) -> Result<Vec<f32>, ModelError> {
         let Plan { split, first, rest } = plan;
         let cfg = &self.cfg;
@@ -718,8 +837,12 @@ impl Model {
         let mut post = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             self.rms_norm(&x, &layer.attn_norm, &mut normed);
-            let qkv = layer.qkv.forward_split(&normed, t, split, first, rest)?;
+            let mut qkv = layer.qkv.forward_split(&normed, t, split, first, rest)?;
             let w = qd + 2 * kvw;
+            if !lora.is_empty() {
+                let targets = [(Target::Q, 0), (Target::K, qd), (Target::V, qd + kvw)];
+                add_lora(lora, li, &targets, &normed, h, &mut qkv, w);
+            }
             for r in 0..t {
                 let row = &qkv[r * w..(r + 1) * w];
                 q[r * qd..(r + 1) * qd].copy_from_slice(&row[..qd]);
@@ -747,6 +870,9 @@ impl Model {
             };
             paged_attention_with(cache, li, rows, &q, &heads, &mut attn);
             let mut o = layer.wo.forward_split(&attn, t, split, first, rest)?;
+            if !lora.is_empty() {
+                add_lora(lora, li, &[(Target::O, 0)], &attn, qd, &mut o, h);
+            }
             if let Some(g) = &layer.gemma {
                 post.clone_from(&o);
                 rms_norm(&post, &g.post_attn, h, cfg.eps, &mut o);
@@ -755,10 +881,14 @@ impl Model {
                 *xv += ov;
             }
             self.rms_norm(&x, &layer.ffn_norm, &mut normed);
-            let gu = layer
+            let mut gu = layer
                 .gate_up
                 .forward_split(&normed, t, split, first, rest)?;
             let ff = cfg.ffn;
+            if !lora.is_empty() {
+                let targets = [(Target::Gate, 0), (Target::Up, ff)];
+                add_lora(lora, li, &targets, &normed, h, &mut gu, 2 * ff);
+            }
             let mut act = vec![0.0f32; t * ff];
             let silu = cfg.act == Activation::Silu;
             act.chunks_mut(ff)
@@ -774,6 +904,9 @@ impl Model {
                     }
                 });
             let mut d = layer.down.forward_split(&act, t, split, first, rest)?;
+            if !lora.is_empty() {
+                add_lora(lora, li, &[(Target::Down, 0)], &act, ff, &mut d, h);
+            }
             if let Some(g) = &layer.gemma {
                 post.clone_from(&d);
                 rms_norm(&post, &g.post_ffn, h, cfg.eps, &mut d);
