@@ -112,10 +112,16 @@ pub fn sample(
     }
     let inv_t = 1.0 / p.temperature as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Candidates as (id, prob), unnormalized.
+    // Candidates as (id, prob), unnormalized. Tokens whose weight relative to the best
+    // would be below e^-40 (4e-18) are left out before any exp or sort: the best weighs
+    // exactly 1, so the running totals below (summed best first) are at least 1, and
+    // adding such a weight to them does not change a bit. This keeps a 262,144-token
+    // vocabulary from costing a full exp and sort per sampled token.
+    let cutoff = max - 40.0 / inv_t;
     let mut cand: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
+        .filter(|(_, &l)| l >= cutoff)
         .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
         .filter(|(_, w)| *w > 0.0)
         .collect();
@@ -173,6 +179,89 @@ mod tests {
         prompt: &[],
         output: &[],
     };
+
+    /// The sampler before tokens far below the best were left out: every token
+    /// exponentiated and sorted.
+    fn sample_unpruned(logits: &[f32], p: &SamplingParams, seed: u64, pos: usize) -> u32 {
+        let inv_t = 1.0 / p.temperature as f32;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
+            .filter(|(_, w)| *w > 0.0)
+            .collect();
+        if p.top_k.is_some() || p.top_p < 1.0 || p.min_p > 0.0 {
+            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if let Some(k) = p.top_k {
+                cand.truncate((k as usize).max(1));
+            }
+            if p.min_p > 0.0 {
+                let floor = cand[0].1 * p.min_p as f32;
+                let keep = cand.iter().take_while(|c| c.1 >= floor).count().max(1);
+                cand.truncate(keep);
+            }
+            if p.top_p < 1.0 {
+                let total: f32 = cand.iter().map(|c| c.1).sum();
+                let mut acc = 0.0;
+                let mut keep = cand.len();
+                for (i, c) in cand.iter().enumerate() {
+                    acc += c.1 / total;
+                    if acc >= p.top_p as f32 {
+                        keep = i + 1;
+                        break;
+                    }
+                }
+                cand.truncate(keep.max(1));
+            }
+        }
+        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        let mut target = uniform(seed, pos) * total;
+        for &(id, w) in &cand {
+            target -= w as f64;
+            if target < 0.0 {
+                return id;
+            }
+        }
+        cand[cand.len() - 1].0
+    }
+
+    #[test]
+    fn leaving_out_negligible_tokens_draws_the_same_tokens() {
+        // A large vocabulary with a realistic spread of logits (a few leaders, a long
+        // tail), at several temperatures and filters: the same token for every draw.
+        let vocab = 50_000;
+        let logits: Vec<f32> = crate::backend::gguf::test_data(vocab, 17, 1.0)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v * 6.0 + if i % 997 == 0 { 12.0 } else { 0.0 })
+            .collect();
+        let mut differ = 0;
+        let mut draws = 0;
+        for (temperature, top_p, top_k, min_p) in [
+            (0.2, 0.9, None, 0.0),
+            (0.8, 0.95, Some(40), 0.0),
+            (1.0, 1.0, None, 0.0),
+            (1.5, 0.9, None, 0.05),
+            (3.0, 1.0, None, 0.0),
+        ] {
+            let p = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                ..Default::default()
+            };
+            for pos in 0..200 {
+                let mut l = logits.clone();
+                let got = sample(&mut l, &p, &H, &[], 7, pos);
+                let want = sample_unpruned(&logits, &p, 7, pos);
+                draws += 1;
+                differ += usize::from(got != want);
+            }
+        }
+        assert_eq!(differ, 0, "{differ} of {draws} draws changed");
+    }
 
     #[test]
     fn logprobs_are_normalized_and_ranked() {
