@@ -107,6 +107,12 @@ pub fn sample(
     pos: usize,
 ) -> u32 {
     apply_penalties(logits, p, h, eos);
+    draw(logits, p, seed, pos, true)
+}
+
+/// The draw after penalties; `prune` leaves out the negligible tokens (always, outside
+/// the test that checks it changes nothing).
+fn draw(logits: &[f32], p: &SamplingParams, seed: u64, pos: usize, prune: bool) -> u32 {
     if p.temperature < 1e-5 {
         return argmax(logits);
     }
@@ -117,7 +123,11 @@ pub fn sample(
     // exactly 1, so the running totals below (summed best first) are at least 1, and
     // adding such a weight to them does not change a bit. This keeps a 262,144-token
     // vocabulary from costing a full exp and sort per sampled token.
-    let cutoff = max - 40.0 / inv_t;
+    let cutoff = if prune {
+        max - 40.0 / inv_t
+    } else {
+        f32::NEG_INFINITY
+    };
     let mut cand: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
@@ -180,52 +190,6 @@ mod tests {
         output: &[],
     };
 
-    /// The sampler before tokens far below the best were left out: every token
-    /// exponentiated and sorted.
-    fn sample_unpruned(logits: &[f32], p: &SamplingParams, seed: u64, pos: usize) -> u32 {
-        let inv_t = 1.0 / p.temperature as f32;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
-            .filter(|(_, w)| *w > 0.0)
-            .collect();
-        if p.top_k.is_some() || p.top_p < 1.0 || p.min_p > 0.0 {
-            cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            if let Some(k) = p.top_k {
-                cand.truncate((k as usize).max(1));
-            }
-            if p.min_p > 0.0 {
-                let floor = cand[0].1 * p.min_p as f32;
-                let keep = cand.iter().take_while(|c| c.1 >= floor).count().max(1);
-                cand.truncate(keep);
-            }
-            if p.top_p < 1.0 {
-                let total: f32 = cand.iter().map(|c| c.1).sum();
-                let mut acc = 0.0;
-                let mut keep = cand.len();
-                for (i, c) in cand.iter().enumerate() {
-                    acc += c.1 / total;
-                    if acc >= p.top_p as f32 {
-                        keep = i + 1;
-                        break;
-                    }
-                }
-                cand.truncate(keep.max(1));
-            }
-        }
-        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
-        let mut target = uniform(seed, pos) * total;
-        for &(id, w) in &cand {
-            target -= w as f64;
-            if target < 0.0 {
-                return id;
-            }
-        }
-        cand[cand.len() - 1].0
-    }
-
     #[test]
     fn leaving_out_negligible_tokens_draws_the_same_tokens() {
         // A large vocabulary with a realistic spread of logits (a few leaders, a long
@@ -255,7 +219,7 @@ mod tests {
             for pos in 0..200 {
                 let mut l = logits.clone();
                 let got = sample(&mut l, &p, &H, &[], 7, pos);
-                let want = sample_unpruned(&logits, &p, 7, pos);
+                let want = draw(&logits, &p, 7, pos, false);
                 draws += 1;
                 differ += usize::from(got != want);
             }

@@ -19,9 +19,7 @@
 //! column) depends only on that row and that column, never on the tile, the number of
 //! rows in the call, or whether the SIMD or the scalar code ran.
 
-use rayon::prelude::*;
-
-use super::q8::{OutPtr, Q8Rows, G, PAR_MIN_MACS, QK};
+use super::q8::{block_index as index, par_columns, OutPtr, Q8Rows, G, QK};
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
@@ -173,30 +171,9 @@ impl Q4Matrix {
 
     /// `out[r][c] = Σ_i x[r][i] · w[c][i]` for every row of `x`; `out` is `[m, n]`.
     pub fn matmul(&self, x: &Q8Rows, out: &mut [f32]) {
-        let (m, n, k) = (x.m, self.n, self.k);
-        assert_eq!(x.k, k, "activation width {} for a matrix of width {k}", x.k);
-        assert_eq!(
-            out.len(),
-            m * n,
-            "output of {} values for [{m}, {n}]",
-            out.len()
-        );
-        if m == 0 || n == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads();
-        let dst = OutPtr(out.as_mut_ptr());
-        if threads <= 1 || m * n * k < PAR_MIN_MACS {
-            // SAFETY: `out` is `[m, n]` and this is the only writer.
-            unsafe { self.columns(x, 0, n, dst) };
-            return;
-        }
-        let chunk = n.div_ceil(threads * 4).next_multiple_of(4).max(8);
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|i| {
-            let c0 = i * chunk;
-            // SAFETY: chunks cover disjoint column ranges of `out` (`[m, n]`), which
-            // outlives this call; each (row, column) is written by exactly one chunk.
-            unsafe { self.columns(x, c0, (c0 + chunk).min(n), dst) };
+        // SAFETY: `columns` writes only the columns it is given, of `out`.
+        par_columns(x, self.n, self.k, out, |c0, c1, dst| unsafe {
+            self.columns(x, c0, c1, dst)
         });
     }
 
@@ -274,12 +251,6 @@ impl Q4Matrix {
             }
         }
     }
-}
-
-/// Index of block `b` of column `c` among the blocks (and scales).
-#[inline]
-fn index(kb: usize, c: usize, b: usize) -> usize {
-    ((c / G) * kb + b) * G + c % G
 }
 
 /// `R` rows by the 4 columns of group `g`.

@@ -29,11 +29,11 @@ pub const QK: usize = 32;
 pub(super) const G: usize = 4;
 
 /// Rows and columns of the micro-kernel's tile when a call has more than one row.
-pub(super) const TILE_ROWS: usize = 3;
-pub(super) const TILE_COLS: usize = 2;
+const TILE_ROWS: usize = 3;
+const TILE_COLS: usize = 2;
 
 /// Calls with fewer multiply-adds than this run on the calling thread.
-pub(super) const PAR_MIN_MACS: usize = 1 << 17;
+const PAR_MIN_MACS: usize = 1 << 17;
 
 /// Quantize one block of 32 values; returns its scale.
 fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
@@ -99,47 +99,18 @@ impl Q8Matrix {
         let mut d = vec![0f32; groups * G * kb];
         for (c, col) in w.chunks_exact(k).enumerate() {
             for (b, x) in col.chunks_exact(QK).enumerate() {
-                let i = Self::index(kb, c, b);
+                let i = block_index(kb, c, b);
                 d[i] = quantize_block(x, &mut qs[i * QK..(i + 1) * QK]);
             }
         }
         Some(Q8Matrix { n, k, qs, d })
     }
 
-    /// Index of block `b` of column `c` among the blocks (and the scales).
-    #[inline]
-    fn index(kb: usize, c: usize, b: usize) -> usize {
-        ((c / G) * kb + b) * G + c % G
-    }
-
     /// `out[r][c] = Σ_i x[r][i] · w[c][i]` for every row of `x`; `out` is `[m, n]`.
     pub fn matmul(&self, x: &Q8Rows, out: &mut [f32]) {
-        let (m, n, k) = (x.m, self.n, self.k);
-        assert_eq!(x.k, k, "activation width {} for a matrix of width {k}", x.k);
-        assert_eq!(
-            out.len(),
-            m * n,
-            "output of {} values for [{m}, {n}]",
-            out.len()
-        );
-        if m == 0 || n == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads();
-        let dst = OutPtr(out.as_mut_ptr());
-        if threads <= 1 || m * n * k < PAR_MIN_MACS {
-            // SAFETY: `out` is `[m, n]` and this is the only writer.
-            unsafe { self.columns(x, 0, n, dst) };
-            return;
-        }
-        // A few chunks per thread (multiples of 4 columns, the tiles' widths) so that stealing
-        // evens out uneven progress.
-        let chunk = n.div_ceil(threads * 4).next_multiple_of(4).max(8);
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|i| {
-            let c0 = i * chunk;
-            // SAFETY: chunks cover disjoint column ranges of `out` (`[m, n]`), which outlives
-            // this call; each (row, column) is written by exactly one chunk.
-            unsafe { self.columns(x, c0, (c0 + chunk).min(n), dst) };
+        // SAFETY: `columns` writes only the columns it is given, of `out`.
+        par_columns(x, self.n, self.k, out, |c0, c1, dst| unsafe {
+            self.columns(x, c0, c1, dst)
         });
     }
 
@@ -191,7 +162,7 @@ impl Q8Matrix {
             for (dc, out) in trow.iter_mut().enumerate().take(cols) {
                 let mut acc = 0f32;
                 for b in 0..kb {
-                    let i = Self::index(kb, c + dc, b);
+                    let i = block_index(kb, c + dc, b);
                     let s: i32 = self.qs[i * QK..(i + 1) * QK]
                         .iter()
                         .zip(&xq[b * QK..(b + 1) * QK])
@@ -203,6 +174,51 @@ impl Q8Matrix {
             }
         }
     }
+}
+
+/// Index of block `b` of column `c` among the blocks (and the scales) of a matrix whose
+/// columns are interleaved in groups of [`G`], `kb` blocks per column (Q8_0 and 4-bit).
+#[inline]
+pub(super) fn block_index(kb: usize, c: usize, b: usize) -> usize {
+    ((c / G) * kb + b) * G + c % G
+}
+
+/// Run `columns(c0, c1, dst)` over the `n` output columns of `x · Wᵀ` (`W` is `[n, k]`,
+/// `out` is `[m, n]`): on the calling thread when the call is small, else on rayon's pool
+/// in chunks of columns (multiples of 4, the kernels' column groups; a few per thread so
+/// that stealing evens out uneven progress). `columns` must write only columns
+/// `[c0, c1)` of `out`, through `dst`. Shared by the Q8_0 and 4-bit kernels.
+pub(super) fn par_columns(
+    x: &Q8Rows,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    columns: impl Fn(usize, usize, OutPtr) + Sync,
+) {
+    let m = x.m;
+    assert_eq!(x.k, k, "activation width {} for a matrix of width {k}", x.k);
+    assert_eq!(
+        out.len(),
+        m * n,
+        "output of {} values for [{m}, {n}]",
+        out.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let dst = OutPtr(out.as_mut_ptr());
+    if threads <= 1 || m * n * k < PAR_MIN_MACS {
+        columns(0, n, dst);
+        return;
+    }
+    let chunk = n.div_ceil(threads * 4).next_multiple_of(4).max(8);
+    // Chunks cover disjoint column ranges of `out`, which outlives this call; each (row,
+    // column) is written by exactly one chunk.
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|i| {
+        let c0 = i * chunk;
+        columns(c0, (c0 + chunk).min(n), dst);
+    });
 }
 
 pub(super) type Tile = [[f32; 4]; 4];
@@ -282,9 +298,8 @@ unsafe fn avx2_tile<const R: usize, const C: usize>(
     debug_assert!(c % G + C <= G, "a tile within one group");
     // Block b of column c + j: G blocks further per block.
     let wq: [*const i8; C] =
-        std::array::from_fn(|j| w.qs[Q8Matrix::index(kb, c + j, 0) * QK..].as_ptr());
-    let wd: [*const f32; C] =
-        std::array::from_fn(|j| w.d[Q8Matrix::index(kb, c + j, 0)..].as_ptr());
+        std::array::from_fn(|j| w.qs[block_index(kb, c + j, 0) * QK..].as_ptr());
+    let wd: [*const f32; C] = std::array::from_fn(|j| w.d[block_index(kb, c + j, 0)..].as_ptr());
     let xq: [*const i8; R] = std::array::from_fn(|i| x.qs[(r + i) * k..].as_ptr());
     let xd: [*const f32; R] = std::array::from_fn(|i| x.d[(r + i) * kb..].as_ptr());
     let ones = _mm256_set1_epi16(1);
