@@ -346,36 +346,28 @@ struct Linear {
 impl Linear {
     fn forward(&self, x: &[f32], rows: usize, kernel: Kernel) -> Result<Vec<f32>, ModelError> {
         let inp = x.len() / rows.max(1);
-        let mut y = match (kernel, &self.q8, &self.f32) {
-            (Kernel::Q8, _, _) | (Kernel::F32, _, None) if self.q4.is_some() => {
-                thread_local! {
-                    static ROWS4: std::cell::RefCell<Q8Rows> = Default::default();
-                }
-                let mut y = vec![0f32; rows * self.out];
-                if let Some(q) = &self.q4 {
-                    ROWS4.with_borrow_mut(|xq| {
-                        xq.quantize(x, inp);
-                        q.matmul(xq, &mut y);
-                    });
-                }
-                y
-            }
-            (Kernel::Q8, Some(q), _) | (Kernel::F32, Some(q), None) => {
+        let quantized = self.q4.is_some() || self.q8.is_some();
+        let mut y = match (kernel, &self.f32) {
+            (Kernel::Q8, _) | (Kernel::F32, None) if quantized => {
                 thread_local! {
                     static ROWS: std::cell::RefCell<Q8Rows> = Default::default();
                 }
                 let mut y = vec![0f32; rows * self.out];
                 ROWS.with_borrow_mut(|xq| {
                     xq.quantize(x, inp);
-                    q.matmul(xq, &mut y);
+                    match (&self.q4, &self.q8) {
+                        (Some(q), _) => q.matmul(xq, &mut y),
+                        (None, Some(q)) => q.matmul(xq, &mut y),
+                        (None, None) => {}
+                    }
                 });
                 y
             }
-            (_, _, Some(w)) => {
+            (_, Some(w)) => {
                 let xt = Tensor::from_slice(x, (rows, inp), &Device::Cpu)?;
                 xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
             }
-            (_, None, None) => unreachable!("a Linear holds at least one form"),
+            (_, None) => unreachable!("a Linear holds at least one form"),
         };
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out) {
