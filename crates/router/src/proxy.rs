@@ -218,8 +218,14 @@ impl Proxy {
         let mut after_failure = false;
         let mut next = 0usize;
         let mut last_engine = "";
-        while (attempts as usize) < self.max_attempts {
-            let Some((ep, permit, watch)) = self.pick(ranked, &mut next, attempts == 0) else {
+        // The last attempt was moved off an ejected engine: if every engine has been
+        // ejected meanwhile (they may go in the same instant), the request still goes
+        // to one and waits there rather than failing for want of anywhere to move.
+        let mut moved = false;
+        let mut moves = 0usize;
+        while (attempts as usize) < self.max_attempts + moves {
+            let Some((ep, permit, watch)) = self.pick(ranked, &mut next, attempts == 0 || moved)
+            else {
                 last_err = format!("no engine left to try ({last_err})");
                 break;
             };
@@ -317,6 +323,12 @@ impl Proxy {
                     tracing::debug!(engine = %ep.url, "engine ejected before its first byte; moving the request");
                     last_err = format!("engine {} was ejected", ep.url);
                     after_failure = false;
+                    moved = true;
+                    // A move is not a retry: it does not use up an attempt, up to one
+                    // move per engine.
+                    if moves < ranked.len() {
+                        moves += 1;
+                    }
                 }
                 Err(AttemptError::Retryable {
                     failure,
@@ -341,6 +353,7 @@ impl Proxy {
                     last_err = failure.message;
                     last_status = if failure.status == 429 { 429 } else { 502 };
                     after_failure = true;
+                    moved = false;
                 }
             }
         }

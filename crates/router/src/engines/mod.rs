@@ -83,7 +83,11 @@ pub struct Endpoint {
     /// Model cards from the engine's /v1/models (kept for the merged listing).
     pub cards: RwLock<Arc<[serde_json::Value]>>,
     healthy: AtomicBool,
+    /// Consecutive failed health checks.
     fails: AtomicU32,
+    /// Consecutive failed live requests (a passing health check does not clear them: an
+    /// engine that answers `/health` but fails every request is still ejected).
+    live_fails: AtomicU32,
     oks: AtomicU32,
     pub in_flight: AtomicU64,
     pub in_prefill: AtomicU64,
@@ -133,6 +137,7 @@ impl Endpoint {
             // presumed up; a failed connect fails over and counts against it).
             healthy: AtomicBool::new(true),
             fails: AtomicU32::new(0),
+            live_fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
             in_flight: AtomicU64::new(0),
             in_prefill: AtomicU64::new(0),
@@ -178,7 +183,11 @@ impl Endpoint {
     /// then whoever waits on [`Endpoint::unavailable`] is woken.
     pub fn record_failure(&self, threshold: u32, cause: EjectCause) -> bool {
         self.oks.store(0, Ordering::Relaxed);
-        let n = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        let streak = match cause {
+            EjectCause::Traffic => &self.live_fails,
+            _ => &self.fails,
+        };
+        let n = streak.fetch_add(1, Ordering::Relaxed) + 1;
         let ejected = n >= threshold && self.healthy.swap(false, Ordering::Relaxed);
         if ejected {
             self.ejected(cause);
@@ -194,16 +203,21 @@ impl Endpoint {
 
     /// A live request got its first byte: failures are no longer consecutive.
     pub fn record_live_success(&self) {
-        if self.fails.load(Ordering::Relaxed) != 0 {
-            self.fails.store(0, Ordering::Relaxed);
+        if self.live_fails.load(Ordering::Relaxed) != 0 {
+            self.live_fails.store(0, Ordering::Relaxed);
         }
     }
 
-    /// Record a good check; true when it readmitted the engine.
+    /// Record a good check; true when it readmitted the engine (which starts it with a
+    /// clean record of live requests too).
     pub fn record_success(&self, threshold: u32) -> bool {
         self.fails.store(0, Ordering::Relaxed);
         let n = self.oks.fetch_add(1, Ordering::Relaxed) + 1;
-        n >= threshold && !self.healthy.swap(true, Ordering::Relaxed)
+        let readmitted = n >= threshold && !self.healthy.swap(true, Ordering::Relaxed);
+        if readmitted {
+            self.live_fails.store(0, Ordering::Relaxed);
+        }
+        readmitted
     }
 
     /// The engine's queue as scraped: waiting plus running.
@@ -438,6 +452,30 @@ mod tests {
             kv_events: None,
             label: None,
         }
+    }
+
+    #[test]
+    fn passing_health_checks_do_not_clear_a_streak_of_failed_requests() {
+        let ep = Endpoint::new(&spec("http://a:1", Some("m")), 10, Instant::now());
+        assert!(!ep.record_failure(2, EjectCause::Traffic));
+        // `/health` answers while every request fails (an engine answering 500s).
+        assert!(!ep.record_success(2));
+        assert!(
+            ep.record_failure(2, EjectCause::Traffic),
+            "second failure ejects"
+        );
+        assert!(!ep.is_healthy());
+        // Two good checks readmit it with a clean record: one failure does not eject.
+        assert!(!ep.record_success(2));
+        assert!(ep.record_success(2));
+        assert!(!ep.record_failure(2, EjectCause::Traffic));
+        assert!(ep.is_healthy());
+        // A served request breaks the streak; a failed check does not join it.
+        ep.record_live_success();
+        assert!(!ep.record_failure(2, EjectCause::Traffic));
+        assert!(!ep.record_failure(2, EjectCause::HealthCheck));
+        assert!(ep.is_healthy());
+        assert!(ep.record_failure(2, EjectCause::HealthCheck));
     }
 
     #[test]
