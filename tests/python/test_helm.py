@@ -1019,9 +1019,15 @@ def test_lora_adapters(helm):
     assert "--enable-lora" in c["args"] and "--lora-modules" not in c["args"]
     assert all(v["name"] != "lora-adapters" for v in d["spec"]["template"]["spec"]["volumes"])
     # Nothing of it by default.
-    c = container(helm.install(one_model()).get("Deployment", engine_name("m")))
+    r = helm.install(one_model())
+    c = container(r.get("Deployment", engine_name("m")))
     assert "--enable-lora" not in c["args"]
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env_values(c)
+    assert "--lora-affinity" not in container(r.get("Deployment", ROUTER))["args"]
+    # The router's adapter affinity.
+    values = one_model(loraAdapters=[{"name": "sql", "path": "sql"}], loraConfig={"pvcName": "adapters"})
+    values["routerSpec"] = {"loraAffinity": True}
+    assert "--lora-affinity" in container(helm.install(values).get("Deployment", ROUTER))["args"]
 
 
 # ------------------------------------------------------------------------------------

@@ -27,6 +27,14 @@ pub fn tokens_hash(tokens: &[u32]) -> u64 {
     block_hash(None, tokens)
 }
 
+/// The seed of the block-hash chain of a sequence run under the LoRA adapter `name`
+/// (the parent of its first block): blocks of the same tokens under different adapters
+/// (or none) hash apart, in the engine's prefix cache and in the router's KV index alike.
+pub fn lora_salt(name: &str) -> u64 {
+    let bytes: Vec<u32> = name.bytes().map(u32::from).collect();
+    mix64(tokens_hash(&bytes) ^ 0x4c6f_5241)
+}
+
 /// A uniform f64 in [0, 1) from a 64-bit value.
 #[inline]
 pub fn unit_f64(x: u64) -> f64 {

@@ -257,6 +257,11 @@ pub struct RouterArgs {
     /// cached the common part first.
     #[arg(long, default_value_t = 0.3)]
     pub kv_min_match: f64,
+    /// Requests for a LoRA adapter go first to the adapter's home engine (rendezvous
+    /// hashing, spilling over when it has 1.25x the mean load), so each engine keeps few
+    /// adapters active; the routing logic orders the rest, and base-model requests.
+    #[arg(long)]
+    pub lora_affinity: bool,
     /// `kvaware`: the port engines that do not advertise their KV-event endpoint (real
     /// vLLM) publish on, at their own host.
     #[arg(long, default_value_t = 5557)]
@@ -512,6 +517,8 @@ pub struct Dynamic {
     pub kv_overlap_weight: f64,
     /// `kvaware`'s `--kv-min-match`.
     pub kv_min_match: f64,
+    /// `--lora-affinity`.
+    pub lora_affinity: bool,
     /// `disaggregated_prefill`'s prefill and decode labels.
     pub pd: PdLabels,
 }
@@ -610,6 +617,7 @@ pub fn dynamic_from(args: &RouterArgs, file: &FileConfig) -> Result<Dynamic, Con
         prefix,
         kv_overlap_weight: args.kv_overlap_weight,
         kv_min_match: args.kv_min_match,
+        lora_affinity: args.lora_affinity,
         pd,
         routing_logic,
         session_key: args

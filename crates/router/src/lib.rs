@@ -65,6 +65,7 @@ impl DynState {
                 kv,
                 config.kv_overlap_weight,
                 config.kv_min_match,
+                config.lora_affinity,
             ),
             session_key: config.session_key.clone(),
             pd: (config.routing_logic == RoutingLogic::DisaggregatedPrefill)

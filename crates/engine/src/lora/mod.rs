@@ -366,12 +366,10 @@ pub struct Listed {
     pub base_model_name: Option<String>,
 }
 
-/// Salt of an adapter's block hashes, from its name.
+/// Salt of an adapter's block hashes, from its name ([`kv_events::hash::lora_salt`]: the
+/// router's KV index seeds its chains the same way).
 pub fn salt_for(name: &str) -> u64 {
-    kv_events::hash::mix64(
-        kv_events::hash::tokens_hash(&name.bytes().map(u32::from).collect::<Vec<_>>())
-            ^ 0x4c6f_5241,
-    )
+    kv_events::hash::lora_salt(name)
 }
 
 impl Registry {

@@ -174,6 +174,23 @@ impl Endpoint {
         *self.cards.write().unwrap_or_else(|p| p.into_inner()) = cards.into();
     }
 
+    /// The base model of `model` when it is a LoRA adapter on this engine: its card
+    /// names a `parent` other than itself, as vLLM lists adapters.
+    pub fn adapter_parent(&self, model: &str) -> Option<String> {
+        self.cards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|c| c.get("id").and_then(|v| v.as_str()) == Some(model))
+            .find_map(|c| c.get("parent").and_then(|v| v.as_str()))
+            .filter(|p| *p != model)
+            .map(str::to_string)
+    }
+
+    pub fn is_adapter(&self, model: &str) -> bool {
+        self.adapter_parent(model).is_some()
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }

@@ -4,7 +4,8 @@
 //! engines' current state and its own small state: unit-testable without sockets.
 //!
 //! This file owns the trait, the request context and [`build`]. The simple policies are a
-//! file each (`roundrobin`, `session`, `leastload`, `p2c`); the tree-based ones a
+//! file each (`roundrobin`, `session`, `leastload`, `p2c`, and `lora_affinity`, which
+//! wraps any of them); the tree-based ones a
 //! folder each: [`prefix`] (with its prefix tree) and [`kvaware`] (with its KV-cache
 //! index and the subscriber following the engines' KV events). [`decisions`] is the
 //! decision statistics both of those keep.
@@ -12,6 +13,7 @@
 pub mod decisions;
 pub mod kvaware;
 mod leastload;
+mod lora_affinity;
 mod p2c;
 pub mod prefix;
 mod roundrobin;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 pub use kvaware::KvAware;
 pub use leastload::LeastLoad;
+pub use lora_affinity::LoraAffinity;
 pub use p2c::PowerOfTwo;
 pub use prefix::PrefixAware;
 pub use roundrobin::RoundRobin;
@@ -98,8 +101,9 @@ pub fn build(
     kv: &Arc<KvState>,
     kv_overlap_weight: f64,
     kv_min_match: f64,
+    lora_affinity: bool,
 ) -> Box<dyn Policy> {
-    match logic {
+    let policy: Box<dyn Policy> = match logic {
         RoutingLogic::Roundrobin => Box::new(RoundRobin::default()),
         RoutingLogic::Session => Box::new(Session),
         // disaggregated_prefill: what is not a completion (and the decode side) goes by
@@ -110,6 +114,11 @@ pub fn build(
         RoutingLogic::Kvaware => {
             Box::new(KvAware::new(kv.clone(), kv_overlap_weight).with_min_match(kv_min_match))
         }
+    };
+    if lora_affinity {
+        Box::new(LoraAffinity::new(policy))
+    } else {
+        policy
     }
 }
 

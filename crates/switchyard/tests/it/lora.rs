@@ -584,3 +584,46 @@ async fn the_router_routes_adapters_to_their_engines_and_loads_them() {
     // sql untouched.
     assert_eq!(routed(&c, &router, "sql").await, (200, e1.host_port()));
 }
+
+/// `--lora-affinity`: with an adapter on both engines, its requests gather on one (its
+/// home) while base-model requests still go round; without the flag, round robin spreads
+/// the adapter too.
+#[tokio::test]
+async fn lora_affinity_keeps_an_adapter_on_its_home_engine() {
+    let d = TempDir::new("affinity");
+    make_adapter(&d.path("sql"), 1, 8, &["--layers", "2"]);
+    let sql_arg = format!("sql={}", d.path("sql"));
+    let e1 = lora_engine(&["--lora-modules", &sql_arg]);
+    let e2 = lora_engine(&["--lora-modules", &sql_arg]);
+    let c = client();
+    let served = |router: &Proc, model: &'static str| {
+        let (c, router_url) = (c.clone(), router.url("/v1/completions"));
+        async move {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..6 {
+                let r = c
+                    .post(&router_url)
+                    .json(&json!({"model": model, "prompt": "hi", "max_tokens": 2}))
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(r.status().as_u16(), 200);
+                let engine = r.headers()["x-switchyard-engine"].to_str().expect("header");
+                seen.insert(engine.to_string());
+            }
+            seen
+        }
+    };
+    let plain = Proc::router(&[&e1.url, &e2.url], &["--routing-logic", "roundrobin"]);
+    assert_eq!(
+        served(&plain, "sql").await.len(),
+        2,
+        "round robin spreads it"
+    );
+    let router = Proc::router(
+        &[&e1.url, &e2.url],
+        &["--routing-logic", "roundrobin", "--lora-affinity"],
+    );
+    assert_eq!(served(&router, "sql").await.len(), 1, "one home");
+    assert_eq!(served(&router, "base").await.len(), 2, "base goes round");
+}

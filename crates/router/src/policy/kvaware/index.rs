@@ -22,8 +22,11 @@
 //!   size).
 //! - An engine leaving: everything about it is dropped.
 //!
-//! LoRA ids and vLLM's `extra_keys` are not part of the content hash: blocks of the same
-//! tokens under different adapters count as the same.
+//! A sequence stored under a LoRA adapter (`lora_name` in its first event) chains from
+//! [`kv_events::hash::lora_salt`] of the name, so blocks of the same tokens under
+//! different adapters (or none) never match each other, as in the engines' own caches; a
+//! request for an adapter hashes its prompt from the same seed. vLLM's other
+//! `extra_keys` (multimodal ids, cache salts) are not part of the content hash.
 //!
 //! Blocks an engine announces with `medium: "CPU"` (offloaded to host memory: loadable,
 //! not computed) are kept apart under [`cpu_key`] of the engine, with the same semantics;
@@ -31,7 +34,7 @@
 
 use std::collections::HashMap;
 
-use kv_events::hash::block_hash;
+use kv_events::hash::{block_hash, lora_salt};
 use kv_events::{BlockStored, KvEvent};
 
 /// An engine's identity in the index (its `Endpoint::key`).
@@ -67,11 +70,17 @@ pub struct KvIndex {
 
 /// The chained content hashes of the full blocks of `tokens`.
 pub fn prompt_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    seeded_prompt_hashes(tokens, block_size, None)
+}
+
+/// [`prompt_hashes`] of a prompt run under the LoRA adapter `lora` (its chain seeded
+/// with [`kv_events::hash::lora_salt`], as the engine's and the index's are).
+pub fn seeded_prompt_hashes(tokens: &[u32], block_size: usize, lora: Option<&str>) -> Vec<u64> {
     if block_size == 0 {
         return Vec::new();
     }
     let mut out = Vec::with_capacity(tokens.len() / block_size);
-    let mut parent = None;
+    let mut parent = lora.map(lora_salt);
     for chunk in tokens.chunks_exact(block_size) {
         let h = block_hash(parent, chunk);
         out.push(h);
@@ -156,7 +165,7 @@ impl KvIndex {
             return;
         }
         let mut parent = match s.parent_block_hash {
-            None => None,
+            None => s.lora_name.as_deref().map(lora_salt),
             Some(p) => match eb.ids.get(&p) {
                 Some(&(c, _)) => Some(c),
                 None => return,

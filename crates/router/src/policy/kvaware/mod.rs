@@ -35,7 +35,7 @@ use protocol::prom::TextWriter;
 use super::decisions::{self, Decisions, Family};
 use super::{by_load, load_key, Policy, RouteCtx};
 use crate::engines::{Endpoint, Registry};
-use index::{cpu_key, prompt_hashes, EngineKey, KvIndex};
+use index::{cpu_key, seeded_prompt_hashes, EngineKey, KvIndex};
 
 /// What a block an engine holds only in host memory (`medium: "CPU"`) is worth against one
 /// in its paged cache: it need not be computed, but it must be loaded.
@@ -216,7 +216,15 @@ impl KvAware {
         candidates: &[Arc<Endpoint>],
         order: &mut Vec<usize>,
     ) -> Outcome {
-        let tokens = match prompt_tokens(self.kv.tokenizers.for_model(model), body) {
+        // A request for a LoRA adapter is tokenized as its base model, and matches only
+        // blocks computed under the adapter.
+        let parent = candidates.iter().find_map(|e| e.adapter_parent(model));
+        let lora = parent.is_some().then_some(model);
+        let tokenizer = self
+            .kv
+            .tokenizers
+            .for_model(parent.as_deref().unwrap_or(model));
+        let tokens = match prompt_tokens(tokenizer, body) {
             Some(t) if !t.is_empty() && !candidates.is_empty() => t,
             _ => {
                 by_load(candidates, order);
@@ -258,7 +266,7 @@ impl KvAware {
                         which.push(i);
                     }
                 }
-                let hashes = prompt_hashes(&tokens, size);
+                let hashes = seeded_prompt_hashes(&tokens, size, lora);
                 idx.matched(&hashes, &keys, &mut m);
                 for (j, &i) in which.iter().enumerate() {
                     matched[i] = m[j];
@@ -363,6 +371,7 @@ impl Policy for KvAware {
 mod tests {
     use super::*;
     use crate::policy::testutil::engines;
+    use index::prompt_hashes;
     use kv_events::{BlockStored, KvEvent};
     use serde_json::json;
     use tokenizer::SimTokenizer;
@@ -440,6 +449,51 @@ mod tests {
         );
         kv.index_mut().remove_engine(e[1].key);
         kv.index().check();
+    }
+
+    /// Blocks computed under a LoRA adapter match only requests for that adapter, and a
+    /// base-model request never follows them (the engine could not reuse them).
+    #[test]
+    fn lora_blocks_match_only_their_adapter() {
+        let (e, kv, p) = setup(3);
+        for x in &e {
+            x.set_models(
+                vec!["m".into(), "sql".into()],
+                vec![
+                    json!({"id":"m","parent":null}),
+                    json!({"id":"sql","parent":"m"}),
+                ],
+            );
+        }
+        assert!(e[0].is_adapter("sql") && !e[0].is_adapter("m"));
+        let sys = "You are a careful assistant. ".repeat(40);
+        let body = chat(&sys, "q");
+        let tokens = prompt_tokens(&SimTokenizer::new(), &body).unwrap();
+        // Engine 1 holds the prompt under the adapter, engine 2 under the base model.
+        let hashes: Vec<u64> = prompt_hashes(&tokens, BS).iter().map(|h| h ^ 1).collect();
+        let full = hashes.len() * BS;
+        let mut stored = BlockStored::new(hashes, None, tokens[..full].to_vec(), BS);
+        stored.lora_id = Some(1);
+        stored.lora_name = Some("sql".into());
+        kv.index_mut()
+            .apply(e[1].key, &KvEvent::BlockStored(stored));
+        cache(&kv, &e[2], &tokens);
+        let mut order = Vec::new();
+        let sql = serde_json::to_vec(&json!({"model":"sql","messages":[
+            {"role":"system","content":sys},{"role":"user","content":"q"}]}))
+        .unwrap();
+        assert_eq!(p.decide("sql", &sql, &e, &mut order), Outcome::CacheHit);
+        assert_eq!(order[0], 1, "the adapter's own blocks");
+        assert_eq!(p.decide("m", &body, &e, &mut order), Outcome::CacheHit);
+        assert_eq!(order[0], 2, "the base model's blocks, not the adapter's");
+        // Another adapter of the same tokens matches neither.
+        for x in &e {
+            x.set_models(
+                vec!["m".into(), "chat".into()],
+                vec![json!({"id":"chat","parent":"m"})],
+            );
+        }
+        assert_eq!(p.decide("chat", &sql, &e, &mut order), Outcome::Miss);
     }
 
     #[test]
