@@ -88,6 +88,20 @@ pub fn http_client() -> HttpClient {
         .build(conn)
 }
 
+/// A server in this process, reached without sockets: `switchyard plan`'s stack of sim
+/// engines behind the router's policies, run in virtual time.
+pub trait LocalServer: Send + Sync {
+    /// Serve one streaming request to `path` (`user`: the session id the bench sends as
+    /// `x-user-id`) and measure it as [`Target::stream`] does over HTTP.
+    fn serve(
+        &self,
+        path: &str,
+        body: Bytes,
+        user: Option<&str>,
+        keep_text: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'static>>;
+}
+
 /// The server under test.
 #[derive(Clone)]
 pub struct Target {
@@ -96,6 +110,8 @@ pub struct Target {
     pub base: String,
     pub api_key: Option<String>,
     pub timeout: Duration,
+    /// Served in process instead of over HTTP.
+    pub local: Option<std::sync::Arc<dyn LocalServer>>,
 }
 
 /// Why a request failed, and the detail.
@@ -112,6 +128,15 @@ impl Target {
             base,
             api_key,
             timeout,
+            local: None,
+        }
+    }
+
+    /// A target served in process by `server` (named `name` in reports).
+    pub fn local(name: &str, server: std::sync::Arc<dyn LocalServer>, timeout: Duration) -> Self {
+        Target {
+            local: Some(server),
+            ..Target::new(name, None, timeout)
         }
     }
 
@@ -174,7 +199,21 @@ impl Target {
         user: Option<&str>,
         keep_text: bool,
     ) -> Outcome {
-        let start = Instant::now();
+        if let Some(local) = &self.local {
+            let serving = local.serve(path, body, user, keep_text);
+            return match tokio::time::timeout(self.timeout, serving).await {
+                Ok(o) => o,
+                Err(_) => Outcome {
+                    e2e: self.timeout.as_secs_f64(),
+                    error: Some((
+                        ErrorKind::Timeout,
+                        format!("no complete answer within {:?}", self.timeout),
+                    )),
+                    ..Outcome::default()
+                },
+            };
+        }
+        let start = crate::now();
         let mut o = Outcome::default();
         let res = tokio::time::timeout(
             self.timeout,
@@ -191,7 +230,7 @@ impl Target {
                 ))
             }
         }
-        o.e2e = start.elapsed().as_secs_f64();
+        o.e2e = (crate::now() - start).as_secs_f64();
         o
     }
 
@@ -241,9 +280,9 @@ impl Target {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            sse.feed(&data, Instant::now(), o)?;
+            sse.feed(&data, crate::now(), o)?;
         }
-        sse.finish(Instant::now(), o)
+        sse.finish(crate::now(), o)
     }
 }
 
@@ -445,7 +484,7 @@ mod tests {
 
     fn feed(events: &[&str]) -> (Result<(), Fail>, Outcome, SseState) {
         let mut st = SseState {
-            start: Instant::now(),
+            start: crate::now(),
             last: None,
             done: false,
             finished: false,
@@ -453,7 +492,7 @@ mod tests {
         };
         let mut o = Outcome::default();
         for e in events {
-            if let Err(f) = st.event(e.as_bytes(), Instant::now(), &mut o) {
+            if let Err(f) = st.event(e.as_bytes(), crate::now(), &mut o) {
                 return (Err(f), o, st);
             }
         }

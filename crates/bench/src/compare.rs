@@ -84,7 +84,7 @@ pub fn table(runs: &[Report]) -> String {
     s
 }
 
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -92,7 +92,7 @@ fn esc(s: &str) -> String {
 }
 
 /// A round axis maximum ≥ `v` and its tick step (1, 2 or 5 × 10^k, 4-5 ticks).
-fn nice_axis(v: f64) -> (f64, f64) {
+pub fn nice_axis(v: f64) -> (f64, f64) {
     if v <= 0.0 || !v.is_finite() {
         return (1.0, 0.25);
     }
@@ -106,7 +106,7 @@ fn nice_axis(v: f64) -> (f64, f64) {
     ((v / step).ceil() * step, step)
 }
 
-fn fmt_tick(v: f64) -> String {
+pub fn fmt_tick(v: f64) -> String {
     if v >= 100.0 || v.fract() == 0.0 {
         format!("{v:.0}")
     } else {

@@ -1,6 +1,6 @@
 //! `switchyard bench`: the load generator.
 //!
-//! Workloads (`multi-round`, `shared-prefix`, `random`) drive any OpenAI-compatible
+//! Workloads (`multi-round`, `shared-prefix`, `random`, `trace`) drive any OpenAI-compatible
 //! server with streaming requests and measure each one (TTFT, ITL, end-to-end, tokens,
 //! errors by kind); the run ends as a table on stdout and, with `--output`, a JSON
 //! report that `switchyard bench compare` reads back. `cache` measures a KV cache
@@ -22,6 +22,12 @@ use serde::Serialize;
 
 pub use report::Report;
 
+/// The current time: the system's, or virtual time under a paused tokio runtime
+/// (`switchyard plan` runs the workloads in a discrete-event simulation).
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -36,6 +42,8 @@ pub enum BenchCommand {
     SharedPrefix(SharedPrefixArgs),
     /// Random prompts and output lengths at a Poisson rate or a fixed concurrency.
     Random(RandomArgs),
+    /// Replay a trace: arrivals from a JSONL file (your own logs), at their times.
+    Trace(TraceArgs),
     /// Compare JSON reports: ratios against the first, and an SVG chart.
     Compare(compare::CompareArgs),
     /// A KV cache server's PUT and GET throughput (`lm://`), every chunk checked.
@@ -192,6 +200,26 @@ pub struct RandomArgs {
     pub api: Api,
 }
 
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// JSONL, one request per line: `timestamp` (seconds; arrivals are replayed
+    /// relative to the first), `prompt` (text) or `prompt_tokens` (a count: random
+    /// words that many tokens long), `output_tokens`, and optionally `session_id`
+    /// (sent as `x-user-id`, for session routing). Lines in any order.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Replay this many times faster (2: twice the rate).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Stop sending after this many seconds of the replay.
+    #[arg(long)]
+    pub time: Option<f64>,
+    #[arg(long, value_enum, default_value_t = Api::Chat)]
+    pub api: Api,
+}
+
 /// Run `switchyard bench ...`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (report, common) = match args.command {
@@ -218,6 +246,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::MultiRound(a) => (workload::multi_round(&a).await?, a.common),
         BenchCommand::SharedPrefix(a) => (workload::shared_prefix(&a).await?, a.common),
         BenchCommand::Random(a) => (workload::random(&a).await?, a.common),
+        BenchCommand::Trace(a) => (workload::trace(&a).await?, a.common),
     };
     print!("{}", report.table());
     if let Some(path) = &common.output {

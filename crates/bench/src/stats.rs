@@ -211,7 +211,7 @@ pub struct RoundReport {
 impl Recorder {
     pub fn new() -> Self {
         Recorder {
-            start: Instant::now(),
+            start: crate::now(),
             in_flight: AtomicU64::new(0),
             launched: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -231,7 +231,7 @@ impl Recorder {
 
     /// Record a finished request (`round` counts from 1 for multi-round).
     pub fn record(&self, o: &Outcome, round: Option<usize>) {
-        let now = Instant::now();
+        let now = crate::now();
         let ok = o.error.is_none();
         {
             let mut a = self.acc.lock().unwrap();

@@ -21,6 +21,7 @@ use crate::stats::Recorder;
 use crate::text::{push_words, words, Rng};
 use crate::{
     secs, Api, CommonArgs, LengthDist, LoadArgs, MultiRoundArgs, RandomArgs, SharedPrefixArgs,
+    TraceArgs,
 };
 
 // Seed streams, so that each kind of choice has its own generator.
@@ -154,7 +155,7 @@ impl Progress {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let t = rec.start.elapsed().as_secs_f64();
+                let t = (crate::now() - rec.start).as_secs_f64();
                 let done = rec.completed.load(Ordering::Relaxed);
                 let line = format!(
                     "{name}: {t:.0}s  completed {done}  failed {}  in flight {}  {:.2} req/s  {:.0} output tok/s",
@@ -323,9 +324,19 @@ pub async fn random(a: &RandomArgs) -> anyhow::Result<Report> {
         "--time without --num-requests needs --request-rate or --concurrency"
     );
     let (target, model) = connect(&a.common).await?;
+    random_on(&target, model, a).await
+}
+
+/// [`random`] against `target` serving `model`.
+pub async fn random_on(target: &Target, model: String, a: &RandomArgs) -> anyhow::Result<Report> {
+    let n = a.load.num_requests.unwrap_or(if a.load.time.is_some() {
+        usize::MAX
+    } else {
+        200
+    });
     let started = unix_now();
     let mut lengths = Rng::derive(a.common.seed, S_LENGTHS);
-    let rec = open_loop(&target, &a.load, &a.common, n, "random", |i| {
+    let rec = open_loop(target, &a.load, &a.common, n, "random", |i| {
         let input = sample_len(&mut lengths, a.input_len, a.range_ratio, a.length_dist);
         let output = sample_len(&mut lengths, a.output_len, a.range_ratio, a.length_dist);
         let prompt = words(&mut Rng::derive(a.common.seed, S_REQUEST + i as u64), input);
@@ -355,6 +366,15 @@ pub async fn shared_prefix(a: &SharedPrefixArgs) -> anyhow::Result<Report> {
     );
     anyhow::ensure!(a.load.request_rate > 0.0, "--request-rate must be positive");
     let (target, model) = connect(&a.common).await?;
+    shared_prefix_on(&target, model, a).await
+}
+
+/// [`shared_prefix`] against `target` serving `model`.
+pub async fn shared_prefix_on(
+    target: &Target,
+    model: String,
+    a: &SharedPrefixArgs,
+) -> anyhow::Result<Report> {
     let prefixes: Vec<String> = (0..a.num_groups)
         .map(|g| {
             words(
@@ -370,7 +390,7 @@ pub async fn shared_prefix(a: &SharedPrefixArgs) -> anyhow::Result<Report> {
     let total = order.len();
     let n = a.load.num_requests.unwrap_or(total).min(total);
     let started = unix_now();
-    let rec = open_loop(&target, &a.load, &a.common, n, "shared-prefix", |i| {
+    let rec = open_loop(target, &a.load, &a.common, n, "shared-prefix", |i| {
         let (g, k) = order[i];
         let mut prompt = prefixes[g as usize].clone();
         let stream = S_REQUEST + ((g as u64) << 20) + k as u64;
@@ -474,6 +494,15 @@ pub async fn multi_round(a: &MultiRoundArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(a.qps > 0.0 && a.qps.is_finite(), "--qps must be positive");
     anyhow::ensure!(a.time > 0.0, "--time must be positive");
     let (target, model) = connect(&a.common).await?;
+    multi_round_on(target, model, a).await
+}
+
+/// [`multi_round`] against `target` serving `model`.
+pub async fn multi_round_on(
+    target: Target,
+    model: String,
+    a: &MultiRoundArgs,
+) -> anyhow::Result<Report> {
     let started = unix_now();
     let n = a.num_users;
     let r = a.num_rounds;
@@ -541,6 +570,108 @@ pub async fn multi_round(a: &MultiRoundArgs) -> anyhow::Result<Report> {
             workload: "multi-round",
             label: format!("multi-round qps={} users={}", a.qps, a.num_users),
             load: Some(a.qps),
+            model,
+            config: serde_json::to_value(a)?,
+            started_unix: started,
+        },
+        &a.common,
+        &rec,
+    ))
+}
+
+/// One line of a trace file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct TraceEntry {
+    /// Seconds (any origin: replayed relative to the earliest).
+    pub timestamp: f64,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub prompt_tokens: Option<usize>,
+    pub output_tokens: usize,
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Read a JSONL trace, sorted by arrival; a bad line is an error naming it.
+pub fn read_trace(path: &std::path::Path) -> anyhow::Result<Vec<TraceEntry>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let e: TraceEntry = serde_json::from_str(line)
+            .map_err(|err| anyhow::anyhow!("{}:{}: {err}", path.display(), i + 1))?;
+        anyhow::ensure!(
+            e.timestamp.is_finite() && (e.prompt.is_some() || e.prompt_tokens.is_some()),
+            "{}:{}: needs a finite timestamp and a prompt or prompt_tokens",
+            path.display(),
+            i + 1
+        );
+        out.push(e);
+    }
+    anyhow::ensure!(!out.is_empty(), "{}: no requests", path.display());
+    out.sort_by(|a, b| a.timestamp.total_cmp(&b.timestamp));
+    Ok(out)
+}
+
+/// `trace`: replay a JSONL file's arrivals at their times.
+pub async fn trace(a: &TraceArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        a.speedup > 0.0 && a.speedup.is_finite(),
+        "--speedup must be positive"
+    );
+    let entries = read_trace(&a.file)?;
+    let (target, model) = connect(&a.common).await?;
+    trace_on(&target, model, a, &entries).await
+}
+
+/// [`trace`] of `entries` (sorted by arrival) against `target` serving `model`.
+pub async fn trace_on(
+    target: &Target,
+    model: String,
+    a: &TraceArgs,
+    entries: &[TraceEntry],
+) -> anyhow::Result<Report> {
+    let started = unix_now();
+    let rec = Arc::new(Recorder::new());
+    let progress = Progress::start(rec.clone(), "trace", !a.common.no_progress);
+    let start = Instant::from_std(rec.start);
+    let t0 = entries.first().map_or(0.0, |e| e.timestamp);
+    let deadline = a.time.map(|t| start + secs(t));
+    let mut set = JoinSet::new();
+    for (i, e) in entries.iter().enumerate() {
+        let at = start + secs((e.timestamp - t0) / a.speedup);
+        if deadline.is_some_and(|d| at >= d) {
+            break;
+        }
+        sleep_until(at).await;
+        let prompt = match (&e.prompt, e.prompt_tokens) {
+            (Some(p), _) => p.clone(),
+            (None, n) => words(
+                &mut Rng::derive(a.common.seed, S_REQUEST + i as u64),
+                n.unwrap_or(1),
+            ),
+        };
+        let (path, body) = prompt_body(a.api, &model, &prompt, e.output_tokens.max(1));
+        let (t, r, user) = (target.clone(), rec.clone(), e.session_id.clone());
+        let guard = rec.begin();
+        set.spawn(async move {
+            let o = t.stream(path, body, user.as_deref(), false).await;
+            r.record(&o, None);
+            drop(guard);
+        });
+        while set.try_join_next().is_some() {}
+    }
+    drain(&mut set, deadline.map(|_| secs(a.common.drain_timeout))).await;
+    progress.stop();
+    Ok(finish(
+        RunInfo {
+            workload: "trace",
+            label: format!("trace {}", a.file.display()),
+            load: None,
             model,
             config: serde_json::to_value(a)?,
             started_unix: started,

@@ -372,15 +372,22 @@ fn build_sim(args: &EngineArgs) -> Result<Parts, StartError> {
         .iter()
         .map(|(n, _)| *n)
         .collect();
-    let latency = Latency::preset(&args.sim_preset)
-        .ok_or_else(|| {
-            StartError::Flag(format!(
-                "unknown --sim-preset {:?}; known: {}",
-                args.sim_preset,
-                names.join(", ")
-            ))
-        })?
+    let preset = Latency::preset(&args.sim_preset).ok_or_else(|| {
+        StartError::Flag(format!(
+            "unknown --sim-preset {:?}; known: {}",
+            args.sim_preset,
+            names.join(", ")
+        ))
+    })?;
+    let profile = match &args.sim_profile {
+        Some(p) => Some(crate::backend::sim::SimProfile::load(p).map_err(StartError::Flag)?),
+        None => None,
+    };
+    let latency = profile
+        .as_ref()
+        .map_or(preset, |p| p.latency(preset))
         .with_overrides(&args.sim_latency);
+    let profile_blocks = profile.as_ref().and_then(|p| p.num_gpu_blocks);
     Ok(Parts {
         tokenizer: Arc::new(SimTokenizer::new()),
         backend: Box::new(
@@ -388,7 +395,7 @@ fn build_sim(args: &EngineArgs) -> Result<Parts, StartError> {
                 .with_block_size(args.block_size),
         ),
         max_model_len: args.max_model_len.unwrap_or(8192),
-        num_blocks: args.num_gpu_blocks.unwrap_or(16384),
+        num_blocks: args.num_gpu_blocks.or(profile_blocks).unwrap_or(16384),
         generation: crate::generation::resolve(
             &args.generation_config,
             args.override_generation_config.as_ref(),

@@ -92,6 +92,11 @@ pub struct EngineArgs {
     /// Sim latency preset: llama-3.1-8b-h100, smollm2-135m-cpu or zero.
     #[arg(long, default_value = "llama-3.1-8b-h100")]
     pub sim_preset: String,
+    /// A sim profile (`switchyard plan calibrate` writes them; a preset's name works
+    /// too): its latency model replaces the preset's, and its KV pool size is the default
+    /// of --num-gpu-blocks. The --sim-* cost flags still override it.
+    #[arg(long)]
+    pub sim_profile: Option<String>,
     #[command(flatten)]
     pub sim_latency: LatencyModel,
     /// Multiply every simulated duration (0.1 runs ten times faster than real time).

@@ -99,6 +99,44 @@ struct PdState {
     pending: HashMap<u64, (String, LeaseReply)>,
 }
 
+/// The loop for `config`, not started.
+fn build(config: CoreConfig, backend: Box<dyn Backend>, metrics: Arc<EngineMetrics>) -> EngineLoop {
+    let mut bm = BlockManager::new(config.num_blocks, config.block_size, config.prefix_caching);
+    if config.kv_events.is_some() {
+        bm.enable_events();
+    }
+    let sched = Scheduler::new(config.scheduler, bm).with_max_loras(config.max_loras);
+    let num_blocks = config.num_blocks;
+    let mut lp = EngineLoop::new(sched, backend, metrics, config.eos_token_ids);
+    if let Some(sink) = config.kv_events {
+        lp.set_kv_events(sink);
+    }
+    lp.offload = config.offload;
+    lp.pd = config.pd.map(|(cfg, metrics)| PdState {
+        cfg,
+        metrics,
+        // At most half the pool leased: leases never take what running requests need.
+        leases: Leases::new((num_blocks / 2).max(1)),
+        pending: HashMap::new(),
+    });
+    if lp.kv_events.is_some() {
+        if let Some(off) = lp.offload.as_mut() {
+            off.enable_events();
+        }
+    }
+    lp
+}
+
+/// Request ids start at a per-process random point, so two engines never hand out the
+/// same response ids, and unseeded sampling differs between engines.
+fn first_request_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    kv_events::hash::mix64(nanos ^ u64::from(std::process::id()).rotate_left(32)) >> 2
+}
+
 /// Start the engine loop on its own thread.
 pub fn spawn_engine(
     config: CoreConfig,
@@ -106,51 +144,43 @@ pub fn spawn_engine(
     metrics: Arc<EngineMetrics>,
 ) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
-    let mut bm = BlockManager::new(config.num_blocks, config.block_size, config.prefix_caching);
-    if config.kv_events.is_some() {
-        bm.enable_events();
-    }
-    let sched = Scheduler::new(config.scheduler, bm).with_max_loras(config.max_loras);
     let m = metrics.clone();
-    let eos = config.eos_token_ids;
-    let kv_events = config.kv_events;
-    let offload = config.offload;
-    let num_blocks = config.num_blocks;
-    let pd = config.pd.map(|(cfg, metrics)| PdState {
-        cfg,
-        metrics,
-        // At most half the pool leased: leases never take what running requests need.
-        leases: Leases::new((num_blocks / 2).max(1)),
-        pending: HashMap::new(),
-    });
     std::thread::Builder::new()
         .name("engine-core".into())
-        .spawn(move || {
-            let mut lp = EngineLoop::new(sched, backend, m, eos);
-            if let Some(sink) = kv_events {
-                lp.set_kv_events(sink);
-            }
-            lp.offload = offload;
-            lp.pd = pd;
-            if lp.kv_events.is_some() {
-                if let Some(off) = lp.offload.as_mut() {
-                    off.enable_events();
-                }
-            }
-            lp.run(rx)
-        })?;
-    // Ids start at a per-process random point, so two engines never hand out the same
-    // response ids, and unseeded sampling differs between engines.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let start = kv_events::hash::mix64(nanos ^ u64::from(std::process::id()).rotate_left(32)) >> 2;
+        .spawn(move || build(config, backend, m).run(rx))?;
     Ok(EngineHandle {
         tx,
-        next_id: Arc::new(AtomicU64::new(start)),
+        next_id: Arc::new(AtomicU64::new(first_request_id())),
         metrics,
     })
+}
+
+/// The engine loop as a task of the caller's runtime, for a discrete-event simulation in
+/// virtual time (a current-thread runtime started paused): it takes commands from the
+/// returned sender, and each step waits the backend's modelled time
+/// ([`Backend::take_modelled_time`]) on tokio's clock between computing the step and
+/// handing out its tokens, as the real loop's step takes that long. Ends when every
+/// sender is dropped.
+pub fn virtual_engine(
+    config: CoreConfig,
+    backend: Box<dyn Backend>,
+    metrics: Arc<EngineMetrics>,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<EngineCommand>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (tx, build(config, backend, metrics).run_virtual(rx))
+}
+
+/// What the first half of a step did.
+enum Executed {
+    /// Nothing could be scheduled.
+    Nothing,
+    /// The backend failed; the step's requests were failed.
+    Failed,
+    /// The backend ran; [`EngineLoop::step_update`] hands out its tokens.
+    Ran,
 }
 
 pub struct EngineLoop {
@@ -263,6 +293,46 @@ impl EngineLoop {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
+        }
+    }
+
+    async fn run_virtual(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineCommand>) {
+        use tokio::sync::mpsc::error::TryRecvError;
+        loop {
+            self.expire_leases();
+            if self.sched.is_idle() {
+                match rx.recv().await {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            match self.step_execute() {
+                Executed::Ran => {
+                    let d = self.backend.take_modelled_time();
+                    if !d.is_zero() {
+                        tokio::time::sleep(d).await;
+                    }
+                    self.step_update();
+                }
+                Executed::Failed => {}
+                Executed::Nothing => {
+                    self.publish_kv_events();
+                    match tokio::time::timeout(Duration::from_millis(5), rx.recv()).await {
+                        Ok(Some(cmd)) => self.handle(cmd),
+                        Ok(None) => return,
+                        Err(_) => {}
+                    }
+                    continue;
+                }
+            }
+            self.publish_kv_events();
         }
     }
 
@@ -396,7 +466,7 @@ impl EngineLoop {
         let Some(state) = self.pd.as_mut() else {
             return Err("this engine does not serve KV".into());
         };
-        let now = Instant::now();
+        let now = crate::clock::now();
         if !pd::ct_eq(r.engine_id.as_bytes(), state.cfg.engine_id.as_bytes()) {
             return Err("no such lease".into());
         }
@@ -461,7 +531,7 @@ impl EngineLoop {
         if p.leases.is_empty() {
             return;
         }
-        let gone = p.leases.expire(Instant::now());
+        let gone = p.leases.expire(crate::clock::now());
         if gone.is_empty() {
             return;
         }
@@ -503,7 +573,7 @@ impl EngineLoop {
             blocks,
             num_tokens: req.num_prompt,
             prompt_hash: pd::prompt_hash(&req.tokens[..req.num_prompt]),
-            deadline: Instant::now() + p.cfg.lease,
+            deadline: crate::clock::now() + p.cfg.lease,
         };
         let out = p.leases.insert(lease);
         let refused = out.last().is_some_and(|l| l.blocks.ids == ids);
@@ -532,13 +602,22 @@ impl EngineLoop {
 
     /// Run one step; false when nothing was scheduled.
     pub fn step(&mut self) -> bool {
-        let stepped = self.step_inner();
+        let stepped = match self.step_execute() {
+            Executed::Nothing => false,
+            Executed::Failed => true,
+            Executed::Ran => {
+                self.step_update();
+                true
+            }
+        };
         self.publish_kv_events();
         stepped
     }
 
-    fn step_inner(&mut self) -> bool {
-        let t0 = Instant::now();
+    /// A step's first half: schedule, and run the backend (which, in real time, takes
+    /// the step's time).
+    fn step_execute(&mut self) -> Executed {
+        let t0 = Instant::now(); // real time: the core's own work
         self.stats.clear();
         self.sched.schedule(&mut self.scheduled, &mut self.stats);
         if (self.stats.preemptions > 0 || self.scheduled.is_empty()) && self.sched.num_waiting() > 0
@@ -548,14 +627,14 @@ impl EngineLoop {
         if self.scheduled.is_empty() {
             self.metrics.preemptions.add(self.stats.preemptions);
             self.update_gauges();
-            return false;
+            return Executed::Nothing;
         }
         let steps = self.sched.seq_steps(&self.scheduled);
-        let t1 = Instant::now();
+        let t1 = Instant::now(); // real time: the core's own work
         self.sampled.clear();
         let result = self.backend.execute(&steps, &mut self.sampled);
         drop(steps);
-        let t2 = Instant::now();
+        self.sched_nanos += (t1 - t0).as_nanos() as u64;
         if result.is_ok() {
             self.save_chunks();
         }
@@ -567,8 +646,15 @@ impl EngineLoop {
                 let _ = req.events.send(EngineEvent::Rejected(e.to_string()));
             }
             self.update_gauges();
-            return true;
+            return Executed::Failed;
         }
+        Executed::Ran
+    }
+
+    /// A step's second half: the sampled tokens to their requests, finished requests out,
+    /// metrics.
+    fn step_update(&mut self) {
+        let t2 = Instant::now(); // real time: the core's own work
         self.finished.clear();
         self.logprobs.clear();
         self.backend.take_logprobs(&mut self.logprobs);
@@ -602,8 +688,7 @@ impl EngineLoop {
         }
         self.update_gauges();
         self.steps += 1;
-        self.sched_nanos += (t1 - t0).as_nanos() as u64 + t2.elapsed().as_nanos() as u64;
-        true
+        self.sched_nanos += t2.elapsed().as_nanos() as u64;
     }
 
     /// Load the chunks of `req`'s prompt that follow its own prefix-cache hit from the
@@ -632,7 +717,7 @@ impl EngineLoop {
             if local >= end {
                 continue;
             }
-            let started = Instant::now();
+            let started = crate::clock::now();
             let Some((tier, chunk)) = off.fetch(&key) else {
                 break;
             };
@@ -652,8 +737,11 @@ impl EngineLoop {
                 self.sched.forget_blocks(&ids);
                 break;
             }
-            self.backend
-                .kv_loaded(tier, chunk.data.len(), started.elapsed());
+            self.backend.kv_loaded(
+                tier,
+                chunk.data.len(),
+                crate::clock::now().saturating_duration_since(started),
+            );
             off.metrics.hits.add(((end - first) * bs) as u64);
             off.remember(key);
             local = end;
@@ -715,7 +803,7 @@ impl EngineLoop {
     /// the API layer, which sees what the client saw (a stop string can match after the
     /// core already finished the request by length), except engine errors.
     fn record_finish(&self, req: &Request, reason: FinishReason) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         if reason == FinishReason::Error {
             self.metrics.finished(reason);
         }

@@ -155,6 +155,22 @@ pub struct KvEventSink {
 }
 
 impl KvEventSink {
+    /// A sink whose batches go to the returned receiver, in process (`switchyard plan`
+    /// feeds them to its router's KV index), at most `capacity` queued.
+    pub fn channel(
+        block_size: usize,
+        capacity: usize,
+    ) -> (KvEventSink, tokio::sync::mpsc::Receiver<EventBatch>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        let sink = KvEventSink {
+            tx,
+            block_size,
+            lost: false,
+            dropped: 0,
+        };
+        (sink, rx)
+    }
+
     /// Publish the block manager's events of one step (nothing when there are none).
     pub fn publish(&mut self, events: Vec<CacheEvent>) {
         self.publish_with(events, Vec::new());

@@ -25,6 +25,7 @@
 pub mod api;
 pub mod assembly;
 pub mod backend;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod engine_loop;

@@ -49,6 +49,9 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
     /// The shared KV cache tier: a cache server speaking LMCache's `lm://` protocol.
     CacheServer(Box<cache::ServerArgs>),
+    /// How many engines, and which routing, for a workload and an SLO (simulated in
+    /// virtual time); `plan calibrate` fits the simulation to a real engine.
+    Plan(Box<plan::PlanArgs>),
 }
 
 #[derive(clap::Args)]
@@ -102,6 +105,8 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => multi_thread()?.block_on(up::run(*args)),
         Command::Bench(args) => multi_thread()?.block_on(bench::run(*args)),
         Command::CacheServer(args) => Ok(multi_thread()?.block_on(cache::server::run(*args))?),
+        // Each simulation builds its own paused runtime.
+        Command::Plan(args) => plan::run(*args),
     }
 }
 

@@ -62,6 +62,12 @@ pub trait Backend: Send {
     /// charges the transfer's modelled cost beyond `elapsed` to its next step; a real
     /// one has paid it already.
     fn kv_loaded(&mut self, _tier: KvTier, _bytes: usize, _elapsed: Duration) {}
+    /// In virtual time (the sim backend under `switchyard plan`): the modelled duration of
+    /// the step just executed, which the loop waits on tokio's clock before handing out
+    /// its tokens; taken once. Zero for a backend whose steps take real time.
+    fn take_modelled_time(&mut self) -> Duration {
+        Duration::ZERO
+    }
     /// A backend whose KV is modelled (sim): what a P/D pull of KV costs, so that the
     /// side channel moves no payload (a header saying how many bytes a real model would
     /// have moved) and the decode engine waits the modelled time instead. `None` for a

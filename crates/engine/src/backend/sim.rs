@@ -232,6 +232,87 @@ impl Latency {
     }
 }
 
+/// A sim engine's profile: its latency model and KV capacity, as a JSON file that
+/// `switchyard plan calibrate` writes from a real engine's measurements and
+/// `switchyard engine --backend sim --sim-profile FILE` (and `switchyard plan`) reads.
+/// Every preset is also a profile ([`SimProfile::preset`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SimProfile {
+    pub name: String,
+    /// Where the figures come from (a preset, or the engine calibrated and when).
+    #[serde(default)]
+    pub source: String,
+    pub overhead_us: f64,
+    pub prefill_us_per_token: f64,
+    pub decode_us_per_seq: f64,
+    pub decode_us_per_ctx_token: f64,
+    /// KV blocks in the pool, and tokens per block (`None`: the engine's defaults).
+    #[serde(default)]
+    pub num_gpu_blocks: Option<usize>,
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// How well the latency model explained the calibration's measurements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<serde_json::Value>,
+}
+
+impl SimProfile {
+    /// The preset `name` as a profile.
+    pub fn preset(name: &str) -> Option<SimProfile> {
+        let l = Latency::preset(name)?;
+        Some(SimProfile {
+            name: name.to_string(),
+            source: "preset".into(),
+            overhead_us: l.overhead_us,
+            prefill_us_per_token: l.prefill_us_per_token,
+            decode_us_per_seq: l.decode_us_per_seq,
+            decode_us_per_ctx_token: l.decode_us_per_ctx_token,
+            num_gpu_blocks: None,
+            block_size: None,
+            fit: None,
+        })
+    }
+
+    /// A preset's name, or a profile file's path.
+    pub fn load(name_or_path: &str) -> Result<SimProfile, String> {
+        if let Some(p) = SimProfile::preset(name_or_path) {
+            return Ok(p);
+        }
+        let text = std::fs::read_to_string(name_or_path).map_err(|e| {
+            let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            format!(
+                "sim profile {name_or_path:?}: not a preset ({}) and not readable: {e}",
+                known.join(", ")
+            )
+        })?;
+        let p: SimProfile =
+            serde_json::from_str(&text).map_err(|e| format!("sim profile {name_or_path}: {e}"))?;
+        let costs = [
+            p.overhead_us,
+            p.prefill_us_per_token,
+            p.decode_us_per_seq,
+            p.decode_us_per_ctx_token,
+        ];
+        if costs.iter().any(|c| !c.is_finite() || *c < 0.0) {
+            return Err(format!(
+                "sim profile {name_or_path}: costs must be finite and not negative"
+            ));
+        }
+        Ok(p)
+    }
+
+    /// The latency model: these costs, over `base`'s KV shape and bandwidths.
+    pub fn latency(&self, base: Latency) -> Latency {
+        Latency {
+            overhead_us: self.overhead_us,
+            prefill_us_per_token: self.prefill_us_per_token,
+            decode_us_per_seq: self.decode_us_per_seq,
+            decode_us_per_ctx_token: self.decode_us_per_ctx_token,
+            ..base
+        }
+    }
+}
+
 /// Word pieces (≤ 4 bytes each, so each is one sim token) the sim backend writes.
 const WORDS: &[&str] = &[
     " the", " of", " and", " to", " a", " in", " is", " it", " you", " was", " for", " on", " are",
@@ -255,6 +336,10 @@ pub struct SimBackend {
     block_size: usize,
     /// Modelled KV transfer time (µs, scaled) not yet charged to a step.
     pending_us: f64,
+    /// Virtual time: steps do not sleep; their modelled time waits in `owed_us` for the
+    /// loop ([`Backend::take_modelled_time`]).
+    virtual_time: bool,
+    owed_us: f64,
 }
 
 impl SimBackend {
@@ -269,7 +354,16 @@ impl SimBackend {
             logprobs: Vec::new(),
             block_size: 16,
             pending_us: 0.0,
+            virtual_time: false,
+            owed_us: 0.0,
         }
+    }
+
+    /// Run in virtual time: a step does not sleep, the loop waits its modelled time on
+    /// tokio's (paused) clock instead.
+    pub fn in_virtual_time(mut self) -> Self {
+        self.virtual_time = true;
+        self
     }
 
     /// Tokens per KV block, as the engine's block manager pages them (default 16).
@@ -372,12 +466,16 @@ impl Backend for SimBackend {
         self.pending_us += (us - elapsed.as_secs_f64() * 1e6).max(0.0);
     }
 
+    fn take_modelled_time(&mut self) -> Duration {
+        Duration::from_secs_f64(std::mem::take(&mut self.owed_us).max(0.0) / 1e6)
+    }
+
     fn execute(
         &mut self,
         seqs: &[SeqStep<'_>],
         sampled: &mut Vec<u32>,
     ) -> Result<(), BackendError> {
-        let started = Instant::now();
+        let started = crate::clock::now();
         let (mut prefill, mut decodes, mut ctx) = (0usize, 0usize, 0usize);
         for s in seqs {
             if s.is_decode() {
@@ -409,7 +507,9 @@ impl Backend for SimBackend {
                 .map(|k| Box::new(self.logprobs_at(tok, pos, s.params.ignore_eos, k as usize)));
             self.logprobs.push(lp);
         }
-        if us > 0.0 {
+        if self.virtual_time {
+            self.owed_us += us;
+        } else if us > 0.0 {
             let deadline = started + Duration::from_secs_f64(us / 1e6);
             let now = Instant::now();
             if deadline > now {

@@ -9,7 +9,6 @@
 //! from their longest cached prefix.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use super::block_manager::{BlockId, BlockManager, CacheEvent};
 use super::request::{EngineEvent, Finish, FinishReason, Request};
@@ -285,7 +284,7 @@ impl Scheduler {
     /// Plan one step into `out`.
     pub fn schedule(&mut self, out: &mut Vec<Scheduled>, stats: &mut StepStats) {
         out.clear();
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut budget = self.config.max_num_batched_tokens;
         let mut preempted = false;
 
@@ -393,7 +392,7 @@ impl Scheduler {
         stats: &mut StepStats,
         finished: &mut Vec<Finished>,
     ) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut k = 0;
         let mut done: Vec<(usize, FinishReason, Option<u32>)> = Vec::new();
         for s in scheduled {
