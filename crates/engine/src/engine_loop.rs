@@ -298,6 +298,10 @@ impl EngineLoop {
 
     async fn run_virtual(mut self, mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineCommand>) {
         use tokio::sync::mpsc::error::TryRecvError;
+        // Timers tick in whole milliseconds: what a sleep gives or takes against the
+        // modelled time is carried into the next step's, so the clock never drifts from
+        // the sum of the modelled steps by a millisecond or more.
+        let mut carry = 0.0f64;
         loop {
             self.expire_leases();
             if self.sched.is_idle() {
@@ -315,10 +319,12 @@ impl EngineLoop {
             }
             match self.step_execute() {
                 Executed::Ran => {
-                    let d = self.backend.take_modelled_time();
-                    if !d.is_zero() {
-                        tokio::time::sleep(d).await;
+                    let want = self.backend.take_modelled_time().as_secs_f64() + carry;
+                    let before = tokio::time::Instant::now();
+                    if want > 0.0 {
+                        tokio::time::sleep(Duration::from_secs_f64(want)).await;
                     }
+                    carry = want - before.elapsed().as_secs_f64();
                     self.step_update();
                 }
                 Executed::Failed => {}

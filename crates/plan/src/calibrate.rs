@@ -379,6 +379,7 @@ pub fn run(a: &CalibrateArgs) -> anyhow::Result<()> {
             prefill_us_per_token: f.prefill_us_per_token,
             decode_us_per_seq: f.decode_us_per_seq,
             decode_us_per_ctx_token: f.decode_us_per_ctx_token,
+            request_overhead_us: f.http_us,
             num_gpu_blocks: pool.map(|p| p.0),
             block_size: pool.map(|p| p.1),
             fit: Some(json!({"fit": f, "points": points})),

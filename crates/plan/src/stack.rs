@@ -6,8 +6,9 @@
 //! workloads reach it through [`bench::client::LocalServer`]: no sockets, no threads, so
 //! virtual time moves only when every task waits.
 //!
-//! What is not simulated: HTTP and SSE framing (microseconds against model steps of
-//! milliseconds), the router's retries and health checks (no engine fails here).
+//! What is not simulated: HTTP and SSE framing, beyond the profile's fixed
+//! `request_overhead_us` per request (what `plan calibrate` measured of them); the
+//! router's retries and health checks (no engine fails here).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -67,6 +68,8 @@ pub struct Stack {
     policy: Box<dyn Policy>,
     tokenizer: SimTokenizer,
     max_model_len: usize,
+    /// The profile's request overhead, waited before routing.
+    overhead: Duration,
     next_id: AtomicU64,
     nonce: AtomicU64,
 }
@@ -188,6 +191,7 @@ impl Stack {
             policy,
             tokenizer: SimTokenizer::new(),
             max_model_len: cfg.max_model_len,
+            overhead: Duration::from_secs_f64(cfg.profile.request_overhead_us.max(0.0) / 1e6),
             next_id: AtomicU64::new(1),
             nonce: AtomicU64::new(0x5EED),
         })
@@ -242,6 +246,9 @@ impl Stack {
             .unwrap_or(16)
             .min(self.max_model_len - prompt.len())
             .max(1);
+        if !self.overhead.is_zero() {
+            tokio::time::sleep(self.overhead).await;
+        }
         let nonce = self.nonce.fetch_add(0x9E37_79B9, Ordering::Relaxed);
         let ctx = RouteCtx::new(MODEL, user, nonce, body);
         let mut order = Vec::with_capacity(self.endpoints.len());
@@ -269,7 +276,11 @@ impl Stack {
             kv_transfer: None,
             lora: None,
         };
-        if self.engines[i].tx.send(EngineCommand::Add(request)).is_err() {
+        if self.engines[i]
+            .tx
+            .send(EngineCommand::Add(request))
+            .is_err()
+        {
             return fail(o, "the engine stopped".into());
         }
         let mut ids = Vec::with_capacity(max_tokens);

@@ -246,6 +246,11 @@ pub struct SimProfile {
     pub prefill_us_per_token: f64,
     pub decode_us_per_seq: f64,
     pub decode_us_per_ctx_token: f64,
+    /// What a client sees of a request besides the engine's steps (HTTP, the router's
+    /// hop, parsing and tokenizing), µs: `plan calibrate` fits it, `plan` adds it before
+    /// each request reaches its engine. The sim engine itself ignores it.
+    #[serde(default)]
+    pub request_overhead_us: f64,
     /// KV blocks in the pool, and tokens per block (`None`: the engine's defaults).
     #[serde(default)]
     pub num_gpu_blocks: Option<usize>,
@@ -267,6 +272,7 @@ impl SimProfile {
             prefill_us_per_token: l.prefill_us_per_token,
             decode_us_per_seq: l.decode_us_per_seq,
             decode_us_per_ctx_token: l.decode_us_per_ctx_token,
+            request_overhead_us: 0.0,
             num_gpu_blocks: None,
             block_size: None,
             fit: None,
@@ -292,6 +298,7 @@ impl SimProfile {
             p.prefill_us_per_token,
             p.decode_us_per_seq,
             p.decode_us_per_ctx_token,
+            p.request_overhead_us,
         ];
         if costs.iter().any(|c| !c.is_finite() || *c < 0.0) {
             return Err(format!(
