@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Serialize;
+use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
@@ -51,6 +52,9 @@ struct ChatBody<'a> {
     stream: bool,
     stream_options: StreamOptions,
     ignore_eos: bool,
+    /// `--extra-body`'s fields.
+    #[serde(flatten)]
+    extra: Option<&'a Map<String, Value>>,
 }
 
 #[derive(Serialize)]
@@ -61,9 +65,17 @@ struct CompletionBody<'a> {
     stream: bool,
     stream_options: StreamOptions,
     ignore_eos: bool,
+    /// `--extra-body`'s fields.
+    #[serde(flatten)]
+    extra: Option<&'a Map<String, Value>>,
 }
 
-fn chat_body(model: &str, messages: &[Msg<'_>], max_tokens: usize) -> Bytes {
+fn chat_body(
+    model: &str,
+    messages: &[Msg<'_>],
+    max_tokens: usize,
+    extra: Option<&Map<String, Value>>,
+) -> Bytes {
     let b = ChatBody {
         model,
         messages,
@@ -73,11 +85,18 @@ fn chat_body(model: &str, messages: &[Msg<'_>], max_tokens: usize) -> Bytes {
             include_usage: true,
         },
         ignore_eos: true,
+        extra,
     };
     Bytes::from(serde_json::to_vec(&b).expect("serializable"))
 }
 
-fn prompt_body(api: Api, model: &str, prompt: &str, max_tokens: usize) -> (&'static str, Bytes) {
+fn prompt_body(
+    api: Api,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+    extra: Option<&Map<String, Value>>,
+) -> (&'static str, Bytes) {
     match api {
         Api::Chat => (
             "/v1/chat/completions",
@@ -88,6 +107,7 @@ fn prompt_body(api: Api, model: &str, prompt: &str, max_tokens: usize) -> (&'sta
                     content: prompt,
                 }],
                 max_tokens,
+                extra,
             ),
         ),
         Api::Completions => {
@@ -100,6 +120,7 @@ fn prompt_body(api: Api, model: &str, prompt: &str, max_tokens: usize) -> (&'sta
                     include_usage: true,
                 },
                 ignore_eos: true,
+                extra,
             };
             (
                 "/v1/completions",
@@ -329,7 +350,7 @@ pub async fn random(a: &RandomArgs) -> anyhow::Result<Report> {
         let input = sample_len(&mut lengths, a.input_len, a.range_ratio, a.length_dist);
         let output = sample_len(&mut lengths, a.output_len, a.range_ratio, a.length_dist);
         let prompt = words(&mut Rng::derive(a.common.seed, S_REQUEST + i as u64), input);
-        prompt_body(a.api, &model, &prompt, output)
+        prompt_body(a.api, &model, &prompt, output, a.common.extra_body.as_ref())
     })
     .await;
     let (load, value) = load_label(&a.load);
@@ -379,7 +400,13 @@ pub async fn shared_prefix(a: &SharedPrefixArgs) -> anyhow::Result<Report> {
             a.suffix_len,
             &mut prompt,
         );
-        prompt_body(a.api, &model, &prompt, a.output_len)
+        prompt_body(
+            a.api,
+            &model,
+            &prompt,
+            a.output_len,
+            a.common.extra_body.as_ref(),
+        )
     })
     .await;
     let (load, value) = load_label(&a.load);
@@ -435,7 +462,12 @@ impl Session {
                     content: &self.system,
                 });
                 msgs.extend(own.iter().map(|(role, content)| Msg { role, content }));
-                chat_body(&self.model, &msgs, a.answer_len)
+                chat_body(
+                    &self.model,
+                    &msgs,
+                    a.answer_len,
+                    a.common.extra_body.as_ref(),
+                )
             };
             let sent = Instant::now();
             let guard = self.rec.begin();
@@ -548,4 +580,41 @@ pub async fn multi_round(a: &MultiRoundArgs) -> anyhow::Result<Report> {
         &a.common,
         &rec,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(b: &Bytes) -> Value {
+        serde_json::from_slice(b).expect("JSON body")
+    }
+
+    #[test]
+    fn extra_body_fields_join_every_request_body() {
+        let extra: Map<String, Value> =
+            serde_json::from_str(r#"{"lora": [{"id": 2, "scale": 1.0}]}"#).expect("object");
+        for api in [Api::Chat, Api::Completions] {
+            let (_, plain) = prompt_body(api, "m", "hi", 4, None);
+            let (path, with) = prompt_body(api, "m", "hi", 4, Some(&extra));
+            let (plain, with) = (json(&plain), json(&with));
+            assert!(plain.get("lora").is_none(), "{path}: {plain}");
+            assert_eq!(with["lora"], extra["lora"], "{path}");
+            let mut rest = with.as_object().expect("object").clone();
+            rest.remove("lora");
+            assert_eq!(
+                Value::Object(rest),
+                plain,
+                "{path}: the other fields are unchanged"
+            );
+        }
+        let msgs = [Msg {
+            role: "user",
+            content: "hi",
+        }];
+        assert_eq!(
+            json(&chat_body("m", &msgs, 4, Some(&extra)))["lora"][0]["id"],
+            2
+        );
+    }
 }
