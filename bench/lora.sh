@@ -11,7 +11,8 @@
 # targets TARGETS), loaded at start with --lora-modules; --max-loras is the largest setup,
 # so no request waits for an adapter slot. Each setup runs one `switchyard bench random`
 # client per model (STREAMS / models streams each) for TIME seconds; the report sums their
-# output tokens and divides by the longest client's duration.
+# output tokens and divides by the longest client's duration ("failed" counts requests that
+# failed or were still unfinished after the clients' drain timeout).
 #
 # Side by side (PEERS=llama-server, the default): llama.cpp's own server
 # (scripts/setup-llama-cpp.sh builds it, as bench/engine-cpu.sh uses it; -t 2 -tb 2,
@@ -111,7 +112,8 @@ run_setup() { # tag n url
       --no-progress --output "$OUT_DIR/$tag-$n-$m.json" >/dev/null 2>"$OUT_DIR/$tag-$n-$m.err" &
     pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p"; done
+  # A client whose requests all stay unfinished exits non-zero; its setup reports 0 tok/s.
+  for p in "${pids[@]}"; do wait "$p" || echo "$tag, $n adapters: a client failed (see $OUT_DIR/$tag-$n-*.err)" >&2; done
 }
 
 for n in $SETUPS; do run_setup switchyard "$n" "$URL"; done
@@ -165,8 +167,9 @@ for t in tags:
             continue
         tokens = sum(r["tokens"]["output_total"] for r in reports)
         dur = max(r["duration_s"] for r in reports)
-        failed = sum(r["requests"]["failed"] for r in reports)
-        rows[t, n] = (tokens / dur, failed)
+        # failed, and still unfinished when the drain timeout ran out
+        failed = sum(r["requests"]["failed"] + r["requests"]["unfinished"] for r in reports)
+        rows[t, n] = (tokens / dur if dur > 0 else 0.0, failed)
 head = f"{'adapters':>8} {'streams':>7}"
 for t in tags:
     head += f" {t + ' tok/s':>18} {'vs base':>8} {'failed':>6}"
