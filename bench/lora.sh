@@ -64,7 +64,8 @@ cleanup() {
   [ -n "$LPID" ] && kill "$LPID" 2>/dev/null
   true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 max=0
 for n in $SETUPS; do [ "$n" -gt "$max" ] && max=$n; done
