@@ -20,6 +20,17 @@ Defaults are SmolLM2-135M's shapes (the engine's default model): 30 layers, hidd
 
     python3 scripts/make-lora-adapter.py --out /tmp/sql-lora --seed 1 --rank 8 \\
         --targets q_proj,v_proj --scale 0.1
+
+`--gguf FILE` also writes the same adapter as llama.cpp's LoRA GGUF, what its
+`convert_lora_to_gguf.py` writes from the folder (default `--outtype f32`), for
+`llama-server --lora FILE`: GGUF v3, `general.architecture = llama`, `general.type =
+adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and per layer and target
+`blk.{i}.{attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down}.weight.lora_a`
+(numpy shape [r, in], so GGUF dims [in, r]) and `.lora_b` ([out, r], dims [r, out]), F32.
+As the converter does for the base model's weights (LlamaModel.permute, applied to the
+LoRA pair's B through LoraTorchTensor), the rows of q_proj's and k_proj's B are permuted
+from Hugging Face's rotary order to the GGUF's: within each head of d rows (k: each KV
+head), row `two*(d/2) + i` moves to `2*i + two`.
 """
 
 import argparse
@@ -68,6 +79,69 @@ def write_safetensors(path, tensors):
     os.replace(tmp, path)
 
 
+def permute_rows(b, heads, r):
+    """llama.cpp's LlamaModel.permute of a [out, r] matrix (flat, row-major): per head,
+    reshape(2, d/2) -> swapaxes -> (d/2, 2), so row two*(d/2) + i goes to 2*i + two."""
+    rows = len(b) // r
+    d = rows // heads
+    half = d // 2
+    out = [0.0] * len(b)
+    for h in range(heads):
+        for two in range(2):
+            for i in range(half):
+                src = (h * d + two * half + i) * r
+                dst = (h * d + 2 * i + two) * r
+                out[dst:dst + r] = b[src:src + r]
+    return out
+
+
+GGUF_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+
+
+def write_gguf(path, alpha, name, tensors):
+    """tensors: list of (name, numpy-order shape, flat list of floats), written as F32 in
+    a GGUF v3 file (32-byte alignment, dims reversed as ggml's ne)."""
+
+    def string(v):
+        raw = v.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    kv = [
+        ("general.architecture", 8, string("llama")),
+        ("general.type", 8, string("adapter")),
+        ("general.name", 8, string(name)),
+        ("general.quantization_version", 4, struct.pack("<I", 2)),
+        ("adapter.type", 8, string("lora")),
+        ("adapter.lora.alpha", 6, struct.pack("<f", alpha)),
+    ]
+    align = 32
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    for key, ty, val in kv:
+        head += string(key) + struct.pack("<I", ty) + val
+    offset = 0
+    for tname, shape, values in tensors:
+        head += string(tname) + struct.pack("<I", len(shape))
+        head += b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        head += struct.pack("<IQ", 0, offset)  # GGML_TYPE_F32
+        offset += -(-len(values) * 4 // align) * align
+    head += b"\0" * (-len(head) % align)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(head)
+        for _, _, values in tensors:
+            raw = struct.pack("<%df" % len(values), *values)
+            f.write(raw + b"\0" * (-len(raw) % align))
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write (created if missing)")
@@ -83,6 +157,7 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--ffn", type=int, default=1536)
     p.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    p.add_argument("--gguf", help="also write the adapter as llama.cpp's LoRA GGUF here")
     args = p.parse_args(argv)
 
     targets = list(ATTN + MLP) if args.targets == "all" else [t for t in args.targets.split(",") if t]
@@ -97,6 +172,7 @@ def main(argv=None):
     dims = shapes(args)
     r = args.rank
     tensors = []
+    gguf_tensors = []
     for layer in range(args.layers):
         for t in targets:
             inp, out = dims[t]
@@ -108,6 +184,14 @@ def main(argv=None):
             b = [rng.gauss(0.0, sb) for _ in range(out * r)]
             tensors.append((prefix + ".lora_A.weight", (r, inp), a))
             tensors.append((prefix + ".lora_B.weight", (out, r), b))
+            if args.gguf:
+                if t == "q_proj":
+                    b = permute_rows(b, args.heads, r)
+                elif t == "k_proj":
+                    b = permute_rows(b, args.kv_heads, r)
+                base = "blk.%d.%s.weight" % (layer, GGUF_NAMES[t])
+                gguf_tensors.append((base + ".lora_a", (r, inp), a))
+                gguf_tensors.append((base + ".lora_b", (out, r), b))
 
     os.makedirs(args.out, exist_ok=True)
     config = {
@@ -130,6 +214,8 @@ def main(argv=None):
         json.dump(config, f, indent=2)
         f.write("\n")
     write_safetensors(os.path.join(args.out, "adapter_model.safetensors"), tensors)
+    if args.gguf:
+        write_gguf(args.gguf, alpha, "random-lora-seed%d" % args.seed, gguf_tensors)
     return 0
 
 

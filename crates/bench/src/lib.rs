@@ -82,6 +82,34 @@ pub struct CommonArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub no_progress: bool,
+    /// A JSON object whose fields are added to every request's body, for a server's own
+    /// parameters (llama-server's per-request adapters: `'{"lora": [{"id": 0, "scale":
+    /// 1.0}]}'`). Fields the client sets itself (model, messages, prompt, max_tokens,
+    /// stream, stream_options, ignore_eos) are refused.
+    #[arg(long, value_parser = parse_extra_body)]
+    pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The request fields the client sets itself.
+const OWN_FIELDS: [&str; 7] = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "stream",
+    "stream_options",
+    "ignore_eos",
+];
+
+fn parse_extra_body(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))?;
+    let serde_json::Value::Object(m) = v else {
+        return Err("not a JSON object".into());
+    };
+    if let Some(k) = m.keys().find(|k| OWN_FIELDS.contains(&k.as_str())) {
+        return Err(format!("`{k}` is set by the client itself"));
+    }
+    Ok(m)
 }
 
 /// How requests arrive in the open-loop workloads.
@@ -263,4 +291,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 pub(crate) fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.clamp(0.0, 1e9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_body_is_an_object_without_the_clients_own_fields() {
+        let m = parse_extra_body(r#"{"lora": [{"id": 1, "scale": 1.0}], "top_k": 1}"#)
+            .expect("an object");
+        assert_eq!(m["lora"][0]["id"], 1);
+        assert_eq!(m.len(), 2);
+        assert!(parse_extra_body("[1]").is_err());
+        assert!(parse_extra_body("{").is_err());
+        let e = parse_extra_body(r#"{"lora": [], "max_tokens": 3}"#).expect_err("own field");
+        assert!(e.contains("max_tokens"), "{e}");
+    }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Serialize;
+use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
@@ -52,6 +53,9 @@ struct ChatBody<'a> {
     stream: bool,
     stream_options: StreamOptions,
     ignore_eos: bool,
+    /// `--extra-body`'s fields.
+    #[serde(flatten)]
+    extra: Option<&'a Map<String, Value>>,
 }
 
 #[derive(Serialize)]
@@ -62,9 +66,17 @@ struct CompletionBody<'a> {
     stream: bool,
     stream_options: StreamOptions,
     ignore_eos: bool,
+    /// `--extra-body`'s fields.
+    #[serde(flatten)]
+    extra: Option<&'a Map<String, Value>>,
 }
 
-fn chat_body(model: &str, messages: &[Msg<'_>], max_tokens: usize) -> Bytes {
+fn chat_body(
+    model: &str,
+    messages: &[Msg<'_>],
+    max_tokens: usize,
+    extra: Option<&Map<String, Value>>,
+) -> Bytes {
     let b = ChatBody {
         model,
         messages,
@@ -74,11 +86,18 @@ fn chat_body(model: &str, messages: &[Msg<'_>], max_tokens: usize) -> Bytes {
             include_usage: true,
         },
         ignore_eos: true,
+        extra,
     };
     Bytes::from(serde_json::to_vec(&b).expect("serializable"))
 }
 
-fn prompt_body(api: Api, model: &str, prompt: &str, max_tokens: usize) -> (&'static str, Bytes) {
+fn prompt_body(
+    api: Api,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+    extra: Option<&Map<String, Value>>,
+) -> (&'static str, Bytes) {
     match api {
         Api::Chat => (
             "/v1/chat/completions",
@@ -89,6 +108,7 @@ fn prompt_body(api: Api, model: &str, prompt: &str, max_tokens: usize) -> (&'sta
                     content: prompt,
                 }],
                 max_tokens,
+                extra,
             ),
         ),
         Api::Completions => {
@@ -101,6 +121,7 @@ fn prompt_body(api: Api, model: &str, prompt: &str, max_tokens: usize) -> (&'sta
                     include_usage: true,
                 },
                 ignore_eos: true,
+                extra,
             };
             (
                 "/v1/completions",
@@ -340,7 +361,7 @@ pub async fn random_on(target: &Target, model: String, a: &RandomArgs) -> anyhow
         let input = sample_len(&mut lengths, a.input_len, a.range_ratio, a.length_dist);
         let output = sample_len(&mut lengths, a.output_len, a.range_ratio, a.length_dist);
         let prompt = words(&mut Rng::derive(a.common.seed, S_REQUEST + i as u64), input);
-        prompt_body(a.api, &model, &prompt, output)
+        prompt_body(a.api, &model, &prompt, output, a.common.extra_body.as_ref())
     })
     .await;
     let (load, value) = load_label(&a.load);
@@ -399,7 +420,13 @@ pub async fn shared_prefix_on(
             a.suffix_len,
             &mut prompt,
         );
-        prompt_body(a.api, &model, &prompt, a.output_len)
+        prompt_body(
+            a.api,
+            &model,
+            &prompt,
+            a.output_len,
+            a.common.extra_body.as_ref(),
+        )
     })
     .await;
     let (load, value) = load_label(&a.load);
@@ -455,7 +482,12 @@ impl Session {
                     content: &self.system,
                 });
                 msgs.extend(own.iter().map(|(role, content)| Msg { role, content }));
-                chat_body(&self.model, &msgs, a.answer_len)
+                chat_body(
+                    &self.model,
+                    &msgs,
+                    a.answer_len,
+                    a.common.extra_body.as_ref(),
+                )
             };
             let sent = Instant::now();
             let guard = self.rec.begin();
@@ -655,7 +687,13 @@ pub async fn trace_on(
                 n.unwrap_or(1),
             ),
         };
-        let (path, body) = prompt_body(a.api, &model, &prompt, e.output_tokens.max(1));
+        let (path, body) = prompt_body(
+            a.api,
+            &model,
+            &prompt,
+            e.output_tokens.max(1),
+            a.common.extra_body.as_ref(),
+        );
         let (t, r, user) = (target.clone(), rec.clone(), e.session_id.clone());
         let guard = rec.begin();
         set.spawn(async move {
@@ -679,4 +717,41 @@ pub async fn trace_on(
         &a.common,
         &rec,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(b: &Bytes) -> Value {
+        serde_json::from_slice(b).expect("JSON body")
+    }
+
+    #[test]
+    fn extra_body_fields_join_every_request_body() {
+        let extra: Map<String, Value> =
+            serde_json::from_str(r#"{"lora": [{"id": 2, "scale": 1.0}]}"#).expect("object");
+        for api in [Api::Chat, Api::Completions] {
+            let (_, plain) = prompt_body(api, "m", "hi", 4, None);
+            let (path, with) = prompt_body(api, "m", "hi", 4, Some(&extra));
+            let (plain, with) = (json(&plain), json(&with));
+            assert!(plain.get("lora").is_none(), "{path}: {plain}");
+            assert_eq!(with["lora"], extra["lora"], "{path}");
+            let mut rest = with.as_object().expect("object").clone();
+            rest.remove("lora");
+            assert_eq!(
+                Value::Object(rest),
+                plain,
+                "{path}: the other fields are unchanged"
+            );
+        }
+        let msgs = [Msg {
+            role: "user",
+            content: "hi",
+        }];
+        assert_eq!(
+            json(&chat_body("m", &msgs, 4, Some(&extra)))["lora"][0]["id"],
+            2
+        );
+    }
 }

@@ -282,53 +282,80 @@ mod forward {
     fn check_greedy(be: &mut GgufBackend, fx: &Value, stops: &[u32]) -> Vec<usize> {
         let max_new = fx["max_new"].as_u64().expect("max_new") as usize;
         let cases = fx["cases"].as_array().expect("cases");
-        let mut compared = vec![0; cases.len()];
         let mut first_block = 0u32;
-        for (i, case) in cases.iter().enumerate() {
-            let prompt = ids(&case["prompt_ids"]);
-            let want = ids(&case["output_ids"]);
-            // Per step: every token llama.cpp scored within NEAR_TIE of its best.
-            let near: Vec<Vec<u32>> = case["near"]
-                .as_array()
-                .expect("near")
-                .iter()
-                .map(ids)
-                .collect();
-            let margins: Vec<f64> = case["margins"]
-                .as_array()
-                .expect("margins")
-                .iter()
-                .map(|m| m.as_f64().expect("margin"))
-                .collect();
-            let mut s = [seq(&prompt, first_block, max_new)];
-            first_block += s[0].blocks.len() as u32;
-            run_until(be, &mut s, max_new, 512, stops);
-            let got = &s[0].tokens[prompt.len()..];
-            for (j, w) in want.iter().enumerate() {
-                let g = got.get(j).copied();
-                if margins[j] < NEAR_TIE {
-                    // A near-tie: llama.cpp's best or any token it scored within NEAR_TIE
-                    // of it is right; past it the texts may part.
-                    assert!(
-                        g == Some(*w) || g.is_some_and(|g| near[j].contains(&g)),
-                        "case {i} token {j}: {g:?} is neither {w} nor one of {:?} ({case})",
+        cases
+            .iter()
+            .enumerate()
+            .map(|(i, case)| {
+                let prompt = ids(&case["prompt_ids"]);
+                compare_greedy(be, &prompt, case, max_new, &mut first_block, stops, None)
+                    .unwrap_or_else(|e| panic!("case {i}: {e} ({case})"))
+            })
+            .collect()
+    }
+
+    /// Greedy-decode `prompt` alone (under `lora`, from block `*first_block` on, which
+    /// it then advances past the blocks used) and compare with llama.cpp's continuation
+    /// `want` (`output_ids`, `margins`, `near` as `make_greedy.py` writes them, and
+    /// optionally the `near_tie` threshold `near` was recorded with) up to the
+    /// first near-tie: how many tokens agreed, or the first token that differs where
+    /// llama.cpp's choice was clear.
+    fn compare_greedy(
+        be: &mut GgufBackend,
+        prompt: &[u32],
+        want: &Value,
+        max_new: usize,
+        first_block: &mut u32,
+        stops: &[u32],
+        lora: Option<std::sync::Arc<switchyard_engine::lora::Adapter>>,
+    ) -> Result<usize, String> {
+        let expected = ids(&want["output_ids"]);
+        // Per step: every token llama.cpp scored within the near-tie threshold of its best
+        // (`near_tie` where the fixture gives one, else NEAR_TIE).
+        let near: Vec<Vec<u32>> = want["near"]
+            .as_array()
+            .expect("near")
+            .iter()
+            .map(ids)
+            .collect();
+        let margins: Vec<f64> = want["margins"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .map(|m| m.as_f64().expect("margin"))
+            .collect();
+        let near_tie = want["near_tie"].as_f64().unwrap_or(NEAR_TIE);
+        let mut s = [Seq {
+            lora,
+            ..seq(prompt, *first_block, max_new)
+        }];
+        *first_block += s[0].blocks.len() as u32;
+        run_until(be, &mut s, max_new, 512, stops);
+        let got = &s[0].tokens[prompt.len()..];
+        let mut compared = 0;
+        for (j, w) in expected.iter().enumerate() {
+            let g = got.get(j).copied();
+            if margins[j] < near_tie {
+                // A near-tie: llama.cpp's best or any token it scored within the
+                // threshold of it is right; past it the texts may part.
+                if !(g == Some(*w) || g.is_some_and(|g| near[j].contains(&g))) {
+                    return Err(format!(
+                        "token {j}: {g:?} is neither {w} nor one of {:?}",
                         near[j]
-                    );
-                    if g != Some(*w) {
-                        break;
-                    }
-                } else {
-                    assert_eq!(
-                        g,
-                        Some(*w),
-                        "case {i} token {j} (margin {}): got {got:?}",
-                        margins[j]
-                    );
+                    ));
                 }
-                compared[i] += 1;
+                if g != Some(*w) {
+                    break;
+                }
+            } else if g != Some(*w) {
+                return Err(format!(
+                    "token {j} (margin {}): got {got:?}, llama.cpp {expected:?}",
+                    margins[j]
+                ));
             }
+            compared += 1;
         }
-        compared
+        Ok(compared)
     }
 
     /// 16 prompts of different lengths (a shared system prompt, then different tails).
@@ -509,6 +536,249 @@ mod forward {
             }];
             run(be, &mut s, max_new, 4096);
             s[0].tokens[prompt.len()..].to_vec()
+        }
+
+        /// The script's adapter written with `args` both as a PEFT folder and (`--gguf`) as
+        /// llama.cpp's LoRA GGUF: (folder, file).
+        fn make_adapter_files(tag: &str, args: &[String]) -> (PathBuf, PathBuf) {
+            let base = std::env::temp_dir().join(format!("sy-lora-{}-{tag}", std::process::id()));
+            let gguf = base.with_extension("gguf");
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../scripts/make-lora-adapter.py");
+            let status = std::process::Command::new("python3")
+                .arg(&script)
+                .arg("--out")
+                .arg(&base)
+                .arg("--gguf")
+                .arg(&gguf)
+                .args(args)
+                .status()
+                .expect("python3 runs");
+            assert!(status.success(), "{} failed", script.display());
+            (base, gguf)
+        }
+
+        fn sha256(path: &std::path::Path) -> String {
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
+                ])
+                .arg(path)
+                .output()
+                .expect("python3 runs");
+            assert!(out.status.success());
+            String::from_utf8(out.stdout)
+                .expect("hex")
+                .trim()
+                .to_string()
+        }
+
+        /// Teacher forcing on llama.cpp's continuation `want` of `prompt`: one prefill of
+        /// the prompt and `want`'s tokens, every row under `lora` on the f32 kernel (measured
+        /// closest to llama-server here: on the base model 145 of 152 best tokens equal,
+        /// the others near-ties under 0.4; on the Q8_0 kernel one position is 1.0 off), and at
+        /// each generated position the engine's best token must be llama.cpp's, or where
+        /// llama.cpp's margin is under `want`'s near-tie threshold one of the tokens it
+        /// scored that close. Every position is compared, not just those before the texts
+        /// part. Returns (positions whose best token is llama.cpp's, positions), or the
+        /// first clear disagreement.
+        fn teacher_forced(
+            m: &Model,
+            prompt: &[u32],
+            want: &Value,
+            lora: Option<&LoraWeights>,
+        ) -> Result<(usize, usize), String> {
+            let out = ids(&want["output_ids"]);
+            let margins = want["margins"].as_array().expect("margins");
+            let near: Vec<Vec<u32>> = want["near"]
+                .as_array()
+                .expect("near")
+                .iter()
+                .map(ids)
+                .collect();
+            let near_tie = want["near_tie"].as_f64().expect("near_tie");
+            let tokens: Vec<u32> = prompt
+                .iter()
+                .chain(&out[..out.len() - 1])
+                .copied()
+                .collect();
+            let c = &m.cfg;
+            let blocks: Vec<u32> = (0..tokens.len().div_ceil(BS) as u32).collect();
+            let mut cache = KvCache::new(c.n_layers, blocks.len(), BS, c.n_kv_heads, c.head_dim);
+            let rows: Vec<RowInfo<'_>> = (0..tokens.len())
+                .map(|pos| RowInfo {
+                    pos,
+                    blocks: &blocks,
+                })
+                .collect();
+            let groups: Vec<LoraGroup<'_>> = lora
+                .map(|weights| LoraGroup {
+                    weights,
+                    rows: (0..tokens.len()).collect(),
+                })
+                .into_iter()
+                .collect();
+            let plan = Plan {
+                split: usize::MAX,
+                first: Kernel::F32,
+                rest: Kernel::F32,
+            };
+            let sample: Vec<usize> = (prompt.len() - 1..tokens.len()).collect();
+            let logits = m
+                .forward(&mut cache, &tokens, &rows, &sample, plan, &groups)
+                .expect("forward");
+            let vocab = logits.len() / sample.len();
+            let mut exact = 0;
+            for (j, (&w, row)) in out.iter().zip(logits.chunks(vocab)).enumerate() {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                    )
+                    .0 as u32;
+                let margin = margins[j].as_f64().expect("margin");
+                if best == w {
+                    exact += 1;
+                } else if margin >= near_tie || !near[j].contains(&best) {
+                    return Err(format!(
+                        "position {j}: best {best} ({}), llama.cpp {w} ({}) by a margin of {margin}",
+                        row[best as usize], row[w as usize]
+                    ));
+                }
+            }
+            Ok((exact, out.len()))
+        }
+
+        /// llama.cpp applying an adapter itself (`llama-server --lora`, the adapter as the
+        /// LoRA GGUF that `convert_lora_to_gguf.py` writes, its q/k rows of B permuted into
+        /// the GGUF's rotary order) and the engine agree on greedy tokens
+        /// (`tests/fixtures/gguf/make_lora_greedy.py` recorded llama.cpp's; the command is in
+        /// the fixture): the engine reads each adapter from its PEFT folder (permuting q/k
+        /// itself) and from the very GGUF file llama-server loaded (same sha256), and both
+        /// decode llama.cpp's tokens up to near-ties, and pick llama.cpp's token at every
+        /// position of its continuation fed back (teacher forcing), near-ties excepted.
+        /// Each adapter changes llama.cpp's output, so agreeing is not agreeing with the
+        /// base model; and the q/k adapter read without the permutation clearly disagrees
+        /// with llama.cpp (what a wrong row order looks like: the check can fail).
+        #[test]
+        fn adapters_give_llama_cpp_greedy_output_up_to_near_ties() {
+            let fx = fixture("gguf/lora_greedy.json");
+            assert_eq!(fx["model"], "SmolLM2-135M-Instruct.Q4_1.gguf");
+            let max_new = fx["max_new"].as_u64().expect("max_new") as usize;
+            let cases = fx["cases"].as_array().expect("cases");
+            let m = Model::load(&Gguf::open(&model()).expect("header")).expect("weights");
+            let mut be = backend();
+            let reg = registry(be.config());
+            let mut geometry = be.config().lora_geometry();
+            assert!(
+                geometry.permute_qk,
+                "SmolLM2's GGUF has llama.cpp's q/k row order"
+            );
+            geometry.permute_qk = false;
+            let unpermuted = Registry::new(LoraConfig {
+                max_loras: 4,
+                max_lora_rank: 64,
+                max_cpu_loras: 8,
+                geometry: Some(geometry),
+            });
+            let mut block = 0u32;
+            let stops = [2, 0];
+            let (mut free, mut exact, mut total) = (0, 0, 0);
+            for (i, case) in cases.iter().enumerate() {
+                let prompt = ids(&case["prompt_ids"]);
+                let want = &case["base"];
+                free += compare_greedy(&mut be, &prompt, want, max_new, &mut block, &stops, None)
+                    .unwrap_or_else(|e| panic!("case {i}, base model: {e}"));
+                let (e, t) = teacher_forced(&m, &prompt, want, None)
+                    .unwrap_or_else(|e| panic!("case {i}, base model, teacher forced: {e}"));
+                (exact, total) = (exact + e, total + t);
+            }
+            eprintln!("base model: {free} tokens decoded alike; teacher forced, {exact} of {total} best tokens equal");
+            assert!(exact * 10 >= total * 9, "base model: {exact} of {total}");
+            for (k, a) in fx["adapters"]
+                .as_array()
+                .expect("adapters")
+                .iter()
+                .enumerate()
+            {
+                let name = a["name"].as_str().expect("name");
+                let args: Vec<String> = a["args"]
+                    .as_array()
+                    .expect("args")
+                    .iter()
+                    .map(|v| v.as_str().expect("arg").to_string())
+                    .collect();
+                let (dir, gguf) = make_adapter_files(name, &args);
+                assert_eq!(
+                    sha256(&gguf),
+                    a["gguf_sha256"].as_str().expect("sha256"),
+                    "{name}: the script no longer writes the adapter llama-server loaded"
+                );
+                let path = |p: &PathBuf| p.to_str().expect("utf-8 path").to_string();
+                let loaded = [
+                    ("PEFT", reg.load(&format!("{name}-peft"), &path(&dir))),
+                    ("GGUF", reg.load(&format!("{name}-gguf"), &path(&gguf))),
+                ];
+                let wrong = unpermuted.load(name, &path(&dir)).expect("unpermuted");
+                std::fs::remove_dir_all(&dir).ok();
+                std::fs::remove_file(&gguf).ok();
+                let (mut free, mut exact, mut total, mut wrong_exact, mut wrong_parted) =
+                    (0, 0, 0, 0, 0);
+                for (i, case) in cases.iter().enumerate() {
+                    let prompt = ids(&case["prompt_ids"]);
+                    let want = &case["adapters"][k];
+                    assert_ne!(
+                        want["output_ids"], case["base"]["output_ids"],
+                        "case {i}: adapter {name} changes llama.cpp's output"
+                    );
+                    for (how, adapter) in &loaded {
+                        let adapter = adapter
+                            .as_ref()
+                            .unwrap_or_else(|e| panic!("{name} from {how}: {e}"));
+                        free += compare_greedy(
+                            &mut be,
+                            &prompt,
+                            want,
+                            max_new,
+                            &mut block,
+                            &stops,
+                            Some(adapter.clone()),
+                        )
+                        .unwrap_or_else(|e| panic!("case {i}, adapter {name} from {how}: {e}"));
+                        let (e, t) = teacher_forced(&m, &prompt, want, adapter.weights.as_ref())
+                            .unwrap_or_else(|e| {
+                                panic!("case {i}, adapter {name} from {how}, teacher forced: {e}")
+                            });
+                        (exact, total) = (exact + e, total + t);
+                    }
+                    match teacher_forced(&m, &prompt, want, wrong.weights.as_ref()) {
+                        Ok((e, _)) => wrong_exact += e,
+                        Err(e) => {
+                            eprintln!("case {i}, adapter {name} without the q/k permutation: {e}");
+                            wrong_parted += 1
+                        }
+                    }
+                }
+                eprintln!(
+                    "adapter {name}: {free} tokens decoded alike; teacher forced, {exact} of \
+                     {total} best tokens equal; without the q/k permutation {wrong_parted} of \
+                     {} cases clearly disagree ({wrong_exact} best tokens equal in the others)",
+                    cases.len()
+                );
+                assert!(
+                    exact * 10 >= total * 9,
+                    "adapter {name}: {exact} of {total}"
+                );
+                if args.iter().any(|a| a.contains("k_proj")) {
+                    assert!(
+                        wrong_parted * 2 > cases.len(),
+                        "adapter {name} without the q/k permutation: only {wrong_parted} cases clearly disagree with llama.cpp"
+                    );
+                }
+            }
         }
 
         /// The engine's adapter, applied per row and never merged, gives the output of

@@ -59,6 +59,7 @@ impl Workload {
             drain_timeout: 600.0,
             api_key: None,
             no_progress: true,
+            extra_body: None,
         }
     }
 
