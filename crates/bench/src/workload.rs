@@ -728,6 +728,39 @@ mod tests {
     }
 
     #[test]
+    fn a_trace_is_read_sorted_and_bad_lines_are_named() {
+        let dir = std::env::temp_dir().join(format!("sy-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("t.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"timestamp": 12.5, "prompt": "hello there", "output_tokens": 4, "session_id": "u1"}"#,
+                "\n\n",
+                r#"{"timestamp": 10, "prompt_tokens": 300, "output_tokens": 20}"#,
+                "\n"
+            ),
+        )
+        .expect("write");
+        let t = read_trace(&path).expect("valid trace");
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].timestamp, t[0].prompt_tokens), (10.0, Some(300)));
+        assert_eq!(t[1].session_id.as_deref(), Some("u1"));
+        std::fs::write(
+            &path,
+            "{\"timestamp\": 1, \"prompt\": \"a\", \"output_tokens\": 1}\nnot json\n",
+        )
+        .expect("write");
+        let e = read_trace(&path).expect_err("bad line").to_string();
+        assert!(e.contains("t.jsonl:2"), "{e}");
+        std::fs::write(&path, "{\"timestamp\": 1, \"output_tokens\": 1}\n").expect("write");
+        assert!(read_trace(&path).is_err(), "no prompt");
+        std::fs::write(&path, "").expect("write");
+        assert!(read_trace(&path).is_err(), "empty");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn extra_body_fields_join_every_request_body() {
         let extra: Map<String, Value> =
             serde_json::from_str(r#"{"lora": [{"id": 2, "scale": 1.0}]}"#).expect("object");

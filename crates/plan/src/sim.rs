@@ -173,3 +173,84 @@ pub fn routing_name(r: router::config::RoutingLogic) -> String {
         .map(|v| v.get_name().to_string())
         .unwrap_or_else(|| format!("{r:?}").to_lowercase())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::backend::sim::SimProfile;
+    use router::config::{PrefixSettings, RoutingLogic};
+
+    /// A trace's arrivals replay at their times in virtual time: every request served,
+    /// the run as long as the trace, each TTFT the model's (nothing queues at this rate),
+    /// and a session's requests all on one engine.
+    #[test]
+    fn a_trace_replays_in_virtual_time() {
+        let dir = std::env::temp_dir().join(format!("sy-plan-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("trace.jsonl");
+        let lines: Vec<String> = (0..30)
+            .map(|i| {
+                format!(
+                    r#"{{"timestamp": {}, "prompt_tokens": 100, "output_tokens": 10, "session_id": "s{}"}}"#,
+                    1000.0 + 10.0 * i as f64,
+                    i % 2
+                )
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n")).expect("write");
+        let args = WorkloadArgs {
+            workload: WorkloadKind::Trace,
+            duration: 1000.0,
+            qps: 1.0,
+            num_users: 1,
+            num_rounds: 1,
+            shared_system_prompt: 0,
+            user_history_prompt: 0,
+            question_len: 1,
+            output_len: 1,
+            input_len: 1,
+            trace: Some(path),
+            speedup: 1.0,
+            seed: 1,
+        };
+        let workload = Workload::new(args).expect("workload");
+        let profile = SimProfile {
+            overhead_us: 20_000.0,
+            prefill_us_per_token: 40.0,
+            decode_us_per_seq: 1000.0,
+            decode_us_per_ctx_token: 0.0,
+            ..SimProfile::preset("zero").expect("preset")
+        };
+        let cfg = StackConfig {
+            engines: 2,
+            routing: RoutingLogic::Session,
+            profile,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            max_model_len: 8192,
+            block_size: 16,
+            num_blocks: 4096,
+            stats_interval: Duration::from_secs(15),
+            kv_overlap_weight: 16.0,
+            kv_min_match: 0.3,
+            prefix: PrefixSettings::default(),
+        };
+        let r = simulate(&cfg, &workload).expect("simulate");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            (r.report.requests.completed, r.report.requests.failed),
+            (30, 0)
+        );
+        assert!(r.simulated_s >= 290.0, "{}", r.simulated_s);
+        // The chat template adds a few tokens to the 100 words: 20 ms + ~4.4 ms.
+        let t = &r.report.ttft_ms;
+        assert!(t.min >= 23.0 && t.max <= 26.0, "{t:?}");
+        let mut routed = r.routed.clone();
+        routed.sort_unstable();
+        assert!(
+            routed == [15, 15] || routed == [0, 30],
+            "each session's requests on one engine: {:?}",
+            r.routed
+        );
+    }
+}
