@@ -161,6 +161,22 @@ impl Target {
         Ok(b.body(Full::new(body))?)
     }
 
+    /// `GET path` (at most 30 s): the body of a 2xx answer, else an error naming it.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
+        let req = self.request(Method::GET, path, Bytes::new(), None)?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("GET {path} timed out"))??;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(
+            status.is_success(),
+            "GET {path} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        Ok(body)
+    }
+
     /// The first model the server lists (`GET /v1/models`).
     pub async fn first_model(&self) -> anyhow::Result<String> {
         #[derive(Deserialize)]
@@ -171,17 +187,7 @@ impl Target {
         struct Card {
             id: String,
         }
-        let req = self.request(Method::GET, "/v1/models", Bytes::new(), None)?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
-            .await
-            .map_err(|_| anyhow::anyhow!("GET /v1/models timed out"))??;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        anyhow::ensure!(
-            status.is_success(),
-            "GET /v1/models answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let body = self.get("/v1/models").await?;
         let list: List = serde_json::from_slice(&body)?;
         list.data
             .into_iter()
@@ -199,27 +205,23 @@ impl Target {
         user: Option<&str>,
         keep_text: bool,
     ) -> Outcome {
-        if let Some(local) = &self.local {
-            let serving = local.serve(path, body, user, keep_text);
-            return match tokio::time::timeout(self.timeout, serving).await {
-                Ok(o) => o,
-                Err(_) => Outcome {
-                    e2e: self.timeout.as_secs_f64(),
-                    error: Some((
-                        ErrorKind::Timeout,
-                        format!("no complete answer within {:?}", self.timeout),
-                    )),
-                    ..Outcome::default()
-                },
-            };
-        }
         let start = crate::now();
         let mut o = Outcome::default();
-        let res = tokio::time::timeout(
-            self.timeout,
-            self.stream_inner(path, body, user, keep_text, start, &mut o),
-        )
-        .await;
+        let res = match &self.local {
+            Some(local) => {
+                let serving = local.serve(path, body, user, keep_text);
+                tokio::time::timeout(self.timeout, serving)
+                    .await
+                    .map(|served| {
+                        o = served;
+                        Ok(())
+                    })
+            }
+            None => {
+                let inner = self.stream_inner(path, body, user, keep_text, start, &mut o);
+                tokio::time::timeout(self.timeout, inner).await
+            }
+        };
         match res {
             Ok(Ok(())) => {}
             Ok(Err(f)) => o.error = Some(f),

@@ -483,10 +483,21 @@ mod forward {
         /// The last position's logits of `prompt`, one prefill pass on the f32 kernel,
         /// every row under `lora` when given.
         fn logits(m: &Model, prompt: &[u32], lora: Option<&LoraWeights>) -> Vec<f32> {
+            logits_at(m, prompt, lora, &[prompt.len() - 1])
+        }
+
+        /// The logits at each of `sample`'s positions of `tokens` (concatenated), one
+        /// prefill pass on the f32 kernel, every row under `lora` when given.
+        fn logits_at(
+            m: &Model,
+            tokens: &[u32],
+            lora: Option<&LoraWeights>,
+            sample: &[usize],
+        ) -> Vec<f32> {
             let c = &m.cfg;
-            let blocks: Vec<u32> = (0..prompt.len().div_ceil(BS) as u32).collect();
+            let blocks: Vec<u32> = (0..tokens.len().div_ceil(BS) as u32).collect();
             let mut cache = KvCache::new(c.n_layers, blocks.len(), BS, c.n_kv_heads, c.head_dim);
-            let rows: Vec<RowInfo<'_>> = (0..prompt.len())
+            let rows: Vec<RowInfo<'_>> = (0..tokens.len())
                 .map(|pos| RowInfo {
                     pos,
                     blocks: &blocks,
@@ -495,7 +506,7 @@ mod forward {
             let groups: Vec<LoraGroup<'_>> = lora
                 .map(|weights| LoraGroup {
                     weights,
-                    rows: (0..prompt.len()).collect(),
+                    rows: (0..tokens.len()).collect(),
                 })
                 .into_iter()
                 .collect();
@@ -504,15 +515,8 @@ mod forward {
                 first: Kernel::F32,
                 rest: Kernel::F32,
             };
-            m.forward(
-                &mut cache,
-                prompt,
-                &rows,
-                &[prompt.len() - 1],
-                plan,
-                &groups,
-            )
-            .expect("forward")
+            m.forward(&mut cache, tokens, &rows, sample, plan, &groups)
+                .expect("forward")
         }
 
         fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -603,31 +607,8 @@ mod forward {
                 .chain(&out[..out.len() - 1])
                 .copied()
                 .collect();
-            let c = &m.cfg;
-            let blocks: Vec<u32> = (0..tokens.len().div_ceil(BS) as u32).collect();
-            let mut cache = KvCache::new(c.n_layers, blocks.len(), BS, c.n_kv_heads, c.head_dim);
-            let rows: Vec<RowInfo<'_>> = (0..tokens.len())
-                .map(|pos| RowInfo {
-                    pos,
-                    blocks: &blocks,
-                })
-                .collect();
-            let groups: Vec<LoraGroup<'_>> = lora
-                .map(|weights| LoraGroup {
-                    weights,
-                    rows: (0..tokens.len()).collect(),
-                })
-                .into_iter()
-                .collect();
-            let plan = Plan {
-                split: usize::MAX,
-                first: Kernel::F32,
-                rest: Kernel::F32,
-            };
             let sample: Vec<usize> = (prompt.len() - 1..tokens.len()).collect();
-            let logits = m
-                .forward(&mut cache, &tokens, &rows, &sample, plan, &groups)
-                .expect("forward");
+            let logits = logits_at(m, &tokens, lora, &sample);
             let vocab = logits.len() / sample.len();
             let mut exact = 0;
             for (j, (&w, row)) in out.iter().zip(logits.chunks(vocab)).enumerate() {

@@ -211,8 +211,8 @@ fn body(model: &str, prompt: &str, max_tokens: usize) -> bytes::Bytes {
 
 /// The engine's KV pool from `vllm:cache_config_info` (num_gpu_blocks, block_size).
 async fn kv_pool(target: &Target) -> Option<(usize, usize)> {
-    let url = format!("{}/metrics", target.base);
-    let text = reqwest_free_get(target, &url).await?;
+    let page = target.get("/metrics").await.ok()?;
+    let text = std::str::from_utf8(&page).ok()?;
     let line = text
         .lines()
         .find(|l| l.starts_with("vllm:cache_config_info{"))?;
@@ -221,23 +221,6 @@ async fn kv_pool(target: &Target) -> Option<(usize, usize)> {
         line[at..].split('"').next()?.parse().ok()
     };
     Some((label("num_gpu_blocks")?, label("block_size")?))
-}
-
-async fn reqwest_free_get(target: &Target, url: &str) -> Option<String> {
-    use http_body_util::BodyExt;
-    let mut req = hyper::Request::builder().uri(url);
-    if let Some(k) = &target.api_key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let req = req
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), target.client.request(req))
-        .await
-        .ok()?
-        .ok()?;
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    String::from_utf8(body.to_vec()).ok()
 }
 
 /// Run both sweeps against `target`.

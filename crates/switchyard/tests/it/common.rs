@@ -147,6 +147,17 @@ pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
         .expect("json")
 }
 
+/// GET `url` and return the answer's text (a `/metrics` page; panics on failure).
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(url)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text")
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{metric, Proc};
+use crate::common::{get_text, metric, Proc};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -133,14 +133,7 @@ fn calibration_recovers_a_known_latency_model() {
 async fn cache_counts(c: &reqwest::Client, engines: &[Proc]) -> (f64, f64) {
     let (mut hits, mut queries) = (0.0, 0.0);
     for e in engines {
-        let page = c
-            .get(e.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let page = get_text(c, &e.url("/metrics")).await;
         hits += metric(&page, "vllm:prefix_cache_hits_total", &[]).unwrap_or(0.0);
         queries += metric(&page, "vllm:prefix_cache_queries_total", &[]).unwrap_or(0.0);
     }

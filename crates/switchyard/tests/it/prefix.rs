@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
-use crate::common::{client, metric, Proc};
+use crate::common::{client, get_text, metric, Proc};
 
 const USERS: usize = 5;
 const ROUNDS: usize = 5;
@@ -55,14 +55,7 @@ fn conversation(u: usize, r: usize) -> Value {
 async fn prefix_hits(c: &reqwest::Client, engines: &[Proc]) -> f64 {
     let mut sum = 0.0;
     for e in engines {
-        let page = c
-            .get(e.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("page");
+        let page = get_text(c, &e.url("/metrics")).await;
         sum += metric(&page, "vllm:prefix_cache_hits_total", &[]).expect("hits metric");
     }
     sum
