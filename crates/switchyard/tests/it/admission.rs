@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::{client, metric, Proc};
+use crate::common::{client, get_text, metric, Proc};
 
 const ALICE: &str = "sk-alice-7f3a9c21d4e8";
 const BOB: &str = "sk-bob-52be0a91c3d7";
@@ -74,16 +74,6 @@ async fn post(
 
 fn chat(model: &str, max_tokens: u64) -> Value {
     json!({"model": model, "messages":[{"role":"user","content":"hi"}], "max_tokens": max_tokens, "ignore_eos": true})
-}
-
-async fn page(c: &reqwest::Client, url: &str) -> String {
-    c.get(url)
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text")
 }
 
 /// Poll until `f` holds (10 s at most).
@@ -244,7 +234,7 @@ async fn keys_are_checked_revoked_by_a_file_change_and_never_logged() {
     assert_eq!(status, 200);
 
     // Metrics per key name; no key text anywhere, in the metrics or the log.
-    let m = page(&c, &r.url("/metrics")).await;
+    let m = get_text(&c, &r.url("/metrics")).await;
     assert!(
         metric(
             &m,
@@ -353,7 +343,7 @@ async fn rate_limits_answer_429_with_retry_after_above_the_limit_only() {
         "no Retry-After for a request no wait admits"
     );
 
-    let m = page(&c, &r.url("/metrics")).await;
+    let m = get_text(&c, &r.url("/metrics")).await;
     assert_eq!(
         metric(
             &m,
@@ -396,7 +386,7 @@ async fn slow_stream(c: &reqwest::Client, r: &Proc, max_tokens: u64) -> reqwest:
 }
 
 async fn gauge(c: &reqwest::Client, r: &Proc, name: &str) -> Option<f64> {
-    metric(&page(c, &r.url("/metrics")).await, name, &[])
+    metric(&get_text(c, &r.url("/metrics")).await, name, &[])
 }
 
 #[tokio::test]
@@ -468,7 +458,7 @@ async fn the_queue_bounds_concurrency_answering_429_when_full_and_408_after_wait
         gauge(&c, &r, IN_FLIGHT).await == Some(0.0)
     })
     .await;
-    let m = page(&c, &r.url("/metrics")).await;
+    let m = get_text(&c, &r.url("/metrics")).await;
     assert_eq!(
         metric(
             &m,
@@ -502,7 +492,7 @@ async fn the_queue_bounds_concurrency_answering_429_when_full_and_408_after_wait
     assert!(retry.is_none());
     assert!(t0.elapsed() >= Duration::from_millis(250), "it waited");
     drop(first);
-    let m = page(&c, &r.url("/metrics")).await;
+    let m = get_text(&c, &r.url("/metrics")).await;
     assert_eq!(
         metric(
             &m,
