@@ -294,7 +294,8 @@ fn attend_row<T: KvElem>(
     } = scratch;
     // Keys before the window are never read (their blocks may even be reused).
     let offs = &offs[first..];
-    scores.resize(CHUNK.min(offs.len()), 0.0);
+    let len = CHUNK.min(offs.len());
+    scores.resize(group * len, 0.0);
     max.clear();
     max.resize(n_heads, f32::NEG_INFINITY);
     sum.clear();
@@ -302,29 +303,42 @@ fn attend_row<T: KvElem>(
     o.fill(0.0);
     // Positions in chunks (fixed by the row's position, so its result never depends on its
     // batch) whose keys and values stay in cache while every head reads them; the softmax
-    // is the online one: a chunk with a higher maximum rescales what came before.
+    // is the online one: a chunk with a higher maximum rescales what came before. The
+    // query heads sharing a KV head score its keys together, two per pass, so each key is
+    // loaded (and widened from f16) once per pair of heads rather than once per head.
     for offs in offs.chunks(CHUNK) {
-        let sc = &mut scores[..offs.len()];
-        for h in 0..n_heads {
-            // Offset of the head's KV head within a position.
-            let g = (h / group) * head_dim;
-            let qh = &qr[h * head_dim..(h + 1) * head_dim];
-            let oh = &mut o[h * head_dim..(h + 1) * head_dim];
-            head_scores(qh, kc, offs, g, scale, sc);
-            let cmax = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            if cmax == f32::NEG_INFINITY {
-                continue;
-            }
-            if cmax > max[h] {
-                if max[h] != f32::NEG_INFINITY {
-                    let f = (max[h] - cmax).exp();
-                    sum[h] *= f;
-                    oh.iter_mut().for_each(|v| *v *= f);
+        let len = offs.len();
+        for kvh in 0..heads.n_kv_heads {
+            // Offset of the KV head within a position, and its query heads.
+            let g = kvh * head_dim;
+            let h0 = kvh * group;
+            let sc = &mut scores[..group * len];
+            group_scores(
+                &qr[h0 * head_dim..(h0 + group) * head_dim],
+                kc,
+                offs,
+                g,
+                scale,
+                sc,
+            );
+            for (i, sc) in sc.chunks_exact_mut(len).enumerate() {
+                let h = h0 + i;
+                let oh = &mut o[h * head_dim..(h + 1) * head_dim];
+                let cmax = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                if cmax == f32::NEG_INFINITY {
+                    continue;
                 }
-                max[h] = cmax;
+                if cmax > max[h] {
+                    if max[h] != f32::NEG_INFINITY {
+                        let f = (max[h] - cmax).exp();
+                        sum[h] *= f;
+                        oh.iter_mut().for_each(|v| *v *= f);
+                    }
+                    max[h] = cmax;
+                }
+                sum[h] += exp_sub_sum(sc, max[h]);
+                head_values(sc, vc, offs, g, oh);
             }
-            sum[h] += exp_sub_sum(sc, max[h]);
-            head_values(sc, vc, offs, g, oh);
         }
     }
     for (oh, &s) in o.chunks_exact_mut(head_dim).zip(sum.iter()) {
@@ -337,9 +351,11 @@ fn attend_row<T: KvElem>(
 /// head_dim` floats, 384 KB for SmolLM2) stay in L2 while every head reads them.
 const CHUNK: usize = 256;
 
-/// `sc[p] = q · K[p] · scale` (`-inf` where the table does not reach `p`); `K[p]` is the
-/// head's key at offset `offs[p] + g`.
-fn head_scores<T: KvElem>(
+/// For each head `h` of `q` (heads sharing one KV head, `head_dim` apart, `sc.len() /
+/// offs.len()` of them): `sc[h][p] = q_h · K[p] · scale` (`-inf` where the table does not
+/// reach `p`); `K[p]` is the KV head's key at offset `offs[p] + g`. A head's scores are the
+/// same bits whichever heads it is scored with.
+fn group_scores<T: KvElem>(
     q: &[f32],
     kc: &[T],
     offs: &[usize],
@@ -347,32 +363,60 @@ fn head_scores<T: KvElem>(
     scale: f32,
     sc: &mut [f32],
 ) {
-    let hd = q.len();
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(8) && super::has_avx2() {
-        // SAFETY: AVX2 and FMA are present; offsets other than NONE are inside `kc`.
-        done = unsafe { head_scores_avx2(q, kc, offs, g, scale, sc) };
+    let len = offs.len();
+    let heads = sc.len() / len.max(1);
+    if heads == 0 {
+        return;
     }
-    for (s, &off) in sc.iter_mut().zip(offs).skip(done) {
-        *s = if off == NONE {
-            f32::NEG_INFINITY
+    let hd = q.len() / heads;
+    let mut done = 0;
+    let mut h = 0;
+    while h < heads {
+        let pair = heads - h >= 2;
+        let (n, qh) = if pair {
+            (2, &q[h * hd..(h + 2) * hd])
         } else {
-            dot(q, &kc[off + g..off + g + hd]) * scale
+            (1, &q[h * hd..(h + 1) * hd])
         };
+        let s = &mut sc[h * len..(h + n) * len];
+        #[cfg(target_arch = "x86_64")]
+        if hd.is_multiple_of(8) && super::has_avx2() {
+            // SAFETY: AVX2 and FMA are present; offsets other than NONE are inside `kc`;
+            // `qh` holds `n` heads of `hd` and `s` their `n` rows of `len` scores.
+            done = unsafe {
+                if pair {
+                    head_scores_avx2::<T, 2>(qh, kc, offs, g, scale, s)
+                } else {
+                    head_scores_avx2::<T, 1>(qh, kc, offs, g, scale, s)
+                }
+            };
+        }
+        for (i, s) in s.chunks_exact_mut(len).enumerate() {
+            let qi = &qh[i * hd..(i + 1) * hd];
+            for (s, &off) in s.iter_mut().zip(offs).skip(done) {
+                *s = if off == NONE {
+                    f32::NEG_INFINITY
+                } else {
+                    dot(qi, &kc[off + g..off + g + hd]) * scale
+                };
+            }
+        }
+        h += n;
     }
 }
 
-/// Scores of positions in groups of 4 (all present), reduced together; returns how many
-/// leading positions it scored (the rest go through [`dot`]). Which path a position takes
-/// depends only on its index, so a row's scores never depend on its batch.
+/// Scores of positions in groups of 4 (all present), for `H` heads at once (`q` holds
+/// them one after the other, `sc` their rows of `offs.len()` scores), each head's four
+/// sums reduced together; returns how many leading positions it scored (the rest go
+/// through [`dot`]). Which path a position takes depends only on its index, so a row's
+/// scores never depend on its batch; a head's sums are the same bits for `H` = 1 or 2.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be present; `q.len()` a multiple of 8; `off + g + q.len() <=
-/// kc.len()` for every offset but `NONE`.
+/// AVX2, FMA and F16C must be present; `q.len()` a multiple of `8·H`; `sc.len() == H ·
+/// offs.len()`; `off + g + q.len() / H <= kc.len()` for every offset but `NONE`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn head_scores_avx2<T: KvElem>(
+unsafe fn head_scores_avx2<T: KvElem, const H: usize>(
     q: &[f32],
     kc: &[T],
     offs: &[usize],
@@ -381,27 +425,34 @@ unsafe fn head_scores_avx2<T: KvElem>(
     sc: &mut [f32],
 ) -> usize {
     use std::arch::x86_64::*;
-    let hd = q.len();
+    let hd = q.len() / H;
+    let len = offs.len();
     let mut p = 0;
-    while p + 4 <= offs.len() && offs[p..p + 4].iter().all(|&o| o != NONE) {
+    while p + 4 <= len && offs[p..p + 4].iter().all(|&o| o != NONE) {
         let k: [&[T]; 4] = std::array::from_fn(|i| &kc[offs[p + i] + g..offs[p + i] + g + hd]);
-        let mut a = [_mm256_setzero_ps(); 4];
+        let mut a = [[_mm256_setzero_ps(); 4]; H];
         for c in (0..hd).step_by(8) {
-            // SAFETY: every slice holds `hd` floats and c + 8 <= hd.
+            // SAFETY: every key slice holds `hd` values and each head of `q` `hd` floats;
+            // c + 8 <= hd.
             unsafe {
-                let qv = _mm256_loadu_ps(q.as_ptr().add(c));
-                for i in 0..4 {
-                    a[i] = _mm256_fmadd_ps(qv, T::load8(k[i].as_ptr().add(c)), a[i]);
+                let kv: [__m256; 4] = std::array::from_fn(|i| T::load8(k[i].as_ptr().add(c)));
+                for (h, a) in a.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(h * hd + c));
+                    for i in 0..4 {
+                        a[i] = _mm256_fmadd_ps(qv, kv[i], a[i]);
+                    }
                 }
             }
         }
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        let s4 = _mm_mul_ps(
-            _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)),
-            _mm_set1_ps(scale),
-        );
-        // SAFETY: p + 4 <= sc.len() (sc and offs have the same length).
-        unsafe { _mm_storeu_ps(sc.as_mut_ptr().add(p), s4) };
+        for (h, a) in a.iter().enumerate() {
+            let s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let s4 = _mm_mul_ps(
+                _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
+                _mm_set1_ps(scale),
+            );
+            // SAFETY: p + 4 <= len, and head h's row is `sc[h·len..(h+1)·len]`.
+            unsafe { _mm_storeu_ps(sc.as_mut_ptr().add(h * len + p), s4) };
+        }
         p += 4;
     }
     p

@@ -4,6 +4,7 @@
 //! blocks ([`kv_cache`]), so a prefix-cache hit skips real work; sampling follows vLLM's
 //! ([`super::sampling`]).
 
+mod act;
 pub mod attention;
 #[cfg(test)]
 mod kquant_ref;

@@ -3,7 +3,8 @@
 //! decodes together) go through each layer as one matrix, and attention reads every
 //! sequence's keys and values from the engine's paged KV blocks.
 //!
-//! candle supplies the weights (GGUF loading) and the matrix products. Each weight is kept
+//! candle supplies the weights (GGUF loading); the `gemm` crate (candle's own) the f32
+//! matrix products, called directly on our buffers. Each weight is kept
 //! twice when memory allows: in a quantized form for the int8 kernels, fastest for a few
 //! rows (decode, memory-bound), and in f32 for the tiled gemm, several times faster for
 //! many rows (prefill chunks, big decode batches). The quantized form is the file's own
@@ -12,8 +13,8 @@
 //! K-quants of 5 and 6 bits and Q5_0 included, are dequantized by candle and
 //! re-quantized). Which rows take which kernel is decided per row kind ([`Kernels`]),
 //! never by the batch they happen to share a step with, unless asked to. Q/K/V and
-//! gate/up are fused into one matrix each. Norms, rotary embedding, attention and the
-//! activation are plain loops over `f32` here.
+//! gate/up are fused into one matrix each. Norms and rotary embedding (angles computed once
+//! per step) are plain loops over `f32` here; attention is `attention.rs`, GeGLU `act.rs`.
 //!
 //! Gemma 3 as llama.cpp runs it (`src/models/gemma3.cpp`): embeddings scaled by
 //! `√hidden`; RMSNorm before *and* after attention and the MLP; per-head RMSNorm of q and
@@ -30,6 +31,9 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+use rayon::prelude::*;
+
+use super::act;
 use super::attention::{paged_attention_with, Heads, RowInfo};
 use super::kv_cache::KvCache;
 use super::q4::{self, Q4Matrix};
@@ -338,7 +342,8 @@ struct Linear {
     /// quantized kernel then runs on these (half Q8_0's bytes), and `q8` is not kept.
     q4: Option<Q4Matrix>,
     q8: Option<Q8Matrix>,
-    f32: Option<Tensor>,
+    /// Row-major `[out, in]`, for the f32 gemm.
+    f32: Option<Vec<f32>>,
     out: usize,
     bias: Option<Vec<f32>>,
 }
@@ -364,8 +369,9 @@ impl Linear {
                 y
             }
             (_, Some(w)) => {
-                let xt = Tensor::from_slice(x, (rows, inp), &Device::Cpu)?;
-                xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
+                let mut y = vec![0f32; rows * self.out];
+                gemm_f32(x, rows, inp, w, self.out, &mut y);
+                y
             }
             (_, None) => unreachable!("a Linear holds at least one form"),
         };
@@ -398,7 +404,51 @@ impl Linear {
     }
 
     fn f32_bytes(&self) -> usize {
-        self.f32.as_ref().map_or(0, |t| t.elem_count() * 4)
+        self.f32.as_ref().map_or(0, |w| w.len() * 4)
+    }
+}
+
+/// `y = x Wᵀ` for row-major `x` (`[m, k]`) and `w` (`[n, k]`), into `y` (`[m, n]`), on
+/// the current rayon pool: the call candle's CPU matmul makes, without copying the
+/// operands into tensors and the result out of one.
+fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
+        "gemm operands too short for [{m}, {k}] x [{n}, {k}]ᵀ"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assert bounds every element the strides reach: x's rows are k apart,
+    // w's k apart (read as the columns of Wᵀ), y's n apart.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
 }
 
@@ -423,6 +473,10 @@ struct Layer {
     /// Sliding-window layer (local RoPE base, window in attention).
     local: bool,
 }
+
+/// Steps of at least this many rows split their elementwise work (the activation, the
+/// rotary embedding) across the step's pool.
+const PAR_ROWS: usize = 64;
 
 /// The f32 copies of quantized weights are kept up to this size (about a 1B model).
 pub const DEFAULT_F32_BUDGET_BYTES: usize = 4 << 30;
@@ -555,9 +609,10 @@ impl Loader<'_> {
         } else {
             Tensor::cat(&parts, 0)?
         };
+        let w = w.flatten_all()?.to_vec1::<f32>()?;
         let q4 = blocks4.and_then(|b| Q4Matrix::from_blocks(&b, out, inp));
         let q8 = if quantized && q4.is_none() {
-            Q8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, out, inp)
+            Q8Matrix::quantize(&w, out, inp)
         } else {
             None
         };
@@ -698,7 +753,7 @@ impl Model {
             let f32 = if q8.is_some() && embed.len() * 4 > TIED_F32_MAX_BYTES {
                 None
             } else {
-                Some(Tensor::from_slice(&embed, (vocab, h), &Device::Cpu)?)
+                Some(embed.clone())
             };
             Linear {
                 q4: None,
@@ -769,28 +824,46 @@ impl Model {
         rms_norm(x, w, self.cfg.hidden, self.cfg.eps, out);
     }
 
-    /// Rotate the first `rope_dim` dims of each head of each row by its position, at the
-    /// frequencies `inv_freq`.
-    fn rope(&self, x: &mut [f32], heads: usize, positions: &[usize], inv_freq: &[f32]) {
+    /// `(sin, cos)` of each row's position times each of `inv_freq`'s frequencies, row
+    /// after row: computed once per step for every layer and head that rotates by them.
+    fn rope_angles(positions: &[usize], inv_freq: &[f32]) -> Vec<(f32, f32)> {
+        positions
+            .iter()
+            .flat_map(|&pos| inv_freq.iter().map(move |&f| (pos as f32 * f).sin_cos()))
+            .collect()
+    }
+
+    /// Rotate the first `rope_dim` dims of each head of each row by its position, by the
+    /// row's `angles` (from [`Self::rope_angles`]).
+    fn rope(&self, x: &mut [f32], heads: usize, angles: &[(f32, f32)]) {
         let hd = self.cfg.head_dim;
         let half = self.cfg.rope_dim / 2;
         let style = self.cfg.rope_style;
-        x.chunks_mut(heads * hd)
-            .zip(positions.iter())
-            .for_each(|(row, &pos)| {
-                for head in row.chunks_exact_mut(hd) {
-                    for (i, &f) in inv_freq.iter().enumerate() {
-                        let (sin, cos) = (pos as f32 * f).sin_cos();
-                        let (a, b) = match style {
-                            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                            RopeStyle::Halves => (i, i + half),
-                        };
-                        let (x0, x1) = (head[a], head[b]);
-                        head[a] = x0 * cos - x1 * sin;
-                        head[b] = x0 * sin + x1 * cos;
-                    }
+        let rotate = |(row, angles): (&mut [f32], &[(f32, f32)])| {
+            for head in row.chunks_exact_mut(hd) {
+                for (i, &(sin, cos)) in angles.iter().enumerate() {
+                    let (a, b) = match style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Halves => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos - x1 * sin;
+                    head[b] = x0 * sin + x1 * cos;
                 }
-            });
+            }
+        };
+        if half == 0 {
+            return;
+        }
+        if angles.len() / half >= PAR_ROWS {
+            x.par_chunks_mut(heads * hd)
+                .zip(angles.par_chunks(half))
+                .for_each(rotate);
+        } else {
+            x.chunks_mut(heads * hd)
+                .zip(angles.chunks(half))
+                .for_each(rotate);
+        }
     }
 
     /// Run the packed batch: `tokens[r]` at `rows[r]`'s position in its sequence. Keys and
@@ -812,6 +885,12 @@ impl Model {
         let qd = cfg.q_dim();
         let t = tokens.len();
         let positions: Vec<usize> = rows.iter().map(|r| r.pos).collect();
+        let angles = Self::rope_angles(&positions, &self.inv_freq);
+        let angles_local = if self.layers.iter().any(|l| l.local) {
+            Self::rope_angles(&positions, &self.inv_freq_local)
+        } else {
+            Vec::new()
+        };
         let mut x = Vec::with_capacity(t * h);
         for &tok in tokens {
             let i = (tok as usize).min(cfg.vocab.saturating_sub(1));
@@ -845,13 +924,9 @@ impl Model {
                 rms_norm_in_place(&mut q, &g.q, hd, cfg.eps);
                 rms_norm_in_place(&mut k, &g.k, hd, cfg.eps);
             }
-            let inv_freq = if layer.local {
-                &self.inv_freq_local
-            } else {
-                &self.inv_freq
-            };
-            self.rope(&mut q, nh, &positions, inv_freq);
-            self.rope(&mut k, nkv, &positions, inv_freq);
+            let angles = if layer.local { &angles_local } else { &angles };
+            self.rope(&mut q, nh, angles);
+            self.rope(&mut k, nkv, angles);
             cache.write(li, rows, &k, &v);
             let heads = Heads {
                 n_heads: nh,
@@ -883,18 +958,23 @@ impl Model {
             }
             let mut act = vec![0.0f32; t * ff];
             let silu = cfg.act == Activation::Silu;
-            act.chunks_mut(ff)
-                .zip(gu.chunks(2 * ff))
-                .for_each(|(a, row)| {
-                    let (g, u) = row.split_at(ff);
+            let glu = |(a, row): (&mut [f32], &[f32])| {
+                let (g, u) = row.split_at(ff);
+                if silu {
                     for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = if silu {
-                            g / (1.0 + (-g).exp())
-                        } else {
-                            gelu_tanh(*g)
-                        } * u;
+                        *a = g / (1.0 + (-g).exp()) * u;
                     }
-                });
+                } else {
+                    act::geglu(g, u, a);
+                }
+            };
+            if t >= PAR_ROWS {
+                act.par_chunks_mut(ff)
+                    .zip(gu.par_chunks(2 * ff))
+                    .for_each(glu);
+            } else {
+                act.chunks_mut(ff).zip(gu.chunks(2 * ff)).for_each(glu);
+            }
             let mut d = layer.down.forward_split(&act, t, split, first, rest)?;
             if !lora.is_empty() {
                 add_lora(lora, li, &[(Target::Down, 0)], &act, ff, &mut d, h);
@@ -950,14 +1030,6 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], width: usize, eps: f32) {
     });
 }
 
-/// GELU, tanh approximation (PyTorch's `approximate="tanh"`, ggml's `gelu`):
-/// `x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`.
-#[inline]
-pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1004,28 +1076,6 @@ mod tests {
             rms_norm(&q[h * hd..(h + 1) * hd], &w, hd, eps, &mut one);
             assert_eq!(&per_head[h * hd..(h + 1) * hd], &one[..]);
         }
-    }
-
-    #[test]
-    fn gelu_tanh_matches_the_formula_and_known_values() {
-        let f = |x: f64| {
-            0.5 * x
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
-        };
-        for i in -2000..=2000 {
-            let x = i as f32 * 0.01;
-            let (got, want) = (gelu_tanh(x) as f64, f(x as f64));
-            assert!(
-                (got - want).abs() < 1e-6 * want.abs().max(1.0),
-                "{x}: {got} vs {want}"
-            );
-        }
-        // PyTorch's gelu(approximate="tanh") at ±1, and its limits.
-        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
-        assert!((gelu_tanh(-1.0) + 0.158_808).abs() < 1e-6);
-        assert_eq!(gelu_tanh(0.0), 0.0);
-        assert_eq!(gelu_tanh(30.0), 30.0);
-        assert_eq!(gelu_tanh(-30.0), 0.0);
     }
 
     fn gemma_header(extra: &[(&str, Value)]) -> Gguf {
