@@ -1,11 +1,12 @@
 //! Times the GGUF backend's steps: prefill of N tokens, and decode steps of B sequences.
 //! `cargo run --release -p switchyard-engine --example gguf_step -- [MODEL.gguf]`
 //! Env: `PREFILL` and `BATCHES` (comma-separated sizes; empty skips), `ITERS` (decode steps),
-//! `GEMM_ROWS` (`--cpu-decode-gemm-rows`; 0 never).
+//! `GEMM_ROWS` (`--cpu-decode-gemm-rows`; 0 never), `F32_BUDGET` (`--cpu-f32-weights-max-bytes`;
+//! 0: no f32 copies, prefill on the quantized kernels too).
 use std::time::Instant;
 
 use gguf::Gguf;
-use switchyard_engine::backend::gguf::{model::Model, GgufBackend};
+use switchyard_engine::backend::gguf::{model, model::Model, GgufBackend};
 use switchyard_engine::backend::Backend;
 use switchyard_engine::core::step::SeqStep;
 use switchyard_engine::core::SamplingParams;
@@ -17,7 +18,11 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| model_store::ensure_default_model().expect("model"));
     let t = Instant::now();
-    let m = Model::load(&Gguf::open(&path).expect("gguf")).expect("load");
+    let budget = std::env::var("F32_BUDGET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(model::DEFAULT_F32_BUDGET_BYTES);
+    let m = Model::load_with(&Gguf::open(&path).expect("gguf"), budget).expect("load");
     eprintln!("load {:?}", t.elapsed());
     let mut be = GgufBackend::new(m, 4096, 16, vec![2]);
     if let Some(r) = std::env::var("GEMM_ROWS").ok().and_then(|v| v.parse().ok()) {
