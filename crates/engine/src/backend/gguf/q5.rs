@@ -492,9 +492,9 @@ mod tests {
             for r in 0..m {
                 let mut tile = [[0f32; G]; TILE_ROWS5];
                 w.scalar_tile(&rows, r, 1, g, &mut tile);
-                for j in 0..G.min(n - g * G) {
+                for (j, v) in tile[0].iter().enumerate().take(G.min(n - g * G)) {
                     let c = g * G + j;
-                    assert_eq!(tile[0][j].to_bits(), got[r * n + c].to_bits(), "({r}, {c})");
+                    assert_eq!(v.to_bits(), got[r * n + c].to_bits(), "({r}, {c})");
                 }
             }
         }
