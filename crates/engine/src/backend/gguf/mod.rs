@@ -11,6 +11,7 @@ mod kquant_ref;
 pub mod kv_cache;
 pub mod model;
 pub mod q4;
+pub mod q5;
 pub mod q8;
 
 use super::sampling::{sample, History};

@@ -7,14 +7,18 @@
 //! matrix products, called directly on our buffers. Each weight is kept
 //! twice when memory allows: in a quantized form for the int8 kernels, fastest for a few
 //! rows (decode, memory-bound), and in f32 for the tiled gemm, several times faster for
-//! many rows (prefill chunks, big decode batches). The quantized form is the file's own
-//! 4-bit blocks where every part of a matrix is Q4_0, Q4_1 or Q4_K (`q4.rs`: exact
-//! values, half the bytes of Q8_0), else Q8_0 (`q8.rs`: other quantized sources,
-//! K-quants of 5 and 6 bits and Q5_0 included, are dequantized by candle and
-//! re-quantized). Which rows take which kernel is decided per row kind ([`Kernels`]),
-//! never by the batch they happen to share a step with, unless asked to. Q/K/V and
-//! gate/up are fused into one matrix each. Norms and rotary embedding (angles computed once
-//! per step) are plain loops over `f32` here; attention is `attention.rs`, GeGLU `act.rs`.
+//! many rows (prefill chunks, big decode batches). The quantized form keeps the file's
+//! own blocks where a kernel runs them: Q4_0, Q4_1 and Q4_K (`q4.rs`: exact values, half
+//! the bytes of Q8_0) and Q5_0 (`q5.rs`: exact values, two thirds of Q8_0's bytes); other
+//! quantized sources (Q8_0 itself, K-quants of 5 and 6 bits, and anything with a LoRA
+//! update merged into it) are dequantized by candle and re-quantized to Q8_0 (`q8.rs`).
+//! A fused matrix whose parts differ (Gemma 3's q and k in Q5_0 beside a v in Q8_0) is
+//! kept as column segments, one per run of parts that share a kernel; the three kernels
+//! take the same activations, quantized once per call (`Q8Rows`). Which rows take which
+//! kernel is decided per row kind ([`Kernels`]), never by the batch they happen to share
+//! a step with, unless asked to. Q/K/V and gate/up are fused into one matrix each.
+//! Norms and rotary embedding (angles computed once per step) are plain loops over `f32`
+//! here; attention is `attention.rs`, GeGLU `act.rs`.
 //!
 //! Gemma 3 as llama.cpp runs it (`src/models/gemma3.cpp`): embeddings scaled by
 //! `√hidden`; RMSNorm before *and* after attention and the MLP; per-head RMSNorm of q and
@@ -37,6 +41,7 @@ use super::act;
 use super::attention::{paged_attention_with, Heads, RowInfo};
 use super::kv_cache::KvCache;
 use super::q4::{self, Q4Matrix};
+use super::q5::{self, Q5Matrix};
 use super::q8::{Q8Matrix, Q8Rows};
 use crate::lora::{Geometry, LoraWeights, LowRank, Target};
 use gguf::{Gguf, Value};
@@ -336,12 +341,33 @@ pub struct Plan {
     pub rest: Kernel,
 }
 
+/// A matrix for the int8 kernels, in the form its source allows.
+enum Quant {
+    /// The file's own 4-bit blocks (Q4_0, Q4_1, Q4_K): `q4.rs`, half Q8_0's bytes.
+    Q4(Q4Matrix),
+    /// The file's own Q5_0 blocks: `q5.rs`, two thirds of Q8_0's bytes.
+    Q5(Q5Matrix),
+    /// Q8_0 (`q8.rs`): any other source, dequantized by candle and re-quantized.
+    Q8(Q8Matrix),
+}
+
+impl Quant {
+    fn matmul(&self, x: &Q8Rows, out: &mut [f32]) {
+        match self {
+            Quant::Q4(q) => q.matmul(x, out),
+            Quant::Q5(q) => q.matmul(x, out),
+            Quant::Q8(q) => q.matmul(x, out),
+        }
+    }
+}
+
 /// A weight matrix `[out, in]` applied to rows: `y = x Wᵀ (+ b)`.
 struct Linear {
-    /// The file's own 4-bit weights when every part of the matrix is 4-bit: the
-    /// quantized kernel then runs on these (half Q8_0's bytes), and `q8` is not kept.
-    q4: Option<Q4Matrix>,
-    q8: Option<Q8Matrix>,
+    /// The quantized form (none when no part of the matrix was quantized): column
+    /// segments `(width, matrix)` in output order, one per run of consecutive parts
+    /// (q, k, v; gate, up) that share a kernel, so each part keeps the file's own blocks
+    /// where a kernel runs them (Gemma 3's q, k in Q5_0 beside a v in Q8_0).
+    quant: Vec<(usize, Quant)>,
     /// Row-major `[out, in]`, for the f32 gemm.
     f32: Option<Vec<f32>>,
     out: usize,
@@ -349,9 +375,29 @@ struct Linear {
 }
 
 impl Linear {
+    /// `y = x Wᵀ` on the quantized form, `y` being `[rows, out]`: each segment into its
+    /// own columns. A row's values depend only on that row (each kernel's invariant).
+    fn quant_matmul(&self, xq: &Q8Rows, rows: usize, y: &mut [f32]) {
+        if let [(_, q)] = self.quant.as_slice() {
+            q.matmul(xq, y);
+            return;
+        }
+        let mut part = Vec::new();
+        let mut c0 = 0;
+        for (cols, q) in &self.quant {
+            part.clear();
+            part.resize(rows * cols, 0f32);
+            q.matmul(xq, &mut part);
+            for (dst, src) in y.chunks_exact_mut(self.out).zip(part.chunks_exact(*cols)) {
+                dst[c0..c0 + cols].copy_from_slice(src);
+            }
+            c0 += cols;
+        }
+    }
+
     fn forward(&self, x: &[f32], rows: usize, kernel: Kernel) -> Result<Vec<f32>, ModelError> {
         let inp = x.len() / rows.max(1);
-        let quantized = self.q4.is_some() || self.q8.is_some();
+        let quantized = !self.quant.is_empty();
         let mut y = match (kernel, &self.f32) {
             (Kernel::Q8, _) | (Kernel::F32, None) if quantized => {
                 thread_local! {
@@ -360,11 +406,7 @@ impl Linear {
                 let mut y = vec![0f32; rows * self.out];
                 ROWS.with_borrow_mut(|xq| {
                     xq.quantize(x, inp);
-                    match (&self.q4, &self.q8) {
-                        (Some(q), _) => q.matmul(xq, &mut y),
-                        (None, Some(q)) => q.matmul(xq, &mut y),
-                        (None, None) => {}
-                    }
+                    self.quant_matmul(xq, rows, &mut y);
                 });
                 y
             }
@@ -538,9 +580,10 @@ impl Loader<'_> {
         }
         Ok(v)
     }
-    /// Several `[out_i, in]` matrices stacked into one `[Σ out_i, in]`: in the file's
-    /// 4-bit blocks when every part is Q4_0/Q4_1/Q4_K, else in Q8_0 when any part was
-    /// quantized; and in f32 (for the gemm, while the budget allows).
+    /// Several `[out_i, in]` matrices stacked into one `[Σ out_i, in]`: when any part was
+    /// quantized, in the file's own blocks for parts in Q4_0/Q4_1/Q4_K or Q5_0 and in
+    /// Q8_0 for the others (column segments, [`Linear::quant`]); and in f32 (for the
+    /// gemm, while the budget allows).
     fn linear(
         &mut self,
         names: &[String],
@@ -563,25 +606,23 @@ impl Loader<'_> {
     ) -> Result<Linear, ModelError> {
         let mut parts = Vec::with_capacity(names.len());
         let mut quantized = false;
-        // The parts' own 4-bit blocks, while every part so far is 4-bit (and has no
-        // low-rank update merged into it).
-        let mut blocks4 = Some(Vec::new());
+        // Per part, the file's own blocks where a kernel runs them as they are (and no
+        // low-rank update is merged into them).
+        let mut sources = Vec::with_capacity(names.len());
         for (i, (name, &out)) in names.iter().zip(outs).enumerate() {
             let q = self.q(name)?;
             quantized |= !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
             let merged = matches!(deltas.get(i), Some(Some(_)));
-            if let Some(all) = blocks4.as_mut() {
-                match (q4::supports(q.dtype()) && !merged)
-                    .then(|| q.data())
-                    .transpose()?
-                {
-                    Some(raw) => match q4::decode(q.dtype(), &raw) {
-                        Some(b) => all.extend(b),
-                        None => blocks4 = None,
-                    },
-                    None => blocks4 = None,
-                }
-            }
+            let dtype = q.dtype();
+            sources.push(if merged {
+                Source::Widened
+            } else if q4::supports(dtype) {
+                q4::decode(dtype, &q.data()?).map_or(Source::Widened, Source::Q4)
+            } else if q5::supports(dtype) {
+                q5::decode(dtype, &q.data()?).map_or(Source::Widened, Source::Q5)
+            } else {
+                Source::Widened
+            });
             let mut t = q.dequantize(&Device::Cpu)?;
             if t.dims() != [out, inp] {
                 return Err(ModelError::Bad {
@@ -610,11 +651,10 @@ impl Loader<'_> {
             Tensor::cat(&parts, 0)?
         };
         let w = w.flatten_all()?.to_vec1::<f32>()?;
-        let q4 = blocks4.and_then(|b| Q4Matrix::from_blocks(&b, out, inp));
-        let q8 = if quantized && q4.is_none() {
-            Q8Matrix::quantize(&w, out, inp)
+        let quant = if quantized {
+            quant_segments(sources, outs, inp, &w)?
         } else {
-            None
+            Vec::new()
         };
         let f32 = Some(w);
         let bias = if biases {
@@ -632,13 +672,82 @@ impl Loader<'_> {
             None
         };
         Ok(Linear {
-            q4,
-            q8,
+            quant,
             f32,
             out,
             bias,
         })
     }
+}
+
+/// How a part of a [`Linear`] reaches the int8 kernels.
+enum Source {
+    /// Its own 4-bit blocks.
+    Q4(Vec<q4::Block>),
+    /// Its own Q5_0 blocks.
+    Q5(Vec<q5::Block5>),
+    /// Its values (candle's dequantization, with any low-rank update merged), to Q8_0.
+    Widened,
+}
+
+/// The quantized segments of a matrix whose parts (`outs[i]` rows each, `inp` wide,
+/// stacked in `w`) come from `sources`: consecutive parts of one kind share a segment;
+/// shapes the kernels cannot take (widths that are not whole blocks) leave none.
+fn quant_segments(
+    sources: Vec<Source>,
+    outs: &[usize],
+    inp: usize,
+    w: &[f32],
+) -> Result<Vec<(usize, Quant)>, ModelError> {
+    let kind = |s: &Source| match s {
+        Source::Q4(_) => 0,
+        Source::Q5(_) => 1,
+        Source::Widened => 2,
+    };
+    let mut segments = Vec::new();
+    let (mut row0, mut i) = (0, 0);
+    while i < sources.len() {
+        let mut j = i + 1;
+        while j < sources.len() && kind(&sources[j]) == kind(&sources[i]) {
+            j += 1;
+        }
+        let rows: usize = outs[i..j].iter().sum();
+        let q = match kind(&sources[i]) {
+            0 => {
+                let b: Vec<q4::Block> = sources[i..j]
+                    .iter()
+                    .flat_map(|s| match s {
+                        Source::Q4(b) => b.as_slice(),
+                        _ => &[],
+                    })
+                    .copied()
+                    .collect();
+                Q4Matrix::from_blocks(&b, rows, inp).map(Quant::Q4)
+            }
+            1 => {
+                let b: Vec<q5::Block5> = sources[i..j]
+                    .iter()
+                    .flat_map(|s| match s {
+                        Source::Q5(b) => b.as_slice(),
+                        _ => &[],
+                    })
+                    .copied()
+                    .collect();
+                Q5Matrix::from_blocks(&b, rows, inp).map(Quant::Q5)
+            }
+            _ => {
+                let v = &w[row0 * inp..(row0 + rows) * inp];
+                Q8Matrix::quantize(v, rows, inp).map(Quant::Q8)
+            }
+        };
+        match q {
+            Some(q) => segments.push((rows, q)),
+            None => return Ok(Vec::new()),
+        }
+        row0 += rows;
+        i = j;
+    }
+    Ok(segments)
 }
 
 impl Model {
@@ -756,8 +865,7 @@ impl Model {
                 Some(embed.clone())
             };
             Linear {
-                q4: None,
-                q8,
+                quant: q8.map(|q| vec![(vocab, Quant::Q8(q))]).unwrap_or_default(),
                 f32,
                 out: vocab,
                 bias: None,
@@ -806,7 +914,7 @@ impl Model {
         let total: usize = self.linears_mut().map(|l| l.f32_bytes()).sum();
         if total > budget {
             for l in self.linears_mut() {
-                if l.q8.is_some() || l.q4.is_some() {
+                if !l.quant.is_empty() {
                     l.f32 = None;
                 }
             }
@@ -1075,6 +1183,107 @@ mod tests {
             let mut one = vec![0f32; hd];
             rms_norm(&q[h * hd..(h + 1) * hd], &w, hd, eps, &mut one);
             assert_eq!(&per_head[h * hd..(h + 1) * hd], &one[..]);
+        }
+    }
+
+    /// A fused matrix whose parts differ (q and k in Q5_0, v in Q8_0, as in Gemma 3's
+    /// odd layers) keeps the Q5_0 parts in their own blocks and the Q8_0 part in Q8_0, as
+    /// two column segments; its product equals the f32 product of the file's values
+    /// within the activations' Q8_0 rounding, and a row's values are the same bits alone
+    /// and in a batch.
+    #[test]
+    fn mixed_parts_keep_their_own_kernels() {
+        let (inp, outs) = (96usize, [40usize, 13, 13]);
+        let bytes = |len: usize, seed: u64| -> Vec<u8> {
+            data(len, seed, 1.0)
+                .iter()
+                .map(|v| ((v + 1.0) * 127.99) as u8)
+                .collect()
+        };
+        let with_scales = |mut raw: Vec<u8>, size: usize, seed: u64| {
+            let len = raw.len();
+            for (b, s) in raw.chunks_exact_mut(size).zip(data(len / size, seed, 0.01)) {
+                b[..2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+            }
+            raw
+        };
+        let blocks = |out: usize| out * inp / 32;
+        let raws = [
+            with_scales(bytes(blocks(outs[0]) * 22, 1), 22, 2),
+            with_scales(bytes(blocks(outs[1]) * 22, 3), 22, 4),
+            with_scales(bytes(blocks(outs[2]) * 34, 5), 34, 6),
+        ];
+        let names = ["q.weight", "k.weight", "v.weight"].map(String::from);
+        let dims: Vec<[u64; 2]> = outs.iter().map(|&o| [inp as u64, o as u64]).collect();
+        let tensors: Vec<gguf::write::Tensor<'_>> = (0..3)
+            .map(|i| gguf::write::Tensor {
+                name: &names[i],
+                dims: &dims[i],
+                ggml_type: if i < 2 { 6 } else { 8 },
+                data: &raws[i],
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("sy-mixed-{}.gguf", std::process::id()));
+        gguf::write::to_file(
+            &path,
+            &[("general.architecture", Value::Str("x".into()))],
+            &tensors,
+        )
+        .expect("write");
+        let mut file = File::open(&path).expect("open");
+        let content = gguf_file::Content::read(&mut file).expect("read");
+        let spath = path.display().to_string();
+        let mut ld = Loader {
+            content,
+            file,
+            path: &spath,
+        };
+        let lin = ld.linear(&names, inp, &outs, false).expect("linear");
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            matches!(
+                lin.quant.as_slice(),
+                [(53, Quant::Q5(_)), (13, Quant::Q8(_))]
+            ),
+            "segments {:?}",
+            lin.quant.iter().map(|(w, _)| *w).collect::<Vec<_>>()
+        );
+        let n: usize = outs.iter().sum();
+        // The file's values, as candle dequantizes them.
+        let wf = lin.f32.clone().expect("f32 copy");
+        let m = 5;
+        let x = data(m * inp, 7, 1.0);
+        let y = lin.forward(&x, m, Kernel::Q8).expect("forward");
+        for r in 0..m {
+            let xr = &x[r * inp..(r + 1) * inp];
+            let xmax = xr.iter().fold(0f32, |a, b| a.max(b.abs())) as f64;
+            for c in 0..n {
+                let wc = &wf[c * inp..(c + 1) * inp];
+                let want: f64 = xr.iter().zip(wc).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let wsum: f64 = wc.iter().map(|b| b.abs() as f64).sum();
+                // Q5_0 keeps the weights exact: only the activations round. The Q8_0 part
+                // is re-quantized, exact unless a block holds -128 (random bytes do).
+                let requant = if c < 53 {
+                    0.0
+                } else {
+                    let wmax = wc.iter().fold(0f32, |a, b| a.max(b.abs())) as f64;
+                    xr.iter().map(|a| a.abs() as f64).sum::<f64>() * wmax
+                };
+                let bound = 1.05 * (wsum * xmax + requant) / 254.0 + 1e-5 * (1.0 + want.abs());
+                let g = y[r * n + c] as f64;
+                assert!(
+                    (g - want).abs() <= bound,
+                    "({r}, {c}): {g} vs {want}, bound {bound}"
+                );
+            }
+            let alone = lin.forward(xr, 1, Kernel::Q8).expect("forward");
+            for c in 0..n {
+                assert_eq!(
+                    alone[c].to_bits(),
+                    y[r * n + c].to_bits(),
+                    "row {r} col {c}"
+                );
+            }
         }
     }
 

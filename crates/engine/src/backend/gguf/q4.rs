@@ -49,7 +49,7 @@ impl std::fmt::Debug for Q4Matrix {
 }
 
 /// One block of a source tensor: scale, offset and 32 values in 0..=15.
-type Block = (f32, f32, [u8; QK]);
+pub type Block = (f32, f32, [u8; QK]);
 
 /// The GGUF types this kernel runs without widening.
 pub fn supports(dtype: GgmlDType) -> bool {

@@ -177,7 +177,7 @@ impl Q8Matrix {
 }
 
 /// Index of block `b` of column `c` among the blocks (and the scales) of a matrix whose
-/// columns are interleaved in groups of [`G`], `kb` blocks per column (Q8_0 and 4-bit).
+/// columns are interleaved in groups of [`G`], `kb` blocks per column (Q8_0, 4-bit, Q5_0).
 #[inline]
 pub(super) fn block_index(kb: usize, c: usize, b: usize) -> usize {
     ((c / G) * kb + b) * G + c % G
@@ -187,7 +187,7 @@ pub(super) fn block_index(kb: usize, c: usize, b: usize) -> usize {
 /// `out` is `[m, n]`): on the calling thread when the call is small, else on rayon's pool
 /// in chunks of columns (multiples of 4, the kernels' column groups; a few per thread so
 /// that stealing evens out uneven progress). `columns` must write only columns
-/// `[c0, c1)` of `out`, through `dst`. Shared by the Q8_0 and 4-bit kernels.
+/// `[c0, c1)` of `out`, through `dst`. Shared by the Q8_0, 4-bit and Q5_0 kernels.
 pub(super) fn par_columns(
     x: &Q8Rows,
     n: usize,
@@ -240,6 +240,9 @@ pub struct Q8Rows {
     /// Per block: its scale times the sum of its quants (`d · Σq`), for kernels whose
     /// weights carry an offset (`w = d·q + m`, [`super::q4`]).
     pub(super) sums: Vec<f32>,
+    /// Per block: the sum of its quants (`Σq`), for kernels whose integer levels carry an
+    /// offset (`w = d·(q - 16)`, [`super::q5`]).
+    pub(super) isums: Vec<i32>,
 }
 
 impl Q8Rows {
@@ -260,13 +263,15 @@ impl Q8Rows {
                 .zip(self.qs.chunks_exact_mut(QK))
                 .map(|(x, q)| quantize_block(x, q)),
         );
-        self.sums.clear();
-        self.sums.extend(
+        self.isums.clear();
+        self.isums.extend(
             self.qs
                 .chunks_exact(QK)
-                .zip(&self.d)
-                .map(|(q, d)| q.iter().map(|&v| v as i32).sum::<i32>() as f32 * d),
+                .map(|q| q.iter().map(|&v| v as i32).sum::<i32>()),
         );
+        self.sums.clear();
+        self.sums
+            .extend(self.isums.iter().zip(&self.d).map(|(&s, d)| s as f32 * d));
     }
 
     pub(super) fn row(&self, r: usize) -> (&[i8], &[f32]) {
