@@ -14,6 +14,8 @@ pub mod q4;
 pub mod q5;
 pub mod q8;
 
+use rayon::prelude::*;
+
 use super::sampling::{sample, History};
 use super::{Backend, BackendError};
 use crate::core::step::{SeqStep, TokenLogprobs};
@@ -253,22 +255,35 @@ impl Backend for GgufBackend {
         if logits.len() != sampled_seq.len() * vocab {
             return Err(BackendError::Failed("missing logits".into()));
         }
-        // Tokens go out in the order of `seqs`.
+        // Each sampled row on the pool (a row's draw depends only on its logits, its
+        // sequence and its seed, so the order rows run in changes nothing); tokens go out
+        // in the order of `seqs`.
+        let eos = &self.eos;
+        let drawn: Vec<(u32, Option<Box<TokenLogprobs>>)> = self.pool.install(|| {
+            logits
+                .par_chunks_exact_mut(vocab)
+                .zip(sampled_seq.par_iter())
+                .map(|(row, &i)| {
+                    let s = &seqs[i];
+                    let end = s.num_computed + s.num_new;
+                    let (prompt, output) = s.tokens[..end].split_at(s.num_prompt.min(end));
+                    let h = History { prompt, output };
+                    // Log-probabilities of the raw distribution, taken before sampling
+                    // alters it.
+                    let raw = s.params.logprobs.map(|k| (row.to_vec(), k));
+                    let pick = sample(row, s.params, &h, eos, s.rng_seed, end);
+                    let lp = raw.map(|(raw, k)| {
+                        Box::new(super::sampling::logprobs(&raw, pick, k as usize))
+                    });
+                    (pick, lp)
+                })
+                .collect()
+        });
         let mut picks = vec![0u32; seqs.len()];
         let mut lps: Vec<Option<Box<TokenLogprobs>>> = vec![None; seqs.len()];
-        for (row, &i) in logits.chunks_exact_mut(vocab).zip(&sampled_seq) {
-            let s = &seqs[i];
-            let end = s.num_computed + s.num_new;
-            let (prompt, output) = s.tokens[..end].split_at(s.num_prompt.min(end));
-            let h = History { prompt, output };
-            // Log-probabilities of the raw distribution, taken before sampling alters it.
-            let raw = s.params.logprobs.map(|k| (row.to_vec(), k));
-            picks[i] = sample(row, s.params, &h, &self.eos, s.rng_seed, end);
-            if let Some((raw, k)) = raw {
-                lps[i] = Some(Box::new(super::sampling::logprobs(
-                    &raw, picks[i], k as usize,
-                )));
-            }
+        for ((pick, lp), &i) in drawn.into_iter().zip(&sampled_seq) {
+            picks[i] = pick;
+            lps[i] = lp;
         }
         self.logprobs.clear();
         self.logprobs.extend(
