@@ -786,10 +786,9 @@ impl EngineLoop {
                 let Some(blocks) = req.blocks.ids.get(c * bpc..(c + 1) * bpc) else {
                     break;
                 };
-                let mut data = Vec::with_capacity(off.chunk_meta().length as usize);
-                if !self.backend.export_kv(blocks, &mut data) {
+                let Some(data) = self.backend.export_kv_bytes(blocks) else {
                     return;
-                }
+                };
                 let first = c * bpc;
                 off.save(
                     key,

@@ -63,6 +63,11 @@ pub struct SearchArgs {
     /// Write every run's figures (JSON) here.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Put a KV cache server of this many bytes (default 64 GiB) behind the engines, as
+    /// `switchyard up --kv-cache-server` and the Helm chart's `cacheserverSpec` do: a
+    /// prompt computed on one engine is a remote hit on the others.
+    #[arg(long, value_name = "MAX_BYTES", num_args = 0..=1, default_missing_value = "68719476736")]
+    pub kv_cache_server: Option<u64>,
     /// Simulate these engine counts (comma-separated) instead of searching.
     #[arg(long, value_delimiter = ',')]
     pub engines: Vec<usize>,
@@ -179,6 +184,7 @@ pub fn stack_config(
             balance_rel: d.balance_rel_threshold,
             max_chars: d.prefix_cache_max_chars,
         },
+        kv_cache_server: a.kv_cache_server,
     }
 }
 
@@ -424,7 +430,12 @@ pub fn chart(outcomes: &[Outcome], bound: &Bound) -> String {
 
 /// The Helm values that deploy `engines` engines routed by `routing`, for the chart's
 /// `servingEngineSpec` / `routerSpec`.
-pub fn helm_values(routing: &str, engines: usize, profile: &SimProfile) -> String {
+pub fn helm_values(
+    routing: &str,
+    engines: usize,
+    profile: &SimProfile,
+    kv_cache_server: Option<u64>,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -437,6 +448,14 @@ pub fn helm_values(routing: &str, engines: usize, profile: &SimProfile) -> Strin
         "servingEngineSpec:\n  modelSpec:\n    - name: model          # your model's entry\n      replicaCount: {engines}\n      hpa:\n        enabled: true\n        minReplicas: {engines}\n        maxReplicas: {}\n        metric: vllm_num_requests_waiting\n        target: \"2\"",
         engines + engines.div_ceil(2)
     );
+    if let Some(bytes) = kv_cache_server {
+        // The server's memory: its capacity and a quarter more for keys and buffers.
+        let _ = writeln!(
+            s,
+            "      lmcacheConfig:\n        enabled: true\ncacheserverSpec:\n  enabled: true\n  maxBytes: \"{bytes}\"\n  resources:\n    requests:\n      memory: {mib}Mi\n    limits:\n      memory: {mib}Mi",
+            mib = (bytes + bytes / 4).div_ceil(1 << 20)
+        );
+    }
     s
 }
 
@@ -461,7 +480,7 @@ pub fn run(a: &SearchArgs) -> anyhow::Result<()> {
     for &routing in &a.routing {
         let o = search_one(a, &profile, &workload, &slo, routing, |r| {
             eprintln!(
-                "plan: {:<12} {:>3} engines: {}  {} completed, {} failed, hit {:.1}%  ({:.0} s simulated in {:.1} s, {:.0}x; routed {})",
+                "plan: {:<12} {:>3} engines: {}  {} completed, {} failed, hit {:.1}%{}  ({:.0} s simulated in {:.1} s, {:.0}x; routed {})",
                 r.routing,
                 r.engines,
                 slo.iter()
@@ -471,6 +490,11 @@ pub fn run(a: &SearchArgs) -> anyhow::Result<()> {
                 r.report.requests.completed,
                 r.report.requests.failed,
                 100.0 * r.cache_hit_rate,
+                r.kv_server_held.map_or(String::new(), |(chunks, bytes)| format!(
+                    " (loaded {} tokens from the KV tiers; server holds {chunks} chunks, {:.1} GiB)",
+                    r.kv_loaded_tokens.unwrap_or(0),
+                    bytes as f64 / (1u64 << 30) as f64
+                )),
                 r.simulated_s,
                 r.wall_s,
                 r.speed(),
@@ -495,7 +519,10 @@ pub fn run(a: &SearchArgs) -> anyhow::Result<()> {
     match choice {
         Some((n, o)) => {
             println!("\nFewest engines: {n} with {}.\n", o.routing);
-            print!("{}", helm_values(&o.routing, n, &profile));
+            print!(
+                "{}",
+                helm_values(&o.routing, n, &profile, a.kv_cache_server)
+            );
         }
         None => println!(
             "\nNo routing logic met the SLO within {} engines.",

@@ -127,6 +127,13 @@ pub struct RunResult {
     pub wall_s: f64,
     /// Requests each engine was sent.
     pub routed: Vec<u64>,
+    /// With a KV cache server: prompt tokens loaded from the KV tiers (the engines' host
+    /// memory and the server) rather than computed, and what the server held at the end
+    /// (chunks, bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_loaded_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_server_held: Option<(usize, u64)>,
 }
 
 impl RunResult {
@@ -143,8 +150,8 @@ pub fn simulate(cfg: &StackConfig, workload: &Workload) -> anyhow::Result<RunRes
         .start_paused(true)
         .build()?;
     let wall = Instant::now();
-    let (report, hit, routed, simulated) = rt.block_on(async {
-        let stack = Stack::start(cfg);
+    let (report, hit, routed, simulated, offload) = rt.block_on(async {
+        let stack = Stack::start(cfg)?;
         let target = Target::local(
             "sim://plan",
             Arc::new(Served(stack.clone())),
@@ -153,7 +160,13 @@ pub fn simulate(cfg: &StackConfig, workload: &Workload) -> anyhow::Result<RunRes
         let t0 = tokio::time::Instant::now();
         let report = workload.run(target).await?;
         let simulated = t0.elapsed().as_secs_f64();
-        anyhow::Ok((report, stack.cache_hit_rate(), stack.routed(), simulated))
+        anyhow::Ok((
+            report,
+            stack.cache_hit_rate(),
+            stack.routed(),
+            simulated,
+            stack.kv_offload(),
+        ))
     })?;
     // The engine tasks end with the runtime.
     drop(rt);
@@ -165,6 +178,8 @@ pub fn simulate(cfg: &StackConfig, workload: &Workload) -> anyhow::Result<RunRes
         simulated_s: simulated,
         wall_s: wall.elapsed().as_secs_f64(),
         routed,
+        kv_loaded_tokens: offload.1.map(|_| offload.0),
+        kv_server_held: offload.1,
     })
 }
 
@@ -234,6 +249,7 @@ mod tests {
             kv_overlap_weight: 16.0,
             kv_min_match: 0.3,
             prefix: PrefixSettings::default(),
+            kv_cache_server: None,
         };
         let r = simulate(&cfg, &workload).expect("simulate");
         let _ = std::fs::remove_dir_all(&dir);
@@ -251,6 +267,91 @@ mod tests {
             routed == [15, 15] || routed == [0, 30],
             "each session's requests on one engine: {:?}",
             r.routed
+        );
+    }
+
+    /// With a KV cache server behind round-robin engines, a user's later rounds, sent to
+    /// engines that never saw the conversation, load it from the server instead of
+    /// computing it: more prompt tokens hit, TTFT drops, and the server never holds more
+    /// than its capacity (a server of two chunks holds two, and helps less).
+    #[test]
+    fn a_kv_cache_server_turns_recomputation_into_remote_hits() {
+        let workload = Workload::new(WorkloadArgs {
+            workload: crate::WorkloadKind::MultiRound,
+            duration: 60.0,
+            qps: 2.0,
+            num_users: 8,
+            num_rounds: 4,
+            shared_system_prompt: 256,
+            user_history_prompt: 1024,
+            question_len: 16,
+            output_len: 20,
+            input_len: 0,
+            trace: None,
+            speedup: 1.0,
+            seed: 1,
+        })
+        .expect("workload");
+        let profile = SimProfile::preset("llama-3.1-8b-h100").expect("preset");
+        // Llama-3.1-8B: 128 KiB of KV per token, 32 MiB per 256-token chunk.
+        let chunk = 32u64 << 20;
+        let cfg = |server: Option<u64>| StackConfig {
+            engines: 4,
+            routing: RoutingLogic::Roundrobin,
+            profile: profile.clone(),
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            max_model_len: 8192,
+            block_size: 16,
+            num_blocks: 16384,
+            stats_interval: Duration::from_secs(15),
+            kv_overlap_weight: 16.0,
+            kv_min_match: 0.3,
+            prefix: PrefixSettings::default(),
+            kv_cache_server: server,
+        };
+        let off = simulate(&cfg(None), &workload).expect("without");
+        let on = simulate(&cfg(Some(64 << 30)), &workload).expect("with");
+        let small = simulate(&cfg(Some(2 * chunk)), &workload).expect("small");
+        for (what, r) in [("without", &off), ("with", &on), ("two chunks", &small)] {
+            eprintln!(
+                "{what}: hit {:.3}, TTFT mean {:.1} ms, loaded {:?}, held {:?}",
+                r.cache_hit_rate, r.report.ttft_ms.mean, r.kv_loaded_tokens, r.kv_server_held
+            );
+        }
+        for r in [&off, &on, &small] {
+            assert_eq!(r.report.requests.failed, 0, "{:?}", r.report.requests);
+            assert_eq!(r.report.requests.completed, off.report.requests.completed);
+        }
+        assert!(off.report.requests.completed >= 32);
+        assert_eq!((off.kv_loaded_tokens, off.kv_server_held), (None, None));
+        let loaded = on.kv_loaded_tokens.expect("loaded");
+        let (chunks, bytes) = on.kv_server_held.expect("held");
+        assert!(loaded >= 256 * 16, "{loaded} tokens loaded");
+        assert_eq!(
+            bytes,
+            chunks as u64 * chunk,
+            "payloads of the model's real size"
+        );
+        assert!(bytes <= 64 << 30);
+        assert!(
+            on.cache_hit_rate > off.cache_hit_rate + 0.1,
+            "hit rate {:.3} with the server, {:.3} without",
+            on.cache_hit_rate,
+            off.cache_hit_rate
+        );
+        let (t_on, t_off) = (on.report.ttft_ms.mean, off.report.ttft_ms.mean);
+        assert!(
+            t_on < 0.9 * t_off,
+            "TTFT mean {t_on:.1} ms with, {t_off:.1} ms without"
+        );
+        let (small_chunks, small_bytes) = small.kv_server_held.expect("held");
+        assert!(small_chunks <= 2 && small_bytes <= 2 * chunk);
+        assert!(
+            small.cache_hit_rate < on.cache_hit_rate,
+            "{:.3} with two chunks, {:.3} with 64 GiB",
+            small.cache_hit_rate,
+            on.cache_hit_rate
         );
     }
 }

@@ -6,6 +6,13 @@
 //! workloads reach it through [`bench::client::LocalServer`]: no sockets, no threads, so
 //! virtual time moves only when every task waits.
 //!
+//! With a KV cache server (`--kv-cache-server`), every engine offloads as `switchyard up
+//! --kv-cache-server` configures it (LMCache's settings: host memory on, the server
+//! remote) to one in-process store of the server's capacity, [`cache::store::Store`],
+//! the server's own LRU: no sockets, the transfers' time modelled by the sim backend
+//! (round trip plus bytes at the profile's network rate), payloads of the model's real
+//! size that share one range of zero pages.
+//!
 //! What is not simulated: HTTP and SSE framing, beyond the profile's fixed
 //! `request_overhead_us` per request (what `plan calibrate` measured of them); the
 //! router's retries and health checks (no engine fails here).
@@ -18,10 +25,12 @@ use std::time::Duration;
 
 use bench::client::{ErrorKind, LocalServer, Outcome};
 use bytes::Bytes;
+use cache::store::Store;
 use engine::backend::sim::{Latency, SimBackend, SimProfile};
 use engine::core::request::{EngineEvent, NewRequest, SamplingParams};
 use engine::core::scheduler::SchedulerConfig;
 use engine::engine_loop::{virtual_engine, CoreConfig, EngineCommand};
+use engine::kv_offload::{KvTransferConfig, LmCacheSettings, Offload, OffloadMetrics};
 use engine::kv_publisher::KvEventSink;
 use engine::metrics::EngineMetrics;
 use router::config::{BackendSpec, PrefixSettings, RoutingLogic};
@@ -54,11 +63,14 @@ pub struct StackConfig {
     pub kv_overlap_weight: f64,
     pub kv_min_match: f64,
     pub prefix: PrefixSettings,
+    /// A KV cache server of this many bytes shared by every engine, or none.
+    pub kv_cache_server: Option<u64>,
 }
 
 struct Slot {
     tx: UnboundedSender<EngineCommand>,
     metrics: Arc<EngineMetrics>,
+    offload: Option<Arc<OffloadMetrics>>,
 }
 
 /// A running simulated stack (inside a paused runtime).
@@ -66,6 +78,8 @@ pub struct Stack {
     engines: Vec<Slot>,
     endpoints: Vec<Arc<Endpoint>>,
     policy: Box<dyn Policy>,
+    /// The shared KV cache server's store, when there is one.
+    kv_server: Option<Arc<Store>>,
     tokenizer: SimTokenizer,
     max_model_len: usize,
     /// The profile's request overhead, waited before routing.
@@ -95,7 +109,7 @@ impl Drop for InFlight<'_> {
 
 impl Stack {
     /// Spawn the engines (and the router's feeds) on the current runtime.
-    pub fn start(cfg: &StackConfig) -> Arc<Stack> {
+    pub fn start(cfg: &StackConfig) -> anyhow::Result<Arc<Stack>> {
         let kv = Arc::new(KvState::new(0));
         let kvaware = cfg.routing == RoutingLogic::Kvaware;
         let policy = router::policy::build(
@@ -111,6 +125,11 @@ impl Stack {
             .expect("a shipped preset");
         let latency = cfg.profile.latency(base);
         let epoch = engine::clock::now();
+        let kv_server = cfg.kv_cache_server.map(|bytes| Arc::new(Store::new(bytes)));
+        let transfer = KvTransferConfig::parse(
+            r#"{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}"#,
+        )
+        .map_err(anyhow::Error::msg)?;
         let mut engines = Vec::with_capacity(cfg.engines);
         let mut endpoints = Vec::with_capacity(cfg.engines);
         for i in 0..cfg.engines {
@@ -145,6 +164,21 @@ impl Stack {
                 });
                 sink
             });
+            let offload = match &kv_server {
+                Some(store) => Some(
+                    Offload::new(
+                        transfer.clone(),
+                        LmCacheSettings::default(),
+                        latency.kv.layout(),
+                        cfg.block_size,
+                        MODEL,
+                    )
+                    .map_err(anyhow::Error::msg)?
+                    .with_shared_remote(store.clone()),
+                ),
+                None => None,
+            };
+            let offload_metrics = offload.as_ref().map(|o| o.metrics.clone());
             let config = CoreConfig {
                 scheduler: SchedulerConfig {
                     max_num_seqs: cfg.max_num_seqs,
@@ -156,7 +190,7 @@ impl Stack {
                 prefix_caching: true,
                 eos_token_ids: SimTokenizer::new().eos_token_ids().to_vec(),
                 kv_events,
-                offload: None,
+                offload,
                 pd: None,
                 max_loras: 0,
             };
@@ -165,7 +199,11 @@ impl Stack {
                 .in_virtual_time();
             let (tx, run) = virtual_engine(config, Box::new(backend), metrics.clone());
             tokio::spawn(run);
-            engines.push(Slot { tx, metrics });
+            engines.push(Slot {
+                tx,
+                metrics,
+                offload: offload_metrics,
+            });
             endpoints.push(ep);
         }
         // The router's scrape of each engine's queue, every `stats_interval`.
@@ -185,16 +223,29 @@ impl Stack {
                 }
             }
         });
-        Arc::new(Stack {
+        Ok(Arc::new(Stack {
             engines,
             endpoints,
             policy,
+            kv_server,
             tokenizer: SimTokenizer::new(),
             max_model_len: cfg.max_model_len,
             overhead: Duration::from_secs_f64(cfg.profile.request_overhead_us.max(0.0) / 1e6),
             next_id: AtomicU64::new(1),
             nonce: AtomicU64::new(0x5EED),
-        })
+        }))
+    }
+
+    /// Prompt tokens the engines loaded from the KV tiers (their host memory and the
+    /// cache server), and the cache server's `(chunks, bytes)` held at the end.
+    pub fn kv_offload(&self) -> (u64, Option<(usize, u64)>) {
+        let loaded = self
+            .engines
+            .iter()
+            .filter_map(|s| s.offload.as_ref())
+            .map(|m| m.hits.get())
+            .sum();
+        (loaded, self.kv_server.as_ref().map(|s| s.usage()))
     }
 
     /// Prompt tokens served from the engines' prefix caches, of all looked up.

@@ -45,6 +45,14 @@ pub trait Backend: Send {
     fn export_kv(&mut self, _blocks: &[u32], _out: &mut Vec<u8>) -> bool {
         false
     }
+    /// [`Backend::export_kv`] as one payload (what the offloading tiers keep); `None`
+    /// when this backend keeps none. The sim overrides it to hand out shared zeros
+    /// without copying.
+    fn export_kv_bytes(&mut self, blocks: &[u32]) -> Option<bytes::Bytes> {
+        let mut out = Vec::new();
+        self.export_kv(blocks, &mut out)
+            .then(|| bytes::Bytes::from(out))
+    }
     /// Write KV laid out as [`KvLayout`] says into `blocks`: `data` holds a chunk of
     /// `chunk_tokens` tokens, of which those from `first_token` on fill the blocks in
     /// order. False (nothing written) when the sizes do not fit.

@@ -23,6 +23,18 @@ use crate::core::step::{KvLayout, KvTier, SeqStep, TokenLogprobs};
 use kv_events::hash::{mix64, unit_f64};
 use tokenizer::SimTokenizer;
 
+/// Zeros for the sim's KV payloads: a chunk of a 70B model is 80 MiB. Never written, so
+/// it stays in `.bss` (the pages read as zeros without being allocated).
+static ZEROS: [u8; 128 << 20] = [0; 128 << 20];
+
+/// `n` zero bytes: a slice of [`ZEROS`], or (beyond it) an allocation.
+fn zeros(n: usize) -> bytes::Bytes {
+    match ZEROS.get(..n) {
+        Some(z) => bytes::Bytes::from_static(z),
+        None => bytes::Bytes::from(vec![0u8; n]),
+    }
+}
+
 /// Latency-model parameters (microseconds unless named otherwise).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct LatencyModel {
@@ -448,6 +460,14 @@ impl Backend for SimBackend {
         true
     }
 
+    fn export_kv_bytes(&mut self, blocks: &[u32]) -> Option<bytes::Bytes> {
+        // As `export_kv`, without the copy: the tiers hold (and count) payloads of the
+        // real size that all share one static page range of zeros.
+        let n = blocks.len() * self.block_size * self.latency.kv.layout().bytes_per_token();
+        self.pending_us += self.latency.kv.save_us(n) * self.time_scale;
+        Some(zeros(n))
+    }
+
     fn import_kv(
         &mut self,
         blocks: &[u32],
@@ -569,6 +589,25 @@ mod tests {
         for w in WORDS {
             assert_eq!(t.encode(w).len(), 1, "{w:?}");
         }
+    }
+
+    /// The payloads the tiers keep are the real size, cost the modelled copy, and are
+    /// not copies: every one is a slice of the same static zeros.
+    #[test]
+    fn exported_payloads_share_zero_pages_at_the_real_size() {
+        let l = Latency::preset("llama-3.1-8b-h100").expect("preset");
+        let mut sim = SimBackend::new(l, 1.0, 0.0).with_block_size(16);
+        let a = sim.export_kv_bytes(&[1; 16]).expect("payload");
+        let b = sim.export_kv_bytes(&[2; 16]).expect("payload");
+        assert_eq!(a.len(), 256 * 128 * 1024);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one static range, no copy");
+        assert!(a.iter().all(|&x| x == 0));
+        let copied = sim.pending_transfer_us();
+        assert!(
+            (copied - 2.0 * a.len() as f64 / 50e3).abs() < 1e-6,
+            "{copied}"
+        );
+        assert!(sim.import_kv(&[3; 16], &a, 256, 0));
     }
 
     #[test]

@@ -226,6 +226,11 @@ pub struct Offload {
     host: Option<Store>,
     disk: Option<Arc<DiskTier>>,
     remote: Option<(tokio::runtime::Runtime, Remote)>,
+    /// A remote tier in this process, shared by every engine given it: what `switchyard
+    /// plan --kv-cache-server` puts behind its simulated engines (a cache server without
+    /// the network, whose transfer time the sim backend models). Read and written on the
+    /// loop thread: a store is a map of shared payloads, no I/O.
+    shared: Option<Arc<Store>>,
     saver: Option<SyncSender<SaveJob>>,
     /// Keys saved lately (bounded): a prompt seen again is not saved again.
     saved: HashSet<String>,
@@ -335,6 +340,7 @@ impl Offload {
             host,
             disk,
             remote,
+            shared: None,
             saver,
             saved: HashSet::new(),
             saved_order: VecDeque::new(),
@@ -342,6 +348,13 @@ impl Offload {
             cpu_events: Vec::new(),
             metrics,
         })
+    }
+
+    /// Use `store` as a remote tier (beside any `remote_url`): chunks saved go into it at
+    /// once, and lookups that miss host memory and disk find it there.
+    pub fn with_shared_remote(mut self, store: Arc<Store>) -> Offload {
+        self.shared = Some(store);
+        self
     }
 
     pub fn chunk_size(&self) -> usize {
@@ -425,6 +438,9 @@ impl Offload {
         if let Some(o) = self.disk.as_ref().and_then(|d| d.get(key)) {
             return Some((Tier::Disk, o));
         }
+        if let Some(o) = self.shared.as_ref().and_then(|s| s.get(key)) {
+            return Some((Tier::Remote, o));
+        }
         let (rt, remote) = self.remote.as_ref()?;
         match rt.block_on(remote.shard(key).get(key)) {
             Ok(Some(o)) => Some((Tier::Remote, o)),
@@ -456,15 +472,19 @@ impl Offload {
     /// Save a chunk copied out of the paged cache: host memory now, disk and remote on
     /// the saver thread. `blocks` is the chunk's blocks as the engine hashes them (with
     /// the hash before the chunk and its tokens), for the host tier's KV events.
-    pub fn save(&mut self, key: String, data: Vec<u8>, blocks: ChunkBlocks<'_>) {
+    pub fn save(&mut self, key: String, data: Bytes, blocks: ChunkBlocks<'_>) {
         let object = Object {
             meta: self.chunk_meta(),
-            data: Bytes::from(data),
+            data,
         };
         self.metrics.saved_bytes.add(object.data.len() as u64);
         if self.host.is_some() {
             self.host_put(&key, object.clone(), Some(blocks));
             self.metrics.saved_chunks[Tier::Cpu as usize].inc();
+        }
+        if let Some(shared) = &self.shared {
+            shared.put(&key, object.clone());
+            self.metrics.saved_chunks[Tier::Remote as usize].inc();
         }
         if let Some(tx) = &self.saver {
             match tx.try_send(SaveJob {
@@ -575,7 +595,7 @@ mod tests {
         let good = vec![1u8; o.chunk_meta().length as usize];
         o.save(
             "good".into(),
-            good.clone(),
+            Bytes::from(good.clone()),
             ChunkBlocks {
                 hashes: &[1, 2],
                 parent: None,
@@ -624,8 +644,8 @@ mod tests {
             tokens: &tokens,
             block_size: 16,
         };
-        o.save("a".into(), vec![0; per], blocks(&ha));
-        o.save("b".into(), vec![0; per], blocks(&hb));
+        o.save("a".into(), Bytes::from(vec![0; per]), blocks(&ha));
+        o.save("b".into(), Bytes::from(vec![0; per]), blocks(&hb));
         let ev = o.take_events();
         let stored: Vec<_> = ev
             .iter()
