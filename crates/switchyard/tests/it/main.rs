@@ -13,7 +13,6 @@ mod lora;
 mod observe;
 mod pd;
 mod pd_engine;
-mod plan;
 mod prefix;
 mod resume;
 mod router;

@@ -68,7 +68,7 @@ fn within(got: f64, want: f64, tol: f64) -> bool {
 fn profile(overhead: f64, prefill: f64, per_seq: f64, per_ctx: f64) -> std::path::PathBuf {
     let path = tmp("profile.json");
     let p = json!({
-        "name": "test", "source": "it/plan.rs",
+        "name": "test", "source": "timing/plan.rs",
         "overhead_us": overhead, "prefill_us_per_token": prefill,
         "decode_us_per_seq": per_seq, "decode_us_per_ctx_token": per_ctx,
     });
@@ -80,6 +80,7 @@ fn profile(overhead: f64, prefill: f64, per_seq: f64, per_ctx: f64) -> std::path
 /// from the engine's `vllm:cache_config_info`.
 #[test]
 fn calibration_recovers_a_known_latency_model() {
+    let _one = crate::serial_blocking();
     let engine = Proc::engine(&[
         "--sim-step-overhead-us",
         "20000",
@@ -157,6 +158,7 @@ fn stack(n: usize, profile: &str, routing: &str, extra: &[&str]) -> (Vec<Proc>, 
 /// ITL percentiles within 10%, cache hit rate within 2 points.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtual_time_agrees_with_real_time() {
+    let _one = crate::serial().await;
     let prof = profile(20000.0, 40.0, 1000.0, 0.5);
     let prof = prof.to_str().expect("path").to_string();
     let workload = [
@@ -289,6 +291,7 @@ async fn virtual_time_agrees_with_real_time() {
 /// real, that many meet the SLO and one fewer does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_planned_engine_count_meets_the_slo_and_one_fewer_does_not() {
+    let _one = crate::serial().await;
     let prof = profile(20000.0, 50.0, 2000.0, 0.0);
     let prof = prof.to_str().expect("path").to_string();
     let engine_flags = ["--max-num-seqs", "4"];
