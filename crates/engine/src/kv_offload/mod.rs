@@ -483,8 +483,9 @@ impl Offload {
             self.metrics.saved_chunks[Tier::Cpu as usize].inc();
         }
         if let Some(shared) = &self.shared {
-            shared.put(&key, object.clone());
-            self.metrics.saved_chunks[Tier::Remote as usize].inc();
+            if let cache::store::PutOutcome::Stored { .. } = shared.put(&key, object.clone()) {
+                self.metrics.saved_chunks[Tier::Remote as usize].inc();
+            }
         }
         if let Some(tx) = &self.saver {
             match tx.try_send(SaveJob {

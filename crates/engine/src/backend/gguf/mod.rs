@@ -169,6 +169,15 @@ impl Backend for GgufBackend {
         self.cache.export(blocks, out)
     }
 
+    fn export_kv_bytes(&mut self, blocks: &[u32]) -> Option<bytes::Bytes> {
+        // Sized up front: one copy out of the cache, no regrowth on the loop thread.
+        let per_token = self.kv_layout()?.bytes_per_token();
+        let mut out = Vec::with_capacity(blocks.len() * self.cache.block_size * per_token);
+        self.cache
+            .export(blocks, &mut out)
+            .then(|| bytes::Bytes::from(out))
+    }
+
     fn import_kv(
         &mut self,
         blocks: &[u32],
