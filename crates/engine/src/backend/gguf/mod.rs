@@ -13,6 +13,7 @@ pub mod model;
 pub mod q4;
 pub mod q5;
 pub mod q8;
+mod scales;
 
 use rayon::prelude::*;
 

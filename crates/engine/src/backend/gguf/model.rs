@@ -617,7 +617,10 @@ impl Loader<'_> {
             sources.push(if merged {
                 Source::Widened
             } else if q4::supports(dtype) {
-                q4::decode(dtype, &q.data()?).map_or(Source::Widened, Source::Q4)
+                let raw = q.data()?;
+                q4::decode(dtype, &raw).map_or(Source::Widened, |b| {
+                    Source::Q4(b, q4::decode_super(dtype, &raw))
+                })
             } else if q5::supports(dtype) {
                 q5::decode(dtype, &q.data()?).map_or(Source::Widened, Source::Q5)
             } else {
@@ -682,8 +685,8 @@ impl Loader<'_> {
 
 /// How a part of a [`Linear`] reaches the int8 kernels.
 enum Source {
-    /// Its own 4-bit blocks.
-    Q4(Vec<q4::Block>),
+    /// Its own 4-bit blocks (and Q4_K's per-256 factors).
+    Q4(Vec<q4::Block>, Option<Vec<(half::f16, half::f16)>>),
     /// Its own Q5_0 blocks.
     Q5(Vec<q5::Block5>),
     /// Its values (candle's dequantization, with any low-rank update merged), to Q8_0.
@@ -700,7 +703,7 @@ fn quant_segments(
     w: &[f32],
 ) -> Result<Vec<(usize, Quant)>, ModelError> {
     let kind = |s: &Source| match s {
-        Source::Q4(_) => 0,
+        Source::Q4(..) => 0,
         Source::Q5(_) => 1,
         Source::Widened => 2,
     };
@@ -717,12 +720,21 @@ fn quant_segments(
                 let b: Vec<q4::Block> = sources[i..j]
                     .iter()
                     .flat_map(|s| match s {
-                        Source::Q4(b) => b.as_slice(),
+                        Source::Q4(b, _) => b.as_slice(),
                         _ => &[],
                     })
                     .copied()
                     .collect();
-                Q4Matrix::from_blocks(&b, rows, inp).map(Quant::Q4)
+                // Q4_K's factors when every part has them.
+                let sup: Option<Vec<_>> = sources[i..j]
+                    .iter()
+                    .map(|s| match s {
+                        Source::Q4(_, Some(f)) => Some(f.as_slice()),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .map(|parts| parts.concat());
+                Q4Matrix::from_blocks_super(&b, sup.as_deref(), rows, inp).map(Quant::Q4)
             }
             1 => {
                 let b: Vec<q5::Block5> = sources[i..j]

@@ -19,9 +19,13 @@
 //! column) depends only on that row and that column, never on the tile, the number of
 //! rows in the call, or whether the SIMD or the scalar code ran.
 
+#[cfg(target_arch = "x86_64")]
+use super::q8::prefetch;
 use super::q8::{block_index as index, par_columns, OutPtr, Q8Rows, G, QK};
 use candle_core::quantized::GgmlDType;
 use half::f16;
+
+use super::scales::{self, Scales};
 
 /// Bytes of packed nibbles per block: byte `t` holds value `t` (low) and `t + 16` (high).
 const QB: usize = QK / 2;
@@ -29,17 +33,19 @@ const QB: usize = QK / 2;
 /// Rows per tile.
 const TILE_ROWS4: usize = 4;
 
-/// A weight matrix `[n, k]` in 4-bit blocks of 32 with f32 scale and offset.
+/// A weight matrix `[n, k]` in 4-bit blocks of 32 with a scale and an offset each: f16
+/// as Q4_0's and Q4_1's are, Q4_K's as its 6-bit integers and the f16s per 256 weights
+/// they multiply ([`super::scales`]).
 pub struct Q4Matrix {
     n: usize,
     k: usize,
     /// `[n / 4][k / 32][4][16]` (n rounded up to 4; padding columns are zero).
     qs: Vec<u8>,
     /// Scales, `[n / 4][k / 32][4]`.
-    d: Vec<f32>,
+    d: Scales,
     /// Offsets, `[k / 32][n]`: block-major, so that the offset terms of a range of
     /// columns (`Σ_b sums[b] · m[b][c]`) are contiguous multiply-adds after the tiles.
-    m: Vec<f32>,
+    m: Scales,
 }
 
 impl std::fmt::Debug for Q4Matrix {
@@ -58,6 +64,24 @@ pub fn supports(dtype: GgmlDType) -> bool {
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Q4_K's per-256-value scale and offset factors, `(d, dmin)` per super-block in order
+/// (a block of 32 is `w = d·sc·q - dmin·min`); `None` for the other types.
+pub fn decode_super(dtype: GgmlDType, raw: &[u8]) -> Option<Vec<(f16, f16)>> {
+    if dtype != GgmlDType::Q4K || !raw.len().is_multiple_of(144) {
+        return None;
+    }
+    Some(
+        raw.chunks_exact(144)
+            .map(|b| {
+                (
+                    f16::from_le_bytes([b[0], b[1]]),
+                    f16::from_le_bytes([b[2], b[3]]),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Decode a row-major tensor's raw GGML blocks into 32-value blocks, in order.
@@ -130,6 +154,19 @@ impl Q4Matrix {
     /// Build `[n, k]` from its blocks (column `c`'s blocks at `c·k/32 ..`); `None` unless
     /// `k` is a multiple of 32 and there are `n·k/32` blocks.
     pub fn from_blocks(blocks: &[Block], n: usize, k: usize) -> Option<Q4Matrix> {
+        Self::from_blocks_super(blocks, None, n, k)
+    }
+
+    /// [`Q4Matrix::from_blocks`] given, for Q4_K, the factors ([`decode_super`]) that its
+    /// blocks' scales and offsets are integer multiples of, 8 blocks each: those are then
+    /// kept as the integers and the factors (2.5 bytes per block instead of 8; the same
+    /// values).
+    pub fn from_blocks_super(
+        blocks: &[Block],
+        supers: Option<&[(f16, f16)]>,
+        n: usize,
+        k: usize,
+    ) -> Option<Q4Matrix> {
         if k == 0 || !k.is_multiple_of(QK) || blocks.len() != n * (k / QK) {
             return None;
         }
@@ -147,6 +184,27 @@ impl Q4Matrix {
                 }
             }
         }
+        let ns = kb / scales::SUPER;
+        let (d, m) = match supers {
+            Some(sup) if kb.is_multiple_of(scales::SUPER) && sup.len() == n * ns => {
+                // Factors in the values' layouts: per group, super-block, column of the
+                // group (stride 4), and per super-block, column (stride n).
+                let mut dsup = vec![f16::ZERO; groups * ns * G];
+                let mut msup = vec![f16::ZERO; ns * n];
+                for c in 0..n {
+                    for sb in 0..ns {
+                        let (sd, smin) = sup[c * ns + sb];
+                        dsup[((c / G) * ns + sb) * G + c % G] = sd;
+                        msup[sb * n + c] = -smin;
+                    }
+                }
+                (
+                    Scales::with_super(d, dsup, G),
+                    Scales::with_super(m, msup, n),
+                )
+            }
+            _ => (Scales::new(d), Scales::new(m)),
+        };
         Some(Q4Matrix { n, k, qs, d, m })
     }
 
@@ -160,9 +218,9 @@ impl Q4Matrix {
                 for t in 0..QB {
                     let byte = self.qs[i * QB + t];
                     let o = c * self.k + b * QK;
-                    let mm = self.m[b * self.n + c];
-                    out[o + t] = self.d[i] * (byte & 0x0f) as f32 + mm;
-                    out[o + t + QB] = self.d[i] * (byte >> 4) as f32 + mm;
+                    let (dd, mm) = (self.d.get(i), self.m.get(b * self.n + c));
+                    out[o + t] = dd * (byte & 0x0f) as f32 + mm;
+                    out[o + t + QB] = dd * (byte >> 4) as f32 + mm;
                 }
             }
         }
@@ -208,9 +266,7 @@ impl Q4Matrix {
             // SAFETY: row `r`, columns `[c0, c1)` of `[m, n]`: this call's alone.
             let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * n + c0), c1 - c0) };
             for (b, &s) in x.sums[r * kb..(r + 1) * kb].iter().enumerate() {
-                for (o, mm) in out.iter_mut().zip(&self.m[b * n + c0..b * n + c1]) {
-                    *o += s * mm;
-                }
+                self.m.axpy(b * n + c0, s, out);
             }
         }
     }
@@ -222,11 +278,20 @@ impl Q4Matrix {
             // SAFETY: AVX2 and FMA are present; the rows and the group are inside both
             // matrices.
             unsafe {
-                match rows {
-                    1 => avx2_tile4::<1>(self, x, r, g, tile),
-                    2 => avx2_tile4::<2>(self, x, r, g, tile),
-                    3 => avx2_tile4::<3>(self, x, r, g, tile),
-                    _ => avx2_tile4::<4>(self, x, r, g, tile),
+                match (rows, self.d.kind()) {
+                    (1, scales::F32) => avx2_tile4::<1, { scales::F32 }>(self, x, r, g, tile),
+                    (2, scales::F32) => avx2_tile4::<2, { scales::F32 }>(self, x, r, g, tile),
+                    (3, scales::F32) => avx2_tile4::<3, { scales::F32 }>(self, x, r, g, tile),
+                    (_, scales::F32) => avx2_tile4::<4, { scales::F32 }>(self, x, r, g, tile),
+                    (1, scales::F16) => avx2_tile4::<1, { scales::F16 }>(self, x, r, g, tile),
+                    (2, scales::F16) => avx2_tile4::<2, { scales::F16 }>(self, x, r, g, tile),
+                    (3, scales::F16) => avx2_tile4::<3, { scales::F16 }>(self, x, r, g, tile),
+                    (_, scales::F16) => avx2_tile4::<4, { scales::F16 }>(self, x, r, g, tile),
+                    (1, scales::SUB) => avx2_tile4::<1, { scales::SUB }>(self, x, r, g, tile),
+                    (2, scales::SUB) => avx2_tile4::<2, { scales::SUB }>(self, x, r, g, tile),
+                    (3, scales::SUB) => avx2_tile4::<3, { scales::SUB }>(self, x, r, g, tile),
+                    (_, scales::SUB) => avx2_tile4::<4, { scales::SUB }>(self, x, r, g, tile),
+                    _ => unreachable!("a scale kind without a tile"),
                 }
             }
             return;
@@ -245,7 +310,7 @@ impl Q4Matrix {
                         dot += (qb[t] & 0x0f) as i32 * xb[t] as i32;
                         dot += (qb[t] >> 4) as i32 * xb[t + QB] as i32;
                     }
-                    acc = (dot as f32).mul_add(self.d[i] * xd[b], acc);
+                    acc = (dot as f32).mul_add(self.d.get(i) * xd[b], acc);
                 }
                 *out = acc;
             }
@@ -265,8 +330,8 @@ impl Q4Matrix {
 /// # Safety
 /// AVX2 and FMA present; `r + R <= x.m`; `g` a group of `w`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tile4<const R: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_tile4<const R: usize, const K: u8>(
     w: &Q4Matrix,
     x: &Q8Rows,
     r: usize,
@@ -283,19 +348,20 @@ unsafe fn avx2_tile4<const R: usize>(
     let low = _mm256_set1_epi8(0x0f);
     let mut acc = [_mm_setzero_ps(); R];
     let qs = w.qs.as_ptr();
-    let ds = w.d.as_ptr();
+    let ds = w.d.raw();
     for b in 0..kb {
         let blk = (g * kb + b) * G;
         // SAFETY: block `b` of group `g` (64 bytes, 4 scales) and of each row (32 bytes,
         // one scale) are inside their matrices.
         unsafe {
+            prefetch::<1>(qs.add(blk * QB));
             let v01 = _mm256_loadu_si256(qs.add(blk * QB) as *const __m256i);
             let v23 = _mm256_loadu_si256(qs.add(blk * QB + 32) as *const __m256i);
             let lo01 = _mm256_and_si256(v01, low);
             let hi01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), low);
             let lo23 = _mm256_and_si256(v23, low);
             let hi23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), low);
-            let d4 = _mm_loadu_ps(ds.add(blk));
+            let d4 = scales::load4::<K>(ds, blk);
             for i in 0..R {
                 let xp = xq[i].add(b * QK);
                 let xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(xp as *const __m128i));
@@ -388,8 +454,22 @@ mod tests {
     #[test]
     fn products_are_the_documented_recurrence_to_the_bit() {
         let (n, k, m) = (9, 224, 6);
-        let blocks = random_blocks(n, k, 77);
-        let w = Q4Matrix::from_blocks(&blocks, n, k).expect("shape");
+        // Scales and offsets no f16 holds (Q4_K's), and f16 ones (Q4_0's, Q4_1's).
+        for f16_scales in [false, true] {
+            let mut blocks = random_blocks(n, k, 77);
+            if f16_scales {
+                let h = |v: f32| f16::from_f32(v).to_f32();
+                for b in &mut blocks {
+                    (b.0, b.1) = (h(b.0), h(b.1));
+                }
+            }
+            recurrence_to_the_bit(&blocks, n, k, m, f16_scales);
+        }
+    }
+
+    fn recurrence_to_the_bit(blocks: &[Block], n: usize, k: usize, m: usize, f16_scales: bool) {
+        let w = Q4Matrix::from_blocks(blocks, n, k).expect("shape");
+        assert_eq!((w.d.is_f16(), w.m.is_f16()), (f16_scales, f16_scales));
         let x = data(m * k, 78);
         let mut rows = Q8Rows::default();
         rows.quantize(&x, k);
@@ -440,6 +520,66 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Q4_K kept as its 6-bit integers and per-256 f16 factors gives the same bits as
+    /// its values in f32, alone and batched, with a padded last group and offsets whose
+    /// columns are not a multiple of 8.
+    #[test]
+    fn q4_k_factors_compute_the_same_bits_as_f32_scales() {
+        let (n, k) = (13, 512);
+        let bytes: Vec<u8> = data(n * k / 256 * 144, 41)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect();
+        // Plausible factors: small positive d and dmin in every super-block.
+        let mut raw = bytes.clone();
+        for (i, b) in raw.chunks_exact_mut(144).enumerate() {
+            b[..2].copy_from_slice(&f16::from_f32(0.002 + 1e-5 * i as f32).to_le_bytes());
+            b[2..4].copy_from_slice(&f16::from_f32(0.001 + 2e-5 * i as f32).to_le_bytes());
+        }
+        let blocks = decode(GgmlDType::Q4K, &raw).expect("blocks");
+        let sup = decode_super(GgmlDType::Q4K, &raw).expect("factors");
+        let compact = Q4Matrix::from_blocks_super(&blocks, Some(&sup), n, k).expect("shape");
+        let plain = Q4Matrix::from_blocks(&blocks, n, k).expect("shape");
+        assert_eq!(
+            (compact.d.kind(), compact.m.kind()),
+            (scales::SUB, scales::SUB)
+        );
+        assert_eq!((plain.d.kind(), plain.m.kind()), (scales::F32, scales::F32));
+        for i in 0..plain.d.len() {
+            assert_eq!(
+                compact.d.get(i).to_bits(),
+                plain.d.get(i).to_bits(),
+                "d {i}"
+            );
+        }
+        for i in 0..plain.m.len() {
+            assert_eq!(
+                compact.m.get(i).to_bits(),
+                plain.m.get(i).to_bits(),
+                "m {i}"
+            );
+        }
+        for m in [1, 6] {
+            let mut rows = Q8Rows::default();
+            rows.quantize(&data(m * k, 42 + m as u64), k);
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            compact.matmul(&rows, &mut a);
+            plain.matmul(&rows, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{m} rows"
+            );
+        }
+        // Factors that do not fit the values leave f32.
+        let wrong: Vec<_> = sup
+            .iter()
+            .map(|&(d, m)| (d * f16::from_f32(3.0), m))
+            .collect();
+        let w = Q4Matrix::from_blocks_super(&blocks, Some(&wrong), n, k).expect("shape");
+        assert_eq!((w.d.kind(), w.m.kind()), (scales::F32, scales::SUB));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! trick, no saturation: 31·127·2·2 < 2¹⁵), the second the activation block's integer
 //! sum, computed once per row ([`Q8Rows`]' `isums`). Their difference is the block's
 //! exact integer dot product (|·| ≤ 32·16·127 < 2²⁴, so exact in f32 too). 5.5 bits per
-//! weight plus a 32-bit scale per block (0.75 bytes per weight), against Q8_0's 1.125:
+//! weight plus the file's f16 scale per block (0.6875 bytes per weight, as in the file;
+//! [`super::scales`]), against Q8_0's 1.0625:
 //! single-stream decode streams every weight once per token and is bound by memory
 //! traffic.
 //!
@@ -19,16 +20,20 @@
 //! `t + 16` high), then four 32-bit words of fifth bits laid out for the SIMD lanes that
 //! use them (word 0: values 0-15 of column 0 in bits 0-15 and of column 1 in bits 16-31;
 //! word 1: values 16-31 of columns 0 and 1; words 2 and 3: the same for columns 2 and 3),
-//! then the four f32 scales in their own array. A tile is up to 4 rows by one group: each
+//! then the four scales in their own array. A tile is up to 4 rows by one group: each
 //! block's integer dot product is exact per (row, column) before any rounding, and each
 //! (row, column) then runs the same scalar recurrence, `acc = fma(dot_b, d_b·dx_b, acc)`
 //! over the blocks in order. So output (row, column) depends only on that row and that
 //! column, never on the tile, the number of rows in the call, or whether the SIMD or the
 //! scalar code ran.
 
+#[cfg(target_arch = "x86_64")]
+use super::q8::prefetch;
 use super::q8::{block_index as index, par_columns, OutPtr, Q8Rows, G, QK};
 use candle_core::quantized::GgmlDType;
 use half::f16;
+
+use super::scales::{self, Scales};
 
 /// Bytes of packed low nibbles per block: byte `t` holds value `t` (low) and `t + 16`
 /// (high).
@@ -37,7 +42,7 @@ const QB: usize = QK / 2;
 /// Rows per tile.
 const TILE_ROWS5: usize = 4;
 
-/// A weight matrix `[n, k]` in Q5_0 blocks of 32 with f32 scales.
+/// A weight matrix `[n, k]` in Q5_0 blocks of 32.
 pub struct Q5Matrix {
     n: usize,
     k: usize,
@@ -47,7 +52,7 @@ pub struct Q5Matrix {
     /// Fifth bits, `[n / 4][k / 32][4]` words in the lane order of the module doc.
     qh: Vec<u32>,
     /// Scales, `[n / 4][k / 32][4]`.
-    d: Vec<f32>,
+    d: Scales,
 }
 
 impl std::fmt::Debug for Q5Matrix {
@@ -116,6 +121,7 @@ impl Q5Matrix {
                 }
             }
         }
+        let d = Scales::new(d);
         Some(Q5Matrix { n, k, qs, qh, d })
     }
 
@@ -135,7 +141,7 @@ impl Q5Matrix {
         let mut out = vec![0f32; self.n * self.k];
         for c in 0..self.n {
             for b in 0..kb {
-                let d = self.d[index(kb, c, b)];
+                let d = self.d.get(index(kb, c, b));
                 for t in 0..QK {
                     out[c * self.k + b * QK + t] = d * (self.q(c, b, t) as f32 - 16.0);
                 }
@@ -186,11 +192,16 @@ impl Q5Matrix {
             // SAFETY: AVX2 and FMA are present; the rows and the group are inside both
             // matrices.
             unsafe {
-                match rows {
-                    1 => avx2_tile5::<1>(self, x, r, g, tile),
-                    2 => avx2_tile5::<2>(self, x, r, g, tile),
-                    3 => avx2_tile5::<3>(self, x, r, g, tile),
-                    _ => avx2_tile5::<4>(self, x, r, g, tile),
+                match (rows, self.d.kind()) {
+                    (1, scales::F32) => avx2_tile5::<1, { scales::F32 }>(self, x, r, g, tile),
+                    (2, scales::F32) => avx2_tile5::<2, { scales::F32 }>(self, x, r, g, tile),
+                    (3, scales::F32) => avx2_tile5::<3, { scales::F32 }>(self, x, r, g, tile),
+                    (_, scales::F32) => avx2_tile5::<4, { scales::F32 }>(self, x, r, g, tile),
+                    (1, scales::F16) => avx2_tile5::<1, { scales::F16 }>(self, x, r, g, tile),
+                    (2, scales::F16) => avx2_tile5::<2, { scales::F16 }>(self, x, r, g, tile),
+                    (3, scales::F16) => avx2_tile5::<3, { scales::F16 }>(self, x, r, g, tile),
+                    (_, scales::F16) => avx2_tile5::<4, { scales::F16 }>(self, x, r, g, tile),
+                    _ => unreachable!("a scale kind without a tile"),
                 }
             }
             return;
@@ -221,7 +232,7 @@ impl Q5Matrix {
                         dot += self.q(c, b, t) as i32 * xv as i32;
                     }
                     let dot = dot - 16 * isums[b];
-                    acc = (dot as f32).mul_add(self.d[index(kb, c, b)] * xd[b], acc);
+                    acc = (dot as f32).mul_add(self.d.get(index(kb, c, b)) * xd[b], acc);
                 }
                 *out = acc;
             }
@@ -242,8 +253,8 @@ impl Q5Matrix {
 /// # Safety
 /// AVX2 and FMA present; `r + R <= x.m`; `g` a group of `w`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tile5<const R: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_tile5<const R: usize, const K: u8>(
     w: &Q5Matrix,
     x: &Q8Rows,
     r: usize,
@@ -262,12 +273,15 @@ unsafe fn avx2_tile5<const R: usize>(
     let mut acc = [_mm_setzero_ps(); R];
     let qs = w.qs.as_ptr();
     let qh = w.qh.as_ptr();
-    let ds = w.d.as_ptr();
+    let ds = w.d.raw();
     for b in 0..kb {
         let blk = (g * kb + b) * G;
         // SAFETY: block `b` of group `g` (64 bytes, 4 words, 4 scales) and of each row
         // (32 bytes, one scale, one sum) are inside their matrices.
         unsafe {
+            // Nibbles 64 bytes a block, fifth bits 16: both streams.
+            prefetch::<1>(qs.add(blk * QB));
+            prefetch::<1>(qh.add(blk) as *const u8);
             let v01 = _mm256_loadu_si256(qs.add(blk * QB) as *const __m256i);
             let v23 = _mm256_loadu_si256(qs.add(blk * QB + 32) as *const __m256i);
             let h = qh.add(blk);
@@ -281,7 +295,7 @@ unsafe fn avx2_tile5<const R: usize>(
                 _mm256_and_si256(_mm256_srli_epi16(v23, 4), low),
                 fifth(*h.add(3)),
             );
-            let d4 = _mm_loadu_ps(ds.add(blk));
+            let d4 = scales::load4::<K>(ds, blk);
             for i in 0..R {
                 let xp = xq[i].add(b * QK);
                 let xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128(xp as *const __m128i));
@@ -488,16 +502,55 @@ mod tests {
         rows.quantize(&data(m * k, 13), k);
         let mut got = vec![0f32; m * n];
         w.matmul(&rows, &mut got);
+        assert_scalar_tiles_give(&w, &rows, &got);
+    }
+
+    /// Every (row, column) of the scalar tiles of `w` by `rows` is `got`'s, to the bit.
+    fn assert_scalar_tiles_give(w: &Q5Matrix, rows: &Q8Rows, got: &[f32]) {
+        let (n, m) = (w.n, rows.m);
         for g in 0..n.div_ceil(G) {
             for r in 0..m {
                 let mut tile = [[0f32; G]; TILE_ROWS5];
-                w.scalar_tile(&rows, r, 1, g, &mut tile);
+                w.scalar_tile(rows, r, 1, g, &mut tile);
                 for (j, v) in tile[0].iter().enumerate().take(G.min(n - g * G)) {
                     let c = g * G + j;
                     assert_eq!(v.to_bits(), got[r * n + c].to_bits(), "({r}, {c})");
                 }
             }
         }
+    }
+
+    /// The file's f16 scales are streamed as f16; the same matrix with its scales widened
+    /// to f32 computes the same bits, and so does a matrix whose scales no f16 holds, on
+    /// the f32 path, against the scalar tiles.
+    #[test]
+    fn f16_and_f32_scales_compute_the_same_bits() {
+        let (n, k, m) = (10, 160, 5);
+        let w = matrix(&random_raw(n, k, 21), n, k);
+        assert!(w.d.is_f16());
+        let mut rows = Q8Rows::default();
+        rows.quantize(&data(m * k, 22), k);
+        let mut got = vec![0f32; m * n];
+        w.matmul(&rows, &mut got);
+        let wide = Q5Matrix {
+            d: w.d.widened(),
+            qs: w.qs.clone(),
+            qh: w.qh.clone(),
+            ..w
+        };
+        let mut again = vec![0f32; m * n];
+        wide.matmul(&rows, &mut again);
+        assert_eq!(got, again);
+        let odd: Vec<Block5> = (0..n * k / QK)
+            .map(|b| {
+                let q: [u8; QK] = std::array::from_fn(|t| ((b * 7 + t * 3) % 32) as u8);
+                (0.0123 + b as f32 * 1e-4, q)
+            })
+            .collect();
+        let w = Q5Matrix::from_blocks(&odd, n, k).expect("shape");
+        assert!(!w.d.is_f16());
+        w.matmul(&rows, &mut got);
+        assert_scalar_tiles_give(&w, &rows, &got);
     }
 
     #[test]
