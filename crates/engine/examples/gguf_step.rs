@@ -2,7 +2,8 @@
 //! `cargo run --release -p switchyard-engine --example gguf_step -- [MODEL.gguf]`
 //! Env: `PREFILL` and `BATCHES` (comma-separated sizes; empty skips), `ITERS` (decode steps),
 //! `GEMM_ROWS` (`--cpu-decode-gemm-rows`; 0 never), `F32_BUDGET` (`--cpu-f32-weights-max-bytes`;
-//! 0: no f32 copies, prefill on the quantized kernels too).
+//! 0: no f32 copies, prefill on the quantized kernels too), `TEMPERATURE` (default 0:
+//! greedy; 1 draws from the whole distribution, as a request that names none).
 use std::time::Instant;
 
 use gguf::Gguf;
@@ -29,7 +30,10 @@ fn main() {
         be = be.with_decode_gemm_rows(if r == 0 { usize::MAX } else { r });
     }
     let params = SamplingParams {
-        temperature: 0.0,
+        temperature: std::env::var("TEMPERATURE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0),
         ..Default::default()
     };
     // 64 sequences of up to 1024 tokens (16-token blocks).
