@@ -54,6 +54,7 @@
 #        BASE_PORT PERF=1 (perf record the default switchyard engine during c1 and c8)
 #        REPORT_ONLY=1 (print the table again from $OUT_DIR/raw.tsv, run nothing)
 #        KEEP=1 (run TARGETS again, keep the other targets' rows from the last run)
+#        INTERLEAVE=1 (targets take turns, one repetition each, restarted each turn)
 #        SWITCHYARD_VERSION (a label for a binary passed in SWITCHYARD_BIN))
 # Raw rows: $OUT_DIR/raw.tsv; every run's JSON report and log: $OUT_DIR/runs/.
 set -euo pipefail
@@ -365,13 +366,15 @@ perf_profile() { # target meas
 note "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(free -g | awk '/^Mem:/{print $2}') GiB, kernel $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ)"
 note "model: $GGUF ($(du -m "$GGUF" | cut -f1) MB)"
 port=$BASE_PORT
-for t in $TARGETS; do
+# One target, fresh: start it, warm it up, run reps [$2, $3] of its measurements, stop it.
+run_target() { # target first_rep last_rep
+  local t=$1 rep m try o ts
   port=$((port + 1))
   log "starting $t"
   ts=$SECONDS
   if ! start_target "$t" "$port"; then
     note "$t: did not start: $(tail -n 3 "$OUT_DIR/runs/$t.err" 2>/dev/null | tr '\n' ' ')"
-    cleanup; continue
+    cleanup; return 0
   fi
   note "$t: $(engine_version "$t"), ready in $((SECONDS - ts)) s, pid $EPID"
   # warm-up (first requests pay lazy initialisation): one of each shape, never measured
@@ -379,7 +382,7 @@ for t in $TARGETS; do
     --input-len 600 --output-len 16 --no-progress >/dev/null 2>&1 || true
   "$BIN" bench random --api completions --base-url "$URL" --seed 2 --concurrency 8 --num-requests 8 \
     --input-len 32 --output-len 16 --no-progress >/dev/null 2>&1 || true
-  for ((rep = 1; rep <= REPS; rep++)); do
+  for ((rep = $2; rep <= $3; rep++)); do
     for m in $(measurements "$t"); do
       for ((try = 0; try < MAX_TRIES; try++)); do
         o=$(run_one "$t" "$m" "$rep" "$try")
@@ -387,9 +390,18 @@ for t in $TARGETS; do
       done
     done
   done
-  if [ -n "${PERF:-}" ] && [ "$t" = switchyard ]; then perf_profile "$t" c1; perf_profile "$t" c8; fi
+  if [ -n "${PERF:-}" ] && [ "$t" = switchyard ] && [ "$3" = "$REPS" ]; then perf_profile "$t" c1; perf_profile "$t" c8; fi
   cleanup
-done
+}
+if [ -n "${INTERLEAVE:-}" ]; then
+  # Targets take turns, one repetition each: this machine's speed drifts by ±15% over
+  # minutes, and a target's reps run back to back would measure the drift as a ratio.
+  for ((r = 1; r <= REPS; r++)); do
+    for t in $TARGETS; do run_target "$t" "$r" "$r"; done
+  done
+else
+  for t in $TARGETS; do run_target "$t" 1 "$REPS"; done
+fi
 
 fi # REPORT_ONLY
 

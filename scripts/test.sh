@@ -30,4 +30,4 @@ export $lmcache_env
 
 echo "==> pytest tests/python"
 bin="${SWITCHYARD_BIN:-$root/target/debug/switchyard}"
-SWITCHYARD_BIN="$bin" "$venv/bin/python" -m pytest -q "$root/tests/python" "$@"
+SWITCHYARD_BIN="$bin" "$venv/bin/python" -m pytest -q --durations=20 "$root/tests/python" "$@"
