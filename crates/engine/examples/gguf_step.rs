@@ -36,8 +36,12 @@ fn main() {
             .unwrap_or(0.0),
         ..Default::default()
     };
-    // 64 sequences of up to 1024 tokens (16-token blocks).
-    let blocks: Vec<Vec<u32>> = (0..64).map(|i| (i * 64..i * 64 + 64).collect()).collect();
+    // 64 sequences of up to 1024 tokens (16-token blocks), their blocks interleaved as a
+    // busy server's tables end up (sequences grow side by side, taking the free list's next
+    // block in turn): sequence i's block j is j·64 + i.
+    let blocks: Vec<Vec<u32>> = (0..64)
+        .map(|i| (0..64).map(|j| j * 64 + i).collect())
+        .collect();
     for n in sizes("PREFILL", "128,512") {
         let toks: Vec<u32> = (0..n as u32).map(|i| 100 + i % 1000).collect();
         let step = SeqStep {
