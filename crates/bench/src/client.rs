@@ -3,7 +3,8 @@
 //! TTFT is the time to the first event that carries generated text; ITL is each gap
 //! between text-carrying events after that. Token counts come from the final `usage`
 //! (`stream_options.include_usage`). Every way a request can go wrong maps to one
-//! [`ErrorKind`]; nothing is retried and nothing is dropped silently.
+//! [`ErrorKind`]; nothing is dropped silently, and the one thing retried is a request
+//! sent on a kept-alive connection the server had already closed (it never saw it).
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -245,17 +246,29 @@ impl Target {
         start: Instant,
         o: &mut Outcome,
     ) -> Result<(), Fail> {
-        let req = self
-            .request(Method::POST, path, body, user)
-            .map_err(|e| (ErrorKind::Connect, e.to_string()))?;
-        let resp = self.client.request(req).await.map_err(|e| {
-            let kind = if e.is_connect() {
-                ErrorKind::Connect
-            } else {
-                ErrorKind::Disconnected
-            };
-            (kind, error_chain(&e))
-        })?;
+        // A kept-alive connection the server closed after its last answer without saying
+        // so (llama-server does after every stream) fails the next request sent on it
+        // before a byte comes back: that request goes again, on another connection, up to
+        // `SEND_TRIES` times. The server never answered it, so nothing is counted twice.
+        let mut tries = 0;
+        let resp = loop {
+            tries += 1;
+            let req = self
+                .request(Method::POST, path, body.clone(), user)
+                .map_err(|e| (ErrorKind::Connect, e.to_string()))?;
+            match self.client.request(req).await {
+                Ok(resp) => break resp,
+                Err(e) if closed_unanswered(&e) && tries < SEND_TRIES => continue,
+                Err(e) => {
+                    let kind = if e.is_connect() {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::Disconnected
+                    };
+                    return Err((kind, error_chain(&e)));
+                }
+            }
+        };
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
@@ -458,6 +471,20 @@ impl SseState {
     }
 }
 
+/// Sends of one request before its failure to get an answer counts (see
+/// [`closed_unanswered`]).
+const SEND_TRIES: usize = 4;
+
+/// Whether the connection closed before any of the answer arrived (hyper's "connection
+/// closed before message completed"), as a stale kept-alive connection does.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error;
+    !e.is_connect()
+        && e.source()
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+            .is_some_and(|h| h.is_incomplete_message())
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
@@ -542,5 +569,56 @@ mod tests {
         let d = Duration::from_secs(1);
         assert_eq!(Target::new("http://h:1/v1/", None, d).base, "http://h:1");
         assert_eq!(Target::new("http://h:1", None, d).base, "http://h:1");
+    }
+
+    /// A server that closes each connection after one streamed answer, without
+    /// `Connection: close` (llama-server's way): every request after the first lands on a
+    /// closed connection and is sent again on a new one, so all succeed; a server that
+    /// closes every connection unanswered still gets a `disconnected` failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_kept_alive_connection_is_retried_not_counted() {
+        use std::io::{Read, Write};
+        fn serve(answer: bool) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("http://{}", l.local_addr().unwrap());
+            let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let seen = conns.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(mut c) = c else { return };
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    if answer {
+                        let events = concat!(
+                            "data: {\"choices\":[{\"index\":0,\"text\":\"hi\",\"finish_reason\":null}]}\n\n",
+                            "data: {\"choices\":[{\"index\":0,\"text\":\"\",\"finish_reason\":\"length\"}],",
+                            "\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\n",
+                            "data: [DONE]\n\n"
+                        );
+                        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+                        let body = format!("{:x}\r\n{events}\r\n0\r\n\r\n", events.len());
+                        let _ = c.write_all(format!("{head}{body}").as_bytes());
+                        // Keep it open until the client reuses it, then close unanswered.
+                        let _ = c.read(&mut buf);
+                    }
+                }
+            });
+            (base, conns)
+        }
+        let (base, conns) = serve(true);
+        let t = Target::new(&base, None, Duration::from_secs(10));
+        let body = Bytes::from_static(b"{\"prompt\":\"x\",\"stream\":true}");
+        for i in 0..3 {
+            let o = t.stream("/v1/completions", body.clone(), None, false).await;
+            assert!(o.error.is_none(), "request {i}: {:?}", o.error);
+            assert_eq!(o.output_tokens, Some(1));
+        }
+        assert!(conns.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+        let (base, conns) = serve(false);
+        let t = Target::new(&base, None, Duration::from_secs(10));
+        let o = t.stream("/v1/completions", body, None, false).await;
+        assert_eq!(o.error.map(|e| e.0), Some(ErrorKind::Disconnected));
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), SEND_TRIES);
     }
 }
