@@ -258,7 +258,7 @@ impl Target {
                 .map_err(|e| (ErrorKind::Connect, e.to_string()))?;
             match self.client.request(req).await {
                 Ok(resp) => break resp,
-                Err(e) if closed_unanswered(&e) && tries < SEND_TRIES => continue,
+                Err(e) if httpx::closed_unanswered(&e) && tries < SEND_TRIES => continue,
                 Err(e) => {
                     let kind = if e.is_connect() {
                         ErrorKind::Connect
@@ -472,18 +472,8 @@ impl SseState {
 }
 
 /// Sends of one request before its failure to get an answer counts (see
-/// [`closed_unanswered`]).
+/// [`httpx::closed_unanswered`]).
 const SEND_TRIES: usize = 4;
-
-/// Whether the connection closed before any of the answer arrived (hyper's "connection
-/// closed before message completed"), as a stale kept-alive connection does.
-fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    use std::error::Error;
-    !e.is_connect()
-        && e.source()
-            .and_then(|s| s.downcast_ref::<hyper::Error>())
-            .is_some_and(|h| h.is_incomplete_message())
-}
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

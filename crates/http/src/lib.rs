@@ -1,7 +1,8 @@
 //! HTTP plumbing shared by the engine and the router: OpenAI error responses, JSON
 //! responses, size-limited body reading, FastAPI-style 404/405 bodies, serving with
 //! TLS, TCP_NODELAY and a bounded drain on SIGINT/SIGTERM (`serving`); the `process_*`
-//! metrics; bearer tokens compared in constant time (`auth`).
+//! metrics; bearer tokens compared in constant time (`auth`); which client errors a
+//! request may be sent again after ([`closed_unanswered`]).
 
 pub mod auth;
 pub mod process;
@@ -112,6 +113,21 @@ pub async fn method_not_allowed() -> Response {
 }
 
 pub use serving::{serve, ServeArgs, Serving, TlsError};
+
+/// Whether a request failed because its connection closed before any of the answer came
+/// (hyper's "connection closed before message completed"), as when a server closes a
+/// kept-alive connection the request was already on its way down: llama.cpp's
+/// `llama-server` does after every streamed answer while its headers say `Keep-Alive`,
+/// and any server may when its idle timeout meets a new request. The server answered
+/// nothing, so the request may be sent again on another connection. A refused connect is
+/// not this (`is_connect`).
+pub fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error;
+    !e.is_connect()
+        && e.source()
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+            .is_some_and(|h| h.is_incomplete_message())
+}
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

@@ -396,25 +396,26 @@ impl Proxy {
                 failure: Failure::new(format!("bad upstream URI: {e}")),
                 engine_failed: false,
             })?;
-        let mut req = Request::new(Full::new(f.body.clone()));
-        *req.method_mut() = f.method.clone();
-        *req.uri_mut() = uri;
-        let h = req.headers_mut();
         let keep_state = f.trace.keeps_state();
-        for (name, value) in f.headers {
-            if !is_hop_by_hop(name)
-                && name != header::CONTENT_LENGTH
-                && name.as_str() != TRACEPARENT
-                && (keep_state || name.as_str() != TRACESTATE)
-            {
-                h.append(name.clone(), value.clone());
+        let traceparent = f.trace.header_for(span);
+        let make = || {
+            let mut req = Request::new(Full::new(f.body.clone()));
+            *req.method_mut() = f.method.clone();
+            *req.uri_mut() = uri.clone();
+            let h = req.headers_mut();
+            for (name, value) in f.headers {
+                if !is_hop_by_hop(name)
+                    && name != header::CONTENT_LENGTH
+                    && name.as_str() != TRACEPARENT
+                    && (keep_state || name.as_str() != TRACESTATE)
+                {
+                    h.append(name.clone(), value.clone());
+                }
             }
-        }
-        h.insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
-        h.insert(
-            HeaderName::from_static(TRACEPARENT),
-            f.trace.header_for(span),
-        );
+            h.insert(HeaderName::from_static(REQUEST_ID), f.request_id.clone());
+            h.insert(HeaderName::from_static(TRACEPARENT), traceparent.clone());
+            req
+        };
         // Registered before the request goes out, so an ejection from now on wakes it.
         let unavailable = ep.unavailable.notified();
         tokio::pin!(unavailable);
@@ -427,7 +428,7 @@ impl Proxy {
         let work = async {
             let resp = self
                 .client()
-                .request(req)
+                .send(make)
                 .await
                 .map_err(|e| retryable(e.to_string()))?;
             let status = resp.status();

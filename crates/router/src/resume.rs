@@ -1031,20 +1031,23 @@ impl Attempt {
                     continue;
                 }
             };
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = self.method.clone();
-            *req.uri_mut() = uri;
-            let h = req.headers_mut();
-            for (name, value) in &self.headers {
-                h.append(name.clone(), value.clone());
-            }
-            h.insert(HeaderName::from_static(REQUEST_ID), self.request_id.clone());
-            h.insert(
-                HeaderName::from_static(TRACEPARENT),
-                self.traceparent.clone(),
-            );
+            let make = || {
+                let mut req = Request::new(Full::new(body.clone()));
+                *req.method_mut() = self.method.clone();
+                *req.uri_mut() = uri.clone();
+                let h = req.headers_mut();
+                for (name, value) in &self.headers {
+                    h.append(name.clone(), value.clone());
+                }
+                h.insert(HeaderName::from_static(REQUEST_ID), self.request_id.clone());
+                h.insert(
+                    HeaderName::from_static(TRACEPARENT),
+                    self.traceparent.clone(),
+                );
+                req
+            };
             let obs = Observer::start(ep.clone(), true);
-            match tokio::time::timeout(self.first_byte_timeout, client.request(req)).await {
+            match tokio::time::timeout(self.first_byte_timeout, client.send(make)).await {
                 Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
                     return Ok((ObservedBody::fresh(resp.into_body(), obs), ep));
                 }

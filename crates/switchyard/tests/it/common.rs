@@ -183,3 +183,61 @@ pub fn metric(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         value.parse().ok()
     })
 }
+
+/// One HTTP/1.1 request as a loopback fake (engine, Kubernetes API, collector) read it.
+pub struct RawRequest {
+    pub method: String,
+    /// The request target: path and query.
+    pub target: String,
+    /// Header names lower-cased, values trimmed, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawRequest {
+    /// The first value of header `name` (lower case), or "".
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Read one request (head, then a `Content-Length` body) off a fake's connection; `None`
+/// when the connection closed or broke first.
+pub async fn read_request<R>(r: &mut R) -> Option<RawRequest>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    if r.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split(' ');
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        match r.read_line(&mut h).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if h == "\r\n" => break,
+            Ok(_) => {}
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let mut req = RawRequest {
+        method,
+        target,
+        headers,
+        body: Vec::new(),
+    };
+    let len = req.header("content-length").parse().unwrap_or(0);
+    req.body = vec![0; len];
+    r.read_exact(&mut req.body).await.ok()?;
+    Some(req)
+}

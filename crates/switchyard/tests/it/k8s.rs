@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{client, get_json, metric, Proc};
+use crate::common::{client, get_json, metric, read_request, Proc};
 
 const NS: &str = "test-ns";
 const SELECTOR: &str = "app=engine,env=test";
@@ -430,27 +430,15 @@ async fn keyed_engine(addr: &str, auth_seen: Arc<Mutex<Vec<String>>>) {
             let auth_seen = auth_seen.clone();
             tokio::spawn(async move {
                 let mut r = BufReader::new(sock);
-                let mut line = String::new();
-                if r.read_line(&mut line).await.is_err() {
+                let Some(req) = read_request(&mut r).await else {
                     return;
-                }
-                let mut auth = String::new();
-                loop {
-                    let mut h = String::new();
-                    match r.read_line(&mut h).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) if h == "\r\n" => break,
-                        Ok(_) => {}
-                    }
-                    if let Some((k, v)) = h.split_once(':') {
-                        if k.eq_ignore_ascii_case("authorization") {
-                            auth = v.trim().to_string();
-                        }
-                    }
-                }
+                };
                 let mut sock = r.into_inner();
-                let body = if line.starts_with("GET /v1/models ") {
-                    auth_seen.lock().expect("lock").push(auth);
+                let body = if req.method == "GET" && req.target == "/v1/models" {
+                    auth_seen
+                        .lock()
+                        .expect("lock")
+                        .push(req.header("authorization").to_string());
                     json!({"object":"list","data":[{"id":"keyed-model","object":"model","owned_by":"vllm"}]})
                         .to_string()
                 } else {

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use crate::common::{client, get_json, metric, Proc};
+use crate::common::{client, get_json, metric, read_request, Proc, RawRequest};
 
 const MODEL: &str = "stub-model";
 
@@ -54,34 +54,15 @@ impl Stub {
                 let log = log.clone();
                 tokio::spawn(async move {
                     let mut r = BufReader::new(sock);
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.is_err() {
+                    let Some(req) = read_request(&mut r).await else {
                         return;
-                    }
-                    let mut parts = line.split(' ');
-                    let method = parts.next().unwrap_or("").to_string();
-                    let path = parts.next().unwrap_or("").to_string();
-                    let mut headers = Vec::new();
-                    loop {
-                        let mut h = String::new();
-                        match r.read_line(&mut h).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if h == "\r\n" => break,
-                            Ok(_) => {}
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-                        }
-                    }
-                    let len: usize = headers
-                        .iter()
-                        .find(|(k, _)| k == "content-length")
-                        .and_then(|(_, v)| v.parse().ok())
-                        .unwrap_or(0);
-                    let mut body = vec![0; len];
-                    if r.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
+                    };
+                    let RawRequest {
+                        method,
+                        target: path,
+                        headers,
+                        body,
+                    } = req;
                     let (status, answer) = match (method.as_str(), path.as_str()) {
                         ("GET", "/v1/models") => (
                             200,

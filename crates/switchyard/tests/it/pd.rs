@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use crate::common::{client, get_json, metric, Proc};
+use crate::common::{client, get_json, metric, read_request, Proc, RawRequest};
 
 const MODEL: &str = "m";
 
@@ -84,31 +84,15 @@ impl Fake {
                     (mode.clone(), delay.clone(), log.clone(), name.clone());
                 tokio::spawn(async move {
                     let mut r = BufReader::new(sock);
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.is_err() {
+                    let Some(RawRequest {
+                        method,
+                        target: path,
+                        body,
+                        ..
+                    }) = read_request(&mut r).await
+                    else {
                         return;
-                    }
-                    let mut parts = line.split(' ');
-                    let method = parts.next().unwrap_or("").to_string();
-                    let path = parts.next().unwrap_or("").to_string();
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        match r.read_line(&mut h).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if h == "\r\n" => break,
-                            Ok(_) => {}
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            if k.trim().eq_ignore_ascii_case("content-length") {
-                                len = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if r.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
+                    };
                     let mode = *mode.lock().expect("lock");
                     let mut sock = r.into_inner();
                     let reply = |status: u16, v: Value| {

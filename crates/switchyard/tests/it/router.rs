@@ -1,12 +1,16 @@
 //! The router end to end: real sim engines and a real router as processes on loopback.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
-use crate::common::{client, get_json, metric, Proc};
+use crate::common::{client, get_json, get_text, metric, read_request, Proc};
 
 const ENGINE_HEADER: &str = "x-switchyard-engine";
 
@@ -26,6 +30,14 @@ async fn chat(
         req = req.header(*k, *v);
     }
     req.send().await.expect("send")
+}
+
+async fn completion(c: &reqwest::Client, r: &Proc, body: &Value) -> reqwest::Response {
+    c.post(r.url("/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("send")
 }
 
 fn small_chat() -> Value {
@@ -333,14 +345,7 @@ async fn errors_are_openai_json_with_the_right_status() {
         check(s, &resp.text().await.expect("body"), want);
     }
     // The 503 for the scaled-to-zero model counts as incoming (what KEDA scales on).
-    let page = c
-        .get(r.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let page = get_text(&c, &r.url("/metrics")).await;
     assert_eq!(
         metric(
             &page,
@@ -554,4 +559,122 @@ async fn config_change_adds_an_engine_without_failing_requests_in_flight() {
         assert!(body.ends_with("data: [DONE]\n\n"));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loopback engine that answers one request per connection and keeps the connection
+/// open, then closes it unanswered when the next request arrives on it (llama-server's
+/// way after a streamed answer, with `Keep-Alive` in its headers); with `answer` false it
+/// closes every connection unanswered. Returns its URL, how many connections it took, and
+/// how many completion requests it read (a request that met a closed connection is not
+/// read).
+async fn closing_engine(answer: bool) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (conns, completions) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (seen, read) = (conns.clone(), completions.clone());
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let read = read.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(sock);
+                let Some(req) = read_request(&mut r).await else {
+                    return;
+                };
+                let path = req.target;
+                if path == "/v1/completions" {
+                    read.fetch_add(1, Ordering::SeqCst);
+                }
+                if !answer {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100";
+                let out = if path == "/v1/completions" {
+                    let events = concat!(
+                        "data: {\"id\":\"c\",\"object\":\"text_completion\",\"model\":\"m\",\"choices\":[{\"index\":0,\"text\":\"hi\",\"finish_reason\":\"length\"}]}\n\n",
+                        "data: [DONE]\n\n"
+                    );
+                    format!(
+                        "{head}\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n0\r\n\r\n",
+                        events.len()
+                    )
+                } else {
+                    let b = if path == "/v1/models" {
+                        r#"{"object":"list","data":[{"id":"m","object":"model"}]}"#
+                    } else {
+                        "{}"
+                    };
+                    format!(
+                        "{head}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                        b.len()
+                    )
+                };
+                let mut sock = r.into_inner();
+                let _ = sock.write_all(out.as_bytes()).await;
+                // Kept open until the client sends the next request on it; then closed.
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+            });
+        }
+    });
+    (url, conns, completions)
+}
+
+/// An engine that closes each kept-alive connection when the next request comes down it
+/// (llama-server after every streamed answer): each such request is sent again on a new
+/// connection and answered; the engine is neither ejected nor blamed. A new connection
+/// closed unanswered is the engine's failure: answered 502, not sent to it again.
+#[tokio::test]
+async fn a_kept_alive_connection_the_engine_closed_is_not_a_failure() {
+    let c = client();
+    let (url, conns, completions) = closing_engine(true).await;
+    let r = Proc::router(&[&url], &["--static-models", "m"]);
+    let body = json!({"model":"m","prompt":"hi","max_tokens":1,"stream":true});
+    for i in 0..6 {
+        let resp = completion(&c, &r, &body).await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "request {i}: {text}");
+        assert!(text.contains("[DONE]"), "request {i}: {text}");
+    }
+    // Every request after the first met a closed connection and went on a new one.
+    assert!(conns.load(Ordering::SeqCst) >= 6, "{conns:?}");
+    assert_eq!(completions.load(Ordering::SeqCst), 6);
+    let page = get_text(&c, &r.url("/metrics")).await;
+    for cause in ["traffic", "circuit_breaker", "health_check"] {
+        let ejected = metric(
+            &page,
+            "vllm:router_engine_ejections_total",
+            &[("cause", cause)],
+        );
+        assert_eq!(ejected, Some(0.0), "ejections by {cause}");
+    }
+    let errors = metric(
+        &page,
+        "vllm:request_errors_total",
+        &[("error_type", "upstream_unavailable")],
+    );
+    assert!(errors.unwrap_or(0.0) == 0.0, "{errors:?}");
+
+    let (url, _, completions) = closing_engine(false).await;
+    let r = Proc::router(&[&url], &["--static-models", "m"]);
+    let resp = completion(&c, &r, &body).await;
+    let status = resp.status();
+    let err: Value = resp.json().await.expect("json");
+    assert_eq!(status, 502, "{err}");
+    assert_eq!(err["error"]["code"], 502, "{err}");
+    let page = get_text(&c, &r.url("/metrics")).await;
+    let errors = metric(
+        &page,
+        "vllm:request_errors_total",
+        &[("error_type", "upstream_unavailable")],
+    );
+    assert!(errors.unwrap_or(0.0) >= 1.0, "{page}");
+    // Each attempt the router's retry policy made was sent once, not again.
+    let retries = metric(&page, "vllm:router_retries_total", &[]).unwrap_or(0.0);
+    assert_eq!(
+        completions.load(Ordering::SeqCst),
+        1 + retries as usize,
+        "{page}"
+    );
 }

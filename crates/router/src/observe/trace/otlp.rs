@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::{header, Request};
 use bytes::Bytes;
-use http_body_util::Full;
 use protocol::prom::{Counter, TextWriter};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -207,7 +205,7 @@ impl Telemetry {
 
 async fn export_loop(tel: Arc<Telemetry>, mut rx: mpsc::Receiver<SpanRecord>) {
     let Some(x) = tel.exporter() else { return };
-    let client = upstream::http_client(Duration::from_secs(3));
+    let client = HttpClient::new(Duration::from_secs(3));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut warned = false;
     loop {
@@ -248,12 +246,9 @@ async fn export_loop(tel: Arc<Telemetry>, mut rx: mpsc::Receiver<SpanRecord>) {
 }
 
 async fn post(client: &HttpClient, url: &str, body: Bytes) -> Result<(), String> {
-    let req = Request::post(url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
+    let make = upstream::post_request(url, body)?;
     let fut = async {
-        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let resp = client.send(make).await.map_err(|e| e.to_string())?;
         let status = resp.status();
         // Read the answer so the connection can be reused.
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
