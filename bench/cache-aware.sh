@@ -86,20 +86,6 @@ trap 'exit 130' INT TERM
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# wait until the target answers a chat completion with 200 (the first one also tells a
-# router which models exist); one 1-token request, a few tokens of prefix-cache traffic
-wait_http() { # port pid secs
-  local i code
-  for ((i = 0; i < $3 * 5; i++)); do
-    kill -0 "$2" 2>/dev/null || return 1
-    code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 -H 'content-type: application/json' \
-      -d "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}" \
-      "http://127.0.0.1:$1/v1/chat/completions" || true)
-    [ "$code" = 200 ] && return 0
-    sleep 0.2
-  done
-  return 1
-}
 # sums over the engines of the prefix-cache counters (tokens) and of the engine-side TTFT
 # histogram's sum (s) and count: "hits queries ttft_sum ttft_count"
 scrape() {
@@ -162,7 +148,7 @@ start_router() { # target
       ;;
   esac
   ROUTER_PID=$!; PIDS+=("$ROUTER_PID")
-  wait_http $ROUTER_PORT "$ROUTER_PID" 60
+  wait_completion $ROUTER_PORT "$ROUTER_PID" 60 chat
 }
 
 # which targets can run

@@ -87,17 +87,6 @@ trap kill_all EXIT INT TERM
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-wait_http() { # port pid secs
-  local i code
-  for ((i = 0; i < $3 * 5; i++)); do
-    kill -0 "$2" 2>/dev/null || return 1
-    code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 -H 'content-type: application/json' \
-      -d "{\"model\":\"$MODEL\",\"prompt\":\"hi\",\"max_tokens\":1}" "http://127.0.0.1:$1/v1/completions" || true)
-    [ "$code" = 200 ] && return 0
-    sleep 0.2
-  done
-  return 1
-}
 
 peer_policy() { # router logic -> policy, or empty when the peer has none
   case "$1:$2" in
@@ -150,7 +139,7 @@ start_stack() { # router logic fault
       ;;
   esac
   pid=$!; PIDS+=("$pid")
-  wait_http $ROUTER_PORT "$pid" 60
+  wait_completion $ROUTER_PORT "$pid" 60
 }
 
 strike() { # fault pid

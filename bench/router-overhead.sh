@@ -80,20 +80,8 @@ trap cleanup EXIT INT TERM
 
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# wait until a POST /v1/completions answers 200 through the port
+# the API key the routers here are started with (wait_completion sends it too)
 AUTH_KEY=sk-bench-0500-0123456789abcdef
-wait_http() { # port pid secs
-  local i
-  for ((i = 0; i < $3 * 5; i++)); do
-    kill -0 "$2" 2>/dev/null || return 1
-    code=$(curl -s -o /dev/null -w '%{http_code}' -m 2 -H 'content-type: application/json' \
-      -H "authorization: Bearer $AUTH_KEY" \
-      -d "{\"model\":\"$MODEL\",\"prompt\":\"hi\",\"max_tokens\":1}" "http://127.0.0.1:$1/v1/completions" || true)
-    [ "$code" = 200 ] && return 0
-    sleep 0.2
-  done
-  return 1
-}
 # the pid that owns the listening socket on a port
 listener_pid() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2; }
 # utime+stime+cutime+cstime (ticks) of a pid and its descendants
@@ -141,7 +129,7 @@ for t in $TARGETS; do
       "$rbin" router --host 127.0.0.1 --port $port --static-backends "$UP" --static-models $MODEL \
         --routing-logic roundrobin --log-level warn ${extra[@]+"${extra[@]}"} >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
       pid=$!; PIDS+=("$pid")
-      wait_ready_line "$OUT_DIR/$t.out" "$pid" 30 && wait_http $port "$pid" 30 || pid= ;;
+      wait_ready_line "$OUT_DIR/$t.out" "$pid" 30 && wait_completion $port "$pid" 30 || pid= ;;
     vllm-router|sglang-router)
       [ "$PEERS_OK" = 1 ] || { note "$t: not measured (install failed)"; continue; }
       if [ $t = vllm-router ]; then
@@ -158,7 +146,7 @@ for t in $TARGETS; do
           >"$OUT_DIR/$t.out" 2>"$OUT_DIR/$t.err" &
       fi
       pid=$!; PIDS+=("$pid")
-      wait_http $port "$pid" 60 || pid= ;;
+      wait_completion $port "$pid" 60 || pid= ;;
     *) echo "unknown target $t" >&2; exit 2 ;;
   esac
   if [ -z "$pid" ]; then
