@@ -66,12 +66,18 @@ class Vllm:
             f'"endpoint":"tcp://*:{self.kv_port}","topic":"kv"}}'
         )
         self.log = log_dir / f"vllm-{idx}.log"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", TRANSFORMERS_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # The legacy variable would override --kv-cache-memory-bytes (in GiB).
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                  "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-                 "--max-model-len", "2048", "--enable-prefix-caching", "--enforce-eager",
+                 # 128 MiB of KV: 5,800 tokens at 23 KB a token, room for the tests' long
+                 # prefixes side by side. An explicit size with --enforce-eager also skips
+                 # the CPU warm-up pass.
+                 "--max-model-len", "2048", "--kv-cache-memory-bytes", str(128 << 20),
+                 "--enable-prefix-caching", "--enforce-eager",
                  "--kv-events-config", kv_config],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
@@ -94,17 +100,21 @@ class Vllm:
         except OSError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> bool:
+        """Signal the engine's process group and wait for it; killed after 30 s. True
+        when it exited by itself."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
-                return
+                return True
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+                return False
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +261,12 @@ def test_no_request_lost_when_an_engine_stops(real_stack):
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         futures = [pool.submit(ask, i) for i in range(16)]
         time.sleep(1.5)  # requests are now in flight on both engines
-        engines[1].stop()
+        # SIGTERM: vLLM stops taking connections, fails what it was running, and exits
+        # once its open connections close. The router must not hold one open: once the
+        # engine is ejected it checks and scrapes it on connections it closes.
+        exited = engines[1].stop()
         results = [f.result() for f in futures]  # raises if any request failed
+    assert exited, f"the stopped engine was still up 30 s after SIGTERM:\n{engines[1].tail()}"
     assert len(results) == 16 and all(n > 0 for n in results)
     # The stopped engine is ejected; the survivor keeps serving.
     for _ in range(3):

@@ -59,6 +59,18 @@ impl HttpClient {
         HttpClient { pooled, fresh }
     }
 
+    /// The same client without keep-alive: every request on a new connection, closed
+    /// once answered. For probing and scraping an engine that is not healthy: a
+    /// connection kept alive by calls every few seconds holds a draining server open
+    /// (uvicorn, so vLLM, waits for its connections to close before it exits, and a
+    /// kept-alive connection in use never does).
+    pub fn unkept(&self) -> HttpClient {
+        HttpClient {
+            pooled: self.fresh.clone(),
+            fresh: self.fresh.clone(),
+        }
+    }
+
     /// Send the request `make` builds. When the engine closed a kept-alive connection
     /// (opened before this request) without any of the answer ([`httpx::closed_unanswered`]:
     /// llama-server closes one after every streamed answer; any server may when its idle

@@ -5,7 +5,8 @@
 //! go elsewhere at once; failures of live requests count too, see `proxy`), `--health-success-threshold`
 //! consecutive successes readmit it, and a readmitted engine without a configured model
 //! is asked for its models again. Ejection and readmission flip the engine's own health
-//! flag: the set (the registry's snapshot) stays as it is.
+//! flag: the set (the registry's snapshot) stays as it is. An ejected engine is checked on
+//! a new connection each time, closed once answered (`EngineSet::client_for`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ pub async fn run(
     super::each_engine_every(engines, interval, move |engines, e| async move {
         let url = format!("{}/health", e.url);
         let ok = matches!(
-            upstream::get(&engines.client(), &url, timeout, None).await,
+            upstream::get(&engines.client_for(&e), &url, timeout, None).await,
             Ok((s, _)) if s.is_success()
         );
         if ok {

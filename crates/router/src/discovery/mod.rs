@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 
 use crate::config::{BackendSpec, Discovery, Dynamic, RouterArgs, Settings};
-use crate::engines::Registry;
+use crate::engines::{Endpoint, Registry};
 use crate::observe::metrics::RouterMetrics;
 use crate::upstream::{self, HttpClient};
 pub use models::Joined;
@@ -70,6 +70,18 @@ impl EngineSet {
     /// This thread's upstream client.
     pub fn client(&self) -> HttpClient {
         upstream::thread_client(self.connect_timeout)
+    }
+
+    /// The client for probing or scraping `e`: this thread's, without keep-alive while
+    /// `e` is ejected ([`HttpClient::unkept`]), so the checks do not hold open an engine
+    /// that is shutting down.
+    pub fn client_for(&self, e: &Endpoint) -> HttpClient {
+        let c = self.client();
+        if e.is_healthy() {
+            c
+        } else {
+            c.unkept()
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The engine-stats scraper: every `--engine-stats-interval`, each engine's `/metrics` is
 //! read for its load (running and waiting requests, KV-cache usage, prefix-cache hits and
 //! queries) under vLLM's current and deprecated names, and an engine without a configured
-//! model that is healthy is asked for its models again.
+//! model that is healthy is asked for its models again. An ejected engine is scraped
+//! without keep-alive (`EngineSet::client_for`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use crate::upstream;
 pub async fn run(engines: Arc<EngineSet>, interval: Duration) {
     super::each_engine_every(engines, interval, |engines, e| async move {
         let url = format!("{}/metrics", e.url);
-        let client = engines.client();
+        let client = engines.client_for(&e);
         let got = upstream::get(&client, &url, Duration::from_secs(5), None).await;
         if let Ok((s, body)) = got {
             if s.is_success() {

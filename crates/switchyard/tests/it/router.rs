@@ -678,3 +678,106 @@ async fn a_kept_alive_connection_the_engine_closed_is_not_a_failure() {
         "{page}"
     );
 }
+
+/// What one connection to [`draining_engine`] carried: requests, and whether the client
+/// closed it.
+#[derive(Clone, Copy, Debug, Default)]
+struct ConnUse {
+    requests: usize,
+    closed: bool,
+}
+
+/// An engine shutting down as vLLM does under uvicorn: `/health` answers 503, everything
+/// else still answers, and each connection is served for as long as the client keeps
+/// using it (the server exits only once every connection is closed).
+async fn draining_engine() -> (String, Arc<std::sync::Mutex<Vec<ConnUse>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let i = {
+                let mut v = seen.lock().expect("lock");
+                v.push(ConnUse::default());
+                v.len() - 1
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(sock);
+                while let Some(req) = read_request(&mut r).await {
+                    seen.lock().expect("lock")[i].requests += 1;
+                    let (status, body) = match req.target.as_str() {
+                        "/health" => ("503 Service Unavailable", ""),
+                        "/v1/models" => (
+                            "200 OK",
+                            r#"{"object":"list","data":[{"id":"m","object":"model"}]}"#,
+                        ),
+                        _ => ("200 OK", ""),
+                    };
+                    let out = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if r.get_mut().write_all(out.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                seen.lock().expect("lock")[i].closed = true;
+            });
+        }
+    });
+    (url, conns)
+}
+
+/// Once health checks eject an engine, it is checked and scraped on a new connection each
+/// time, closed once answered: a kept-alive connection in use every fraction of a second
+/// would keep a draining vLLM (uvicorn waits for its connections) from ever exiting.
+#[tokio::test]
+async fn an_ejected_engine_is_not_held_open_by_the_checks() {
+    let c = client();
+    let (url, conns) = draining_engine().await;
+    let r = Proc::router(
+        &[&url],
+        &[
+            "--static-models",
+            "m",
+            "--health-check-interval",
+            "0.1",
+            "--health-failure-threshold",
+            "1",
+            "--engine-stats-interval",
+            "1",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = get_text(&c, &r.url("/metrics")).await;
+        let ejected = metric(
+            &page,
+            "vllm:router_engine_ejections_total",
+            &[("cause", "health_check")],
+        );
+        if ejected.unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ejected:\n{page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Connections opened from now on: each carries one check or scrape and is closed.
+    let first = conns.lock().expect("lock").len();
+    let after = |v: &[ConnUse]| v[first.min(v.len())..].to_vec();
+    loop {
+        let v = after(&conns.lock().expect("lock"));
+        if v.iter().filter(|u| u.closed).count() >= 8 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after ejection, connections (requests, closed by the router): {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = after(&conns.lock().expect("lock"));
+    assert!(v.iter().all(|u| u.requests <= 1), "{v:?}");
+}
