@@ -203,28 +203,7 @@ pub async fn get(
     timeout: Duration,
     authorization: Option<&HeaderValue>,
 ) -> Result<(StatusCode, Bytes), String> {
-    let uri: Uri = url.parse().map_err(|e: InvalidUri| e.to_string())?;
-    let make = || {
-        let mut req = Request::new(Full::new(Bytes::new()));
-        *req.uri_mut() = uri.clone();
-        if let Some(a) = authorization {
-            req.headers_mut().insert(header::AUTHORIZATION, a.clone());
-        }
-        req
-    };
-    let fut = async {
-        let resp = client.send(make).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 8 << 20)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
-    };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    call(client, url, None, 8 << 20, timeout, authorization).await
 }
 
 /// POST a JSON `body` to `url` with `authorization` (when given), answer capped at 1 MiB.
@@ -235,9 +214,34 @@ pub async fn post_json(
     timeout: Duration,
     authorization: Option<&HeaderValue>,
 ) -> Result<(StatusCode, Bytes), String> {
-    let make = post_request(url, body)?;
+    call(client, url, Some(body), 1 << 20, timeout, authorization).await
+}
+
+/// GET `url`, or POST it the JSON `json`; the answer read whole up to `cap` bytes, all
+/// within `timeout`.
+async fn call(
+    client: &HttpClient,
+    url: &str,
+    json: Option<Bytes>,
+    cap: usize,
+    timeout: Duration,
+    authorization: Option<&HeaderValue>,
+) -> Result<(StatusCode, Bytes), String> {
+    let uri: Uri = url.parse().map_err(|e: InvalidUri| e.to_string())?;
     let make = || {
-        let mut req = make();
+        let mut req = match &json {
+            Some(body) => {
+                let mut req = Request::new(Full::new(body.clone()));
+                *req.method_mut() = Method::POST;
+                req.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                req
+            }
+            None => Request::new(Full::default()),
+        };
+        *req.uri_mut() = uri.clone();
         if let Some(a) = authorization {
             req.headers_mut().insert(header::AUTHORIZATION, a.clone());
         }
@@ -246,7 +250,7 @@ pub async fn post_json(
     let fut = async {
         let resp = client.send(make).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1 << 20)
+        let body = Limited::new(resp.into_body(), cap)
             .collect()
             .await
             .map_err(|e| e.to_string())?
@@ -256,20 +260,4 @@ pub async fn post_json(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| "timed out".to_string())?
-}
-
-/// A builder of `POST url` with a JSON `body`, for [`HttpClient::send`]; `Err` for a URL
-/// that does not parse.
-pub fn post_request(url: &str, body: Bytes) -> Result<impl Fn() -> Request<Full<Bytes>>, String> {
-    let uri: Uri = url.parse().map_err(|e: InvalidUri| e.to_string())?;
-    Ok(move || {
-        let mut req = Request::new(Full::new(body.clone()));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = uri.clone();
-        req.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        req
-    })
 }

@@ -246,21 +246,12 @@ async fn export_loop(tel: Arc<Telemetry>, mut rx: mpsc::Receiver<SpanRecord>) {
 }
 
 async fn post(client: &HttpClient, url: &str, body: Bytes) -> Result<(), String> {
-    let make = upstream::post_request(url, body)?;
-    let fut = async {
-        let resp = client.send(make).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        // Read the answer so the connection can be reused.
-        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("collector answered {status}"))
-        }
-    };
-    tokio::time::timeout(EXPORT_TIMEOUT, fut)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    let (status, _) = upstream::post_json(client, url, body, EXPORT_TIMEOUT, None).await?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("collector answered {status}"))
+    }
 }
 
 #[cfg(test)]
